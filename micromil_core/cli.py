@@ -1,0 +1,317 @@
+"""The ``micromil`` command line: thin argument parsing over micromil_core functions.
+
+Every user-fixable problem surfaces as one ``error: ...`` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from micromil_core.errors import MicroMILError
+
+log = logging.getLogger("micromil")
+
+
+def _add_config_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
+    p.add_argument("--config", help="YAML experiment config (model/train/data sections)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set train.lr=3e-4 (repeatable)",
+    )
+    if model_flag:
+        p.add_argument("--model", help="model name (see `micromil models`)")
+    p.add_argument("--epochs", type=int, help="shortcut for --set train.epochs=N")
+    p.add_argument("--seed", type=int, help="shortcut for --set train.seed=N")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="shortcut for train.device")
+    p.add_argument("--encoder", help="extract features from images with this encoder")
+
+
+def _add_data_args(p: argparse.ArgumentParser, holdout: bool) -> None:
+    p.add_argument("--data", nargs="+", metavar="SITE", help="site folder(s)")
+    p.add_argument(
+        "--data-root",
+        help="a prepared data root with sites.yaml: uses its "
+        + ("held-out" if holdout else "training")
+        + " sites",
+    )
+
+
+def _experiment_config(args: argparse.Namespace):
+    from micromil_core.config import load_config
+
+    overrides = list(args.overrides)
+    for flag, key in (
+        ("model", "model.name"),
+        ("epochs", "train.epochs"),
+        ("seed", "train.seed"),
+        ("device", "train.device"),
+        ("encoder", "data.encoder"),
+    ):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    cfg = load_config(args.config, overrides)
+    # Fail on a wrong model name or param before any data is read.
+    from micromil_core.models.registry import params_from_dict
+
+    params_from_dict(cfg.model.name, dict(cfg.model.params))
+    return cfg
+
+
+def _site_paths(args: argparse.Namespace, holdout: bool) -> list[Path]:
+    if args.data and args.data_root:
+        raise MicroMILError("pass either --data SITE... or --data-root ROOT, not both")
+    if args.data:
+        return [Path(p) for p in args.data]
+    if args.data_root:
+        from micromil_core.data.site import read_sites_yaml
+
+        root = read_sites_yaml(args.data_root)
+        sites = root.holdout_sites if holdout else root.train_sites
+        if not sites:
+            kind = "held-out" if holdout else "training"
+            raise MicroMILError(f"{args.data_root}/sites.yaml lists no {kind} sites")
+        return list(sites)
+    raise MicroMILError("no data given: pass --data SITE [SITE ...] or --data-root ROOT")
+
+
+def _print_json(obj: object) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def _brief(metrics: dict) -> str:
+    keys = ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity")
+    return "  ".join(f"{k}={metrics[k]:.3f}" for k in keys if k in metrics)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from micromil_core.data.datasets import prepare_dataset
+
+    root = prepare_dataset(
+        args.name,
+        args.out,
+        sites=args.sites,
+        holdout_sites=args.holdout_sites,
+        partition=args.partition,
+        seed=args.seed,
+        val_fraction=args.val_fraction,
+        max_bags=args.max_bags,
+        overwrite=args.overwrite,
+    )
+    print(f"prepared {args.name} in {args.out}")
+    for path in root.train_sites:
+        print(f"  train   {path}")
+    for path in root.holdout_sites:
+        print(f"  holdout {path}")
+    return 0
+
+
+def cmd_datasets_list(args: argparse.Namespace) -> int:
+    from micromil_core.data.datasets import list_datasets
+
+    for name, description in list_datasets():
+        print(f"{name:32s} {description}")
+    return 0
+
+
+def cmd_check_site(args: argparse.Namespace) -> int:
+    from micromil_core.data.site import check_site
+
+    report = check_site(args.site)
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print(report.format())
+    return 0 if report.ok else 1
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from micromil_core.data.site import load_site
+    from micromil_core.encoders import extract_site_features, get_encoder
+    from micromil_core.runtime import resolve_device
+
+    device = resolve_device(args.device or "auto")
+    encoder = get_encoder(args.encoder, device=str(device))
+    for site_path in args.data:
+        site = load_site(site_path)
+        result = extract_site_features(
+            site_path,
+            [p.patient_id for p in site.patients],
+            encoder,
+            batch_size=args.batch_size,
+            progress=True,
+        )
+        print(
+            f"{site_path}: {result.n_extracted} patients extracted, {result.n_reused} reused "
+            f"-> {result.feature_dir}"
+        )
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from micromil_core.training.pipeline import train_pooled
+
+    cfg = _experiment_config(args)
+    sites = _site_paths(args, holdout=False)
+    metrics = train_pooled(sites, cfg, args.out, progress=True)
+    print(f"best epoch {metrics['best_epoch']}; validation: {_brief(metrics['validation'])}")
+    if "test" in metrics:
+        print(f"test split (reported only): {_brief(metrics['test'])}")
+    print(f"model: {Path(args.out) / 'model.pt'}  metrics: {Path(args.out) / 'metrics.json'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from micromil_core.runtime import resolve_device
+    from micromil_core.training.pipeline import evaluate_checkpoint
+
+    sites = _site_paths(args, holdout=True)
+    metrics = evaluate_checkpoint(
+        args.model,
+        sites,
+        args.out,
+        split=args.split,
+        explain=args.explain,
+        device=str(resolve_device(args.device or "auto")),
+        progress=True,
+    )
+    for name, m in metrics["per_site"].items():
+        print(f"{name}: {_brief(m)}  (n={m['n']})")
+    print(f"all: {_brief(metrics)}")
+    print(f"results: {Path(args.out) / 'metrics.json'}  ROC: {Path(args.out) / 'roc.png'}")
+    if args.explain:
+        print(f"explanations (stay on this site): {Path(args.out) / 'explain'}")
+    return 0
+
+
+def cmd_cv(args: argparse.Namespace) -> int:
+    from micromil_core.training.pipeline import cross_validate
+
+    cfg = _experiment_config(args)
+    summary = cross_validate(args.data, cfg, args.folds, args.out, progress=True)
+    print(
+        f"{summary['model']} {args.folds}-fold CV on {summary['site']}: "
+        f"AUC {summary['auc_mean']:.3f} ± {summary['auc_std']:.3f}, "
+        f"accuracy {summary['accuracy_mean']:.3f} ± {summary['accuracy_std']:.3f}"
+    )
+    print(f"results: {Path(args.out) / 'metrics.json'}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from micromil_core.models.registry import model_specs
+
+    for spec in model_specs():
+        print(f"{spec.name:14s} {spec.description}")
+        for key, value in spec.defaults.items():
+            print(f"{'':16s}{key} = {value!r}")
+    return 0
+
+
+def cmd_encoders(args: argparse.Namespace) -> int:
+    from micromil_core.encoders import list_encoders
+
+    for name, description in list_encoders():
+        print(f"{name:28s} {description}")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="micromil",
+        description="MicroMIL and MIL baselines for patient-level microscopy diagnosis.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ds = sub.add_parser("datasets", help="bundled real datasets")
+    ds_sub = ds.add_subparsers(dest="datasets_command", required=True)
+    p = ds_sub.add_parser("prepare", help="write a real dataset in the site folder format")
+    p.add_argument("name", help="musk1, musk2, ucsb-breast, mil:<csv>, fashion-bags:<kind>/<task>")
+    p.add_argument("--out", required=True, help="data root to create")
+    p.add_argument("--sites", type=int, default=1, help="training sites")
+    p.add_argument("--holdout-sites", type=int, default=0, help="held-out sites (never train)")
+    p.add_argument("--partition", default="iid", help="iid | dirichlet:<alpha> | size:<sigma>")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--max-bags", type=int, help="subsample (stratified) to at most N bags")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing data root")
+    p.set_defaults(func=cmd_prepare)
+    p = ds_sub.add_parser("list", help="list the datasets that can be prepared offline")
+    p.set_defaults(func=cmd_datasets_list)
+
+    p = sub.add_parser("check-site", help="validate a site folder and print a report")
+    p.add_argument("site")
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.set_defaults(func=cmd_check_site)
+
+    p = sub.add_parser("extract", help="images -> cached instance features")
+    p.add_argument("--data", nargs="+", required=True, metavar="SITE")
+    p.add_argument("--encoder", default="histo-texture", help="see `micromil encoders`")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("train", help="train one model on the pooled patients of sites")
+    _add_data_args(p, holdout=False)
+    _add_config_args(p)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on sites")
+    p.add_argument("--model", required=True, help="checkpoint (model.pt)")
+    _add_data_args(p, holdout=True)
+    p.add_argument("--split", choices=["train", "val", "test"], help="default: all patients")
+    p.add_argument("--explain", action="store_true", help="per-patient galleries (stay on site)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("cv", help="stratified k-fold cross-validation on one site")
+    p.add_argument("--data", required=True, metavar="SITE")
+    _add_config_args(p)
+    p.add_argument("--folds", type=int, default=10)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_cv)
+
+    p = sub.add_parser("models", help="list models and their params")
+    p.set_defaults(func=cmd_models)
+    p = sub.add_parser("encoders", help="list image encoders")
+    p.set_defaults(func=cmd_encoders)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except MicroMILError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

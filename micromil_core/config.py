@@ -1,0 +1,233 @@
+"""Experiment settings as frozen dataclasses, parsed once from YAML and ``--set`` overrides.
+
+A YAML file mirrors the dataclasses::
+
+    model: {name: micromil, params: {n_clusters: 36, edge_mode: paper}}
+    train: {epochs: 50, lr: 1.0e-4, weight_decay: 1.0e-6, seed: 0}
+    data:  {encoder: histo-texture}
+
+``--set train.lr=3e-4 model.params.top_k=3`` overrides single keys; values are parsed as
+YAML scalars. Unknown keys and bad values raise ``ConfigError`` naming the key and the fix.
+Model params are validated against the model's own params dataclass by the model registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from micromil_core.errors import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda")
+SELECTION_METRICS = ("loss", "auc")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which MIL model to build and its hyper-parameters (see ``micromil models``)."""
+
+    name: str = "micromil"
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training. Defaults follow the MicroMIL authors: Adam lr 1e-4, weight decay
+    1e-6, one patient per step, up to 50 epochs (METHODS.md)."""
+
+    epochs: int = 50
+    lr: float = 1e-4
+    weight_decay: float = 1e-6
+    batch_size: int = 1
+    patience: int = 10  # epochs without validation improvement before stopping; 0 = never
+    min_epochs: int = 5  # early stopping is not considered before this epoch
+    val_fraction: float = 0.2  # used only when a site has no split column
+    select_on: str = "loss"  # validation criterion for model selection: loss | auc
+    class_weighting: bool = True  # inverse-frequency class weights in the loss
+    standardize: bool = True  # z-score features with statistics of the training bags
+    grad_clip: float = 0.0  # max gradient norm; 0 = off
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True  # mixed precision on CUDA only; ignored on CPU
+    num_threads: int = 0  # torch intra-op threads; 0 = torch default
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
+        _require(self.lr > 0 and math.isfinite(self.lr), "train.lr", self.lr, "a positive number")
+        _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")
+        _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
+        _require(self.patience >= 0, "train.patience", self.patience, ">= 0 (0 disables)")
+        _require(self.min_epochs >= 0, "train.min_epochs", self.min_epochs, ">= 0")
+        _require(
+            0.0 < self.val_fraction < 1.0, "train.val_fraction", self.val_fraction, "in (0, 1)"
+        )
+        _require(
+            self.select_on in SELECTION_METRICS,
+            "train.select_on",
+            self.select_on,
+            f"one of {SELECTION_METRICS}",
+        )
+        _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, ">= 0 (0 disables)")
+        _require(self.device in DEVICES, "train.device", self.device, f"one of {DEVICES}")
+        _require(self.num_threads >= 0, "train.num_threads", self.num_threads, ">= 0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where instance features come from.
+
+    encoder: None/"" reads precomputed SITE/features/; an encoder name (``micromil
+    extract --help``) extracts features from SITE/images/ once and reuses the cache.
+    """
+
+    encoder: str | None = None
+    batch_size: int = 64  # images per encoder forward pass
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["model"]["params"] = dict(self.model.params)
+        return out
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
+
+
+def _require(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; pass an existing YAML file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at top level, got {data!r}")
+    return data
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a nested dict (returns a new dict)."""
+    out = _deepcopy_dict(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} must look like section.key=value")
+        dotted, text = item.split("=", 1)
+        keys = [k.strip() for k in dotted.split(".")]
+        if len(keys) < 2 or not all(keys):
+            raise ConfigError(
+                f"--set {item!r}: the key must name a section and a field, e.g. train.lr=3e-4"
+            )
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        node = out
+        for k in keys[:-1]:
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {k!r} is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    return out
+
+
+def _deepcopy_dict(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deepcopy_dict(v) if isinstance(v, Mapping) else v for k, v in d.items()}
+
+
+def _build_section(name: str, cls: type, values: Any) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"config section {name!r} must be a mapping, got {values!r}")
+    valid = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
+            f"valid keys of {name!r}: {', '.join(sorted(valid))}"
+        )
+    kwargs = {}
+    for key, value in values.items():
+        kwargs[key] = _coerce(f"{name}.{key}", valid[key].type, value)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - guarded by the checks above
+        raise ConfigError(f"config section {name!r}: {exc}") from None
+
+
+def _coerce(key: str, annotation: Any, value: Any) -> Any:
+    """Check/convert a YAML value to the dataclass field's declared type."""
+    ann = str(annotation)
+    if ann.startswith("Mapping"):
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} must be a mapping of name: value, got {value!r}")
+        return dict(value)
+    if value is None and "None" in ann:
+        return None
+    if ann == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} is invalid: expected true or false")
+    if ann == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}={value!r} is invalid: expected an integer")
+        return value
+    if ann == "float":
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is invalid: expected a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={value!r} is invalid: expected a number") from None
+    if ann.startswith("str"):
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r} is invalid: expected a string")
+        return value
+    return value
+
+
+def build_config(raw: Mapping[str, Any] | None = None) -> ExperimentConfig:
+    """Validate a nested dict (YAML + overrides) into an ``ExperimentConfig``."""
+    raw = dict(raw or {})
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(
+            f"unknown config section(s) {', '.join(unknown)}; valid: {', '.join(SECTIONS)}"
+        )
+    parts = {name: _build_section(name, cls, raw.get(name)) for name, cls in SECTIONS.items()}
+    return ExperimentConfig(**parts)
+
+
+def load_config(
+    path: str | Path | None = None, overrides: Iterable[str] = ()
+) -> ExperimentConfig:
+    """YAML file (optional) + ``--set`` overrides -> validated ``ExperimentConfig``."""
+    raw = load_yaml(path) if path else {}
+    return build_config(apply_overrides(raw, overrides))

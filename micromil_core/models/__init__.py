@@ -1,0 +1,32 @@
+"""MIL models of micromil-fl behind one contract (``base.MILModel``) and one registry.
+
+Importing this package registers every model; build one with
+``build_model(name, in_dim, n_classes, params)`` and list them with ``model_specs()``.
+"""
+
+from micromil_core.models import abmil, micromil, pooling  # noqa: F401  (registers models)
+from micromil_core.models.base import MILModel, Prediction, masked_softmax
+from micromil_core.models.registry import (
+    ModelSpec,
+    build_model,
+    model_config,
+    model_names,
+    model_specs,
+    params_from_dict,
+    params_to_dict,
+    register_model,
+)
+
+__all__ = [
+    "MILModel",
+    "ModelSpec",
+    "Prediction",
+    "build_model",
+    "masked_softmax",
+    "model_config",
+    "model_names",
+    "model_specs",
+    "params_from_dict",
+    "params_to_dict",
+    "register_model",
+]

@@ -1,0 +1,327 @@
+"""MicroMIL (Kim et al., arXiv 2407.21604, MICCAI 2025) on dense padded bags.
+
+Pipeline per bag of N instance features (see ``shared/METHODS.md``):
+
+1. projection ``H = LeakyReLU(Linear(D, P)(x))``;
+2. deep cluster embedding: K learnable centroids, Student-t (alpha=1) soft assignment q;
+3. representative extractor: per cluster, a hard Gumbel-Softmax over the N instances of
+   ``s_k = Linear(P, 1)(H * q[:, k])`` picks one instance (argmax at eval) -> R (K, P);
+4. graph from the cosine similarity of the representatives (no slide coordinates);
+5. two GAT layers, mean readout over the K nodes, linear head.
+
+Everything works on a batch of B bags of different sizes ``x (B, N, D)`` with ``mask (B, N)``;
+padded rows never influence the output. Parameter-owning submodules take one tensor, so the
+model (with ``gnn_backend="dense"``) runs under Opacus with one bag = one privacy unit.
+Deviations from the released code (see METHODS.md): no Gumbel noise at eval, optional
+DEC KL loss (``kl_weight``), the similarity graph is treated as undirected in both modes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from micromil_core.models.base import MILModel, Prediction, masked_softmax
+from micromil_core.models.gnn import GAT, GNN_BACKENDS, convert_gat_state
+from micromil_core.models.pooling import check_batch
+from micromil_core.models.registry import (
+    check_choice,
+    check_float,
+    check_int,
+    register_model,
+)
+
+EDGE_MODES = ("paper", "gumbel-neighbour")
+
+
+@dataclass(frozen=True)
+class MicroMILParams:
+    """Hyper-parameters of ``micromil``; defaults follow Kim et al. where they give one."""
+
+    proj_dim: int = 0  # width P of the projection H; 0 = same as the input dim D (paper)
+    n_clusters: int = 36  # K centroids = K graph nodes (paper)
+    tau: float = 1.0  # Gumbel-Softmax temperature (paper)
+    edge_mode: str = "paper"  # "paper": top-k cosine graph; "gumbel-neighbour": released code
+    # top_k is not given in the paper: 4 nearest of 35 others, symmetrised, gives each node
+    # 4-8 neighbours, so two GAT hops see a sizeable part of the graph without a dense one.
+    top_k: int = 4
+    gnn_hidden: int = 128  # paper
+    gnn_layers: int = 2  # paper
+    dropout: float = 0.5  # GAT feature and attention dropout (paper)
+    gnn_backend: str = "pyg"  # "dense" for Opacus / DP training; same maths
+    kl_weight: float = 0.0  # weight of the optional DEC KL(P||Q) loss; 0 = off (released code)
+
+    def __post_init__(self) -> None:
+        check_int("micromil", "proj_dim", self.proj_dim, 0)
+        check_int("micromil", "n_clusters", self.n_clusters, 1)
+        check_float("micromil", "tau", self.tau, 1e-6, float("inf"))
+        check_choice("micromil", "edge_mode", self.edge_mode, EDGE_MODES)
+        check_int("micromil", "top_k", self.top_k, 1)
+        check_int("micromil", "gnn_hidden", self.gnn_hidden, 1)
+        check_int("micromil", "gnn_layers", self.gnn_layers, 1)
+        check_float("micromil", "dropout", self.dropout, 0.0, 1.0, high_inclusive=False)
+        check_choice("micromil", "gnn_backend", self.gnn_backend, GNN_BACKENDS)
+        check_float("micromil", "kl_weight", self.kl_weight, 0.0, float("inf"))
+
+
+class StudentTKernel(nn.Module):
+    """DCE centroids and the unnormalised Student-t kernel ``(1 + d / alpha)^-(alpha+1)/2``.
+
+    Takes ONE tensor on purpose: Opacus's functorch path passes only the first input to a
+    module with raw parameters. Squared distances use ``|h|^2 + |mu|^2 - 2 h mu^T`` so no
+    (N, K, P) tensor is ever materialised.
+
+    Shapes: h (B, N, P) -> kernel (B, N, K)
+    """
+
+    def __init__(self, n_clusters: int, dim: int, alpha: float = 1.0) -> None:
+        super().__init__()
+        self.alpha = alpha
+        # Placeholder scale; call MicroMIL.init_centroids_ to seed them from data (DEC style).
+        self.centroids = nn.Parameter(torch.randn(n_clusters, dim) / dim**0.5)
+
+    def forward(self, h: Tensor) -> Tensor:
+        mu = self.centroids  # (K, P)
+        d2 = (h * h).sum(-1, keepdim=True) + (mu * mu).sum(-1) - 2.0 * (h @ mu.t())  # (B, N, K)
+        d2 = d2.clamp_min(0.0)  # cancellation can make tiny distances negative
+        return (1.0 + d2 / self.alpha).pow(-(self.alpha + 1.0) / 2.0)  # (B, N, K)
+
+
+def gumbel_noise(like: Tensor) -> Tensor:
+    """Standard Gumbel(0, 1) samples shaped like ``like``."""
+    return -torch.empty_like(like).exponential_().log()
+
+
+def select_representatives(
+    s: Tensor, mask: Tensor, tau: float, training: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Pick one instance per cluster: hard Gumbel-Softmax over N in training, argmax at eval.
+
+    Returns the chosen indices and, in training, the straight-through one-hot weights
+    (forward value one-hot, gradient of the soft sample); ``None`` at eval.
+
+    Shapes: s (B, N, K), mask (B, N) -> index (B, K), weights (B, N, K) or None
+    """
+    valid = mask.unsqueeze(-1)  # (B, N, 1)
+    if not training:
+        return s.masked_fill(~valid, float("-inf")).argmax(dim=1), None  # (B, K)
+    soft = masked_softmax((s + gumbel_noise(s)) / tau, valid, dim=1)  # (B, N, K)
+    index = soft.argmax(dim=1)  # (B, K)
+    hard = torch.zeros_like(soft).scatter_(1, index.unsqueeze(1), 1.0)  # (B, N, K)
+    return index, hard - soft.detach() + soft
+
+
+def similarity_graph(r: Tensor, mode: str, top_k: int, training: bool) -> Tensor:
+    """Undirected 0/1 adjacency with self-loops from the cosine similarity of nodes.
+
+    ``"paper"``: each node is linked to its ``top_k`` most similar other nodes.
+    ``"gumbel-neighbour"``: each node links to one other node drawn by hard Gumbel-Softmax
+    over its similarities (argmax at eval), as in the released code. Edges are symmetrised
+    in both modes. The graph is a discrete structure: no parameters, no gradient.
+
+    Shapes: r (B, K, P) -> adj (B, K, K) float
+    """
+    with torch.no_grad():
+        k = r.shape[1]
+        rn = F.normalize(r.detach(), dim=-1)  # (B, K, P)
+        sim = rn @ rn.transpose(1, 2)  # (B, K, K)
+        eye = torch.eye(k, dtype=torch.bool, device=r.device)
+        adj = torch.zeros_like(sim)  # (B, K, K)
+        if k > 1:
+            sim = sim.masked_fill(eye, float("-inf"))  # never pick yourself
+            if mode == "paper":
+                nbr = sim.topk(min(top_k, k - 1), dim=-1).indices  # (B, K, k')
+            else:
+                # Hard Gumbel-max: a temperature would not change the argmax, and the
+                # graph carries no gradient, so tau plays no role here.
+                logits = sim + gumbel_noise(sim) if training else sim
+                nbr = logits.argmax(dim=-1, keepdim=True)  # (B, K, 1)
+            adj.scatter_(-1, nbr, 1.0)
+            adj = torch.maximum(adj, adj.transpose(1, 2))
+        return adj + eye  # diagonal was 0: result stays 0/1
+
+
+def dec_kl(q: Tensor, mask: Tensor) -> Tensor:
+    """DEC clustering loss KL(P || Q), P = sharpened q (Xie et al. 2016), P detached.
+
+    Cluster frequencies are computed per bag, so a bag's loss depends on that bag only
+    (keeps one bag = one privacy unit under DP). Mean over real instances, then over bags.
+
+    Shapes: q (B, N, K) row-normalised, 0 at padding; mask (B, N) -> scalar
+    """
+    freq = q.sum(dim=1, keepdim=True)  # (B, 1, K)
+    p = q.pow(2) / freq.clamp_min(1e-12)  # (B, N, K)
+    p = (p / p.sum(-1, keepdim=True).clamp_min(1e-12)).detach()  # (B, N, K)
+    kl = (torch.xlogy(p, p) - p * q.clamp_min(1e-12).log()).sum(-1)  # (B, N)
+    kl = torch.where(mask, kl, torch.zeros_like(kl))  # (B, N)
+    return (kl.sum(1) / mask.sum(1).clamp_min(1)).mean()
+
+
+@dataclass
+class MicroMILOutput:
+    """Intermediate results of one MicroMIL pass.
+
+    Shapes: logits (B, C), q (B, N, K), scores (B, N, K), selected (B, K), adjacency (B, K, K)
+    """
+
+    logits: Tensor
+    q: Tensor
+    scores: Tensor
+    selected: Tensor
+    adjacency: Tensor
+
+
+@register_model(
+    "micromil",
+    MicroMILParams,
+    "MicroMIL (Kim et al. 2025): cluster representatives + similarity graph + GAT",
+)
+class MicroMIL(MILModel):
+    """MicroMIL on dense padded bags; see the module docstring for the pipeline.
+
+    Shapes:
+        x (B, N, D), mask (B, N) -> logits (B, C)
+        predict: selected (B, K), adjacency (B, K, K), instance_scores (B, N),
+        extras["assignments"] q (B, N, K)
+    """
+
+    def __init__(self, in_dim: int, n_classes: int, params: MicroMILParams) -> None:
+        super().__init__()
+        self.in_dim, self.n_classes, self.params = in_dim, n_classes, params
+        p = params.proj_dim or in_dim
+        self.proj = nn.Linear(in_dim, p)
+        self.dce = StudentTKernel(params.n_clusters, p)
+        # Linear(P, 1)(H * q_k) = q_k * (w . H) + b, and b is the same for every instance,
+        # so it cannot change a softmax over instances: score once with a bias-free w and
+        # scale by q. Memory stays O(N * (P + K)) instead of O(N * K * P): a 100,000 x 1024
+        # bag needs a few GB, not hundreds.
+        self.score = nn.Linear(p, 1, bias=False)
+        self.gnn = GAT(p, params.gnn_hidden, params.gnn_layers, params.dropout, params.gnn_backend)
+        self.head = nn.Linear(params.gnn_hidden, n_classes)
+
+    def project(self, x: Tensor) -> Tensor:
+        """Shapes: (B, N, D) -> (B, N, P)"""
+        return F.leaky_relu(self.proj(x))
+
+    def assignments(self, h: Tensor, mask: Tensor) -> Tensor:
+        """Row-normalised soft cluster assignment q, zero on padded rows.
+
+        Shapes: h (B, N, P), mask (B, N) -> (B, N, K)
+        """
+        kern = self.dce(h)  # (B, N, K)
+        q = kern / kern.sum(-1, keepdim=True)  # (B, N, K)
+        return q * mask.unsqueeze(-1)
+
+    def run(self, x: Tensor, mask: Tensor) -> MicroMILOutput:
+        """Full pass returning logits and the intermediate structure.
+
+        Shapes: x (B, N, D), mask (B, N) -> MicroMILOutput (see its docstring)
+        """
+        check_batch(x, mask, self.in_dim)
+        prm = self.params
+        h = self.project(x)  # (B, N, P)
+        q = self.assignments(h, mask)  # (B, N, K)
+        s = q * self.score(h)  # (B, N, K)
+        index, weights = select_representatives(s, mask, prm.tau, self.training)  # (B, K)
+        if weights is None:  # eval: plain gather, exact and cheap
+            r = h.gather(1, index.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # (B, K, P)
+        else:  # training: one-hot^T H carries the straight-through gradient to s
+            r = weights.transpose(1, 2) @ h  # (B, K, P)
+        adj = similarity_graph(r, prm.edge_mode, prm.top_k, self.training)  # (B, K, K)
+        nodes = self.gnn(r, adj)  # (B, K, G)
+        logits = self.head(nodes.mean(dim=1))  # (B, C)
+        return MicroMILOutput(logits, q, s, index, adj)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Shapes: x (B, N, D), mask (B, N) -> (B, C)"""
+        return self.run(x, mask).logits
+
+    def loss(
+        self,
+        x: Tensor,
+        mask: Tensor,
+        target: Tensor,
+        class_weight: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Cross-entropy plus ``kl_weight * KL(P||Q)``; ``parts`` always reports both.
+
+        Shapes: x (B, N, D), mask (B, N), target (B,) -> scalar
+        """
+        out = self.run(x, mask)
+        ce = F.cross_entropy(out.logits, target, weight=class_weight)
+        if self.params.kl_weight > 0:
+            kl = dec_kl(out.q, mask)
+            total = ce + self.params.kl_weight * kl
+        else:
+            with torch.no_grad():  # monitoring only
+                kl = dec_kl(out.q, mask)
+            total = ce
+        return total, {"ce": float(ce.detach()), "kl": float(kl.detach())}
+
+    @torch.no_grad()
+    def predict(self, x: Tensor, mask: Tensor) -> Prediction:
+        """Deterministic when called under ``eval()`` (argmax selection, no noise).
+
+        ``instance_scores`` is, per instance, its largest selection probability over the
+        clusters (masked softmax of s over the bag's instances).
+        """
+        out = self.run(x, mask)
+        sel = masked_softmax(out.scores, mask.unsqueeze(-1), dim=1)  # (B, N, K)
+        return Prediction(
+            probs=torch.softmax(out.logits, dim=-1),
+            instance_scores=sel.amax(dim=-1),  # (B, N), 0 at padding
+            selected=out.selected,
+            adjacency=out.adjacency,
+            extras={"assignments": out.q},
+        )
+
+    @torch.no_grad()
+    def init_centroids_(
+        self, x: Tensor, mask: Tensor, generator: torch.Generator | None = None
+    ) -> MicroMIL:
+        """Seed the centroids with K distinct projected instances drawn at random.
+
+        Optional, DEC style (Xie et al. initialise with k-means); without it the centroids
+        start near the origin. Uses the real rows of ``x`` only.
+
+        Shapes: x (B, N, D), mask (B, N)
+        """
+        check_batch(x, mask, self.in_dim)
+        h = self.project(x)[mask]  # (M, P)
+        k = self.params.n_clusters
+        order = torch.randperm(h.shape[0], generator=generator, device="cpu")
+        pick = order[torch.arange(k) % h.shape[0]]  # repeats only if M < K
+        self.dce.centroids.copy_(h[pick.to(h.device)])
+        return self
+
+
+    @torch.no_grad()
+    def init_from_data(
+        self, x: Tensor, mask: Tensor, generator: torch.Generator | None = None
+    ) -> None:
+        # Random centroids give near-uniform q, so every cluster would pick the same image.
+        self.init_centroids_(x, mask, generator)
+
+
+def switch_gnn_backend(model: MicroMIL, backend: str) -> MicroMIL:
+    """Copy of ``model`` whose GAT runs on ``backend``, with identical weights.
+
+    E.g. load a "pyg" checkpoint for DP training with "dense", or the reverse.
+    """
+    new = MicroMIL(model.in_dim, model.n_classes, replace(model.params, gnn_backend=backend))
+    new.load_state_dict(convert_gat_state(model.state_dict(), backend))
+    return new.to(next(model.parameters()).device)
+
+
+__all__ = [
+    "MicroMIL",
+    "MicroMILParams",
+    "StudentTKernel",
+    "dec_kl",
+    "select_representatives",
+    "similarity_graph",
+    "switch_gnn_backend",
+]

@@ -1,0 +1,1 @@
+"""Local training, evaluation, metrics, cross-validation and plots."""

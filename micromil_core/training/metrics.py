@@ -1,0 +1,92 @@
+"""Patient-level classification metrics, one definition for every command.
+
+Binary tasks use the positive class = class index 1 and the argmax decision (no threshold
+is tuned on any split). Multi-class tasks report one-vs-rest macro AUC and macro averages.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    roc_auc_score,
+    roc_curve,
+)
+
+METRIC_KEYS = ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity")
+
+
+def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Core metrics from labels (n,) and class probabilities (n, C).
+
+    AUC is NaN when only one class is present (it is undefined there, not 0.5).
+    """
+    y_true = np.asarray(y_true, dtype=int)
+    probs = np.asarray(probs, dtype=float)
+    n_classes = probs.shape[1]
+    y_pred = probs.argmax(axis=1)
+    labels = list(range(n_classes))
+    cm = confusion_matrix(y_true, y_pred, labels=labels)
+    tp = np.diag(cm).astype(float)
+    fn = cm.sum(axis=1) - tp
+    fp = cm.sum(axis=0) - tp
+    tn = cm.sum() - tp - fn - fp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(tp + fn > 0, tp / (tp + fn), np.nan)
+        spec = np.where(tn + fp > 0, tn / (tn + fp), np.nan)
+    if n_classes == 2:
+        sensitivity, specificity = recall[1], spec[1]
+        f1 = f1_score(y_true, y_pred, pos_label=1, average="binary", zero_division=0)
+    else:
+        sensitivity, specificity = np.nanmean(recall), np.nanmean(spec)
+        f1 = f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+    return {
+        "auc": roc_auc(y_true, probs),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred))
+        if len(np.unique(y_true)) > 1
+        else float(accuracy_score(y_true, y_pred)),
+        "f1": float(f1),
+        "sensitivity": float(sensitivity),
+        "specificity": float(specificity),
+        "n": int(len(y_true)),
+    }
+
+
+def roc_auc(y_true: np.ndarray, probs: np.ndarray) -> float:
+    y_true = np.asarray(y_true, dtype=int)
+    present = np.unique(y_true)
+    if len(present) < 2:
+        return math.nan
+    if probs.shape[1] == 2:
+        return float(roc_auc_score(y_true, probs[:, 1]))
+    return float(
+        roc_auc_score(y_true, probs, multi_class="ovr", average="macro", labels=list(range(probs.shape[1])))
+    )
+
+
+def binary_roc(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(fpr, tpr) of class 1 vs rest, or None when undefined."""
+    y_true = np.asarray(y_true, dtype=int)
+    if len(np.unique(y_true)) < 2:
+        return None
+    score = probs[:, 1] if probs.shape[1] >= 2 else probs[:, 0]
+    fpr, tpr, _ = roc_curve((y_true == 1).astype(int), score)
+    return fpr, tpr
+
+
+def summarize_folds(per_fold: list[dict[str, float]]) -> dict[str, float]:
+    """``<metric>_mean`` and ``<metric>_std`` over folds (NaN folds ignored)."""
+    out: dict[str, float] = {}
+    for key in METRIC_KEYS:
+        values = np.array([m[key] for m in per_fold], dtype=float)
+        finite = values[np.isfinite(values)]
+        out[f"{key}_mean"] = float(finite.mean()) if finite.size else math.nan
+        out[f"{key}_std"] = float(finite.std(ddof=0)) if finite.size else math.nan
+    out["folds"] = len(per_fold)
+    return out

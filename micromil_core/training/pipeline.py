@@ -1,0 +1,444 @@
+"""Site folders in, trained/evaluated models out: what the CLI commands call.
+
+Every function takes typed settings (``ExperimentConfig``) and paths, never an argparse
+namespace, so notebooks, tests and the Flower client call the same code.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from micromil_core.config import DataConfig, ExperimentConfig, TrainConfig
+from micromil_core.data.bag import Bag, collate_bags
+from micromil_core.data.layout import FEATURES_DIR
+from micromil_core.data.scaler import FeatureScaler
+from micromil_core.data.site import SiteData, load_bags, load_site
+from micromil_core.data.splits import stratified_folds, train_val_split
+from micromil_core.errors import SiteDataError
+from micromil_core.io import write_json_atomic, write_text_atomic
+from micromil_core.models.registry import build_model
+from micromil_core.runtime import resolve_device, seed_everything, set_threads
+from micromil_core.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from micromil_core.training.metrics import classification_metrics, summarize_folds
+from micromil_core.training.plots import plot_curves, plot_roc
+from micromil_core.training.trainer import EpochLog, TrainResult, evaluate_bags, fit, predict_bags
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SiteBags:
+    """One site's records and its bags (features loaded, not yet standardised)."""
+
+    site: SiteData
+    bags: list[Bag]
+    feature_dir: Path
+
+    def by_split(self, split: str) -> list[Bag]:
+        ids = set(self.site.split_ids(split))
+        return [b for b in self.bags if b.patient_id in ids]
+
+
+def feature_dir_for(
+    site_path: Path,
+    patient_ids: Sequence[str],
+    data_cfg: DataConfig,
+    device: torch.device,
+    progress: bool = False,
+    encoder: str | None = None,
+) -> Path:
+    """Precomputed SITE/features, or the cache of features extracted with an encoder."""
+    spec = encoder if encoder is not None else data_cfg.encoder
+    if not spec:
+        return Path(site_path) / FEATURES_DIR
+    from micromil_core.encoders import extract_site_features, get_encoder
+
+    enc = get_encoder(spec, device=str(device))
+    result = extract_site_features(
+        site_path, list(patient_ids), enc, batch_size=data_cfg.batch_size, progress=progress
+    )
+    return result.feature_dir
+
+
+def load_sites(
+    site_paths: Sequence[str | Path],
+    data_cfg: DataConfig,
+    device: torch.device,
+    classes: Sequence[str] | None = None,
+    expected_dim: int | None = None,
+    encoder: str | None = None,
+    progress: bool = False,
+) -> list[SiteBags]:
+    """Load several sites with one shared class list and one feature dimension.
+
+    Classes default to the sorted union of the sites' labels, so every site indexes
+    classes the same way; a site whose features differ in dimension is named in the error.
+    """
+    paths = [Path(p) for p in site_paths]
+    if not paths:
+        raise SiteDataError("no site folder given; pass at least one --data SITE")
+    if classes is None:
+        sites = [load_site(p) for p in paths]
+        classes = _union_classes([s.classes for s in sites])
+    out: list[SiteBags] = []
+    for path in paths:
+        site = load_site(path, classes=classes)
+        ids = [p.patient_id for p in site.patients]
+        fdir = feature_dir_for(path, ids, data_cfg, device, progress, encoder)
+        bags = load_bags(site, feature_dir=fdir, expected_dim=expected_dim)
+        dim = int(bags[0].features.shape[1])
+        if expected_dim is None:
+            expected_dim = dim
+        out.append(SiteBags(site, bags, fdir))
+    return out
+
+
+def _union_classes(class_lists: Sequence[Sequence[str]]) -> list[str]:
+    labels = sorted({c for cl in class_lists for c in cl})
+    if all(_is_int(c) for c in labels):
+        labels.sort(key=int)
+    return labels
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+def split_train_val_test(
+    sb: SiteBags, cfg: TrainConfig, seed_offset: int = 0
+) -> tuple[list[Bag], list[Bag], list[Bag]]:
+    """Use the site's split column when present; otherwise carve a stratified validation set.
+
+    A site with a split column but no ``val`` rows gets a validation set carved from its
+    ``train`` rows. ``test`` rows are returned separately and never used for selection.
+    """
+    if sb.site.has_splits:
+        train, val, test = sb.by_split("train"), sb.by_split("val"), sb.by_split("test")
+        if val:
+            return train, val, test
+        pool = train
+    else:
+        pool, test = list(sb.bags), []
+    labels = [b.label for b in pool]
+    tr_idx, va_idx = train_val_split(
+        np.arange(len(pool)), np.asarray(labels), cfg.val_fraction, cfg.seed + seed_offset
+    )
+    return [pool[i] for i in tr_idx], [pool[i] for i in va_idx], test
+
+
+def _prepare_run(cfg: ExperimentConfig) -> torch.device:
+    set_threads(cfg.train.num_threads)
+    seed_everything(cfg.train.seed)
+    return resolve_device(cfg.train.device)
+
+
+def _progress_printer(label: str, enabled: bool):
+    """A tqdm bar over epochs when enabled (CLI), else None."""
+    if not enabled:
+        return None, None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a declared dependency
+        return None, None
+    bar = tqdm(desc=label, unit="epoch", leave=False)
+
+    def update(entry: EpochLog) -> None:
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{entry.train_loss:.3f}",
+            val_loss=f"{entry.val_loss:.3f}",
+            val_auc=f"{entry.val_metrics.get('auc', math.nan):.3f}",
+        )
+
+    return update, bar
+
+
+def train_and_select(
+    cfg: ExperimentConfig,
+    train_bags: list[Bag],
+    val_bags: list[Bag],
+    n_classes: int,
+    device: torch.device,
+    progress_label: str | None = None,
+) -> tuple[Any, FeatureScaler | None, TrainResult]:
+    """Fit the scaler on training bags, build and train the model; returns the best model."""
+    if not train_bags:
+        raise SiteDataError("no training patients after splitting; add patients or splits")
+    scaler = FeatureScaler.fit(train_bags) if cfg.train.standardize else None
+    if scaler is not None:
+        train_bags, val_bags = scaler.transform_all(train_bags), scaler.transform_all(val_bags)
+    in_dim = int(train_bags[0].features.shape[1])
+    model = build_model(cfg.model.name, in_dim, n_classes, dict(cfg.model.params))
+    init_model_from_bags(model, train_bags, cfg.train.seed)
+    update, bar = _progress_printer(progress_label or "train", progress_label is not None)
+    try:
+        result = fit(model, train_bags, val_bags, cfg.train, device, progress=update)
+    finally:
+        if bar is not None:
+            bar.close()
+    return model, scaler, result
+
+
+INIT_MAX_INSTANCES = 20_000  # enough to seed K centroids; bounds memory on huge bags
+
+
+def init_model_from_bags(model: Any, bags: list[Bag], seed: int) -> None:
+    """Call the model's data-dependent init on a seeded sample of training bags."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(bags), generator=gen).tolist()
+    sample, total = [], 0
+    for i in order:
+        if sample and total + bags[i].num_instances > INIT_MAX_INSTANCES:
+            break
+        sample.append(bags[i])
+        total += bags[i].num_instances
+    batch = collate_bags(sample)
+    device = next(model.parameters()).device
+    model.init_from_data(batch.x.to(device), batch.mask.to(device), generator=gen)
+
+
+def _history_rows(result: TrainResult) -> list[dict[str, Any]]:
+    return [
+        {
+            "epoch": e.epoch,
+            "train_loss": e.train_loss,
+            "val_loss": e.val_loss,
+            "val_auc": e.val_metrics.get("auc", math.nan),
+            "seconds": e.seconds,
+        }
+        for e in result.history
+    ]
+
+
+def train_pooled(
+    site_paths: Sequence[str | Path],
+    cfg: ExperimentConfig,
+    out: str | Path,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Train one model on the pooled train/val patients of several sites.
+
+    Writes OUT/model.pt, OUT/metrics.json (validation, and the sites' test splits when
+    present -- reported, never used for selection), OUT/history.json and OUT/curves.png.
+    """
+    out = Path(out)
+    device = _prepare_run(cfg)
+    sites = load_sites(site_paths, cfg.data, device, progress=progress)
+    train, val, test = [], [], []
+    for sb in sites:
+        tr, va, te = split_train_val_test(sb, cfg.train)
+        train += tr
+        val += va
+        test += te
+    classes = list(sites[0].site.classes)
+    model, scaler, result = train_and_select(
+        cfg, train, val, len(classes), device, progress_label="train" if progress else None
+    )
+    metrics: dict[str, Any] = {
+        "validation": result.val_metrics,
+        "best_epoch": result.best_epoch,
+        "n_train": len(train),
+        "n_val": len(val),
+    }
+    if test:
+        scaled = scaler.transform_all(test) if scaler else test
+        metrics["test"] = evaluate_bags(model, scaled, device)
+    ckpt = Checkpoint(
+        model_name=cfg.model.name,
+        in_dim=int(train[0].features.shape[1]),
+        n_classes=len(classes),
+        params=dict(model_params(model, cfg)),
+        classes=classes,
+        state_dict=model.state_dict(),
+        scaler=scaler,
+        encoder=cfg.data.encoder,
+        fine_classes=list(sites[0].site.fine_classes) if sites[0].site.fine_classes else None,
+        config=cfg.to_dict(),
+        provenance={
+            "trained_on": [sb.site.name for sb in sites],
+            "best_epoch": result.best_epoch,
+            "validation": result.val_metrics,
+        },
+    )
+    save_checkpoint(ckpt, out / "model.pt")
+    history = _history_rows(result)
+    write_json_atomic(out / "history.json", history)
+    write_json_atomic(out / "metrics.json", metrics)
+    plot_curves(
+        {
+            "train loss": [h["train_loss"] for h in history],
+            "val loss": [h["val_loss"] for h in history],
+            "val AUC": [h["val_auc"] for h in history],
+        },
+        out / "curves.png",
+        xlabel="epoch",
+        title=f"{cfg.model.name}: training",
+    )
+    return metrics
+
+
+def model_params(model: Any, cfg: ExperimentConfig) -> dict[str, Any]:
+    """The full params of a built model (defaults filled in) for the checkpoint."""
+    from micromil_core.models.registry import params_to_dict
+
+    params = getattr(model, "params", None)
+    return params_to_dict(params) if params is not None else dict(cfg.model.params)
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    site_paths: Sequence[str | Path],
+    out: str | Path,
+    split: str | None = None,
+    explain: bool = False,
+    device: str = "auto",
+    data_cfg: DataConfig | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate a checkpoint on every patient (or one split) of each site.
+
+    Writes OUT/metrics.json (core keys over all sites pooled, plus ``per_site``),
+    OUT/predictions.csv (per patient: stays on this site's disk) and OUT/roc.png; with
+    ``explain`` also OUT/explain/ galleries.
+    """
+    out = Path(out)
+    ckpt = load_checkpoint(checkpoint)
+    dev = resolve_device(device)
+    model = ckpt.build_model().to(dev)
+    data_cfg = data_cfg or DataConfig(encoder=ckpt.encoder)
+    sites = load_sites(
+        site_paths,
+        data_cfg,
+        dev,
+        classes=ckpt.classes,
+        expected_dim=ckpt.in_dim,
+        encoder=ckpt.encoder or "",
+        progress=progress,
+    )
+    per_site: dict[str, Any] = {}
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    all_y, all_p, rows = [], [], []
+    for sb in sites:
+        bags = sb.by_split(split) if split else sb.bags
+        if not bags:
+            raise SiteDataError(f"site {sb.site.path}: no patients in split {split!r}")
+        scaled = ckpt.scaler.transform_all(bags) if ckpt.scaler else bags
+        y, probs = predict_bags(model, scaled, dev)
+        per_site[sb.site.name] = classification_metrics(y, probs)
+        curves[sb.site.name] = (y, probs)
+        all_y.append(y)
+        all_p.append(probs)
+        for bag, p in zip(bags, probs, strict=True):
+            rows.append([sb.site.name, bag.patient_id, ckpt.classes[bag.label], *map(float, p)])
+        if explain:
+            from micromil_core.explain import write_explanations
+
+            write_explanations(model, ckpt, sb, scaled, dev, out / "explain" / sb.site.name)
+    y_all, p_all = np.concatenate(all_y), np.concatenate(all_p)
+    metrics: dict[str, Any] = classification_metrics(y_all, p_all)
+    metrics["per_site"] = per_site
+    metrics["checkpoint"] = str(checkpoint)
+    metrics["split"] = split or "all"
+    write_json_atomic(out / "metrics.json", metrics)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["site", "patient_id", "label", *[f"prob_{c}" for c in ckpt.classes]])
+    writer.writerows(rows)
+    write_text_atomic(out / "predictions.csv", buf.getvalue())
+    if len(curves) > 1:
+        curves["all sites"] = (y_all, p_all)
+    plot_roc(curves, out / "roc.png", title=f"{ckpt.model_name}: evaluation")
+    return metrics
+
+
+def cross_validate(
+    site_path: str | Path,
+    cfg: ExperimentConfig,
+    folds: int,
+    out: str | Path,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Stratified k-fold CV on all patients of one site.
+
+    Folds depend only on ``train.seed`` and the labels, so every model sees the same folds.
+    In each fold a stratified validation set is carved from the training part for
+    selection and early stopping; the test fold is touched once, after selection.
+    Completed folds are kept in OUT/folds.json and skipped when the command is re-run with
+    the same settings.
+    """
+    out = Path(out)
+    device = _prepare_run(cfg)
+    (sb,) = load_sites([site_path], cfg.data, device, progress=progress)
+    labels = np.array([b.label for b in sb.bags])
+    fold_idx = stratified_folds(labels, folds, cfg.train.seed)
+    state_path = out / "folds.json"
+    settings = {"config": cfg.to_dict(), "folds": folds, "site": str(Path(site_path).resolve())}
+    done = _load_fold_state(state_path, settings)
+    n_classes = len(sb.site.classes)
+    oof = np.zeros((len(sb.bags), n_classes))
+    for k, test_idx in enumerate(fold_idx):
+        if str(k) in done["folds"]:
+            oof[test_idx] = np.asarray(done["folds"][str(k)]["probs"])
+            continue
+        seed_everything(cfg.train.seed + k)
+        rest = np.setdiff1d(np.arange(len(sb.bags)), test_idx)
+        tr, va = train_val_split(rest, labels, cfg.train.val_fraction, cfg.train.seed + k)
+        model, scaler, result = train_and_select(
+            cfg,
+            [sb.bags[i] for i in tr],
+            [sb.bags[i] for i in va],
+            n_classes,
+            device,
+            progress_label=f"fold {k + 1}/{folds}" if progress else None,
+        )
+        test = [sb.bags[i] for i in test_idx]
+        test = scaler.transform_all(test) if scaler else test
+        y, probs = predict_bags(model, test, device)
+        oof[test_idx] = probs
+        fold_metrics = classification_metrics(y, probs)
+        done["folds"][str(k)] = {
+            "metrics": fold_metrics,
+            "best_epoch": result.best_epoch,
+            "probs": probs.tolist(),
+        }
+        write_json_atomic(state_path, done)
+        log.info("fold %d/%d: auc=%.3f acc=%.3f", k + 1, folds, fold_metrics["auc"], fold_metrics["accuracy"])
+    per_fold = [done["folds"][str(k)]["metrics"] for k in range(folds)]
+    summary: dict[str, Any] = summarize_folds(per_fold)
+    summary["pooled_out_of_fold"] = classification_metrics(labels, oof)
+    summary["per_fold"] = per_fold
+    summary["best_epochs"] = [done["folds"][str(k)]["best_epoch"] for k in range(folds)]
+    summary["model"] = cfg.model.name
+    summary["site"] = sb.site.name
+    write_json_atomic(out / "metrics.json", summary)
+    plot_roc({f"{cfg.model.name} (out-of-fold)": (labels, oof)}, out / "roc.png", title=f"{folds}-fold CV")
+    return summary
+
+
+def _load_fold_state(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    import json
+
+    if path.is_file():
+        try:
+            state = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            state = None
+        if state and state.get("settings") == json.loads(json.dumps(settings)):
+            return state
+        if state:
+            log.warning("%s holds folds of other settings; starting the CV afresh", path)
+    return {"settings": settings, "folds": {}}

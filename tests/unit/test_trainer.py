@@ -1,0 +1,94 @@
+import math
+
+import pytest
+import torch
+
+from micromil_core.config import TrainConfig
+from micromil_core.data.site import load_bags, load_site
+from micromil_core.errors import CheckpointError
+from micromil_core.models.registry import build_model
+from micromil_core.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from micromil_core.training.trainer import class_weights, fit, predict_bags
+from tests.conftest import write_site
+
+CPU = torch.device("cpu")
+
+
+def _bags(tmp_path, **kw):
+    site = load_site(write_site(tmp_path / "s", **kw))
+    return site, load_bags(site)
+
+
+def test_class_weights_inverse_frequency():
+    w = class_weights([0, 0, 0, 1], 2)
+    assert w.tolist() == pytest.approx([4 / 6, 4 / 2])
+    assert class_weights([0, 0], 3).tolist() == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_fit_keeps_best_validation_epoch(tmp_path):
+    _, bags = _bags(tmp_path, n_patients=16)
+    torch.manual_seed(0)
+    model = build_model("gated-abmil", 6, 2)
+    cfg = TrainConfig(epochs=8, lr=1e-2, patience=0, select_on="loss")
+    result = fit(model, bags[:10], bags[10:], cfg, CPU)
+    losses = [e.val_loss for e in result.history]
+    assert result.best_epoch == 1 + losses.index(min(losses))
+    # The returned model carries the best epoch's weights, not the last epoch's.
+    y, probs = predict_bags(model, bags[10:], CPU)
+    nll = -torch.log(torch.from_numpy(probs)[range(len(y)), y].clamp_min(1e-7))
+    w = class_weights([b.label for b in bags[:10]], 2)[y]
+    assert float((nll * w).sum() / w.sum()) == pytest.approx(min(losses), rel=1e-4)
+
+
+def test_early_stopping_when_validation_stalls(tmp_path):
+    _, bags = _bags(tmp_path)
+    model = build_model("mean-pool", 6, 2)
+    cfg = TrainConfig(epochs=50, lr=1e-12, patience=3, min_epochs=0)
+    result = fit(model, bags[:8], bags[8:], cfg, CPU)
+    assert result.stopped_early
+    assert len(result.history) == 1 + 3  # first epoch sets the best; 3 stale epochs stop it
+
+
+def test_training_is_reproducible(tmp_path):
+    _, bags = _bags(tmp_path)
+    states = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        model = build_model("micromil", 6, 2, {"n_clusters": 4})
+        fit(model, bags[:8], bags[8:], TrainConfig(epochs=2, lr=1e-3, seed=5), CPU)
+        states.append(model.state_dict())
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+
+
+def test_no_validation_keeps_last_epoch(tmp_path):
+    _, bags = _bags(tmp_path)
+    model = build_model("abmil", 6, 2)
+    result = fit(model, bags, [], TrainConfig(epochs=2), CPU)
+    assert result.best_epoch == 2 and math.isnan(result.history[-1].val_loss)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    site, bags = _bags(tmp_path)
+    model = build_model("micromil", 6, 2, {"n_clusters": 4, "top_k": 2})
+    ckpt = Checkpoint("micromil", 6, 2, {"n_clusters": 4, "top_k": 2}, list(site.classes), model.state_dict(),
+                      config={"train": {"lr": 1e-3}}, provenance={"round": 3})
+    path = save_checkpoint(ckpt, tmp_path / "run" / "model.pt")
+    back = load_checkpoint(path)
+    assert back.classes == ["benign", "malignant"] and back.provenance["round"] == 3
+    assert back.provenance["code_version"]
+    _, p1 = predict_bags(model, bags, CPU)
+    _, p2 = predict_bags(back.build_model(), bags, CPU)
+    assert (p1 == p2).all()
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match="could not be read"):
+        load_checkpoint(bad)
+    torch.save({"weights": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a micromil checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
