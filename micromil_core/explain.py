@@ -99,7 +99,7 @@ def _draw(path: Path, title: str, idx, adj, scores, images: list[Path] | None) -
         ax = fig.add_subplot(grid[:, cols:])
         angle = np.linspace(0, 2 * np.pi, len(idx), endpoint=False)
         xy = np.stack([np.cos(angle), np.sin(angle)], 1)
-        for a, b in zip(*np.nonzero(np.triu(adj, 1)), strict=True)):
+        for a, b in zip(*np.nonzero(np.triu(adj, 1)), strict=True):
             ax.plot(xy[[a, b], 0], xy[[a, b], 1], c="grey", lw=0.6, alpha=0.7)
         ax.scatter(xy[:, 0], xy[:, 1], c=scores, cmap="viridis", s=60, zorder=3)
         for j, (x, y) in enumerate(xy):
