@@ -143,7 +143,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from micromil_core.runtime import resolve_device
 
     device = resolve_device(args.device or "auto")
-    encoder = get_encoder(args.encoder, device=str(device))
+    options = {"weights": args.weights} if args.weights else {}
+    if args.input_size:
+        options["input_size"] = args.input_size
+    encoder = get_encoder(args.encoder, device=str(device), **options)
     for site_path in args.data:
         site = load_site(site_path)
         result = extract_site_features(
@@ -264,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", required=True, metavar="SITE")
     p.add_argument("--encoder", default="histo-texture", help="see `micromil encoders`")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--weights", help="local weights file (timm:/torchvision: encoders)")
+    p.add_argument("--input-size", type=int, help="network input size (external encoders)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=cmd_extract)
 

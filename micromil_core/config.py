@@ -87,10 +87,27 @@ class DataConfig:
     """
 
     encoder: str | None = None
+    encoder_weights: str | None = None  # local weights file for timm:/torchvision: encoders
+    encoder_input_size: int = 0  # network input size for external encoders; 0 = default
     batch_size: int = 64  # images per encoder forward pass
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
+        _require(
+            self.encoder_input_size >= 0,
+            "data.encoder_input_size",
+            self.encoder_input_size,
+            ">= 0 (0 = the encoder's default)",
+        )
+
+    def encoder_options(self) -> dict[str, Any]:
+        """Keyword options for ``get_encoder`` (only those that are set)."""
+        opts: dict[str, Any] = {}
+        if self.encoder_weights:
+            opts["weights"] = self.encoder_weights
+        if self.encoder_input_size:
+            opts["input_size"] = self.encoder_input_size
+        return opts
 
 
 @dataclass(frozen=True)

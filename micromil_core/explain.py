@@ -117,15 +117,20 @@ def write_explanations(
     model: MILModel,
     ckpt: Checkpoint,
     site_bags: SiteBags,
+    raw_bags: list[Bag],
     scaled_bags: list[Bag],
     device: torch.device,
     out: Path,
 ) -> Path:
-    """One PNG per patient plus an index.html; returns the index path."""
+    """One PNG per patient plus an index.html; returns the index path.
+
+    ``raw_bags`` (as read from disk) and ``scaled_bags`` (as the model sees them) are the
+    same patients in the same order.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for raw, bag in zip(site_bags.bags, scaled_bags, strict=True):
+    for raw, bag in zip(raw_bags, scaled_bags, strict=True):
         probs, idx, adj, scores = _explained_instances(model, bag, device)
         images = instance_images(
             Path(site_bags.site.path), site_bags.feature_dir, raw.patient_id, raw.num_instances

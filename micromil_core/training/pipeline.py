@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from micromil_core.config import DataConfig, ExperimentConfig, TrainConfig
+from micromil_core.config import DataConfig, ExperimentConfig, TrainConfig, build_config
 from micromil_core.data.bag import Bag, collate_bags
 from micromil_core.data.layout import FEATURES_DIR
 from micromil_core.data.scaler import FeatureScaler
@@ -63,7 +63,7 @@ def feature_dir_for(
         return Path(site_path) / FEATURES_DIR
     from micromil_core.encoders import extract_site_features, get_encoder
 
-    enc = get_encoder(spec, device=str(device))
+    enc = get_encoder(spec, device=str(device), **data_cfg.encoder_options())
     result = extract_site_features(
         site_path, list(patient_ids), enc, batch_size=data_cfg.batch_size, progress=progress
     )
@@ -319,7 +319,11 @@ def evaluate_checkpoint(
     ckpt = load_checkpoint(checkpoint)
     dev = resolve_device(device)
     model = ckpt.build_model().to(dev)
-    data_cfg = data_cfg or DataConfig(encoder=ckpt.encoder)
+    if data_cfg is None:
+        # The encoder and its options travel with the checkpoint's config.
+        saved = dict(ckpt.config.get("data", {}))
+        saved["encoder"] = ckpt.encoder
+        data_cfg = build_config({"data": saved}).data
     sites = load_sites(
         site_paths,
         data_cfg,
@@ -347,7 +351,7 @@ def evaluate_checkpoint(
         if explain:
             from micromil_core.explain import write_explanations
 
-            write_explanations(model, ckpt, sb, scaled, dev, out / "explain" / sb.site.name)
+            write_explanations(model, ckpt, sb, bags, scaled, dev, out / "explain" / sb.site.name)
     y_all, p_all = np.concatenate(all_y), np.concatenate(all_p)
     metrics: dict[str, Any] = classification_metrics(y_all, p_all)
     metrics["per_site"] = per_site

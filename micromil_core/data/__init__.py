@@ -1,0 +1,1 @@
+"""Site folders, bags, feature files, partitioning and the bundled real datasets."""

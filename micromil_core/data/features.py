@@ -1,0 +1,141 @@
+"""Reading and writing per-patient instance feature files (``.pt``, ``.npy``, ``.h5``).
+
+Every reader returns the same thing: a float32 tensor of shape (N, D), one row per instance,
+checked for the mistakes that otherwise surface much later as a NaN loss or a shape error
+deep inside a model: an unreadable file, the wrong rank, an empty bag, non-finite values and
+a feature dimension that does not match the rest of the federation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from micromil_core.data.layout import FEATURE_EXTENSIONS
+from micromil_core.errors import FeatureError
+from micromil_core.io import torch_save_atomic
+
+H5_FEATURES_KEY = "features"
+H5_COORDS_KEY = "coords"
+PT_FEATURES_KEY = "features"
+
+
+def _load_raw(path: Path) -> Any:
+    """Load the array-like payload of one feature file, by extension."""
+    suffix = path.suffix.lower()
+    if suffix == ".pt":
+        # weights_only: a feature file is data, never code; refuse pickled objects.
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(obj, dict):
+            if PT_FEATURES_KEY not in obj:
+                raise FeatureError(
+                    f"{path}: .pt file holds a dict without key {PT_FEATURES_KEY!r} "
+                    f"(keys: {sorted(map(str, obj))}); save the (N, D) tensor itself or a "
+                    f"dict {{'features': tensor}}"
+                )
+            obj = obj[PT_FEATURES_KEY]
+        return obj
+    if suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    if suffix == ".h5":
+        import h5py  # local: only sites with .h5 files need it
+
+        with h5py.File(path, "r") as fh:
+            if H5_FEATURES_KEY not in fh:
+                raise FeatureError(
+                    f"{path}: HDF5 file has no dataset {H5_FEATURES_KEY!r} "
+                    f"(has: {sorted(fh.keys())}); store the (N, D) features under "
+                    f"{H5_FEATURES_KEY!r}"
+                )
+            return np.asarray(fh[H5_FEATURES_KEY][()])
+    raise FeatureError(
+        f"{path}: unsupported feature file extension {path.suffix!r}; "
+        f"use one of {', '.join(FEATURE_EXTENSIONS)}"
+    )
+
+
+def read_feature_file(path: str | Path, expected_dim: int | None = None) -> Tensor:
+    """Read one patient's instance features and validate them.
+
+    Args:
+        path: a ``.pt`` (tensor, or dict with key ``"features"``), ``.npy`` or ``.h5``
+            (dataset ``"features"``) file.
+        expected_dim: the feature dimension D the caller requires, or None to accept any.
+
+    Returns:
+        The features as a contiguous CPU tensor.
+
+    Shapes:
+        return: (N, D) float32, N >= 1
+
+    Raises:
+        FeatureError: the file is missing, unreadable or corrupt, is not 2-D, has zero rows
+            or zero columns, contains NaN/Inf, or has D != ``expected_dim``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FeatureError(f"{path}: feature file not found")
+    try:
+        raw = _load_raw(path)
+    except FeatureError:
+        raise
+    except Exception as exc:  # any library's "corrupt file" error: report it uniformly
+        raise FeatureError(
+            f"{path}: cannot read feature file ({type(exc).__name__}: {exc}); the file is "
+            f"corrupt or not a {path.suffix} file: re-extract or re-export it"
+        ) from exc
+
+    try:
+        if isinstance(raw, Tensor):
+            feats = raw.detach().to("cpu", torch.float32)
+        else:
+            feats = torch.from_numpy(np.asarray(raw, dtype=np.float32))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise FeatureError(
+            f"{path}: features are not numeric ({type(exc).__name__}: {exc}); "
+            f"store a float (N, D) array"
+        ) from exc
+
+    if feats.ndim != 2:
+        raise FeatureError(
+            f"{path}: features must be 2-D (N instances, D dims), got shape "
+            f"{tuple(feats.shape)}; reshape to (N, D) before saving"
+        )
+    n, d = feats.shape
+    if n == 0:
+        raise FeatureError(
+            f"{path}: empty bag (0 instances); every patient needs at least one instance: "
+            f"re-extract the features or remove the patient from patients.csv"
+        )
+    if d == 0:
+        raise FeatureError(f"{path}: features have 0 dimensions (shape {(n, d)})")
+    finite_rows = torch.isfinite(feats).all(dim=1)  # (N,)
+    if not bool(finite_rows.all()):
+        bad = torch.nonzero(~finite_rows).flatten().tolist()
+        shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        raise FeatureError(
+            f"{path}: NaN/Inf in {len(bad)} of {n} instance rows (0-based rows: {shown}); "
+            f"re-extract the features or drop those instances"
+        )
+    if expected_dim is not None and d != expected_dim:
+        raise FeatureError(
+            f"{path}: feature dimension mismatch: expected {expected_dim}, got {d}; all "
+            f"patients (and all sites) must use the same encoder"
+        )
+    return feats.contiguous()
+
+
+def write_feature_file(path: str | Path, features: Tensor) -> Path:
+    """Atomically save (N, D) features as a ``.pt`` file that ``read_feature_file`` reads.
+
+    Shapes:
+        features: (N, D), stored as float32
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".pt":
+        raise FeatureError(f"{path}: write_feature_file writes .pt files only")
+    return torch_save_atomic(features.detach().to("cpu", torch.float32).contiguous(), path)
