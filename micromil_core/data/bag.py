@@ -54,7 +54,7 @@ class BagBatch:
     scales: Tensor
     patient_ids: list[str]
 
-    def to(self, device: torch.device | str) -> "BagBatch":
+    def to(self, device: torch.device | str) -> BagBatch:
         return BagBatch(
             self.x.to(device),
             self.mask.to(device),

@@ -23,16 +23,16 @@ class FeatureScaler:
     std: Tensor
 
     @classmethod
-    def identity(cls, dim: int) -> "FeatureScaler":
+    def identity(cls, dim: int) -> FeatureScaler:
         return cls(torch.zeros(dim), torch.ones(dim))
 
     @classmethod
-    def fit(cls, bags: list[Bag]) -> "FeatureScaler":
+    def fit(cls, bags: list[Bag]) -> FeatureScaler:
         feats = torch.cat([b.features.double() for b in bags])  # (sum N, D)
         return cls.from_moments(feats.sum(0), (feats**2).sum(0), feats.shape[0])
 
     @classmethod
-    def from_moments(cls, total: Tensor, total_sq: Tensor, count: int) -> "FeatureScaler":
+    def from_moments(cls, total: Tensor, total_sq: Tensor, count: int) -> FeatureScaler:
         """Build from summed moments (lets several sites combine statistics)."""
         mean = total.double() / count
         var = (total_sq.double() / count - mean**2).clamp_min(0.0)
@@ -54,5 +54,5 @@ class FeatureScaler:
         return {"mean": self.mean.clone(), "std": self.std.clone()}
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Tensor]) -> "FeatureScaler":
+    def from_state_dict(cls, state: dict[str, Tensor]) -> FeatureScaler:
         return cls(state["mean"].float(), state["std"].float())
