@@ -24,12 +24,12 @@ ROOT = HERE.parent
 LITERATURE = {"musk1": 0.892, "musk2": 0.858}  # Ilse et al. 2018, Table 1 (accuracy)
 
 
-def run_one(dataset: str, model: str, args: argparse.Namespace) -> dict:
+def run_one(dataset: str, model: str, seed: int, args: argparse.Namespace) -> dict:
     data = Path(args.work) / "data" / dataset
-    out = Path(args.work) / "runs" / f"{dataset}-{model}"
+    out = Path(args.work) / "runs" / f"{dataset}-{model}-seed{seed}"
     config = ROOT / "configs" / "cv" / f"{model}.yaml"
     cmd = [sys.executable, "-m", "micromil_core.cli", "cv", "--data", str(data / "site-0"),
-           "--model", model, "--folds", str(args.folds), "--seed", str(args.seed),
+           "--model", model, "--folds", str(args.folds), "--seed", str(seed),
            "--out", str(out), "--set", f"train.num_threads={args.threads}"]
     if config.is_file():
         cmd += ["--config", str(config)]
@@ -38,8 +38,22 @@ def run_one(dataset: str, model: str, args: argparse.Namespace) -> dict:
     if proc.returncode != 0:
         return {"dataset": dataset, "model": model, "error": proc.stderr.strip()[-500:]}
     summary = json.loads((out / "metrics.json").read_text())
-    summary.update(dataset=dataset, model=model, seconds=time.perf_counter() - start)
+    summary.update(dataset=dataset, model=model, seed=seed, seconds=time.perf_counter() - start)
     return summary
+
+
+def combine(runs: list[dict]) -> dict:
+    """Pool the folds of repeated CV runs: mean over all folds; std of the repeat means."""
+    import numpy as np
+
+    out: dict = {"repeats": len(runs), "seconds": sum(r["seconds"] for r in runs)}
+    for key in ("accuracy", "auc", "balanced_accuracy", "f1"):
+        folds = np.array([f[key] for r in runs for f in r["per_fold"]], dtype=float)
+        means = np.array([r[f"{key}_mean"] for r in runs], dtype=float)
+        out[f"{key}_mean"] = float(np.nanmean(folds))
+        out[f"{key}_fold_std"] = float(np.nanstd(folds))
+        out[f"{key}_repeat_std"] = float(np.std(means)) if len(means) > 1 else 0.0
+    return out
 
 
 def main() -> None:
@@ -48,6 +62,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["gated-abmil", "micromil"])
     ap.add_argument("--folds", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=5, help="CV repeats with seeds seed..seed+R-1")
     ap.add_argument("--jobs", type=int, default=2, help="parallel (dataset, model) runs")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--work", default=str(ROOT / "runs" / "cv-bench"))
@@ -60,20 +75,28 @@ def main() -> None:
         target = Path(args.work) / "data" / ds
         if not (target / "sites.yaml").is_file():
             prepare_dataset(ds, target, seed=args.seed)
-    jobs = [(d, m) for d in args.datasets for m in args.models]
+    seeds = [args.seed + r for r in range(args.repeats)]
+    jobs = [(d, m, s) for s in seeds for d in args.datasets for m in args.models]
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(lambda job: run_one(*job, args), jobs))
     for r in rows:
-        print(json.dumps({k: r.get(k) for k in ("dataset", "model", "auc_mean", "accuracy_mean", "seconds", "error")}))
-    by = {(r["dataset"], r["model"]): r for r in rows}
+        print(json.dumps({k: r.get(k) for k in ("dataset", "model", "seed", "auc_mean", "accuracy_mean", "seconds", "error")}))
+    by = {}
+    for d in args.datasets:
+        for m in args.models:
+            runs = [r for r in rows if r["dataset"] == d and r["model"] == m]
+            failed = [r for r in runs if "error" in r]
+            by[(d, m)] = failed[0] if failed else combine(runs)
     header = "| dataset | " + " | ".join(f"{m} accuracy | {m} AUC" for m in args.models) + " | literature accuracy (attention MIL) |"
     lines = [
-        f"# {args.folds}-fold cross-validation (seed {args.seed}, same folds for all models)",
+        f"# {args.folds}-fold cross-validation x {args.repeats} repeats "
+        f"(seeds {seeds[0]}..{seeds[-1]}, same folds for all models)",
         "",
         f"Command: `python benchmarks/cv_table.py {' '.join(sys.argv[1:])}`".rstrip(),
         "",
-        "Mean ± std over folds. Model selection / early stopping on a validation split of each",
-        "training part; the test fold is never used for selection.",
+        "Mean over all folds of all repeats ± std of the repeat means (fold std in the JSON).",
+        "Model selection / early stopping on a validation split of each training part; the",
+        "test fold is never used for selection. Hyper-parameters: configs/cv/<model>.yaml.",
         "",
         header,
         "|---" * (2 + 2 * len(args.models)) + "|",
@@ -85,13 +108,16 @@ def main() -> None:
             if "error" in r:
                 cells += ["failed", "failed"]
             else:
-                cells += [f"{r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f}",
-                          f"{r['auc_mean']:.3f} ± {r['auc_std']:.3f}"]
+                cells += [f"{r['accuracy_mean']:.3f} ± {r['accuracy_repeat_std']:.3f}",
+                          f"{r['auc_mean']:.3f} ± {r['auc_repeat_std']:.3f}"]
         lit = f"{LITERATURE[d]:.3f}" if d in LITERATURE else "-"
         lines.append(f"| {d} | " + " | ".join(cells) + f" | {lit} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    combined = {f"{d}/{m}": v for (d, m), v in by.items()}
+    out.with_suffix(".json").write_text(
+        json.dumps({"combined": combined, "runs": rows}, indent=2, default=str) + "\n"
+    )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

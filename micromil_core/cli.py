@@ -55,6 +55,12 @@ def _experiment_config(args: argparse.Namespace):
         ("seed", "train.seed"),
         ("device", "train.device"),
         ("encoder", "data.encoder"),
+        ("strategy", "federation.strategy"),
+        ("rounds", "federation.rounds"),
+        ("local_epochs", "federation.local_epochs"),
+        ("fed_data_root", "simulation.data_root"),
+        ("train_sites", "simulation.train_sites"),
+        ("holdout_sites", "simulation.holdout_sites"),
     ):
         value = getattr(args, flag, None)
         if value is not None:
@@ -213,6 +219,41 @@ def cmd_cv(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_federation_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--data-root", dest="fed_data_root", help="prepared data root (sites.yaml)")
+    p.add_argument("--train-sites", help="comma-separated site names (default: sites.yaml's)")
+    p.add_argument("--holdout-sites", help="comma-separated held-out site names")
+    p.add_argument("--strategy", help="fedavg, fedprox, fedadam, fedyogi, fedmedian, ...")
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--local-epochs", type=int)
+    p.add_argument("--out", required=True)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from server.simulation import simulate
+
+    cfg = _experiment_config(args)
+    metrics = simulate(cfg, args.out, resume=args.resume)
+    print(f"held-out sites, round {metrics['round']}: {_brief(metrics)}  (n={metrics['n']})")
+    out = Path(args.out)
+    print(f"model: {out / 'model.pt'}  history: {out / 'history.json'}")
+    print(f"report: {out / 'report.html'}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from micromil_core.report import comparison_rows, format_table
+    from server.simulation import compare
+
+    cfg = _experiment_config(args)
+    table = compare(cfg, args.out)
+    print(format_table(comparison_rows(table)))
+    out = Path(args.out)
+    print(f"\ntable: {out / 'metrics.json'}  report: {out / 'federated' / 'report.html'}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from micromil_core.models.registry import model_specs
 
@@ -293,6 +334,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=10)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_cv)
+
+    p = sub.add_parser("simulate", help="simulate a whole federation on this machine")
+    _add_federation_args(p)
+    p.add_argument("--resume", action="store_true", help="continue after the last saved round")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("compare", help="local-only vs pooled vs federated on held-out sites")
+    _add_federation_args(p)
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("models", help="list models and their params")
     p.set_defaults(func=cmd_models)

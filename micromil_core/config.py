@@ -110,19 +110,80 @@ class DataConfig:
         return opts
 
 
+STRATEGIES = (
+    "fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm",
+    "fedmedian", "fedtrimmedavg", "krum",
+)
+SELECT_ROUND = ("last", "best-val")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Federation-wide settings (the coordinator's). ``train`` holds the local optimiser."""
+
+    rounds: int = 20
+    local_epochs: int = 1
+    strategy: str = "fedavg"
+    # Extra keyword arguments of the Flower strategy, e.g. {proximal_mu: 0.01} for
+    # fedprox, {eta: 0.01} for fedadam, {beta: 0.2} for fedtrimmedavg.
+    strategy_params: Mapping[str, Any] = field(default_factory=dict)
+    min_train_sites: int = 0  # sites that must reply for a round to count; 0 = all of them
+    round_timeout: float = 600.0  # seconds to wait for replies in one round
+    select: str = "last"  # final model: last round, or best aggregated validation loss
+
+    def __post_init__(self) -> None:
+        _require(self.rounds >= 1, "federation.rounds", self.rounds, "an integer >= 1")
+        _require(
+            self.local_epochs >= 1, "federation.local_epochs", self.local_epochs, ">= 1"
+        )
+        _require(
+            self.strategy in STRATEGIES,
+            "federation.strategy",
+            self.strategy,
+            f"one of {', '.join(STRATEGIES)}",
+        )
+        _require(self.min_train_sites >= 0, "federation.min_train_sites", self.min_train_sites, ">= 0")
+        _require(self.round_timeout > 0, "federation.round_timeout", self.round_timeout, "> 0 seconds")
+        _require(self.select in SELECT_ROUND, "federation.select", self.select, f"one of {SELECT_ROUND}")
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Which site folders a one-machine simulation runs (``micromil simulate``)."""
+
+    data_root: str | None = None
+    train_sites: tuple[str, ...] = ()  # names in ROOT/sites.yaml; empty = its training sites
+    holdout_sites: tuple[str, ...] = ()  # empty = its held-out sites
+    cpus_per_site: float = 1.0  # Ray resources per simulated site
+
+    def __post_init__(self) -> None:
+        _require(self.cpus_per_site > 0, "simulation.cpus_per_site", self.cpus_per_site, "> 0")
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["model"]["params"] = dict(self.model.params)
+        out["federation"]["strategy_params"] = dict(self.federation.strategy_params)
+        out["simulation"]["train_sites"] = list(self.simulation.train_sites)
+        out["simulation"]["holdout_sites"] = list(self.simulation.holdout_sites)
         return out
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "data": DataConfig,
+    "federation": FederationConfig,
+    "simulation": SimulationConfig,
+}
 
 
 def _require(ok: bool, key: str, value: Any, expected: str) -> None:
@@ -206,6 +267,12 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
         return dict(value)
     if value is None and "None" in ann:
         return None
+    if ann.startswith("tuple"):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}={value!r} is invalid: expected a list of names")
+        return tuple(value)
     if ann == "bool":
         if isinstance(value, bool):
             return value

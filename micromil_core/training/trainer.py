@@ -133,10 +133,16 @@ def evaluate_bags(
 ) -> dict[str, float]:
     """Core metrics plus mean cross-entropy ``loss`` on ``bags``."""
     y, probs = predict_bags(model, bags, device, batch_size)
+    return metrics_from_predictions(y, probs, class_weight)
+
+
+def metrics_from_predictions(
+    y: np.ndarray, probs: np.ndarray, class_weight: Tensor | None = None
+) -> dict[str, float]:
+    """Core metrics plus the (class-weighted) cross-entropy ``loss``."""
     metrics = classification_metrics(y, probs)
-    p = torch.from_numpy(probs).clamp_min(1e-7).log()
-    w = class_weight if class_weight is not None else None
-    metrics["loss"] = float(F.nll_loss(p, torch.from_numpy(y), weight=w))
+    log_p = torch.from_numpy(probs).float().clamp_min(1e-7).log()
+    metrics["loss"] = float(F.nll_loss(log_p, torch.from_numpy(y), weight=class_weight))
     return metrics
 
 

@@ -1,0 +1,1 @@
+"""The Flower ClientApp that each hospital runs over its own site folder."""

@@ -1,0 +1,159 @@
+"""Flower ClientApp: unpack the message, call micromil_core, pack an aggregate reply.
+
+A site's settings come from its node config (``site-name``, ``data-path``, ``role``);
+the federation's settings arrive in each message from the coordinator. Exceptions are
+logged in full locally but reported to the server only by type and a redacted message,
+so no patient id leaves the site even in an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from micromil_core.errors import ConfigError
+from micromil_core.federated import wire
+from micromil_core.federated.messages import RoundSettings
+from micromil_core.federated.site_task import (
+    SiteSettings,
+    describe_site,
+    evaluate_round,
+    feature_moments,
+    load_runtime,
+    redact,
+    train_round,
+)
+from micromil_core.runtime import resolve_device, set_threads
+
+log = logging.getLogger("micromil.client")
+
+SiteResolver = Callable[[Context], SiteSettings]
+
+NODE_SITE_NAME = "site-name"
+NODE_DATA_PATH = "data-path"
+NODE_ROLE = "role"
+
+
+def site_from_node_config(context: Context) -> SiteSettings:
+    """Deployment: the SuperNode was started with --node-config 'site-name=... data-path=...'."""
+    cfg = context.node_config
+    missing = [k for k in (NODE_SITE_NAME, NODE_DATA_PATH) if k not in cfg]
+    if missing:
+        raise ConfigError(
+            f"node config lacks {', '.join(missing)}; start the SuperNode with "
+            "--node-config 'site-name=\"h1\" data-path=\"/data/h1\" role=\"train\"'"
+        )
+    return SiteSettings(
+        str(cfg[NODE_SITE_NAME]), Path(str(cfg[NODE_DATA_PATH])), str(cfg.get(NODE_ROLE, "train"))
+    )
+
+
+def site_from_partition(sites: list[SiteSettings]) -> SiteResolver:
+    """Simulation: partition-id i of the simulated SuperNodes is ``sites[i]``."""
+
+    def resolve(context: Context) -> SiteSettings:
+        return sites[int(context.node_config["partition-id"])]
+
+    return resolve
+
+
+def _private_errors(resolve: SiteResolver):
+    """Log failures in full here; send only a redacted one-line reason to the server."""
+
+    def decorate(handler):
+        @wraps(handler)
+        def wrapped(msg: Message, context: Context) -> Message:
+            try:
+                return handler(msg, context)
+            except Exception as exc:
+                log.exception("site handler %s failed", handler.__name__)
+                try:
+                    from micromil_core.data.site import load_site
+
+                    site = resolve(context)
+                    ids = [p.patient_id for p in load_site(site.data_path).patients]
+                    text = redact(str(exc), ids).replace(str(site.data_path), "SITE")
+                except Exception:  # the site itself may be unreadable
+                    text = "see the site's log"
+                raise RuntimeError(f"{type(exc).__name__}: {text}") from None
+
+        return wrapped
+
+    return decorate
+
+
+def _settings(msg: Message) -> RoundSettings:
+    return RoundSettings.from_config(msg.content.config_records[wire.CONFIG])
+
+
+def _device(settings: RoundSettings) -> torch.device:
+    set_threads(settings.experiment.train.num_threads)
+    return resolve_device(settings.experiment.train.device)
+
+
+def build_client_app(resolve: SiteResolver) -> ClientApp:
+    app = ClientApp()
+    private = _private_errors(resolve)
+
+    @app.query()
+    @private
+    def describe(msg: Message, context: Context) -> Message:
+        settings = _settings(msg)
+        site = resolve(context)
+        description, counts = describe_site(site, settings.experiment.data)
+        content = RecordDict({wire.SITE: ConfigRecord(description)})
+        if site.role == "train" and counts.get("num_errors", 0) == 0:
+            runtime = load_runtime(
+                site, settings.experiment.data, settings.experiment.train, description[wire.SITE_CLASSES]
+            )
+            total, total_sq, count = feature_moments(runtime)
+            content[wire.MOMENTS] = ArrayRecord({"sum": total, "sum_sq": total_sq})
+            counts["num_instances"] = count
+        content[wire.METRICS] = MetricRecord(counts)
+        return Message(content, reply_to=msg)
+
+    @app.train()
+    @private
+    def train(msg: Message, context: Context) -> Message:
+        settings = _settings(msg)
+        cfg = msg.content.config_records[wire.CONFIG]
+        site = resolve(context)
+        runtime = load_runtime(site, settings.experiment.data, settings.experiment.train, settings.classes)
+        state = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
+        new_state, metrics = train_round(
+            runtime,
+            settings.spec,
+            state,
+            settings.experiment.train,
+            settings.scaler,
+            server_round=int(cfg[wire.ROUND]),
+            local_epochs=int(cfg[wire.LOCAL_EPOCHS]),
+            proximal_mu=float(cfg.get(wire.PROXIMAL_MU, 0.0)),
+            device=_device(settings),
+        )
+        content = RecordDict(
+            {wire.ARRAYS: ArrayRecord(new_state), wire.METRICS: MetricRecord(metrics)}
+        )
+        return Message(content, reply_to=msg)
+
+    @app.evaluate()
+    @private
+    def evaluate(msg: Message, context: Context) -> Message:
+        settings = _settings(msg)
+        site = resolve(context)
+        runtime = load_runtime(site, settings.experiment.data, settings.experiment.train, settings.classes)
+        state = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
+        metrics = evaluate_round(runtime, settings.spec, state, settings.scaler, _device(settings))
+        return Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+    return app
+
+
+# Deployment entry point (pyproject [tool.flwr.app.components] clientapp).
+app = build_client_app(site_from_node_config)

@@ -1,0 +1,68 @@
+"""Round settings that travel in every message's ConfigRecord, as plain values.
+
+The coordinator's experiment config (YAML text), the federation's class list and the
+global feature scaler go to every site with each message, so a site needs nothing but
+its own node config (name, data path, role) to take part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import yaml
+
+from micromil_core.config import ExperimentConfig, build_config
+from micromil_core.data.scaler import FeatureScaler
+from micromil_core.federated.site_task import ModelSpec
+
+EXPERIMENT = "experiment-yaml"
+CLASSES = "classes"
+MODEL_NAME = "model-name"
+MODEL_IN_DIM = "model-in-dim"
+MODEL_PARAMS = "model-params-yaml"
+SCALER_MEAN = "scaler-mean"
+SCALER_STD = "scaler-std"
+
+
+@dataclass
+class RoundSettings:
+    experiment: ExperimentConfig
+    classes: list[str]
+    spec: ModelSpec | None = None
+    scaler: FeatureScaler | None = None
+
+    def to_config(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            EXPERIMENT: yaml.safe_dump(self.experiment.to_dict(), sort_keys=True),
+            CLASSES: list(self.classes),
+        }
+        if self.spec is not None:
+            out[MODEL_NAME] = self.spec.name
+            out[MODEL_IN_DIM] = int(self.spec.in_dim)
+            out[MODEL_PARAMS] = yaml.safe_dump(dict(self.spec.params), sort_keys=True)
+        if self.scaler is not None:
+            out[SCALER_MEAN] = [float(v) for v in self.scaler.mean]
+            out[SCALER_STD] = [float(v) for v in self.scaler.std]
+        return out
+
+    @classmethod
+    def from_config(cls, config: Any) -> RoundSettings:
+        experiment = build_config(yaml.safe_load(str(config[EXPERIMENT])))
+        classes = [str(c) for c in config.get(CLASSES, [])]
+        spec = None
+        if MODEL_NAME in config:
+            spec = ModelSpec(
+                str(config[MODEL_NAME]),
+                int(config[MODEL_IN_DIM]),
+                len(classes),
+                yaml.safe_load(str(config[MODEL_PARAMS])) or {},
+            )
+        scaler = None
+        if SCALER_MEAN in config:
+            scaler = FeatureScaler(
+                torch.tensor(list(config[SCALER_MEAN]), dtype=torch.float32),
+                torch.tensor(list(config[SCALER_STD]), dtype=torch.float32),
+            )
+        return cls(experiment, classes, spec, scaler)

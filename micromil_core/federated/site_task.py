@@ -1,0 +1,249 @@
+"""One site's part of a federated round: describe, moments, local training, evaluation.
+
+Pure torch/numpy: the Flower ClientApp calls these and packs the results. Everything
+returned is aggregate (see ``wire``); patient ids are redacted from problem reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from micromil_core.config import DataConfig, TrainConfig
+from micromil_core.data.bag import Bag
+from micromil_core.data.scaler import FeatureScaler
+from micromil_core.data.site import check_site, load_site
+from micromil_core.errors import SiteDataError
+from micromil_core.federated import wire
+from micromil_core.models.base import MILModel
+from micromil_core.models.registry import build_model
+from micromil_core.runtime import seed_everything
+from micromil_core.training.metrics import binary_roc
+from micromil_core.training.pipeline import (
+    SiteBags,
+    feature_dir_for,
+    load_sites,
+    split_train_val_test,
+)
+from micromil_core.training.trainer import fit, metrics_from_predictions, predict_bags
+
+log = logging.getLogger(__name__)
+
+ROLES = ("train", "holdout")
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """This site's own settings (Flower node config): never sent anywhere."""
+
+    name: str
+    data_path: Path
+    role: str = "train"
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise SiteDataError(f"site {self.name}: role={self.role!r}; expected one of {ROLES}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Enough to rebuild the global model anywhere."""
+
+    name: str
+    in_dim: int
+    n_classes: int
+    params: dict[str, Any]
+
+    def build(self, state: dict[str, torch.Tensor] | None = None) -> MILModel:
+        model = build_model(self.name, self.in_dim, self.n_classes, self.params)
+        if state is not None:
+            model.load_state_dict(state)
+        return model
+
+
+@dataclass
+class SiteRuntime:
+    """A site's bags, loaded once per process and split for training/evaluation."""
+
+    settings: SiteSettings
+    loaded: SiteBags
+    train: list[Bag]
+    val: list[Bag]
+    test: list[Bag]
+
+    @property
+    def evaluation_bags(self) -> list[Bag]:
+        """Held-out sites are judged on every patient; training sites on validation."""
+        return self.loaded.bags if self.settings.role == "holdout" else self.val
+
+
+_RUNTIMES: dict[tuple, SiteRuntime] = {}
+
+
+def load_runtime(
+    settings: SiteSettings, data_cfg: DataConfig, train_cfg: TrainConfig, classes: list[str]
+) -> SiteRuntime:
+    """Load (or reuse, within one process) a site's bags with the federation's classes."""
+    key = (settings, data_cfg, train_cfg.val_fraction, train_cfg.seed, tuple(classes))
+    if key not in _RUNTIMES:
+        (loaded,) = load_sites([settings.data_path], data_cfg, torch.device("cpu"), classes=classes)
+        train, val, test = split_train_val_test(loaded, train_cfg)
+        _RUNTIMES[key] = SiteRuntime(settings, loaded, train, val, test)
+    return _RUNTIMES[key]
+
+
+def redact(text: str, patient_ids: list[str]) -> str:
+    """Replace every patient id in ``text`` by ``<patient>`` (longest ids first)."""
+    for pid in sorted(patient_ids, key=len, reverse=True):
+        if pid:
+            text = re.sub(rf"(?<![\w-]){re.escape(pid)}(?![\w-])", "<patient>", text)
+    return text
+
+
+def describe_site(
+    settings: SiteSettings, data_cfg: DataConfig
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """What the server may know about a site before round 1.
+
+    Returns (description: name, role, class names, redacted problems; counts: patients,
+    per split/class counts, feature dim). Features are extracted (and cached) here when
+    the federation uses an image encoder, so round 1 does not pay for it.
+    """
+    path = Path(settings.data_path)
+    problems: list[str] = []
+    counts: dict[str, int] = {"num_errors": 0, "num_warnings": 0}
+    try:
+        site = load_site(path)
+    except SiteDataError as exc:
+        return (
+            {wire.SITE_NAME: settings.name, wire.SITE_ROLE: settings.role,
+             wire.SITE_CLASSES: [], wire.SITE_PROBLEMS: [_strip_path(str(exc), path)]},
+            {**counts, "num_errors": 1},
+        )
+    ids = [p.patient_id for p in site.patients]
+    try:
+        fdir = feature_dir_for(path, ids, data_cfg, torch.device("cpu"))
+    except SiteDataError as exc:
+        problems.append(str(exc))
+        fdir = None
+    report = check_site(path, feature_dir=fdir)
+    problems += report.errors
+    counts["num_errors"] = len(problems)
+    counts["num_warnings"] = len(report.warnings)
+    labels = [p.label for p in site.patients]
+    counts[wire.NUM_EXAMPLES] = len(site.patients)
+    for i, cls in enumerate(site.classes):
+        counts[f"class_count_{i}"] = labels.count(cls)
+    if site.has_splits:
+        for split in ("train", "val", "test"):
+            counts[f"num_{split}"] = len(site.split_ids(split))
+    dim = report.stats.get("feature_dim")
+    if isinstance(dim, int):
+        counts["feature_dim"] = dim
+    description = {
+        wire.SITE_NAME: settings.name,
+        wire.SITE_ROLE: settings.role,
+        wire.SITE_CLASSES: list(site.classes),
+        wire.SITE_PROBLEMS: [redact(_strip_path(p, path), ids) for p in problems[:20]],
+    }
+    return description, counts
+
+
+def _strip_path(text: str, path: Path) -> str:
+    """Site paths can name a hospital's file system layout; keep them local."""
+    return text.replace(str(path.resolve()), "SITE").replace(str(path), "SITE")
+
+
+def feature_moments(runtime: SiteRuntime) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Summed first/second moments of the training instances (float64): (D,), (D,), count."""
+    feats = torch.cat([b.features.double() for b in runtime.train])
+    return feats.sum(0), (feats**2).sum(0), int(feats.shape[0])
+
+
+def round_seed(seed: int, server_round: int, site_name: str) -> int:
+    """A seed per (run seed, round, site): reproducible, different across rounds/sites."""
+    digest = hashlib.sha256(f"{seed}/{server_round}/{site_name}".encode()).hexdigest()
+    return int(digest[:8], 16)
+
+
+def proximal_term(model: MILModel, reference: dict[str, torch.Tensor], mu: float):
+    """FedProx: (mu / 2) * ||w - w_global||^2 over trainable parameters."""
+    ref = {k: v.detach().clone() for k, v in reference.items()}
+
+    def term(m: MILModel) -> torch.Tensor:
+        total = torch.zeros(())
+        for name, p in m.named_parameters():
+            total = total + ((p - ref[name].to(p.device)) ** 2).sum()
+        return 0.5 * mu * total
+
+    return term
+
+
+def train_round(
+    runtime: SiteRuntime,
+    spec: ModelSpec,
+    state: dict[str, torch.Tensor],
+    train_cfg: TrainConfig,
+    scaler: FeatureScaler | None,
+    server_round: int,
+    local_epochs: int,
+    proximal_mu: float = 0.0,
+    device: torch.device | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Train the global model locally for ``local_epochs``; return new weights + metrics."""
+    if runtime.settings.role != "train":
+        raise SiteDataError(f"site {runtime.settings.name} is a held-out site and never trains")
+    start = time.perf_counter()
+    device = device or torch.device("cpu")
+    seed = round_seed(train_cfg.seed, server_round, runtime.settings.name)
+    seed_everything(seed)
+    model = spec.build(state).to(device)
+    bags = scaler.transform_all(runtime.train) if scaler is not None else runtime.train
+    extra = proximal_term(model, state, proximal_mu) if proximal_mu > 0 else None
+    cfg = replace(train_cfg, seed=seed)
+    result = fit(model, bags, [], cfg, device, extra_loss=extra, epochs=local_epochs)
+    metrics = {
+        wire.NUM_EXAMPLES: len(runtime.train),
+        "train_loss": float(result.history[-1].train_loss),
+        "seconds": time.perf_counter() - start,
+    }
+    new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return new_state, metrics
+
+
+def evaluate_round(
+    runtime: SiteRuntime,
+    spec: ModelSpec,
+    state: dict[str, torch.Tensor],
+    scaler: FeatureScaler | None,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
+    """Aggregate metrics of the global model on this site's evaluation patients.
+
+    The ROC curve is shared only as TPR at the fixed FPR grid ``wire.ROC_GRID``.
+    """
+    bags = runtime.evaluation_bags
+    if not bags:
+        return {wire.NUM_EXAMPLES: 0}
+    device = device or torch.device("cpu")
+    model = spec.build(state).to(device)
+    scaled = scaler.transform_all(bags) if scaler is not None else bags
+    y, probs = predict_bags(model, scaled, device)
+    metrics = metrics_from_predictions(y, probs)
+    out: dict[str, Any] = {k: float(metrics[k]) for k in (*wire.CORE_METRICS, "loss")}
+    out[wire.NUM_EXAMPLES] = len(bags)
+    roc = binary_roc(y, probs)
+    if roc is not None:
+        fpr, tpr = roc
+        out["roc_fpr"] = [float(v) for v in wire.ROC_GRID]
+        out["roc_tpr"] = [float(v) for v in np.interp(wire.ROC_GRID, fpr, tpr)]
+    return out
+

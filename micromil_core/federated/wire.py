@@ -1,0 +1,51 @@
+"""The wire contract between the server and the sites, named once.
+
+Privacy rule: a reply carries model weights and AGGREGATE numbers only (counts, means,
+metrics over all of a site's patients, ROC points on a fixed grid). No patient id,
+per-patient score, image or feature ever leaves a site. ``tests/`` inspects every message
+against the allow-lists below.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# RecordDict keys
+ARRAYS = "arrays"  # the global/local model weights (Flower's default key)
+CONFIG = "config"  # per-message settings from the server
+METRICS = "metrics"  # aggregate numbers from a site
+SCALER = "scaler"  # server -> site: global feature standardisation (mean, std)
+MOMENTS = "moments"  # site -> server: summed feature moments (sum, sum of squares)
+SITE = "site"  # site -> server: site description (name, role, classes)
+
+# Config keys sent by the server (ConfigRecord)
+ROUND = "server-round"
+LOCAL_EPOCHS = "local-epochs"
+PROXIMAL_MU = "proximal-mu"  # Flower's FedProx sends this key
+EVAL_SPLIT = "eval-split"
+
+# Site description (ConfigRecord: strings and lists of strings only)
+SITE_NAME = "site-name"
+SITE_ROLE = "role"
+SITE_CLASSES = "classes"
+SITE_PROBLEMS = "problems"  # check-site errors with patient ids redacted
+
+NUM_EXAMPLES = "num-examples"  # Flower's weighting key: patients (bags), not instances
+
+ROC_GRID = np.linspace(0.0, 1.0, 21)  # FPR grid: a site's ROC is shared only as these points
+
+CORE_METRICS = ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity")
+
+# Every key a site may put in a MetricRecord. Anything else is a privacy bug.
+ALLOWED_TRAIN_METRICS = frozenset(
+    {NUM_EXAMPLES, "train_loss", "val_loss", "num_val", "seconds", "epsilon", "delta"}
+    | {f"val_{k}" for k in CORE_METRICS}
+)
+ALLOWED_EVAL_METRICS = frozenset(
+    {NUM_EXAMPLES, "loss", "roc_fpr", "roc_tpr"} | set(CORE_METRICS)
+)
+ALLOWED_SITE_METRICS = frozenset(
+    {NUM_EXAMPLES, "feature_dim", "num_train", "num_val", "num_test", "num_instances",
+     "num_errors", "num_warnings"}
+    | {f"class_count_{i}" for i in range(64)}
+)

@@ -1,0 +1,1 @@
+"""The Flower ServerApp of micromil-fl and the one-machine simulation runner."""

@@ -1,0 +1,62 @@
+"""Flower ServerApp: read the run config, then hand the Grid to the round loop.
+
+Run config keys (``[tool.flwr.app.config]`` or ``flwr run --run-config``):
+``config`` (path of the experiment YAML on the coordinator), ``out-dir``,
+``expected-sites`` (sites to wait for before round 1) and ``resume`` (true/false).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from micromil_core.config import ExperimentConfig, load_config
+from server.federation import FederationResult, run_federation
+
+log = logging.getLogger("micromil.server")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    experiment: ExperimentConfig
+    out: Path
+    expected_sites: int
+    resume: bool = False
+
+
+SettingsSource = Callable[[Context], ServerSettings]
+
+
+def settings_from_run_config(context: Context) -> ServerSettings:
+    rc = context.run_config
+    return ServerSettings(
+        experiment=load_config(str(rc["config"])) if rc.get("config") else load_config(None),
+        out=Path(str(rc.get("out-dir", "runs/federation"))),
+        expected_sites=int(rc.get("expected-sites", 2)),
+        resume=bool(rc.get("resume", False)),
+    )
+
+
+def build_server_app(source: SettingsSource, results: list | None = None) -> ServerApp:
+    """A ServerApp whose settings come from ``source``; results are appended to ``results``."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        s = source(context)
+        result: FederationResult = run_federation(
+            grid, s.experiment, s.out, s.expected_sites, resume=s.resume
+        )
+        if results is not None:
+            results.append(result)
+
+    return app
+
+
+# Deployment entry point (pyproject [tool.flwr.app.components] serverapp).
+app = build_server_app(settings_from_run_config)

@@ -1,0 +1,477 @@
+"""The federation's round loop over a Flower Grid: discover and check the sites, then
+train, aggregate, evaluate and checkpoint every round.
+
+The loop calls the Flower strategy's own ``configure_train``/``aggregate_train`` so any
+strategy (and Flower's DP wrappers) works unchanged, while this module adds what a
+hospital federation needs: only training sites train, held-out sites only evaluate,
+replies are aggregated in a fixed (site name) order so a seed reproduces the model,
+every round is checkpointed atomically, and ``resume`` continues after the last one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.serverapp import Grid
+
+from micromil_core.config import ExperimentConfig
+from micromil_core.data.scaler import FeatureScaler
+from micromil_core.errors import CheckpointError, SiteDataError
+from micromil_core.federated import wire
+from micromil_core.federated.messages import RoundSettings
+from micromil_core.federated.site_task import ModelSpec
+from micromil_core.io import torch_save_atomic, write_json_atomic
+from micromil_core.runtime import seed_everything
+from micromil_core.training.checkpoint import Checkpoint, save_checkpoint
+from server.strategies import build_strategy, load_strategy_state, save_strategy_state
+
+log = logging.getLogger("micromil.server")
+
+STATE_FILE = "federation-state.pt"
+STRATEGY_FILE = "strategy-state.pkl"
+WAIT_POLL_SECONDS = 1.0
+
+
+@dataclass
+class SiteInfo:
+    node_id: int
+    name: str
+    role: str
+    classes: list[str]
+    counts: dict[str, int]
+    problems: list[str]
+    moments: tuple[torch.Tensor, torch.Tensor, int] | None = None
+
+
+@dataclass
+class FederationResult:
+    rounds_done: int
+    history: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    out: Path
+    sites: list[SiteInfo] = field(default_factory=list)
+
+
+class NodeSubset:
+    """A Grid view that offers a strategy only some nodes (the training sites)."""
+
+    def __init__(self, grid: Grid, node_ids: Iterable[int]) -> None:
+        self._grid = grid
+        self._ids = list(node_ids)
+
+    def get_node_ids(self) -> list[int]:
+        live = set(self._grid.get_node_ids())
+        return [n for n in self._ids if n in live]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of the arrays and config values in a message (payload, not gRPC framing)."""
+    total = 0
+    for record in content.values():
+        if isinstance(record, ArrayRecord):
+            total += sum(len(arr.data) for arr in record.values())
+        elif isinstance(record, (ConfigRecord, MetricRecord)):
+            for value in record.values():
+                total += len(value) * 8 if isinstance(value, list) else len(str(value))
+    return total
+
+
+# ------------------------------------------------------------------ discovery
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        ids = sorted(grid.get_node_ids())
+        if len(ids) >= expected:
+            return ids
+        if time.monotonic() > deadline:
+            raise SiteDataError(
+                f"only {len(ids)} of {expected} sites connected within {timeout:.0f} s; "
+                "check that every site's client is running and can reach the server"
+            )
+        time.sleep(WAIT_POLL_SECONDS)
+
+
+def discover_sites(grid: Grid, settings: RoundSettings, expected: int, timeout: float) -> list[SiteInfo]:
+    """Ask every site to describe itself (aggregate counts only) and send feature moments."""
+    ids = wait_for_nodes(grid, expected, timeout)
+    config = ConfigRecord(settings.to_config())
+    messages = [
+        Message(RecordDict({wire.CONFIG: config}), dst_node_id=nid, message_type=MessageType.QUERY)
+        for nid in ids
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    sites: list[SiteInfo] = []
+    failed = []
+    for reply in replies:
+        if reply.has_error():
+            failed.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+            continue
+        c = reply.content
+        desc = c.config_records[wire.SITE]
+        counts = {k: int(v) for k, v in c.metric_records[wire.METRICS].items()}
+        moments = None
+        if wire.MOMENTS in c.array_records:
+            arr = c.array_records[wire.MOMENTS]
+            moments = (
+                torch.from_numpy(arr["sum"].numpy()).double(),
+                torch.from_numpy(arr["sum_sq"].numpy()).double(),
+                counts.get("num_instances", 0),
+            )
+        sites.append(
+            SiteInfo(
+                reply.metadata.src_node_id,
+                str(desc[wire.SITE_NAME]),
+                str(desc[wire.SITE_ROLE]),
+                [str(x) for x in desc.get(wire.SITE_CLASSES, [])],
+                counts,
+                [str(x) for x in desc.get(wire.SITE_PROBLEMS, [])],
+                moments,
+            )
+        )
+    if failed:
+        raise SiteDataError("sites failed their pre-flight check: " + "; ".join(failed))
+    return sorted(sites, key=lambda s: s.name)
+
+
+def validate_sites(sites: list[SiteInfo], cfg: ExperimentConfig) -> tuple[list[str], int]:
+    """Checks before round 1; returns (classes, feature dim). Errors name the site."""
+    names = [s.name for s in sites]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise SiteDataError(f"several sites call themselves {', '.join(dupes)}; give each a unique site name")
+    problems = [f"{s.name}: {p}" for s in sites for p in s.problems]
+    if problems:
+        raise SiteDataError(
+            "site data failed `micromil check-site` (run it at the site for details):\n  "
+            + "\n  ".join(problems)
+        )
+    train = [s for s in sites if s.role == "train"]
+    if not train:
+        raise SiteDataError("no training site connected; at least one site needs role=train")
+    dims = {s.name: s.counts.get("feature_dim") for s in sites}
+    ref_site = train[0].name
+    ref_dim = dims[ref_site]
+    wrong = [f"{n} has {d}" for n, d in dims.items() if d != ref_dim]
+    if wrong:
+        raise SiteDataError(
+            f"sites have different feature dimensions ({ref_site} has {ref_dim}, "
+            f"{', '.join(wrong)}); all sites must use the same encoder/feature extractor"
+        )
+    classes = sorted({c for s in train for c in s.classes})
+    if all(c.lstrip("-").isdigit() for c in classes):
+        classes.sort(key=int)
+    for s in sites:
+        if s.role == "train" and sorted(s.classes) != sorted(classes):
+            raise SiteDataError(
+                f"site {s.name} has labels {sorted(s.classes)} but the training sites together "
+                f"have {classes}; every training site must use the same label names"
+            )
+        unknown = sorted(set(s.classes) - set(classes))
+        if unknown:
+            raise SiteDataError(
+                f"site {s.name} has labels {unknown} that no training site has ({classes}); "
+                "fix its patients.csv labels"
+            )
+    build_strategy(cfg.federation, len(train))  # strategy-specific site count checks
+    return classes, int(ref_dim)
+
+
+def global_scaler(sites: list[SiteInfo], dim: int) -> FeatureScaler:
+    """Feature standardisation from the training sites' summed moments (no raw features)."""
+    total = torch.zeros(dim, dtype=torch.float64)
+    total_sq = torch.zeros(dim, dtype=torch.float64)
+    count = 0
+    for s in sites:
+        if s.role == "train" and s.moments is not None:
+            total += s.moments[0]
+            total_sq += s.moments[1]
+            count += s.moments[2]
+    if count == 0:
+        return FeatureScaler.identity(dim)
+    return FeatureScaler.from_moments(total, total_sq, count)
+
+
+def initial_model_state(spec: ModelSpec, seed: int) -> dict[str, torch.Tensor]:
+    """Seeded initial weights. Data-dependent init uses N(0, I) samples in the
+    standardised feature space: no site's data is needed (or sent) to start."""
+    seed_everything(seed)
+    model = spec.build()
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 512, spec.in_dim, generator=gen)
+    model.init_from_data(x, torch.ones(1, 512, dtype=torch.bool), generator=gen)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ------------------------------------------------------------------ rounds
+
+
+def _weighted(per_site: dict[str, dict[str, Any]], keys: Iterable[str]) -> dict[str, float]:
+    """Patient-weighted mean of per-site metrics (NaNs skipped)."""
+    out: dict[str, float] = {}
+    for key in keys:
+        num = den = 0.0
+        for m in per_site.values():
+            v, w = m.get(key), m.get(wire.NUM_EXAMPLES, 0)
+            if isinstance(v, (int, float)) and math.isfinite(v) and w:
+                num += v * w
+                den += w
+        out[key] = num / den if den else math.nan
+    return out
+
+
+def _metric_dict(record: MetricRecord) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, list) else float(v)) for k, v in record.items()}
+
+
+def evaluate_all(
+    grid: Grid, sites: list[SiteInfo], arrays: ArrayRecord, config: ConfigRecord,
+    server_round: int, timeout: float,
+) -> tuple[dict[str, dict[str, Any]], list[str], int, int]:
+    """Send the global model to every site; returns per-site metrics, failures, bytes."""
+    by_id = {s.node_id: s for s in sites}
+    live = set(grid.get_node_ids())
+    messages = [
+        Message(
+            RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config}),
+            dst_node_id=s.node_id,
+            message_type=MessageType.EVALUATE,
+        )
+        for s in sites
+        if s.node_id in live
+    ]
+    sent = sum(payload_bytes(m.content) for m in messages)
+    failures = [f"{s.name}: not connected" for s in sites if s.node_id not in live]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    received = 0
+    results: dict[str, dict[str, Any]] = {}
+    answered = set()
+    for reply in replies:
+        site = by_id.get(reply.metadata.src_node_id)
+        if site is None:
+            continue
+        answered.add(site.node_id)
+        if reply.has_error():
+            failures.append(f"{site.name}: evaluation failed ({reply.error.reason})")
+            continue
+        received += payload_bytes(reply.content)
+        results[site.name] = _metric_dict(reply.content.metric_records[wire.METRICS])
+    for m in messages:
+        if m.metadata.dst_node_id not in answered:
+            failures.append(f"{by_id[m.metadata.dst_node_id].name}: no evaluation reply within {timeout:.0f} s")
+    return dict(sorted(results.items())), failures, sent, received
+
+
+@dataclass
+class RunState:
+    """What survives a coordinator restart (saved after every round)."""
+
+    round: int
+    arrays: dict[str, torch.Tensor]
+    history: list[dict[str, Any]]
+    best_round: int
+    best_arrays: dict[str, torch.Tensor]
+    best_val_loss: float
+
+    def save(self, path: Path, extra: dict[str, Any]) -> None:
+        torch_save_atomic(
+            {
+                "round": self.round,
+                "arrays": self.arrays,
+                "history": self.history,
+                "best_round": self.best_round,
+                "best_arrays": self.best_arrays,
+                "best_val_loss": self.best_val_loss,
+                **extra,
+            },
+            path,
+        )
+
+
+def _load_state(path: Path, cfg: ExperimentConfig, spec: ModelSpec) -> RunState | None:
+    if not path.is_file():
+        return None
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path} could not be read ({exc}); remove it to start afresh") from None
+    saved = raw.get("experiment", {})
+    now = cfg.to_dict()
+    for section in ("model", "data", "federation"):
+        a, b = dict(saved.get(section, {})), dict(now.get(section, {}))
+        a.pop("rounds", None)
+        b.pop("rounds", None)
+        if a != b:
+            raise CheckpointError(
+                f"cannot resume {path}: its {section} settings differ from this run's "
+                f"({a} vs {b}); resume with the original config or use a new --out"
+            )
+    if raw.get("spec") != [spec.name, spec.in_dim, spec.n_classes]:
+        raise CheckpointError(f"cannot resume {path}: it holds a different model/site setup")
+    return RunState(
+        int(raw["round"]), raw["arrays"], list(raw["history"]), int(raw["best_round"]),
+        raw["best_arrays"], float(raw["best_val_loss"]),
+    )
+
+
+def run_federation(
+    grid: Grid,
+    cfg: ExperimentConfig,
+    out: Path,
+    expected_sites: int,
+    resume: bool = False,
+    connect_timeout: float = 300.0,
+) -> FederationResult:
+    """Run (or resume) the whole federation; writes model.pt, history.json, metrics.json."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fed = cfg.federation
+    settings = RoundSettings(cfg, classes=[])
+    sites = discover_sites(grid, settings, expected_sites, connect_timeout)
+    classes, dim = validate_sites(sites, cfg)
+    train_sites = [s for s in sites if s.role == "train"]
+    holdout = [s for s in sites if s.role == "holdout"]
+    log.info(
+        "sites: train %s; held out %s; classes %s; feature dim %d",
+        [s.name for s in train_sites], [s.name for s in holdout], classes, dim,
+    )
+    from micromil_core.models.registry import params_from_dict, params_to_dict
+
+    params = params_to_dict(params_from_dict(cfg.model.name, dict(cfg.model.params)))
+    spec = ModelSpec(cfg.model.name, dim, len(classes), params)
+    scaler = global_scaler(sites, dim) if cfg.train.standardize else None
+    settings = RoundSettings(cfg, classes, spec, scaler)
+
+    strategy = build_strategy(fed, len(train_sites))
+    state_path, strategy_path = out / STATE_FILE, out / STRATEGY_FILE
+    state = _load_state(state_path, cfg, spec) if resume else None
+    if state is None:
+        init = initial_model_state(spec, cfg.train.seed)
+        state = RunState(0, init, [], 0, init, math.inf)
+    else:
+        load_strategy_state(strategy, strategy_path)
+        log.info("resuming after round %d", state.round)
+    arrays = ArrayRecord(state.arrays)
+    name_of = {s.node_id: s.name for s in sites}
+    train_view = NodeSubset(grid, [s.node_id for s in train_sites])
+    extra = {"experiment": cfg.to_dict(), "spec": [spec.name, spec.in_dim, spec.n_classes]}
+
+    for rnd in range(state.round + 1, fed.rounds + 1):
+        start = time.perf_counter()
+        round_config = ConfigRecord({**settings.to_config(), wire.ROUND: rnd, wire.LOCAL_EPOCHS: fed.local_epochs})
+        messages = list(strategy.configure_train(rnd, arrays, round_config, train_view))
+        sent = sum(payload_bytes(m.content) for m in messages)
+        replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
+        # A fixed aggregation order makes float sums, and so the model, reproducible.
+        replies.sort(key=lambda r: name_of.get(r.metadata.src_node_id, ""))
+        failures: list[str] = []
+        answered = {r.metadata.src_node_id for r in replies}
+        for m in messages:
+            if m.metadata.dst_node_id not in answered:
+                failures.append(f"{name_of[m.metadata.dst_node_id]}: no reply within {fed.round_timeout:.0f} s")
+        ok = []
+        for r in replies:
+            if r.has_error():
+                failures.append(f"{name_of.get(r.metadata.src_node_id, '?')}: training failed ({r.error.reason})")
+            else:
+                ok.append(r)
+        received = sum(payload_bytes(r.content) for r in ok)
+        per_site_train = {name_of[r.metadata.src_node_id]: _metric_dict(r.content.metric_records[wire.METRICS]) for r in ok}
+        min_sites = fed.min_train_sites or len(train_sites)
+        agg_arrays, agg_metrics = (None, None)
+        if len(ok) >= min_sites:
+            agg_arrays, agg_metrics = strategy.aggregate_train(rnd, ok)
+        if agg_arrays is not None:
+            arrays = agg_arrays
+        else:
+            failures.append(
+                f"round {rnd}: {len(ok)} of {min_sites} required sites replied; global model kept"
+            )
+        for f in failures:
+            log.warning("round %d: %s", rnd, f)
+        eval_results, eval_failures, eval_sent, eval_received = evaluate_all(
+            grid, sites, arrays, round_config, rnd, fed.round_timeout
+        )
+        failures += eval_failures
+        train_eval = {k: v for k, v in eval_results.items() if k in {s.name for s in train_sites}}
+        holdout_eval = {k: v for k, v in eval_results.items() if k in {s.name for s in holdout}}
+        entry = {
+            "round": rnd,
+            "wall_seconds": time.perf_counter() - start,
+            "bytes_sent": sent + eval_sent,
+            "bytes_received": received + eval_received,
+            "train": per_site_train,
+            "train_aggregated": _metric_dict(agg_metrics) if agg_metrics is not None else {},
+            "evaluate": train_eval,
+            "evaluate_aggregated": _weighted(train_eval, (*wire.CORE_METRICS, "loss")),
+            "holdout": holdout_eval,
+            "holdout_aggregated": _weighted(holdout_eval, (*wire.CORE_METRICS, "loss")),
+            "failures": failures,
+        }
+        state.history.append(entry)
+        state.round = rnd
+        state.arrays = arrays.to_torch_state_dict()
+        val_loss = entry["evaluate_aggregated"].get("loss", math.nan)
+        if math.isfinite(val_loss) and val_loss < state.best_val_loss:
+            state.best_round, state.best_val_loss, state.best_arrays = rnd, val_loss, state.arrays
+        save_strategy_state(strategy, strategy_path)
+        state.save(state_path, extra)
+        write_json_atomic(out / "history.json", {"run": _run_info(cfg, sites), "rounds": state.history})
+        log.info(
+            "round %d/%d: train loss %.4f | val AUC %.3f | held-out AUC %.3f | %.1f s",
+            rnd, fed.rounds,
+            entry["train_aggregated"].get("train_loss", math.nan),
+            entry["evaluate_aggregated"].get("auc", math.nan),
+            entry["holdout_aggregated"].get("auc", math.nan),
+            entry["wall_seconds"],
+        )
+
+    chosen = state.best_round if fed.select == "best-val" and state.best_round else state.round
+    final_arrays = state.best_arrays if chosen == state.best_round and fed.select == "best-val" else state.arrays
+    chosen_entry = next((h for h in state.history if h["round"] == chosen), state.history[-1] if state.history else {})
+    metrics = {
+        **chosen_entry.get("holdout_aggregated", {}),
+        wire.NUM_EXAMPLES: int(sum(m.get(wire.NUM_EXAMPLES, 0) for m in chosen_entry.get("holdout", {}).values())),
+        "per_site": {k: {m: v for m, v in d.items() if not m.startswith("roc_")} for k, d in chosen_entry.get("holdout", {}).items()},
+        "round": chosen,
+        "selected_by": fed.select,
+    }
+    metrics["n"] = metrics.pop(wire.NUM_EXAMPLES)
+    save_checkpoint(
+        Checkpoint(
+            model_name=spec.name, in_dim=spec.in_dim, n_classes=spec.n_classes, params=spec.params,
+            classes=classes, state_dict=final_arrays, scaler=scaler, encoder=cfg.data.encoder,
+            config=cfg.to_dict(),
+            provenance={"round": chosen, "federated": True, "strategy": fed.strategy,
+                        "trained_on": [s.name for s in train_sites]},
+        ),
+        out / "model.pt",
+    )
+    write_json_atomic(out / "metrics.json", metrics)
+    return FederationResult(state.round, state.history, metrics, out, sites)
+
+
+def _run_info(cfg: ExperimentConfig, sites: list[SiteInfo]) -> dict[str, Any]:
+    return {
+        "model": cfg.model.name,
+        "strategy": cfg.federation.strategy,
+        "rounds": cfg.federation.rounds,
+        "local_epochs": cfg.federation.local_epochs,
+        "seed": cfg.train.seed,
+        "train_sites": [s.name for s in sites if s.role == "train"],
+        "holdout_sites": [s.name for s in sites if s.role == "holdout"],
+    }
+

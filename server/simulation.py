@@ -1,0 +1,149 @@
+"""``micromil simulate`` and ``micromil compare``: a whole federation on one machine.
+
+The same ServerApp/ClientApp code as the deployment runs under Flower's simulation
+engine; only where settings come from differs (closures instead of run/node config).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from micromil_core.config import ExperimentConfig
+from micromil_core.data.site import read_sites_yaml
+from micromil_core.errors import ConfigError, SiteDataError
+from micromil_core.federated.site_task import SiteSettings
+
+log = logging.getLogger("micromil.simulate")
+
+
+def resolve_sites(cfg: ExperimentConfig) -> list[SiteSettings]:
+    """Training then held-out sites, from the data root's sites.yaml and the config."""
+    sim = cfg.simulation
+    if not sim.data_root:
+        raise ConfigError("no data root: pass --data-root ROOT or set simulation.data_root")
+    root = read_sites_yaml(sim.data_root)
+    by_name = {s.name: s for s in root.sites}
+
+    def pick(names: tuple[str, ...], default: list[Path], role: str) -> list[SiteSettings]:
+        if not names:
+            return [SiteSettings(p.name, p, role) for p in default]
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise SiteDataError(
+                f"{sim.data_root}/sites.yaml has no site {', '.join(unknown)}; "
+                f"its sites: {', '.join(sorted(by_name))}"
+            )
+        return [SiteSettings(n, Path(root.root) / by_name[n].path, role) for n in names]
+
+    train = pick(sim.train_sites, list(root.train_sites), "train")
+    holdout = pick(sim.holdout_sites, list(root.holdout_sites), "holdout")
+    overlap = {s.name for s in train} & {s.name for s in holdout}
+    if overlap:
+        raise ConfigError(f"sites {sorted(overlap)} are both training and held-out sites")
+    if not train:
+        raise ConfigError("no training sites: set simulation.train_sites or --train-sites")
+    return train + holdout
+
+
+def _quiet_flower(out: Path) -> logging.Handler:
+    """Keep Flower's own log in the run folder; the console shows our round lines."""
+    out.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out / "flower.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.addHandler(handler)
+    flwr_logger.propagate = False
+    for h in list(flwr_logger.handlers):
+        if h is not handler and isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+            flwr_logger.removeHandler(h)
+    return handler
+
+
+def simulate(cfg: ExperimentConfig, out: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Run the federation in Flower's simulation engine; returns held-out metrics."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no usage pings from a hospital run
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    out = Path(out)
+    sites = resolve_sites(cfg)
+    state_file = out / "federation-state.pt"
+    if not resume and state_file.exists():
+        raise ConfigError(
+            f"{out} already holds a federation run; pass --resume to continue it or choose a new --out"
+        )
+    from flwr.simulation import run_simulation
+
+    from client.app import build_client_app, site_from_partition
+    from server.app import ServerSettings, build_server_app
+
+    results: list = []
+    settings = ServerSettings(cfg, out, expected_sites=len(sites), resume=resume)
+    server_app = build_server_app(lambda _ctx: settings, results)
+    client_app = build_client_app(site_from_partition(sites))
+    handler = _quiet_flower(out)
+    backend = {
+        "client_resources": {"num_cpus": cfg.simulation.cpus_per_site, "num_gpus": 0.0},
+        "init_args": {"log_to_driver": False, "logging_level": "ERROR"},
+    }
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            run_simulation(server_app, client_app, num_supernodes=len(sites), backend_config=backend)
+    finally:
+        logging.getLogger("flwr").removeHandler(handler)
+        handler.close()
+    if not results:
+        raise SiteDataError(f"the federation ended without a result; see {out / 'flower.log'}")
+    from micromil_core.report import write_report
+
+    write_report(out)
+    return results[0].metrics
+
+
+def compare(cfg: ExperimentConfig, out: str | Path) -> dict[str, Any]:
+    """Local-only (each site), pooled and federated models, all judged on the held-out sites.
+
+    Local and pooled models train for rounds x local_epochs epochs (the same passes over
+    the data as the federation), with the usual validation-based selection.
+    """
+    from micromil_core.io import write_json_atomic
+    from micromil_core.report import write_report
+    from micromil_core.training.pipeline import evaluate_checkpoint, train_pooled
+
+    out = Path(out)
+    sites = resolve_sites(cfg)
+    train = [s for s in sites if s.role == "train"]
+    holdout = [s.data_path for s in sites if s.role == "holdout"]
+    if not holdout:
+        raise ConfigError("compare needs at least one held-out site (simulation.holdout_sites)")
+    epochs = cfg.federation.rounds * cfg.federation.local_epochs
+    central = replace(cfg, train=replace(cfg.train, epochs=epochs))
+
+    def judged(run: Path) -> dict[str, Any]:
+        m = evaluate_checkpoint(run / "model.pt", holdout, run / "heldout", data_cfg=cfg.data)
+        return {k: v for k, v in m.items() if k not in ("checkpoint", "split")}
+
+    table: dict[str, Any] = {"local": {}}
+    for site in train:
+        log.info("local-only model of %s", site.name)
+        train_pooled([site.data_path], central, out / "local" / site.name)
+        table["local"][site.name] = judged(out / "local" / site.name)
+    log.info("pooled model")
+    train_pooled([s.data_path for s in train], central, out / "pooled")
+    table["pooled"] = judged(out / "pooled")
+    log.info("federated model")
+    simulate(cfg, out / "federated", resume=(out / "federated" / "federation-state.pt").exists())
+    table["federated"] = judged(out / "federated")
+    keys = ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity")
+    table["local_mean"] = {
+        k: sum(m[k] for m in table["local"].values()) / len(table["local"]) for k in keys
+    }
+    write_json_atomic(out / "metrics.json", table)
+    write_json_atomic(out / "federated" / "compare.json", table)
+    write_report(out / "federated")
+    return table
