@@ -42,13 +42,22 @@ def settings_from_run_config(context: Context) -> ServerSettings:
     )
 
 
-def build_server_app(source: SettingsSource, results: list | None = None) -> ServerApp:
-    """A ServerApp whose settings come from ``source``; results are appended to ``results``."""
+def build_server_app(
+    source: SettingsSource,
+    results: list | None = None,
+    grid_tap: Callable[[Grid], Grid] | None = None,
+) -> ServerApp:
+    """A ServerApp whose settings come from ``source``; results are appended to ``results``.
+
+    ``grid_tap`` wraps the Grid (e.g. to record every message for a privacy audit).
+    """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         s = source(context)
+        if grid_tap is not None:
+            grid = grid_tap(grid)
         result: FederationResult = run_federation(
             grid, s.experiment, s.out, s.expected_sites, resume=s.resume
         )

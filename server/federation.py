@@ -105,6 +105,24 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
         time.sleep(WAIT_POLL_SECONDS)
 
 
+def site_info(
+    node_id: int,
+    description: Any,
+    counts: dict[str, int],
+    moments: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+) -> SiteInfo:
+    """A SiteInfo from a site's description record (see ``describe_site``)."""
+    return SiteInfo(
+        node_id,
+        str(description[wire.SITE_NAME]),
+        str(description[wire.SITE_ROLE]),
+        [str(x) for x in description.get(wire.SITE_CLASSES, [])],
+        counts,
+        [str(x) for x in description.get(wire.SITE_PROBLEMS, [])],
+        moments,
+    )
+
+
 def discover_sites(grid: Grid, settings: RoundSettings, expected: int, timeout: float) -> list[SiteInfo]:
     """Ask every site to describe itself (aggregate counts only) and send feature moments."""
     ids = wait_for_nodes(grid, expected, timeout)
@@ -121,7 +139,6 @@ def discover_sites(grid: Grid, settings: RoundSettings, expected: int, timeout: 
             failed.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
             continue
         c = reply.content
-        desc = c.config_records[wire.SITE]
         counts = {k: int(v) for k, v in c.metric_records[wire.METRICS].items()}
         moments = None
         if wire.MOMENTS in c.array_records:
@@ -131,17 +148,7 @@ def discover_sites(grid: Grid, settings: RoundSettings, expected: int, timeout: 
                 torch.from_numpy(arr["sum_sq"].numpy()).double(),
                 counts.get("num_instances", 0),
             )
-        sites.append(
-            SiteInfo(
-                reply.metadata.src_node_id,
-                str(desc[wire.SITE_NAME]),
-                str(desc[wire.SITE_ROLE]),
-                [str(x) for x in desc.get(wire.SITE_CLASSES, [])],
-                counts,
-                [str(x) for x in desc.get(wire.SITE_PROBLEMS, [])],
-                moments,
-            )
-        )
+        sites.append(site_info(reply.metadata.src_node_id, c.config_records[wire.SITE], counts, moments))
     if failed:
         raise SiteDataError("sites failed their pre-flight check: " + "; ".join(failed))
     return sorted(sites, key=lambda s: s.name)

@@ -64,7 +64,22 @@ def _quiet_flower(out: Path) -> logging.Handler:
     return handler
 
 
-def simulate(cfg: ExperimentConfig, out: str | Path, resume: bool = False) -> dict[str, Any]:
+def preflight(cfg: ExperimentConfig, sites: list[SiteSettings]) -> None:
+    """The server's pre-round-1 checks, run locally before the simulation engine starts
+    (same functions, so a bad site fails in seconds instead of after Ray's start-up)."""
+    from micromil_core.federated.site_task import describe_site
+    from server.federation import site_info, validate_sites
+
+    infos = [site_info(i, *describe_site(s, cfg.data)) for i, s in enumerate(sites)]
+    validate_sites(infos, cfg)
+
+
+def simulate(
+    cfg: ExperimentConfig,
+    out: str | Path,
+    resume: bool = False,
+    grid_tap: Any = None,
+) -> dict[str, Any]:
     """Run the federation in Flower's simulation engine; returns held-out metrics."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no usage pings from a hospital run
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -76,6 +91,7 @@ def simulate(cfg: ExperimentConfig, out: str | Path, resume: bool = False) -> di
         raise ConfigError(
             f"{out} already holds a federation run; pass --resume to continue it or choose a new --out"
         )
+    preflight(cfg, sites)
     from flwr.simulation import run_simulation
 
     from client.app import build_client_app, site_from_partition
@@ -83,7 +99,7 @@ def simulate(cfg: ExperimentConfig, out: str | Path, resume: bool = False) -> di
 
     results: list = []
     settings = ServerSettings(cfg, out, expected_sites=len(sites), resume=resume)
-    server_app = build_server_app(lambda _ctx: settings, results)
+    server_app = build_server_app(lambda _ctx: settings, results, grid_tap)
     client_app = build_client_app(site_from_partition(sites))
     handler = _quiet_flower(out)
     backend = {
