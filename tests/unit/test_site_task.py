@@ -7,6 +7,7 @@ import torch
 
 from micromil_core.config import DataConfig, TrainConfig, build_config
 from micromil_core.data.scaler import FeatureScaler
+from micromil_core.errors import SiteDataError
 from micromil_core.federated import wire
 from micromil_core.federated.messages import RoundSettings
 from micromil_core.federated.site_task import (
@@ -21,7 +22,6 @@ from micromil_core.federated.site_task import (
     round_seed,
     train_round,
 )
-from micromil_core.errors import SiteDataError
 from tests.conftest import write_site
 
 SPEC = ModelSpec("micromil", 6, 2, {"n_clusters": 4, "top_k": 2})
