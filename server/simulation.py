@@ -149,11 +149,20 @@ def compare(cfg: ExperimentConfig, out: str | Path) -> dict[str, Any]:
         log.info("local-only model of %s", site.name)
         train_pooled([site.data_path], central, out / "local" / site.name)
         table["local"][site.name] = judged(out / "local" / site.name)
+    import time
+
     log.info("pooled model")
+    start = time.perf_counter()
     train_pooled([s.data_path for s in train], central, out / "pooled")
+    pooled_seconds = time.perf_counter() - start
     table["pooled"] = judged(out / "pooled")
     log.info("federated model")
+    start = time.perf_counter()
     simulate(cfg, out / "federated", resume=(out / "federated" / "federation-state.pt").exists())
+    table["timing"] = {
+        "pooled_seconds": pooled_seconds,
+        "federated_seconds": time.perf_counter() - start,  # includes the engine's start-up
+    }
     table["federated"] = judged(out / "federated")
     keys = ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity")
     table["local_mean"] = {
