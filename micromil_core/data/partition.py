@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from micromil_core.data.splits import largest_remainder
 from micromil_core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -83,16 +84,6 @@ def parse_partition(spec: str | PartitionSpec) -> PartitionSpec:
     return PartitionSpec(kind, value)
 
 
-def _largest_remainder(quotas: np.ndarray, total: int) -> np.ndarray:
-    """Round non-negative ``quotas`` to integers summing to ``total``."""
-    base = np.floor(quotas).astype(int)
-    short = total - int(base.sum())
-    if short > 0:
-        order = np.argsort(-(quotas - base), kind="stable")
-        base[order[:short]] += 1
-    return base
-
-
 def _interleaved_order(codes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A permutation in which every class is spread evenly, so any contiguous chunk of it
     has about the global class mix (a stratified shuffle)."""
@@ -115,7 +106,7 @@ def _chunks(order: np.ndarray, sizes: np.ndarray) -> np.ndarray:
 
 def _sizes(n: int, weights: np.ndarray, min_per_part: int) -> np.ndarray:
     spare = n - min_per_part * len(weights)
-    return min_per_part + _largest_remainder(weights / weights.sum() * spare, spare)
+    return min_per_part + largest_remainder(weights / weights.sum() * spare, spare)
 
 
 def _counts(assign: np.ndarray, codes: np.ndarray, n_parts: int, n_classes: int) -> np.ndarray:
@@ -231,7 +222,7 @@ def partition_indices(
             for c in range(n_classes):
                 members = rng.permutation(np.flatnonzero(codes == c))
                 share = rng.dirichlet(np.full(n_parts, alpha))
-                counts = _largest_remainder(share * len(members), len(members))
+                counts = largest_remainder(share * len(members), len(members))
                 out[members] = np.repeat(np.arange(n_parts), counts)
             table = _counts(out, codes, n_parts, n_classes)
             return out, _violations(table, min_per_part, need_class)

@@ -52,7 +52,7 @@ def stratified_folds(labels: Sequence | np.ndarray, n_folds: int, seed: int) -> 
     return [np.sort(test) for _, test in skf.split(np.zeros(len(y)), y)]
 
 
-def _largest_remainder(quotas: np.ndarray, total: int) -> np.ndarray:
+def largest_remainder(quotas: np.ndarray, total: int) -> np.ndarray:
     """Round non-negative real ``quotas`` to integers summing to ``total`` (Hamilton)."""
     base = np.floor(quotas).astype(int)
     short = total - int(base.sum())
@@ -109,7 +109,7 @@ def train_val_split(
         return np.sort(perm[1:]), np.sort(perm[:1])
     quotas = np.minimum(val_fraction * np.array([len(m) for m in members]), capacity)
     take = np.minimum(
-        _largest_remainder(quotas * n_val / max(quotas.sum(), 1e-12), n_val), capacity
+        largest_remainder(quotas * n_val / max(quotas.sum(), 1e-12), n_val), capacity
     )
     # Rounding against the caps can leave a few short: give them to classes with room.
     while int(take.sum()) < n_val:

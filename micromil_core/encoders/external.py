@@ -228,7 +228,29 @@ def _need_weights(source: str, weights: str | Path | None, package: str) -> None
         )
 
 
-class TimmEncoder(ModelEncoder):
+class _LibraryEncoder(ModelEncoder):
+    """Shared tail of the timm/torchvision wrappers: head removal, local weights, probe."""
+
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def _finish(self, model, library: str, model_name: str, weights, device, input_size: int) -> None:
+        _strip_head(model)
+        _load_into(model, _load_state_dict(weights, self.source), self.source)
+        self.input_size = _check_size(input_size, self.source)
+        self.model_name = model_name
+        self.weights_sha256 = file_sha256(Path(weights).expanduser())
+        self.name = f"{library}-{_slug(model_name, 30)}"
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
+        self.dim = self._probe_dim()
+
+    def params(self) -> dict[str, object]:
+        return {"model": self.model_name, "weights_sha256": self.weights_sha256,
+                "input_size": self.input_size, "mean": list(self.mean), "std": list(self.std)}
+
+
+class TimmEncoder(_LibraryEncoder):
     """A timm architecture (``timm:<name>``) with weights from a local file.
 
     Preprocessing uses the model's pretrained config (input size, mean, std) when timm
@@ -254,26 +276,14 @@ class TimmEncoder(ModelEncoder):
             model = timm.create_model(model_name, pretrained=False)
         except Exception as exc:  # unknown names raise RuntimeError
             raise ConfigError(f"{self.source}: timm cannot build {model_name!r} ({exc})") from exc
-        _strip_head(model)
-        _load_into(model, _load_state_dict(weights, self.source), self.source)
         cfg = getattr(model, "pretrained_cfg", None) or {}
-        cfg_size = cfg.get("input_size", (3, 224, 224))[-1]
         self.mean = tuple(cfg.get("mean", IMAGENET_MEAN))
         self.std = tuple(cfg.get("std", IMAGENET_STD))
-        self.input_size = _check_size(input_size or int(cfg_size), self.source)
-        self.model_name = model_name
-        self.weights_sha256 = file_sha256(Path(weights).expanduser())
-        self.name = f"timm-{_slug(model_name, 30)}"
-        self.device = torch.device(device)
-        self.model = model.eval().to(self.device)
-        self.dim = self._probe_dim()
-
-    def params(self) -> dict[str, object]:
-        return {"model": self.model_name, "weights_sha256": self.weights_sha256,
-                "input_size": self.input_size, "mean": list(self.mean), "std": list(self.std)}
+        default_size = int(cfg.get("input_size", (3, 224, 224))[-1])
+        self._finish(model, "timm", model_name, weights, device, input_size or default_size)
 
 
-class TorchvisionEncoder(ModelEncoder):
+class TorchvisionEncoder(_LibraryEncoder):
     """A torchvision architecture (``torchvision:<name>``) with weights from a local file."""
 
     version = 1
@@ -297,16 +307,4 @@ class TorchvisionEncoder(ModelEncoder):
             raise ConfigError(
                 f"{self.source}: torchvision cannot build {model_name!r} ({exc})"
             ) from exc
-        _strip_head(model)
-        _load_into(model, _load_state_dict(weights, self.source), self.source)
-        self.input_size = _check_size(input_size or 224, self.source)
-        self.model_name = model_name
-        self.weights_sha256 = file_sha256(Path(weights).expanduser())
-        self.name = f"torchvision-{_slug(model_name, 30)}"
-        self.device = torch.device(device)
-        self.model = model.eval().to(self.device)
-        self.dim = self._probe_dim()
-
-    def params(self) -> dict[str, object]:
-        return {"model": self.model_name, "weights_sha256": self.weights_sha256,
-                "input_size": self.input_size, "mean": list(self.mean), "std": list(self.std)}
+        self._finish(model, "torchvision", model_name, weights, device, input_size or 224)
