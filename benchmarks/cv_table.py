@@ -26,13 +26,16 @@ LITERATURE = {"musk1": 0.892, "musk2": 0.858}  # Ilse et al. 2018, Table 1 (accu
 
 def run_one(dataset: str, model: str, seed: int, args: argparse.Namespace) -> dict:
     data = Path(args.work) / "data" / dataset
-    out = Path(args.work) / "runs" / f"{dataset}-{model}-seed{seed}"
+    tag = f"-{args.tag}" if args.tag else ""
+    out = Path(args.work) / "runs" / f"{dataset}-{model}{tag}-seed{seed}"
     config = ROOT / "configs" / "cv" / f"{model}.yaml"
     cmd = [sys.executable, "-m", "micromil_core.cli", "cv", "--data", str(data / "site-0"),
            "--model", model, "--folds", str(args.folds), "--seed", str(seed),
            "--out", str(out), "--set", f"train.num_threads={args.threads}"]
     if config.is_file():
         cmd += ["--config", str(config)]
+    for override in args.overrides:
+        cmd += ["--set", override]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -67,6 +70,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--work", default=str(ROOT / "runs" / "cv-bench"))
     ap.add_argument("--out", default=str(HERE / "results" / "cv_table"))
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="extra config override for every run, e.g. train.refit=true")
+    ap.add_argument("--tag", default="", help="suffix of the run folders of this variant")
     args = ap.parse_args()
 
     from micromil_core.data.datasets import prepare_dataset

@@ -49,6 +49,9 @@ class TrainConfig:
     min_epochs: int = 5  # early stopping is not considered before this epoch
     val_fraction: float = 0.2  # used only when a site has no split column
     select_on: str = "loss"  # validation criterion for model selection: loss | auc
+    # After selecting the epoch count on validation, retrain from scratch on training +
+    # validation patients for that many epochs (uses every patient; small cohorts gain).
+    refit: bool = False
     class_weighting: bool = True  # inverse-frequency class weights in the loss
     standardize: bool = True  # z-score features with statistics of the training bags
     grad_clip: float = 0.0  # max gradient norm; 0 = off

@@ -178,6 +178,25 @@ def train_and_select(
     """Fit the scaler on training bags, build and train the model; returns the best model."""
     if not train_bags:
         raise SiteDataError("no training patients after splitting; add patients or splits")
+    model, scaler, result = _fit_fresh(cfg, train_bags, val_bags, n_classes, device, progress_label)
+    if cfg.train.refit and val_bags:
+        # Same seed, same initialisation; all patients; the epoch count chosen above.
+        seed_everything(cfg.train.seed)
+        model, scaler, _ = _fit_fresh(
+            cfg, train_bags + val_bags, [], n_classes, device, progress_label, result.best_epoch
+        )
+    return model, scaler, result
+
+
+def _fit_fresh(
+    cfg: ExperimentConfig,
+    train_bags: list[Bag],
+    val_bags: list[Bag],
+    n_classes: int,
+    device: torch.device,
+    progress_label: str | None,
+    epochs: int | None = None,
+) -> tuple[Any, FeatureScaler | None, TrainResult]:
     scaler = FeatureScaler.fit(train_bags) if cfg.train.standardize else None
     if scaler is not None:
         train_bags, val_bags = scaler.transform_all(train_bags), scaler.transform_all(val_bags)
@@ -186,7 +205,7 @@ def train_and_select(
     init_model_from_bags(model, train_bags, cfg.train.seed)
     update, bar = _progress_printer(progress_label or "train", progress_label is not None)
     try:
-        result = fit(model, train_bags, val_bags, cfg.train, device, progress=update)
+        result = fit(model, train_bags, val_bags, cfg.train, device, progress=update, epochs=epochs)
     finally:
         if bar is not None:
             bar.close()

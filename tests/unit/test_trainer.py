@@ -92,3 +92,21 @@ def test_checkpoint_errors(tmp_path):
     torch.save({"weights": 1}, tmp_path / "foreign.pt")
     with pytest.raises(CheckpointError, match="not a micromil checkpoint"):
         load_checkpoint(tmp_path / "foreign.pt")
+
+
+def test_refit_retrains_on_all_patients_for_the_selected_epochs(tmp_path, monkeypatch):
+    from micromil_core.config import build_config
+    from micromil_core.training import pipeline
+
+    _, bags = _bags(tmp_path, n_patients=16)
+    calls = []
+    real_fit = pipeline.fit
+
+    def spy(model, train, val, cfg, device, progress=None, extra_loss=None, epochs=None):
+        calls.append((len(train), len(val), epochs))
+        return real_fit(model, train, val, cfg, device, progress=progress, epochs=epochs)
+
+    monkeypatch.setattr(pipeline, "fit", spy)
+    cfg = build_config({"model": {"name": "mean-pool"}, "train": {"epochs": 4, "refit": True, "patience": 0}})
+    _, _, result = pipeline.train_and_select(cfg, bags[:12], bags[12:], 2, CPU)
+    assert calls == [(12, 4, None), (16, 0, result.best_epoch)]
