@@ -41,3 +41,14 @@ def test_collate_pads_and_masks():
     assert batch.y.tolist() == [1, 0]
     assert batch.x[1, 1:].abs().sum() == 0
     assert batch.y_fine.tolist() == [-1, -1]
+
+
+def test_atomic_write_honours_umask(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = write_json_atomic(tmp_path / "m.json", {})
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
