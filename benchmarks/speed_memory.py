@@ -23,7 +23,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def child(model_name: str, n: int, dim: int, steps: int, device: str, threads: int) -> dict:
+def child(model_name: str, n: int, dim: int, steps: int, device: str, threads: int,
+          params: dict | None = None) -> dict:
     import torch
 
     from micromil_core.models.registry import build_model
@@ -31,7 +32,7 @@ def child(model_name: str, n: int, dim: int, steps: int, device: str, threads: i
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     dev = torch.device(device)
-    model = build_model(model_name, dim, 2).to(dev)
+    model = build_model(model_name, dim, 2, params).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     x = torch.randn(1, n, dim, device=dev)
     mask = torch.ones(1, n, dtype=torch.bool, device=dev)
@@ -66,6 +67,7 @@ def child(model_name: str, n: int, dim: int, steps: int, device: str, threads: i
         "rss_before_training_mib": rss_before,
         "device": device,
         "threads": threads,
+        "params": params or {},
     }
     if dev.type == "cuda":
         out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -81,10 +83,13 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(HERE / "results" / "speed_memory"))
+    ap.add_argument("--micromil-param", action="append", default=[], metavar="KEY=VALUE",
+                    help="MicroMIL param for this sweep, e.g. proj_dim=512")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        res = child(args.child[0], int(args.child[1]), args.dim, args.steps, args.device, args.threads)
+        params = dict(p.split("=", 1) for p in args.micromil_param) if args.child[0] == "micromil" else None
+        res = child(args.child[0], int(args.child[1]), args.dim, args.steps, args.device, args.threads, params)
         print(json.dumps(res))
         return
     rows = []
@@ -94,6 +99,8 @@ def main() -> None:
             steps = max(1, args.steps if n < 100000 else 2)
             cmd = [sys.executable, __file__, "--child", name, str(n), "--dim", str(args.dim),
                    "--steps", str(steps), "--device", args.device, "--threads", str(args.threads)]
+            for p in args.micromil_param:
+                cmd += ["--micromil-param", p]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 row = {"model": name, "instances": n, "error": proc.stderr.strip().splitlines()[-1:]}
