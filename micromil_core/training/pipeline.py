@@ -11,7 +11,7 @@ import io
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +55,9 @@ def feature_dir_for(
     data_cfg: DataConfig,
     device: torch.device,
     progress: bool = False,
-    encoder: str | None = None,
 ) -> Path:
     """Precomputed SITE/features, or the cache of features extracted with an encoder."""
-    spec = encoder if encoder is not None else data_cfg.encoder
+    spec = data_cfg.encoder
     if not spec:
         return Path(site_path) / FEATURES_DIR
     from micromil_core.encoders import extract_site_features, get_encoder
@@ -76,7 +75,6 @@ def load_sites(
     device: torch.device,
     classes: Sequence[str] | None = None,
     expected_dim: int | None = None,
-    encoder: str | None = None,
     progress: bool = False,
 ) -> list[SiteBags]:
     """Load several sites with one shared class list and one feature dimension.
@@ -94,7 +92,7 @@ def load_sites(
     for path in paths:
         site = load_site(path, classes=classes)
         ids = [p.patient_id for p in site.patients]
-        fdir = feature_dir_for(path, ids, data_cfg, device, progress, encoder)
+        fdir = feature_dir_for(path, ids, data_cfg, device, progress)
         bags = load_bags(site, feature_dir=fdir, expected_dim=expected_dim)
         dim = int(bags[0].features.shape[1])
         if expected_dim is None:
@@ -338,19 +336,12 @@ def evaluate_checkpoint(
     ckpt = load_checkpoint(checkpoint)
     dev = resolve_device(device)
     model = ckpt.build_model().to(dev)
-    if data_cfg is None:
-        # The encoder and its options travel with the checkpoint's config.
-        saved = dict(ckpt.config.get("data", {}))
-        saved["encoder"] = ckpt.encoder
-        data_cfg = build_config({"data": saved}).data
+    if data_cfg is None:  # the encoder's options travel with the checkpoint's config
+        data_cfg = build_config({"data": dict(ckpt.config.get("data", {}))}).data
+    # Features must come from the encoder the model was trained on, whatever is asked.
+    data_cfg = replace(data_cfg, encoder=ckpt.encoder)
     sites = load_sites(
-        site_paths,
-        data_cfg,
-        dev,
-        classes=ckpt.classes,
-        expected_dim=ckpt.in_dim,
-        encoder=ckpt.encoder or "",
-        progress=progress,
+        site_paths, data_cfg, dev, classes=ckpt.classes, expected_dim=ckpt.in_dim, progress=progress
     )
     per_site: dict[str, Any] = {}
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
