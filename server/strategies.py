@@ -75,9 +75,10 @@ def build_strategy(cfg: FederationConfig, n_train_sites: int):
             f"federation.min_train_sites={cfg.min_train_sites} exceeds the {n_train_sites} "
             "training sites; lower it or add sites"
         )
+    # Evaluation messages are sent by the round loop itself (to training AND held-out
+    # sites), so the strategy's configure_evaluate is never called.
     common = dict(
         fraction_train=1.0,
-        fraction_evaluate=0.0,  # evaluation messages are sent by the round loop itself
         min_train_nodes=min_sites,
         min_available_nodes=min_sites,
         weighted_by_key=wire.NUM_EXAMPLES,
