@@ -71,7 +71,7 @@ def main() -> None:
                 "dataset": key, "strategy": strategy, "table": table,
                 "compare_seconds": time.perf_counter() - start,
                 "federated_seconds": sum(r["wall_seconds"] for r in history),
-                "pooled_seconds": table.get("timing", {}).get("pooled_seconds"),
+                "pooled_seconds": json.loads((out / "timing.json").read_text())["pooled_seconds"],
                 "bytes_per_round": sum(r["bytes_sent"] + r["bytes_received"] for r in history) / len(history),
             })
     lines = [

@@ -159,7 +159,7 @@ def compare(cfg: ExperimentConfig, out: str | Path) -> dict[str, Any]:
     log.info("federated model")
     start = time.perf_counter()
     simulate(cfg, out / "federated", resume=(out / "federated" / "federation-state.pt").exists())
-    table["timing"] = {
+    timing = {
         "pooled_seconds": pooled_seconds,
         "federated_seconds": time.perf_counter() - start,  # includes the engine's start-up
     }
@@ -169,6 +169,7 @@ def compare(cfg: ExperimentConfig, out: str | Path) -> dict[str, Any]:
         k: sum(m[k] for m in table["local"].values()) / len(table["local"]) for k in keys
     }
     write_json_atomic(out / "metrics.json", table)
+    write_json_atomic(out / "timing.json", timing)
     write_json_atomic(out / "federated" / "compare.json", table)
     write_report(out / "federated")
     return table
