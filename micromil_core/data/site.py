@@ -724,10 +724,19 @@ class DataRoot:
         sites = []
         for s in self.sites:
             p = Path(s.path)
-            try:
-                rel = str(p.resolve().relative_to(root)) if p.is_absolute() else str(p)
-            except ValueError:
-                rel = str(p)  # a site outside the root keeps its absolute path
+            if not p.is_absolute():
+                # Either already relative to the root ("site-0") or, under a relative
+                # root, relative to the working directory ("data/ucsb/site-0").
+                try:
+                    p = p.relative_to(Path(self.root))
+                except ValueError:
+                    pass
+                rel = str(p)
+            else:
+                try:
+                    rel = str(p.resolve().relative_to(root))
+                except ValueError:
+                    rel = str(p)  # a site outside the root keeps its absolute path
             entry: dict[str, Any] = {"name": s.name, "role": s.role, "path": rel}
             if s.n_patients is not None:
                 entry["n_patients"] = s.n_patients

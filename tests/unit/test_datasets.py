@@ -296,3 +296,16 @@ def test_bad_arguments(tmp_path: Path, kwargs: dict, expected: str) -> None:
 
 def test_read_back_equals_returned(musk1) -> None:
     assert read_sites_yaml(musk1.root) == musk1
+
+
+def test_prepare_with_a_relative_out_path(tmp_path, monkeypatch):
+    """`make demo` passes a relative --out; sites.yaml must still point at the sites."""
+    from micromil_core.data.datasets import prepare_dataset
+    from micromil_core.data.site import read_sites_yaml
+
+    monkeypatch.chdir(tmp_path)
+    prepare_dataset("musk1", "nested/musk", sites=2, holdout_sites=1, seed=0)
+    root = read_sites_yaml("nested/musk")
+    assert [p.name for p in root.train_sites] == ["site-0", "site-1"]
+    assert all((p / "patients.csv").is_file() for p in root.train_sites + root.holdout_sites)
+    assert "tmp" not in (tmp_path / "nested/musk/sites.yaml").read_text()
