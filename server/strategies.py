@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import (
     FedAdagrad,
     FedAdam,
@@ -100,7 +100,7 @@ def _plain(value: Any) -> Any:
 
 def _restore(value: Any) -> Any:
     if isinstance(value, dict) and "__arrayrecord__" in value:
-        return ArrayRecord({k: np.asarray(v) for k, v in value["__arrayrecord__"].items()})
+        return ArrayRecord({k: Array(np.asarray(v)) for k, v in value["__arrayrecord__"].items()})
     return value
 
 
