@@ -7,7 +7,7 @@ Importing this package registers every model; build one with
 from micromil_core.models import abmil, micromil, pooling  # noqa: F401  (registers models)
 from micromil_core.models.base import MILModel, Prediction, masked_softmax
 from micromil_core.models.registry import (
-    ModelSpec,
+    RegisteredModel,
     build_model,
     model_config,
     model_names,
@@ -19,7 +19,7 @@ from micromil_core.models.registry import (
 
 __all__ = [
     "MILModel",
-    "ModelSpec",
+    "RegisteredModel",
     "Prediction",
     "build_model",
     "masked_softmax",

@@ -24,8 +24,8 @@ _FALSE = {"false", "0", "no", "off"}
 
 
 @dataclass(frozen=True)
-class ModelSpec:
-    """One registered model, as listed by ``micromil models``."""
+class RegisteredModel:
+    """One registry entry, as listed by ``micromil models`` (not a buildable spec)."""
 
     name: str
     description: str
@@ -74,10 +74,10 @@ def _entry(name: str) -> _Entry:
     return _REGISTRY[name]
 
 
-def model_specs() -> list[ModelSpec]:
+def model_specs() -> list[RegisteredModel]:
     """Every registered model with its description and default params, sorted by name."""
     return [
-        ModelSpec(n, e.description, e.params_cls, params_to_dict(e.params_cls()))
+        RegisteredModel(n, e.description, e.params_cls, params_to_dict(e.params_cls()))
         for n, e in sorted(_REGISTRY.items())
     ]
 
