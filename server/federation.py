@@ -25,6 +25,7 @@ from flwr.serverapp import Grid
 
 from micromil_core.config import ExperimentConfig
 from micromil_core.data.scaler import FeatureScaler
+from micromil_core.data.site import class_order
 from micromil_core.errors import CheckpointError, SiteDataError
 from micromil_core.federated import wire
 from micromil_core.federated.messages import RoundSettings
@@ -178,9 +179,7 @@ def validate_sites(sites: list[SiteInfo], cfg: ExperimentConfig) -> tuple[list[s
             f"sites have different feature dimensions ({ref_site} has {ref_dim}, "
             f"{', '.join(wrong)}); all sites must use the same encoder/feature extractor"
         )
-    classes = sorted({c for s in train for c in s.classes})
-    if all(c.lstrip("-").isdigit() for c in classes):
-        classes.sort(key=int)
+    classes = list(class_order(c for s in train for c in s.classes))
     for s in sites:
         if s.role == "train" and sorted(s.classes) != sorted(classes):
             raise SiteDataError(

@@ -154,7 +154,7 @@ def _fmt_set(values: Iterable[str]) -> str:
     return "{" + ", ".join(values) + "}"
 
 
-def _natural_order(values: Iterable[str]) -> tuple[str, ...]:
+def class_order(values: Iterable[str]) -> tuple[str, ...]:
     """Sorted unique values; numerically when every value is an integer ('2' < '10')."""
     unique = set(values)
     try:
@@ -308,12 +308,12 @@ def _parse_patients_csv(
 
     if n_rows == 0:
         problems.append(f"{csv_path} has a header but no patient rows; {_CSV_HELP}")
-    out_classes = classes if classes is not None else _natural_order(r.label for r in records)
+    out_classes = classes if classes is not None else class_order(r.label for r in records)
     if fine_classes is not None:
         out_fine = fine_classes
     else:
         fines = [r.fine_label for r in records if r.fine_label is not None]
-        out_fine = _natural_order(fines) if fines else None
+        out_fine = class_order(fines) if fines else None
     return _Parsed(records, out_classes, out_fine, extra_columns)
 
 

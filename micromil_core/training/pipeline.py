@@ -22,7 +22,7 @@ from micromil_core.config import DataConfig, ExperimentConfig, TrainConfig, buil
 from micromil_core.data.bag import Bag, collate_bags
 from micromil_core.data.layout import FEATURES_DIR
 from micromil_core.data.scaler import FeatureScaler
-from micromil_core.data.site import SiteData, load_bags, load_site
+from micromil_core.data.site import SiteData, class_order, load_bags, load_site
 from micromil_core.data.splits import stratified_folds, train_val_split
 from micromil_core.errors import SiteDataError
 from micromil_core.io import write_json_atomic, write_text_atomic
@@ -87,7 +87,7 @@ def load_sites(
         raise SiteDataError("no site folder given; pass at least one --data SITE")
     if classes is None:
         sites = [load_site(p) for p in paths]
-        classes = _union_classes([s.classes for s in sites])
+        classes = list(class_order(c for s in sites for c in s.classes))
     out: list[SiteBags] = []
     for path in paths:
         site = load_site(path, classes=classes)
@@ -99,21 +99,6 @@ def load_sites(
             expected_dim = dim
         out.append(SiteBags(site, bags, fdir))
     return out
-
-
-def _union_classes(class_lists: Sequence[Sequence[str]]) -> list[str]:
-    labels = sorted({c for cl in class_lists for c in cl})
-    if all(_is_int(c) for c in labels):
-        labels.sort(key=int)
-    return labels
-
-
-def _is_int(text: str) -> bool:
-    try:
-        int(text)
-    except ValueError:
-        return False
-    return True
 
 
 def split_train_val_test(
