@@ -149,3 +149,31 @@ def test_bad_federations_fail_before_round_one(ucsb, tmp_path):
     with pytest.raises(SiteDataError, match="different feature dimensions.*site-1 has 5"):
         simulate(_cfg(root, 1), tmp_path / "d")
     assert not (tmp_path / "d" / "flower.log").exists()  # failed before the engine started
+
+
+class LosingGrid(RecordingGrid):
+    """Loses every training reply of round 2, as if all sites timed out."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app.message_type import MessageType
+
+        messages = list(messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        if messages and messages[0].metadata.message_type == MessageType.TRAIN:
+            self.log.append(len(self.log) + 1)
+            if len(self.log) == 2:
+                return []
+        return replies
+
+
+def test_a_round_without_replies_keeps_the_global_model(ucsb, tmp_path):
+    out = tmp_path / "lossy"
+    simulate(_cfg(ucsb, 2), out, grid_tap=lambda g: LosingGrid(g, []))
+    rounds = json.loads((out / "history.json").read_text())["rounds"]
+    failures = " ".join(rounds[1]["failures"])
+    for site in ("site-0", "site-1", "site-2"):
+        assert f"{site}: no reply" in failures  # named by site, not by node id
+    assert "global model kept" in failures
+    # The same global model was evaluated after round 1 and after the failed round 2.
+    assert rounds[1]["holdout"] == rounds[0]["holdout"]
+    assert rounds[1]["train"] == {}
