@@ -556,8 +556,8 @@ def check_site(
         }
         if per_split.get("val", 0) == 0:
             report.warnings.append(
-                f"{csv_path}: split column has no 'val' patients; model selection will fall "
-                f"back to training data: mark some train patients as val"
+                f"{csv_path}: split column has no 'val' patients; a validation set will be "
+                f"carved from the train patients (train.val_fraction), or mark some as val"
             )
     if parsed.extra_columns:
         report.warnings.append(f"{csv_path}: ignoring unknown column(s) {parsed.extra_columns}")
