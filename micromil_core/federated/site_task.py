@@ -176,13 +176,11 @@ def round_seed(seed: int, server_round: int, site_name: str) -> int:
 
 def proximal_term(model: MILModel, reference: dict[str, torch.Tensor], mu: float):
     """FedProx: (mu / 2) * ||w - w_global||^2 over trainable parameters."""
-    ref = {k: v.detach().clone() for k, v in reference.items()}
+    device = next(model.parameters()).device
+    ref = {k: v.detach().to(device) for k, v in reference.items()}  # moved once, not per step
 
     def term(m: MILModel) -> torch.Tensor:
-        total = torch.zeros(())
-        for name, p in m.named_parameters():
-            total = total + ((p - ref[name].to(p.device)) ** 2).sum()
-        return 0.5 * mu * total
+        return 0.5 * mu * sum(((p - ref[name]) ** 2).sum() for name, p in m.named_parameters())
 
     return term
 
