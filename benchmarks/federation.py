@@ -42,12 +42,38 @@ def micromil(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "micromil_core.cli", *args], check=True)
 
 
+def run_compare(key: str, strategy: str, seed: int, data: Path, config: str, work: Path,
+                rounds: int) -> dict:
+    out = work / f"{key}-{strategy}-seed{seed}"
+    start = time.perf_counter()
+    micromil("compare", "--config", str(ROOT / config), "--data-root", str(data),
+             "--strategy", strategy, "--rounds", str(rounds), "--seed", str(seed),
+             "--out", str(out))
+    table = json.loads((out / "metrics.json").read_text())
+    history = json.loads((out / "federated" / "history.json").read_text())["rounds"]
+    return {
+        "dataset": key, "strategy": strategy, "seed": seed, "table": table,
+        "compare_seconds": time.perf_counter() - start,
+        "federated_seconds": sum(r["wall_seconds"] for r in history),
+        "pooled_seconds": json.loads((out / "timing.json").read_text())["pooled_seconds"],
+        "bytes_per_round": sum(r["bytes_sent"] + r["bytes_received"] for r in history) / len(history),
+    }
+
+
+def spread(values: list[float]) -> str:
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    return f"{v.mean():.3f}" if len(v) == 1 else f"{v.mean():.3f} ± {v.std():.3f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     ap.add_argument("--strategies", nargs="+", default=["fedavg", "fedprox"])
     ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="training seeds (same partition); several give a mean and spread")
     ap.add_argument("--work", default=str(ROOT / "runs" / "fed-bench"))
     ap.add_argument("--out", default=str(HERE / "results" / "federation"))
     args = ap.parse_args()
@@ -60,37 +86,34 @@ def main() -> None:
             micromil("datasets", "prepare", name, "--out", str(data), *split_args,
                      "--partition", "dirichlet:0.5")
         for strategy in args.strategies:
-            out = work / f"{key}-{strategy}"
-            start = time.perf_counter()
-            micromil("compare", "--config", str(ROOT / config), "--data-root", str(data),
-                     "--strategy", strategy, "--rounds", str(args.rounds), "--seed", str(args.seed),
-                     "--out", str(out))
-            table = json.loads((out / "metrics.json").read_text())
-            history = json.loads((out / "federated" / "history.json").read_text())["rounds"]
-            rows.append({
-                "dataset": key, "strategy": strategy, "table": table,
-                "compare_seconds": time.perf_counter() - start,
-                "federated_seconds": sum(r["wall_seconds"] for r in history),
-                "pooled_seconds": json.loads((out / "timing.json").read_text())["pooled_seconds"],
-                "bytes_per_round": sum(r["bytes_sent"] + r["bytes_received"] for r in history) / len(history),
-            })
+            for seed in args.seeds:
+                rows.append(run_compare(key, strategy, seed, data, config, work, args.rounds))
     lines = [
         "# Federated vs pooled vs local-only MicroMIL on held-out hospitals",
         "",
         f"Command: `python benchmarks/federation.py {' '.join(sys.argv[1:])}`".rstrip(),
         "",
-        "| dataset | strategy | federated AUC | pooled AUC | local-only mean AUC | local AUC per site | federated acc | pooled acc | fed rounds wall s | pooled wall s | MB per round |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "AUC on the held-out site(s); mean ± std over training seeds when several were run",
+        "(same partition). Wall seconds: federated = inside rounds; pooled = training.",
+        "",
+        "| dataset | strategy | seeds | federated AUC | pooled AUC | local-only mean AUC | federated - pooled | federated acc | pooled acc | fed rounds wall s | pooled wall s | MB per round |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
-        t = r["table"]
-        local = ", ".join(f"{s} {m['auc']:.3f}" for s, m in t["local"].items())
-        pooled_s = "-" if r["pooled_seconds"] is None else f"{r['pooled_seconds']:.0f}"
+        groups.setdefault((r["dataset"], r["strategy"]), []).append(r)
+    for (key, strategy), rs in groups.items():
+        def col(path: tuple[str, str], rs=rs) -> list[float]:
+            return [r["table"][path[0]][path[1]] for r in rs]
+
+        diff = [f - p for f, p in zip(col(("federated", "auc")), col(("pooled", "auc")), strict=True)]
         lines.append(
-            f"| {r['dataset']} | {r['strategy']} | {t['federated']['auc']:.3f} | "
-            f"{t['pooled']['auc']:.3f} | {t['local_mean']['auc']:.3f} | {local} | "
-            f"{t['federated']['accuracy']:.3f} | {t['pooled']['accuracy']:.3f} | "
-            f"{r['federated_seconds']:.0f} | {pooled_s} | {r['bytes_per_round'] / 1e6:.2f} |"
+            f"| {key} | {strategy} | {','.join(str(r['seed']) for r in rs)} | "
+            f"{spread(col(('federated', 'auc')))} | {spread(col(('pooled', 'auc')))} | "
+            f"{spread(col(('local_mean', 'auc')))} | {spread(diff)} | "
+            f"{spread(col(('federated', 'accuracy')))} | {spread(col(('pooled', 'accuracy')))} | "
+            f"{spread([r['federated_seconds'] for r in rs])} | {spread([r['pooled_seconds'] for r in rs])} | "
+            f"{rs[0]['bytes_per_round'] / 1e6:.2f} |"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
