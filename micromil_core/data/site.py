@@ -95,24 +95,21 @@ class SiteData:
 
     def label_index(self, record: PatientRecord) -> int:
         """Class index of a patient's label in ``classes``."""
-        try:
-            return self.classes.index(record.label)
-        except ValueError:
-            raise SiteDataError(
-                f"{self.path / PATIENTS_CSV} row {record.row}: label {record.label!r} not in "
-                f"{_fmt_set(self.classes)}"
-            ) from None
+        return self._index_in(self.classes, record.label, "label", record.row)
 
     def fine_label_index(self, record: PatientRecord) -> int | None:
         """Index of a patient's fine label in ``fine_classes``; None when it has none."""
         if record.fine_label is None or self.fine_classes is None:
             return None
+        return self._index_in(self.fine_classes, record.fine_label, "fine_label", record.row)
+
+    def _index_in(self, vocabulary: Sequence[str], value: str, column: str, row: int) -> int:
         try:
-            return self.fine_classes.index(record.fine_label)
+            return vocabulary.index(value)
         except ValueError:
             raise SiteDataError(
-                f"{self.path / PATIENTS_CSV} row {record.row}: fine_label "
-                f"{record.fine_label!r} not in {_fmt_set(self.fine_classes)}"
+                f"{self.path / PATIENTS_CSV} row {row}: {column} {value!r} not in "
+                f"{_fmt_set(vocabulary)}"
             ) from None
 
     def labels(self, patient_ids: Iterable[str] | None = None) -> list[int]:
