@@ -105,6 +105,7 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
     @private
     def describe(msg: Message, context: Context) -> Message:
         settings = _settings(msg)
+        set_threads(settings.experiment.train.num_threads)  # the site's limit, for all its work
         site = resolve(context)
         description, counts = describe_site(site, settings.experiment.data)
         content = RecordDict({wire.SITE: ConfigRecord(description)})
