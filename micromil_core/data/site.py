@@ -643,19 +643,13 @@ def check_site(
                 f"(e.g. {strays[:3]}); check the patient ids"
             )
 
-    if n_inst:
+    source, counts = ("features", n_inst) if n_inst else ("images", n_img)
+    if counts:
         stats["instances"] = {
-            "source": "features",
-            "min": min(n_inst),
-            "mean": sum(n_inst) / len(n_inst),
-            "max": max(n_inst),
-        }
-    elif n_img:
-        stats["instances"] = {
-            "source": "images",
-            "min": min(n_img),
-            "mean": sum(n_img) / len(n_img),
-            "max": max(n_img),
+            "source": source,
+            "min": min(counts),
+            "mean": sum(counts) / len(counts),
+            "max": max(counts),
         }
     stats.update(
         feature_dim=feature_dim,
