@@ -445,17 +445,22 @@ def run_federation(
             entry["wall_seconds"],
         )
 
-    chosen = state.best_round if fed.select == "best-val" and state.best_round else state.round
-    final_arrays = state.best_arrays if chosen == state.best_round and fed.select == "best-val" else state.arrays
-    chosen_entry = next((h for h in state.history if h["round"] == chosen), state.history[-1] if state.history else {})
+    if fed.select == "best-val" and state.best_round:
+        chosen, final_arrays = state.best_round, state.best_arrays
+    else:
+        chosen, final_arrays = state.round, state.arrays
+    entry = next((h for h in state.history if h["round"] == chosen), {})
+    holdout = entry.get("holdout", {})
     metrics = {
-        **chosen_entry.get("holdout_aggregated", {}),
-        wire.NUM_EXAMPLES: int(sum(m.get(wire.NUM_EXAMPLES, 0) for m in chosen_entry.get("holdout", {}).values())),
-        "per_site": {k: {m: v for m, v in d.items() if not m.startswith("roc_")} for k, d in chosen_entry.get("holdout", {}).items()},
+        **entry.get("holdout_aggregated", {}),
+        "n": int(sum(m.get(wire.NUM_EXAMPLES, 0) for m in holdout.values())),
+        "per_site": {
+            site: {k: v for k, v in m.items() if not k.startswith("roc_")}
+            for site, m in holdout.items()
+        },
         "round": chosen,
         "selected_by": fed.select,
     }
-    metrics["n"] = metrics.pop(wire.NUM_EXAMPLES)
     save_checkpoint(
         Checkpoint(
             model_name=spec.name, in_dim=spec.in_dim, n_classes=spec.n_classes, params=spec.params,
