@@ -238,7 +238,7 @@ def _deepcopy_dict(d: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _deepcopy_dict(v) if isinstance(v, Mapping) else v for k, v in d.items()}
 
 
-def _build_section(name: str, cls: type, values: Any) -> Any:
+def build_section(name: str, cls: type, values: Any) -> Any:
     if values is None:
         values = {}
     if not isinstance(values, Mapping):
@@ -308,7 +308,7 @@ def build_config(raw: Mapping[str, Any] | None = None) -> ExperimentConfig:
         raise ConfigError(
             f"unknown config section(s) {', '.join(unknown)}; valid: {', '.join(SECTIONS)}"
         )
-    parts = {name: _build_section(name, cls, raw.get(name)) for name, cls in SECTIONS.items()}
+    parts = {name: build_section(name, cls, raw.get(name)) for name, cls in SECTIONS.items()}
     return ExperimentConfig(**parts)
 
 

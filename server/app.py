@@ -2,7 +2,8 @@
 
 Run config keys (``[tool.flwr.app.config]`` or ``flwr run --run-config``):
 ``config`` (path of the experiment YAML on the coordinator), ``out-dir``,
-``expected-sites`` (sites to wait for before round 1) and ``resume`` (true/false).
+``expected-sites`` (sites to wait for before round 1), ``connect-timeout`` (seconds to
+wait for them) and ``resume`` (true/false). ``flower-server start`` writes these.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class ServerSettings:
     out: Path
     expected_sites: int
     resume: bool = False
+    connect_timeout: float = 300.0
 
 
 SettingsSource = Callable[[Context], ServerSettings]
@@ -39,7 +41,20 @@ def settings_from_run_config(context: Context) -> ServerSettings:
         out=Path(str(rc.get("out-dir", "runs/federation"))),
         expected_sites=int(rc.get("expected-sites", 2)),
         resume=bool(rc.get("resume", False)),
+        connect_timeout=float(rc.get("connect-timeout", 300.0)),
     )
+
+
+def log_progress(out: Path) -> None:
+    """Round progress to stderr (Flower streams it to `flwr log` / `flower-server start`)
+    and to ``out/server.log``. Messages hold aggregates and site names only."""
+    logger = logging.getLogger("micromil")
+    logger.setLevel(logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out.mkdir(parents=True, exist_ok=True)
+    for handler in (logging.StreamHandler(), logging.FileHandler(out / "server.log")):
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
 
 
 def build_server_app(
@@ -59,7 +74,8 @@ def build_server_app(
         if grid_tap is not None:
             grid = grid_tap(grid)
         result: FederationResult = run_federation(
-            grid, s.experiment, s.out, s.expected_sites, resume=s.resume
+            grid, s.experiment, s.out, s.expected_sites, resume=s.resume,
+            connect_timeout=s.connect_timeout,
         )
         if results is not None:
             results.append(result)
@@ -67,5 +83,11 @@ def build_server_app(
     return app
 
 
+def settings_for_deployment(context: Context) -> ServerSettings:
+    settings = settings_from_run_config(context)
+    log_progress(settings.out)
+    return settings
+
+
 # Deployment entry point (pyproject [tool.flwr.app.components] serverapp).
-app = build_server_app(settings_from_run_config)
+app = build_server_app(settings_for_deployment)

@@ -248,7 +248,6 @@ def evaluate_all(
     server_round: int, timeout: float,
 ) -> tuple[dict[str, dict[str, Any]], list[str], int, int]:
     """Send the global model to every site; returns per-site metrics, failures, bytes."""
-    by_id = {s.node_id: s for s in sites}
     live = set(grid.get_node_ids())
     messages = [
         Message(
@@ -262,23 +261,42 @@ def evaluate_all(
     sent = sum(payload_bytes(m.content) for m in messages)
     failures = [f"{s.name}: not connected" for s in sites if s.node_id not in live]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
-    received = 0
-    results: dict[str, dict[str, Any]] = {}
-    answered = set()
-    for reply in replies:
-        site = by_id.get(reply.metadata.src_node_id)
+    names = {s.node_id: s.name for s in sites}
+    answered, lost = match_replies(messages, replies, names, "evaluation", timeout)
+    failures += lost
+    received = sum(payload_bytes(r.content) for _, r in answered)
+    results = {name: _metric_dict(r.content.metric_records[wire.METRICS]) for name, r in answered}
+    return dict(sorted(results.items())), failures, sent, received
+
+
+def match_replies(
+    messages: list[Message], replies: list[Message], name_of: dict[int, str], task: str,
+    timeout: float,
+) -> tuple[list[tuple[str, Message]], list[str]]:
+    """Pair replies with the sites they answer; returns ([(site, reply)] sorted by site,
+    failures naming sites).
+
+    Pairing goes by message id: Flower reports a site lost mid-round under the SuperLink's
+    own node id, not the lost site's (FLOWER_NOTES), so the sender id would mislead.
+    """
+    site_of_message = {m.metadata.message_id: name_of[m.metadata.dst_node_id] for m in messages}
+    ok: list[tuple[str, Message]] = []
+    failures: list[str] = []
+    answered: set[str] = set()
+    for r in replies:
+        site = site_of_message.get(r.metadata.reply_to_message_id) or name_of.get(r.metadata.src_node_id)
         if site is None:
             continue
-        answered.add(site.node_id)
-        if reply.has_error():
-            failures.append(f"{site.name}: evaluation failed ({reply.error.reason})")
-            continue
-        received += payload_bytes(reply.content)
-        results[site.name] = _metric_dict(reply.content.metric_records[wire.METRICS])
-    for m in messages:
-        if m.metadata.dst_node_id not in answered:
-            failures.append(f"{by_id[m.metadata.dst_node_id].name}: no evaluation reply within {timeout:.0f} s")
-    return dict(sorted(results.items())), failures, sent, received
+        answered.add(site)
+        if r.has_error():
+            failures.append(f"{site}: {task} failed ({r.error.reason})")
+        else:
+            ok.append((site, r))
+    failures += [
+        f"{name}: no {task} reply within {timeout:.0f} s"
+        for name in sorted(set(site_of_message.values()) - answered)
+    ]
+    return sorted(ok, key=lambda pair: pair[0]), failures
 
 
 @dataclass
@@ -375,27 +393,22 @@ def run_federation(
     train_view = NodeSubset(grid, [s.node_id for s in train_sites])
     extra = {"experiment": cfg.to_dict(), "spec": [spec.name, spec.in_dim, spec.n_classes]}
 
+    missing: set[str] = set()  # training sites that failed a round and have not replied since
     for rnd in range(state.round + 1, fed.rounds + 1):
         start = time.perf_counter()
         round_config = ConfigRecord({**settings.to_config(), wire.ROUND: rnd, wire.LOCAL_EPOCHS: fed.local_epochs})
         messages = list(strategy.configure_train(rnd, arrays, round_config, train_view))
         sent = sum(payload_bytes(m.content) for m in messages)
         replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
-        # A fixed aggregation order makes float sums, and so the model, reproducible.
-        replies.sort(key=lambda r: name_of.get(r.metadata.src_node_id, ""))
-        failures: list[str] = []
-        answered = {r.metadata.src_node_id for r in replies}
-        for m in messages:
-            if m.metadata.dst_node_id not in answered:
-                failures.append(f"{name_of[m.metadata.dst_node_id]}: no reply within {fed.round_timeout:.0f} s")
-        ok = []
-        for r in replies:
-            if r.has_error():
-                failures.append(f"{name_of.get(r.metadata.src_node_id, '?')}: training failed ({r.error.reason})")
-            else:
-                ok.append(r)
+        # Sorted by site name: a fixed aggregation order makes float sums reproducible.
+        answered, failures = match_replies(messages, replies, name_of, "training", fed.round_timeout)
+        back = sorted(missing & {name for name, _ in answered})
+        if back:
+            log.info("round %d: %s back and training again", rnd, ", ".join(back))
+        missing = (missing | {f.split(":", 1)[0] for f in failures}) - {name for name, _ in answered}
+        ok = [r for _, r in answered]
         received = sum(payload_bytes(r.content) for r in ok)
-        per_site_train = {name_of[r.metadata.src_node_id]: _metric_dict(r.content.metric_records[wire.METRICS]) for r in ok}
+        per_site_train = {name: _metric_dict(r.content.metric_records[wire.METRICS]) for name, r in answered}
         min_sites = fed.min_train_sites or len(train_sites)
         agg_arrays, agg_metrics = (None, None)
         if len(ok) >= min_sites:

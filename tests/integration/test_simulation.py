@@ -172,7 +172,7 @@ def test_a_round_without_replies_keeps_the_global_model(ucsb, tmp_path):
     rounds = json.loads((out / "history.json").read_text())["rounds"]
     failures = " ".join(rounds[1]["failures"])
     for site in ("site-0", "site-1", "site-2"):
-        assert f"{site}: no reply" in failures  # named by site, not by node id
+        assert f"{site}: no training reply" in failures  # named by site, not by node id
     assert "global model kept" in failures
     # The same global model was evaluated after round 1 and after the failed round 2.
     assert rounds[1]["holdout"] == rounds[0]["holdout"]

@@ -1,0 +1,81 @@
+"""``flower-client``: a hospital's command.
+
+    flower-client check  --config deploy/site.yaml   # the site data, as the federation will read it
+    flower-client run    --config deploy/site.yaml   # check, then join as a SuperNode
+    flower-client keygen --name hospital-1 --out keys  # own key pair; send only the .pub
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from micromil_core.cli import dispatch
+
+DEFAULT_CONFIG = "deploy/site.yaml"
+
+
+def _config(args: argparse.Namespace):
+    from micromil_core.deploy.config import load_site_config
+
+    return load_site_config(args.config)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from micromil_core.deploy.site import check_site_data
+
+    print(check_site_data(_config(args)).format())
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from micromil_core.deploy.site import INSECURE_WARNING, check_site_data, exec_supernode
+
+    cfg = _config(args)
+    report = check_site_data(cfg)
+    print(report.format(), flush=True)
+    if args.insecure:
+        print(INSECURE_WARNING, file=sys.stderr, flush=True)
+    print(f"joining {cfg.superlink.address} as {cfg.site.name} ({cfg.site.role})", flush=True)
+    exec_supernode(cfg, insecure=args.insecure)
+    return 0  # pragma: no cover - exec does not return
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from micromil_core.deploy.pki import make_site_key
+
+    key, pub = make_site_key(args.out, args.name)
+    print(f"private key {key} (keep it here)\npublic key  {pub} (send it to the coordinator)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flower-client", description="Join a micromil-fl federation as a hospital."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, func, text in (
+        ("check", cmd_check, "check this site's data"),
+        ("run", cmd_run, "check the data, then start this site's SuperNode"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", default=DEFAULT_CONFIG, help=f"site YAML (default {DEFAULT_CONFIG})")
+        p.set_defaults(func=func)
+        if name == "run":
+            p.add_argument("--insecure", action="store_true",
+                           help="no TLS (only against a coordinator started with --insecure)")
+    p = sub.add_parser("keygen", help="make this hospital's node-authentication key pair")
+    p.add_argument("--name", required=True, help="this hospital's site name")
+    p.add_argument("--out", default=".", help="folder for <name>.key and <name>.pub")
+    p.set_defaults(func=cmd_keygen)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return dispatch(build_parser(), argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Deployment on loopback with Flower's real runtime: a SuperLink with TLS and node
+authentication started by ``flower-server start``, hospitals as separate ``flower-client
+run`` processes (SuperNodes), real MUSK1 data split into 3 training sites + 1 held out.
+
+These are the README walkthrough's commands, run as a user would run them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from micromil_core.cli import main as micromil
+from micromil_core.training.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+SITES = ("site-0", "site-1", "site-2", "site-3")  # site-3 is held out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Federation:
+    """One coordinator folder + four hospital folders under ``root``; owns the processes."""
+
+    def __init__(self, root: Path, data: Path, pki: Path, name: str, experiment: dict) -> None:
+        self.root, self.data, self.pki = root / name, data, pki
+        self.root.mkdir(parents=True)
+        self.port = _free_port()
+        self.procs: dict[str, subprocess.Popen] = {}
+        (self.root / "experiment.yaml").write_text(yaml.safe_dump(experiment))
+        self.config = self.root / "federation.yaml"
+        self.config.write_text(yaml.safe_dump({
+            "experiment": "experiment.yaml",
+            "state_dir": "state",
+            "superlink": {
+                "host": "127.0.0.1", "port": self.port,
+                "ca_cert": str(pki / "coordinator" / "ca.pem"),
+                "cert": str(pki / "coordinator" / "server.pem"),
+                "key": str(pki / "coordinator" / "server.key"),
+                "registered_keys": str(pki / "coordinator" / "registered"),
+            },
+            "run": {"out_dir": "runs/fed", "expected_sites": 4, "wait_for_sites": 240},
+        }))
+
+    @property
+    def out(self) -> Path:
+        return self.root / "runs" / "fed"
+
+    def site_config(self, site: str, key: Path | None = None, ca: Path | None = None) -> Path:
+        path = self.root / f"{site}-{'x' if key or ca else 'ok'}.yaml"
+        folder = self.pki / "sites" / site
+        path.write_text(yaml.safe_dump({
+            "site": {"name": site, "data_path": str(self.data / site),
+                     "role": "holdout" if site == "site-3" else "train"},
+            "superlink": {"address": f"localhost:{self.port}",
+                          "ca_cert": str(ca or folder / "ca.pem"),
+                          "private_key": str(key or folder / f"{site}.key")},
+            "supernode": {"port": _free_port(), "state_dir": str(self.root / f"state-{site}")},
+        }))
+        return path
+
+    def start_server(self) -> subprocess.Popen:
+        self.procs["server"] = subprocess.Popen(
+            [BIN / "flower-server", "start", "--config", str(self.config)],
+            stdout=open(self.root / "server.out", "w"), stderr=subprocess.STDOUT,
+        )
+        return self.procs["server"]
+
+    def start_site(self, site: str, config: Path | None = None, tag: str = "") -> subprocess.Popen:
+        config = config or self.site_config(site)
+        proc = subprocess.Popen(
+            [BIN / "flower-client", "run", "--config", str(config)],
+            stdout=open(self.root / f"{site}{tag}.out", "w"), stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: killing it takes its ClientApps too
+        )
+        self.procs[site + tag] = proc
+        return proc
+
+    def wait_for(self, predicate, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        server = self.procs.get("server")
+        while not predicate():
+            if time.monotonic() > deadline or (server is not None and server.poll() is not None):
+                pytest.fail(f"timed out waiting for {what}; server said:\n{self.server_output()}")
+            time.sleep(0.5)
+
+    def server_output(self) -> str:
+        path = self.root / "server.out"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def server(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([BIN / "flower-server", *args, "--config", str(self.config)],
+                              capture_output=True, text=True, timeout=120)
+
+    def close(self) -> None:
+        self.server("stop")
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except (ProcessLookupError, PermissionError):
+                    proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deploy")
+    data = root / "data"
+    assert micromil(["datasets", "prepare", "musk1", "--out", str(data), "--sites", "3",
+                     "--holdout-sites", "1", "--partition", "iid", "--seed", "0"]) == 0
+    pki = root / "pki"
+    done = subprocess.run([BIN / "flower-server", "provision", "--out", str(pki),
+                           "--server-name", "localhost", "--sites", *SITES],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return root, data, pki
+
+
+def _experiment(rounds: int, **federation) -> dict:
+    return {
+        "model": {"name": "abmil"},
+        "train": {"lr": 5e-4, "num_threads": 1, "seed": 0},
+        "federation": {"rounds": rounds, "local_epochs": 1, "strategy": "fedavg", **federation},
+    }
+
+
+def _patient_ids(data: Path) -> set[str]:
+    ids = set()
+    for path in data.glob("site-*/patients.csv"):
+        with open(path) as fh:
+            ids |= {row["patient_id"] for row in csv.DictReader(fh)}
+    return ids
+
+
+def test_tls_node_auth_federation_two_rounds_and_refusals(setup):
+    root, data, pki = setup
+    fed = Federation(root, data, pki, "main", _experiment(rounds=2))
+    try:
+        server = fed.start_server()
+        fed.wait_for(lambda: "submitted" in fed.server_output(), 120, "the run to be submitted")
+        for site in SITES:
+            fed.start_site(site)
+        assert server.wait(timeout=420) == 0, fed.server_output()
+
+        out = fed.server_output()
+        assert "finished:completed" in out
+        assert "round 2/2" in out  # round progress streamed to the coordinator's console
+        metrics = json.loads((fed.out / "metrics.json").read_text())
+        with open(data / "site-3" / "patients.csv") as fh:
+            n_holdout = sum(1 for _ in csv.DictReader(fh))
+        assert metrics["n"] == n_holdout and list(metrics["per_site"]) == ["site-3"]
+        assert 0.0 <= metrics["auc"] <= 1.0 and metrics["round"] == 2
+        history = json.loads((fed.out / "history.json").read_text())["rounds"]
+        assert [h["round"] for h in history] == [1, 2]
+        assert all(sorted(h["train"]) == ["site-0", "site-1", "site-2"] for h in history)
+        assert all(h["failures"] == [] for h in history)
+        ckpt = load_checkpoint(fed.out / "model.pt")
+        assert ckpt.model_name == "abmil" and ckpt.provenance["trained_on"] == ["site-0", "site-1", "site-2"]
+
+        status = json.loads(fed.server("status", "--json").stdout)
+        assert status["run"]["status"] == "finished:completed"
+        assert sorted(s["site"] for s in status["sites"] if s["status"] == "online") == list(SITES)
+
+        # No patient id reaches the coordinator: not in its console, logs or results.
+        coordinator_text = out + "".join(
+            p.read_text(errors="replace") for p in [*fed.out.glob("*.json"), fed.out / "server.log",
+                                                   fed.root / "state" / "superlink.log"]
+        )
+        leaked = [pid for pid in _patient_ids(data) if pid in coordinator_text]
+        assert leaked == []
+
+        # A hospital whose key was never registered is refused.
+        stranger = root / "stranger"
+        done = subprocess.run([BIN / "flower-client", "keygen", "--name", "site-0", "--out", str(stranger)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        proc = fed.start_site("site-0", fed.site_config("site-0", key=stranger / "site-0.key"), tag="-stranger")
+        assert proc.wait(timeout=90) != 0
+        # A hospital that does not trust the federation's CA (another CA) is refused.
+        other = root / "other-pki"
+        subprocess.run([BIN / "flower-server", "provision", "--out", str(other), "--server-name",
+                        "localhost", "--sites", "site-1"], check=True, capture_output=True, timeout=60)
+        proc = fed.start_site("site-1", fed.site_config("site-1", ca=other / "coordinator" / "ca.pem"),
+                              tag="-wrong-ca")
+        assert proc.wait(timeout=90) != 0
+        assert "CERTIFICATE_VERIFY_FAILED" in (fed.root / "site-1-wrong-ca.out").read_text()
+    finally:
+        fed.close()
+
+
+def test_site_killed_mid_round_run_continues_and_site_rejoins(setup):
+    root, data, pki = setup
+    fed = Federation(root, data, pki, "fault",
+                     _experiment(rounds=6, min_train_sites=2, round_timeout=240))
+    try:
+        server = fed.start_server()
+        fed.wait_for(lambda: "submitted" in fed.server_output(), 120, "the run to be submitted")
+        for site in SITES:
+            fed.start_site(site)
+        fed.wait_for(lambda: "sites: train" in fed.server_output(), 240, "the pre-flight check")
+        # Round 1 has just been sent: the hospital's machine dies (SuperNode + ClientApps).
+        os.killpg(fed.procs["site-1"].pid, signal.SIGKILL)
+        fed.wait_for(lambda: "round 1/6" in fed.server_output(), 240, "round 1 to end")
+        # The hospital comes back. The SuperLink refuses a hard-killed node for ~50 s
+        # (FLOWER_NOTES), so retry the way a service manager with back-off would.
+        for attempt in range(8):
+            proc = fed.start_site("site-1", tag=f"-restarted{attempt}")
+            time.sleep(10)
+            if proc.poll() is None:
+                break
+        assert server.wait(timeout=600) == 0, fed.server_output()
+
+        out = fed.server_output()
+        history = json.loads((fed.out / "history.json").read_text())["rounds"]
+        assert len(history) == 6 and (fed.out / "model.pt").is_file()
+        first = history[0]
+        assert sorted(first["train"]) == ["site-0", "site-2"]  # aggregated without the dead site
+        assert any(f.startswith("site-1:") for f in first["failures"]), first["failures"]
+        assert "site-1: training failed" in out or "site-1: no training reply" in out
+        # The restarted site is back in a later round.
+        assert any("site-1" in h["train"] for h in history[1:]), [sorted(h["train"]) for h in history]
+    finally:
+        fed.close()

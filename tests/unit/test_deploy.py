@@ -1,0 +1,201 @@
+"""Deployment helpers without starting processes: PKI, config files, command lines."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+import tomllib
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from micromil_core.deploy.config import load_coordinator_config, load_site_config
+from micromil_core.deploy.coordinator import Coordinator
+from micromil_core.deploy.pki import certificate_names, make_site_key, provision, read_public_key
+from micromil_core.deploy.site import check_site_data, node_config, supernode_command
+from micromil_core.errors import ConfigError, SiteDataError
+from server.cli import main as flower_server
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def pki(tmp_path):
+    provision(tmp_path / "pki", ["coord.example.org", "10.1.2.3"], ["h1", "h2"])
+    return tmp_path / "pki"
+
+
+def _coordinator_yaml(tmp_path: Path, **overrides) -> Path:
+    (tmp_path / "exp.yaml").write_text("model: {name: abmil}\n")
+    raw = {"experiment": "exp.yaml", "state_dir": "state",
+           "superlink": {"host": "127.0.0.1", "port": 9555}, **overrides}
+    path = tmp_path / "federation.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_provision_layout_permissions_and_names(pki):
+    for rel in ("ca/ca.key", "ca/ca.pem", "coordinator/server.pem", "coordinator/server.key",
+                "coordinator/registered/h1.pub", "sites/h2/h2.key", "sites/h2/ca.pem"):
+        assert (pki / rel).is_file(), rel
+    for key in ("ca/ca.key", "coordinator/server.key", "sites/h1/h1.key"):
+        assert stat.S_IMODE((pki / key).stat().st_mode) == 0o600, key
+    names = certificate_names(pki / "coordinator" / "server.pem")
+    assert {"coord.example.org", "10.1.2.3", "localhost", "127.0.0.1"} <= set(names)
+    assert read_public_key(pki / "sites" / "h1" / "h1.pub").startswith("ecdsa-sha2-nistp384 ")
+    # The registered copy is the hospital's own public key.
+    assert (pki / "coordinator/registered/h1.pub").read_bytes() == (pki / "sites/h1/h1.pub").read_bytes()
+    # The coordinator's folder holds no hospital private key and not the CA key.
+    assert sorted(p.name for p in (pki / "coordinator").rglob("*.key")) == ["server.key"]
+
+
+def test_provision_again_keeps_keys_and_adds_sites(pki):
+    before = {p: p.read_bytes() for p in pki.rglob("*.key")}
+    result = provision(pki, ["coord.example.org"], ["h1", "h2", "h3"])
+    assert {p.name for p in result.created} == {"h3.key", "h3.pub"}
+    assert all(p.read_bytes() == data for p, data in before.items())
+    renewed = provision(pki, ["new.example.org"], [], renew_server=True)
+    assert "new.example.org" in certificate_names(pki / "coordinator" / "server.pem")
+    assert (pki / "ca" / "ca.key").read_bytes() == before[pki / "ca" / "ca.key"]
+    assert {p.name for p in renewed.created} == {"server.key", "server.pem"}
+
+
+def test_provision_refuses_bad_input(tmp_path, pki):
+    with pytest.raises(ConfigError, match="site name 'bad/name'"):
+        provision(tmp_path / "x", ["c"], ["bad/name"])
+    with pytest.raises(ConfigError, match="DNS name"):
+        provision(tmp_path / "y", [], ["h1"])
+    (pki / "ca" / "ca.pem").unlink()
+    with pytest.raises(ConfigError, match="only one of ca.key/ca.pem"):
+        provision(pki, ["c"], ["h1"])
+    with pytest.raises(ConfigError, match="refusing to replace"):
+        make_site_key(pki / "sites" / "h1", "h1")
+
+
+def test_public_key_must_be_ecdsa_p384(tmp_path):
+    key = ed25519.Ed25519PrivateKey.generate().public_key()
+    path = tmp_path / "k.pub"
+    path.write_bytes(key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    with pytest.raises(ConfigError, match="ECDSA P-384"):
+        read_public_key(path)
+    path.write_text("not a key")
+    with pytest.raises(ConfigError, match="not an OpenSSH public key"):
+        read_public_key(path)
+
+
+def test_coordinator_config_resolves_paths_and_names_errors(tmp_path):
+    cfg = load_coordinator_config(_coordinator_yaml(tmp_path, run={"expected_sites": 4}))
+    assert cfg.experiment == tmp_path / "exp.yaml"
+    assert cfg.state_dir == tmp_path / "state"
+    assert cfg.out_dir == tmp_path / "runs" / "federation"
+    assert cfg.path(cfg.superlink.cert) == tmp_path / "pki" / "coordinator" / "server.pem"
+    with pytest.raises(ConfigError, match=r"federation.yaml: unknown key\(s\) superlnk"):
+        load_coordinator_config(_coordinator_yaml(tmp_path, superlnk={}))
+    with pytest.raises(ConfigError, match="superlink.port=70000"):
+        load_coordinator_config(_coordinator_yaml(tmp_path, superlink={"port": 70000}))
+    with pytest.raises(ConfigError, match="run.resume='maybe'"):
+        load_coordinator_config(_coordinator_yaml(tmp_path, run={"resume": "maybe"}))
+    path = _coordinator_yaml(tmp_path, experiment="missing.yaml")
+    with pytest.raises(ConfigError, match="missing.yaml not found"):
+        load_coordinator_config(path)
+
+
+def test_superlink_command_secure_by_default(tmp_path, pki):
+    cfg_path = _coordinator_yaml(tmp_path, superlink={
+        "port": 9555, "ca_cert": str(pki / "coordinator/ca.pem"),
+        "cert": str(pki / "coordinator/server.pem"), "key": str(pki / "coordinator/server.key"),
+        "registered_keys": str(pki / "coordinator/registered")})
+    coord = Coordinator(load_coordinator_config(cfg_path))
+    coord.check()
+    cmd = coord.superlink_command()
+    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth",
+                 "--disable-runtime-dependency-installation", "--database"):
+        assert flag in cmd
+    assert "--insecure" not in cmd
+    assert sorted(coord.registered_keys()) == ["h1", "h2"]
+    insecure = Coordinator(load_coordinator_config(cfg_path), insecure=True).superlink_command()
+    assert "--insecure" in insecure and "--enable-supernode-auth" not in insecure
+    assert "--disable-runtime-dependency-installation" in insecure
+
+
+def test_coordinator_check_names_missing_files(tmp_path):
+    coord = Coordinator(load_coordinator_config(_coordinator_yaml(tmp_path)))
+    with pytest.raises(ConfigError, match="superlink.cert: .*server.pem.*flower-server provision"):
+        coord.check()
+
+
+def test_start_insecure_warns_before_anything_starts(tmp_path, capsys, monkeypatch):
+    def refuse(self, **kwargs):
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(Coordinator, "start_superlink", refuse)
+    assert flower_server(["start", "--config", str(_coordinator_yaml(tmp_path)), "--insecure"]) == 2
+    err = capsys.readouterr().err
+    assert "WARNING: --insecure" in err and "stop here" in err
+
+
+def test_staged_app_run_config_matches_the_project(tmp_path):
+    coord = Coordinator(load_coordinator_config(_coordinator_yaml(tmp_path)))
+    app = coord.stage_app(resume=True)
+    staged = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert set(staged["config"]) == set(project["config"])  # the ServerApp reads these keys
+    assert staged["components"] == project["components"]
+    assert staged["config"]["resume"] is True
+    assert staged["config"]["config"] == str(tmp_path / "exp.yaml")
+    for package in ("micromil_core", "server", "client"):
+        assert (app / package / "__init__.py").is_file()
+    assert not list(app.rglob("__pycache__"))
+
+
+def _site_yaml(tmp_path: Path, pki: Path, **site) -> Path:
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump({
+        "site": {"name": "h1", "data_path": "data/h1", "role": "train", **site},
+        "superlink": {"address": "coord.example.org:9092",
+                      "ca_cert": str(pki / "sites/h1/ca.pem"),
+                      "private_key": str(pki / "sites/h1/h1.key")},
+        "supernode": {"port": 9400, "state_dir": "state"},
+    }))
+    return path
+
+
+def test_site_config_and_supernode_command(tmp_path, pki):
+    cfg = load_site_config(_site_yaml(tmp_path, pki))
+    assert cfg.path(cfg.site.data_path) == tmp_path / "data" / "h1"
+    cmd = supernode_command(cfg)
+    assert cmd[cmd.index("--superlink") + 1] == "coord.example.org:9092"
+    assert cmd[cmd.index("--root-certificates") + 1] == str(pki / "sites/h1/ca.pem")
+    assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(pki / "sites/h1/h1.key")
+    assert "--insecure" not in cmd
+    # TOML values: strings quoted, so paths with spaces survive.
+    assert node_config(cfg) == f'site-name="h1" data-path="{tmp_path / "data" / "h1"}" role="train"'
+    assert "--insecure" in supernode_command(cfg, insecure=True)
+
+
+def test_site_config_errors(tmp_path, pki):
+    with pytest.raises(ConfigError, match="site.role='test'"):
+        load_site_config(_site_yaml(tmp_path, pki, role="test"))
+    with pytest.raises(ConfigError, match="site.name='h 1'"):
+        load_site_config(_site_yaml(tmp_path, pki, name="h 1"))
+    path = _site_yaml(tmp_path, pki)
+    raw = yaml.safe_load(path.read_text())
+    raw["superlink"]["address"] = "coord.example.org"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="expected host:port"):
+        load_site_config(path)
+    raw["superlink"]["address"] = "c:1"
+    raw["superlink"]["ca_cert"] = "nowhere/ca.pem"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="superlink.ca_cert: .*nowhere/ca.pem"):
+        supernode_command(load_site_config(path))
+
+
+def test_site_data_checked_before_joining(tmp_path, pki):
+    cfg = load_site_config(_site_yaml(tmp_path, pki))
+    (tmp_path / "data" / "h1").mkdir(parents=True)
+    (tmp_path / "data" / "h1" / "patients.csv").write_text("patient_id,label\np1,pos\n")
+    with pytest.raises(SiteDataError, match="fix them before joining"):
+        check_site_data(cfg)
