@@ -242,3 +242,32 @@ def test_site_killed_mid_round_run_continues_and_site_rejoins(setup):
         assert any("site-1" in h["train"] for h in history[1:]), [sorted(h["train"]) for h in history]
     finally:
         fed.close()
+
+
+def test_coordinator_restart_continues_from_last_checkpoint(setup):
+    root, data, pki = setup
+    fed = Federation(root, data, pki, "restart", _experiment(rounds=4))
+    try:
+        first = fed.start_server()
+        fed.wait_for(lambda: "submitted" in fed.server_output(), 120, "the run to be submitted")
+        for site in SITES:
+            fed.start_site(site)
+        fed.wait_for(lambda: "round 2/4" in fed.server_output(), 300, "round 2 to end")
+        # Maintenance: the coordinator goes down mid-run; the hospitals keep retrying.
+        stopped = fed.server("stop")
+        assert stopped.returncode == 0 and "SuperLink" in stopped.stdout, stopped.stderr
+        first.wait(timeout=60)
+        saved = json.loads((fed.out / "history.json").read_text())["rounds"]
+        assert len(saved) >= 2
+        (fed.root / "server-first.out").write_text(fed.server_output())
+
+        again = fed.start_server()
+        assert again.wait(timeout=600) == 0, fed.server_output()
+        assert "continuing from the last checkpointed round" in fed.server_output()
+        history = json.loads((fed.out / "history.json").read_text())["rounds"]
+        assert [h["round"] for h in history] == [1, 2, 3, 4]
+        assert history[: len(saved)] == saved  # checkpointed rounds are kept, not re-run
+        assert f"resuming after round {len(saved)}" in (fed.out / "server.log").read_text()
+        assert json.loads((fed.out / "metrics.json").read_text())["round"] == 4
+    finally:
+        fed.close()
