@@ -199,3 +199,23 @@ def test_site_data_checked_before_joining(tmp_path, pki):
     (tmp_path / "data" / "h1" / "patients.csv").write_text("patient_id,label\np1,pos\n")
     with pytest.raises(SiteDataError, match="fix them before joining"):
         check_site_data(cfg)
+
+
+def test_flower_client_check_reports_a_good_site(tmp_path, pki, capsys):
+    import torch
+
+    from client.cli import main as flower_client
+
+    site = tmp_path / "data" / "h1"
+    (site / "features").mkdir(parents=True)
+    rows = ["patient_id,label"]
+    for i in range(6):
+        rows.append(f"p{i},{'pos' if i % 2 else 'neg'}")
+        torch.save(torch.randn(3 + i, 8), site / "features" / f"p{i}.pt")
+    (site / "patients.csv").write_text("\n".join(rows) + "\n")
+    assert flower_client(["check", "--config", str(_site_yaml(tmp_path, pki))]) == 0
+    out = capsys.readouterr().out
+    assert ": OK" in out and "patients: 6" in out
+    (site / "features" / "p0.pt").unlink()
+    assert flower_client(["check", "--config", str(_site_yaml(tmp_path, pki))]) == 2
+    assert "fix them before joining" in capsys.readouterr().err
