@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from micromil_core.cli import dispatch
+from micromil_core.cli import command_parser, dispatch
 
 DEFAULT_CONFIG = "deploy/site.yaml"
 
@@ -51,11 +51,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="flower-client", description="Join a micromil-fl federation as a hospital."
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser, sub = command_parser("flower-client", "Join a micromil-fl federation as a hospital.")
     for name, func, text in (
         ("check", cmd_check, "check this site's data"),
         ("run", cmd_run, "check the data, then start this site's SuperNode"),

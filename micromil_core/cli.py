@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from micromil_core.errors import MicroMILError
 
@@ -280,13 +281,20 @@ def cmd_encoders(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="micromil",
-        description="MicroMIL and MIL baselines for patient-level microscopy diagnosis.",
-    )
+def command_parser(prog: str, description: str) -> tuple[argparse.ArgumentParser, Any]:
+    """The parser every command of the project starts from: -v and required subcommands.
+
+    Shared by ``micromil``, ``flower-server`` and ``flower-client`` (see :func:`dispatch`).
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    return parser, parser.add_subparsers(dest="command", required=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser, sub = command_parser(
+        "micromil", "MicroMIL and MIL baselines for patient-level microscopy diagnosis."
+    )
 
     ds = sub.add_parser("datasets", help="bundled real datasets")
     ds_sub = ds.add_subparsers(dest="datasets_command", required=True)

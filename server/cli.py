@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from micromil_core.cli import dispatch
+from micromil_core.cli import command_parser, dispatch
 
 DEFAULT_CONFIG = "deploy/federation.yaml"
 
@@ -127,11 +127,9 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="flower-server", description="Coordinate a micromil-fl federation over Flower's SuperLink."
+    parser, sub = command_parser(
+        "flower-server", "Coordinate a micromil-fl federation over Flower's SuperLink."
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("provision", help="make the CA, the coordinator certificate and hospital keys")
     p.add_argument("--out", default="deploy/pki", help="folder for the PKI (default deploy/pki)")

@@ -402,10 +402,10 @@ def run_federation(
         replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
         # Sorted by site name: a fixed aggregation order makes float sums reproducible.
         answered, failures = match_replies(messages, replies, name_of, "training", fed.round_timeout)
-        back = sorted(missing & {name for name, _ in answered})
-        if back:
-            log.info("round %d: %s back and training again", rnd, ", ".join(back))
-        missing = (missing | {f.split(":", 1)[0] for f in failures}) - {name for name, _ in answered}
+        trained = {name for name, _ in answered}
+        if missing & trained:
+            log.info("round %d: %s back and training again", rnd, ", ".join(sorted(missing & trained)))
+        missing = (missing | {name_of[m.metadata.dst_node_id] for m in messages}) - trained
         ok = [r for _, r in answered]
         received = sum(payload_bytes(r.content) for r in ok)
         per_site_train = {name: _metric_dict(r.content.metric_records[wire.METRICS]) for name, r in answered}

@@ -41,6 +41,15 @@ def write_site(
     return root
 
 
+def patient_ids(root: Path) -> set[str]:
+    """Every patient id of the site folders under ``root`` (for leak checks)."""
+    ids = set()
+    for csv_path in root.glob("site-*/patients.csv"):
+        with open(csv_path) as fh:
+            ids |= {row["patient_id"] for row in csv.DictReader(fh)}
+    return ids
+
+
 @pytest.fixture
 def tiny_site(tmp_path: Path) -> Path:
     return write_site(tmp_path / "site-a")

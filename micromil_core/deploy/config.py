@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from micromil_core.config import build_section, load_yaml
+from micromil_core.data.site import ROLES
 from micromil_core.errors import ConfigError
 
-ROLES = ("train", "holdout")
 RESUME_MODES = ("auto", "never")
 
 

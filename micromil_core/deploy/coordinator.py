@@ -11,13 +11,11 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
-import logging
 import os
 import shutil
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +25,6 @@ from micromil_core.deploy.pki import check_site_name, read_public_key
 from micromil_core.errors import ConfigError
 from micromil_core.io import atomic_path, write_json_atomic
 
-log = logging.getLogger("micromil.deploy")
-
 CONNECTION = "micromil"  # name of the SuperLink connection in the Flower CLI's config
 APP_PACKAGES = ("micromil_core", "server", "client")
 INSECURE_WARNING = (
@@ -37,37 +33,18 @@ INSECURE_WARNING = (
 )
 
 
-@dataclass(frozen=True)
 class StatePaths:
-    root: Path
+    """Files of one coordinator under its ``state_dir``."""
 
-    @property
-    def database(self) -> Path:
-        return self.root / "superlink.db"
-
-    @property
-    def log(self) -> Path:
-        return self.root / "superlink.log"
-
-    @property
-    def pid(self) -> Path:
-        return self.root / "superlink.pid"
-
-    @property
-    def flwr_home(self) -> Path:
-        return self.root / "flwr-home"
-
-    @property
-    def sites(self) -> Path:
-        return self.root / "sites.json"
-
-    @property
-    def run(self) -> Path:
-        return self.root / "run.json"
-
-    @property
-    def app(self) -> Path:
-        return self.root / "app" / "micromil-fl"
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.database = root / "superlink.db"
+        self.log = root / "superlink.log"
+        self.pid = root / "superlink.pid"
+        self.flwr_home = root / "flwr-home"
+        self.sites = root / "sites.json"  # site name -> node id, from registration
+        self.run = root / "run.json"  # the current run's id
+        self.app = root / "app" / "micromil-fl"
 
 
 class Coordinator:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 from micromil_core.data.site import SiteReport, check_site
 from micromil_core.deploy.config import SiteDeployConfig, require_files
@@ -69,7 +68,3 @@ def exec_supernode(cfg: SiteDeployConfig, *, insecure: bool = False) -> None:
     """Replace this process by the SuperNode, so service managers signal it directly."""
     cmd = supernode_command(cfg, insecure=insecure)
     os.execve(cmd[0], cmd, supernode_env(cfg))
-
-
-def site_data_path(cfg: SiteDeployConfig) -> Path:
-    return cfg.path(cfg.site.data_path)

@@ -20,7 +20,7 @@ import torch
 from micromil_core.config import DataConfig, TrainConfig
 from micromil_core.data.bag import Bag
 from micromil_core.data.scaler import FeatureScaler
-from micromil_core.data.site import check_site, load_site
+from micromil_core.data.site import ROLES, check_site, load_site
 from micromil_core.errors import SiteDataError
 from micromil_core.federated import wire
 from micromil_core.models.base import MILModel
@@ -37,7 +37,6 @@ from micromil_core.training.trainer import fit, metrics_from_predictions, predic
 
 log = logging.getLogger(__name__)
 
-ROLES = ("train", "holdout")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import yaml
 
 from micromil_core.cli import main as micromil
 from micromil_core.training.checkpoint import load_checkpoint
+from tests.conftest import patient_ids
 
 pytestmark = pytest.mark.slow
 
@@ -81,6 +82,14 @@ class Federation:
             stdout=open(self.root / "server.out", "w"), stderr=subprocess.STDOUT,
         )
         return self.procs["server"]
+
+    def launch(self) -> subprocess.Popen:
+        """``flower-server start``, then every hospital once the run is submitted."""
+        server = self.start_server()
+        self.wait_for(lambda: "submitted" in self.server_output(), 120, "the run to be submitted")
+        for site in SITES:
+            self.start_site(site)
+        return server
 
     def start_site(self, site: str, config: Path | None = None, tag: str = "") -> subprocess.Popen:
         config = config or self.site_config(site)
@@ -145,22 +154,11 @@ def _experiment(rounds: int, **federation) -> dict:
     }
 
 
-def _patient_ids(data: Path) -> set[str]:
-    ids = set()
-    for path in data.glob("site-*/patients.csv"):
-        with open(path) as fh:
-            ids |= {row["patient_id"] for row in csv.DictReader(fh)}
-    return ids
-
-
 def test_tls_node_auth_federation_two_rounds_and_refusals(setup):
     root, data, pki = setup
     fed = Federation(root, data, pki, "main", _experiment(rounds=2))
     try:
-        server = fed.start_server()
-        fed.wait_for(lambda: "submitted" in fed.server_output(), 120, "the run to be submitted")
-        for site in SITES:
-            fed.start_site(site)
+        server = fed.launch()
         assert server.wait(timeout=420) == 0, fed.server_output()
 
         out = fed.server_output()
@@ -187,7 +185,7 @@ def test_tls_node_auth_federation_two_rounds_and_refusals(setup):
             p.read_text(errors="replace") for p in [*fed.out.glob("*.json"), fed.out / "server.log",
                                                    fed.root / "state" / "superlink.log"]
         )
-        leaked = [pid for pid in _patient_ids(data) if pid in coordinator_text]
+        leaked = [pid for pid in patient_ids(data) if pid in coordinator_text]
         assert leaked == []
 
         # A hospital whose key was never registered is refused.
@@ -214,10 +212,7 @@ def test_site_killed_mid_round_run_continues_and_site_rejoins(setup):
     fed = Federation(root, data, pki, "fault",
                      _experiment(rounds=6, min_train_sites=2, round_timeout=240))
     try:
-        server = fed.start_server()
-        fed.wait_for(lambda: "submitted" in fed.server_output(), 120, "the run to be submitted")
-        for site in SITES:
-            fed.start_site(site)
+        server = fed.launch()
         fed.wait_for(lambda: "sites: train" in fed.server_output(), 240, "the pre-flight check")
         # Round 1 has just been sent: the hospital's machine dies (SuperNode + ClientApps).
         os.killpg(fed.procs["site-1"].pid, signal.SIGKILL)
@@ -248,10 +243,7 @@ def test_coordinator_restart_continues_from_last_checkpoint(setup):
     root, data, pki = setup
     fed = Federation(root, data, pki, "restart", _experiment(rounds=4))
     try:
-        first = fed.start_server()
-        fed.wait_for(lambda: "submitted" in fed.server_output(), 120, "the run to be submitted")
-        for site in SITES:
-            fed.start_site(site)
+        first = fed.launch()
         fed.wait_for(lambda: "round 2/4" in fed.server_output(), 300, "round 2 to end")
         # Maintenance: the coordinator goes down mid-run; the hospitals keep retrying.
         stopped = fed.server("stop")

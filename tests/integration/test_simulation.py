@@ -2,9 +2,7 @@
 3 training hospitals + 1 held-out): outputs, a privacy audit of every message, and
 resume-after-interruption equivalence."""
 
-import csv
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +15,7 @@ from micromil_core.federated import wire
 from micromil_core.training.checkpoint import load_checkpoint
 from micromil_core.training.metrics import METRIC_KEYS
 from server.simulation import simulate
+from tests.conftest import patient_ids
 
 pytestmark = pytest.mark.slow
 
@@ -54,14 +53,6 @@ def _cfg(root, rounds, **fed):
     })
 
 
-def _patient_ids(root: Path) -> set[str]:
-    ids = set()
-    for csv_path in root.glob("site-*/patients.csv"):
-        with open(csv_path) as fh:
-            ids |= {row["patient_id"] for row in csv.DictReader(fh)}
-    return ids
-
-
 def _strings(record) -> list[str]:
     out = []
     for value in record.values():
@@ -95,7 +86,7 @@ def test_outputs(full_run):
 
 def test_no_patient_data_leaves_a_site(full_run, ucsb):
     out, _, log = full_run
-    ids = _patient_ids(ucsb)
+    ids = patient_ids(ucsb)
     state_keys = set(load_checkpoint(out / "model.pt").state_dict)
     n_replies = 0
     for _, replies in log:

@@ -17,6 +17,7 @@ from micromil_core.deploy.pki import certificate_names, make_site_key, provision
 from micromil_core.deploy.site import check_site_data, node_config, supernode_command
 from micromil_core.errors import ConfigError, SiteDataError
 from server.cli import main as flower_server
+from tests.conftest import write_site
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -202,20 +203,12 @@ def test_site_data_checked_before_joining(tmp_path, pki):
 
 
 def test_flower_client_check_reports_a_good_site(tmp_path, pki, capsys):
-    import torch
-
     from client.cli import main as flower_client
 
-    site = tmp_path / "data" / "h1"
-    (site / "features").mkdir(parents=True)
-    rows = ["patient_id,label"]
-    for i in range(6):
-        rows.append(f"p{i},{'pos' if i % 2 else 'neg'}")
-        torch.save(torch.randn(3 + i, 8), site / "features" / f"p{i}.pt")
-    (site / "patients.csv").write_text("\n".join(rows) + "\n")
+    site = write_site(tmp_path / "data" / "h1", n_patients=6)
     assert flower_client(["check", "--config", str(_site_yaml(tmp_path, pki))]) == 0
     out = capsys.readouterr().out
     assert ": OK" in out and "patients: 6" in out
-    (site / "features" / "p0.pt").unlink()
+    (site / "features" / "p000.pt").unlink()
     assert flower_client(["check", "--config", str(_site_yaml(tmp_path, pki))]) == 2
     assert "fix them before joining" in capsys.readouterr().err
