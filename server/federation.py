@@ -300,6 +300,41 @@ def match_replies(
 
 
 @dataclass
+class TrainStep:
+    """The training half of a round: what the sites sent back and its aggregate."""
+
+    arrays: ArrayRecord | None  # the new global model; None = nothing was aggregated
+    metrics: MetricRecord | None  # the strategy's aggregate of the sites' train metrics
+    per_site: dict[str, dict[str, Any]]  # site name -> its train metrics (aggregate numbers)
+    asked: set[str]  # sites that were sent a training message
+    failures: list[str]
+    sent: int = 0  # payload bytes
+    received: int = 0
+
+
+def plain_train_step(
+    grid: Grid, strategy: Any, rnd: int, arrays: ArrayRecord, config: ConfigRecord,
+    train_view: NodeSubset, name_of: dict[int, str], timeout: float, min_sites: int,
+) -> TrainStep:
+    """Send the model to the training sites, then let the strategy aggregate the replies."""
+    messages = list(strategy.configure_train(rnd, arrays, config, train_view))
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    # Sorted by site name: a fixed aggregation order makes float sums reproducible.
+    answered, failures = match_replies(messages, replies, name_of, "training", timeout)
+    ok = [r for _, r in answered]
+    new_arrays, metrics = strategy.aggregate_train(rnd, ok) if len(ok) >= min_sites else (None, None)
+    return TrainStep(
+        new_arrays,
+        metrics,
+        {name: _metric_dict(r.content.metric_records[wire.METRICS]) for name, r in answered},
+        {name_of[m.metadata.dst_node_id] for m in messages},
+        failures,
+        sent=sum(payload_bytes(m.content) for m in messages),
+        received=sum(payload_bytes(r.content) for r in ok),
+    )
+
+
+@dataclass
 class RunState:
     """What survives a coordinator restart (saved after every round)."""
 
@@ -334,7 +369,7 @@ def _load_state(path: Path, cfg: ExperimentConfig, spec: ModelSpec) -> RunState 
         raise CheckpointError(f"{path} could not be read ({exc}); remove it to start afresh") from None
     saved = raw.get("experiment", {})
     now = cfg.to_dict()
-    for section in ("model", "data", "federation"):
+    for section in ("model", "data", "federation", "privacy"):
         a, b = dict(saved.get(section, {})), dict(now.get(section, {}))
         a.pop("rounds", None)
         b.pop("rounds", None)
@@ -397,27 +432,20 @@ def run_federation(
     for rnd in range(state.round + 1, fed.rounds + 1):
         start = time.perf_counter()
         round_config = ConfigRecord({**settings.to_config(), wire.ROUND: rnd, wire.LOCAL_EPOCHS: fed.local_epochs})
-        messages = list(strategy.configure_train(rnd, arrays, round_config, train_view))
-        sent = sum(payload_bytes(m.content) for m in messages)
-        replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
-        # Sorted by site name: a fixed aggregation order makes float sums reproducible.
-        answered, failures = match_replies(messages, replies, name_of, "training", fed.round_timeout)
-        trained = {name for name, _ in answered}
+        min_sites = fed.min_train_sites or len(train_sites)
+        step = plain_train_step(
+            grid, strategy, rnd, arrays, round_config, train_view, name_of, fed.round_timeout, min_sites
+        )
+        failures = step.failures
+        trained = set(step.per_site)
         if missing & trained:
             log.info("round %d: %s back and training again", rnd, ", ".join(sorted(missing & trained)))
-        missing = (missing | {name_of[m.metadata.dst_node_id] for m in messages}) - trained
-        ok = [r for _, r in answered]
-        received = sum(payload_bytes(r.content) for r in ok)
-        per_site_train = {name: _metric_dict(r.content.metric_records[wire.METRICS]) for name, r in answered}
-        min_sites = fed.min_train_sites or len(train_sites)
-        agg_arrays, agg_metrics = (None, None)
-        if len(ok) >= min_sites:
-            agg_arrays, agg_metrics = strategy.aggregate_train(rnd, ok)
-        if agg_arrays is not None:
-            arrays = agg_arrays
+        missing = (missing | step.asked) - trained
+        if step.arrays is not None:
+            arrays = step.arrays
         else:
             failures.append(
-                f"round {rnd}: {len(ok)} of {min_sites} required sites replied; global model kept"
+                f"round {rnd}: {len(step.per_site)} of {min_sites} required sites replied; global model kept"
             )
         for f in failures:
             log.warning("round %d: %s", rnd, f)
@@ -430,10 +458,10 @@ def run_federation(
         entry = {
             "round": rnd,
             "wall_seconds": time.perf_counter() - start,
-            "bytes_sent": sent + eval_sent,
-            "bytes_received": received + eval_received,
-            "train": per_site_train,
-            "train_aggregated": _metric_dict(agg_metrics) if agg_metrics is not None else {},
+            "bytes_sent": step.sent + eval_sent,
+            "bytes_received": step.received + eval_received,
+            "train": step.per_site,
+            "train_aggregated": _metric_dict(step.metrics) if step.metrics is not None else {},
             "evaluate": train_eval,
             "evaluate_aggregated": _weighted(train_eval, (*wire.CORE_METRICS, "loss")),
             "holdout": holdout_eval,
