@@ -29,6 +29,7 @@ from micromil_core.federated.site_task import (
     redact,
     train_round,
 )
+from micromil_core.privacy.node_config import from_node_config as privacy_from_node_config
 from micromil_core.runtime import resolve_device, set_threads
 
 log = logging.getLogger("micromil.client")
@@ -38,6 +39,7 @@ SiteResolver = Callable[[Context], SiteSettings]
 NODE_SITE_NAME = "site-name"
 NODE_DATA_PATH = "data-path"
 NODE_ROLE = "role"
+NODE_STATE_DIR = "state-dir"  # the site's own folder for its privacy ledger
 
 
 def site_from_node_config(context: Context) -> SiteSettings:
@@ -49,8 +51,13 @@ def site_from_node_config(context: Context) -> SiteSettings:
             f"node config lacks {', '.join(missing)}; start the SuperNode with "
             "--node-config 'site-name=\"h1\" data-path=\"/data/h1\" role=\"train\"'"
         )
+    state_dir = cfg.get(NODE_STATE_DIR)
     return SiteSettings(
-        str(cfg[NODE_SITE_NAME]), Path(str(cfg[NODE_DATA_PATH])), str(cfg.get(NODE_ROLE, "train"))
+        str(cfg[NODE_SITE_NAME]),
+        Path(str(cfg[NODE_DATA_PATH])),
+        str(cfg.get(NODE_ROLE, "train")),
+        privacy=privacy_from_node_config(cfg),
+        state_dir=Path(str(state_dir)) if state_dir else None,
     )
 
 
@@ -109,7 +116,8 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
         site = resolve(context)
         description, counts = describe_site(site, settings.experiment.data)
         content = RecordDict({wire.SITE: ConfigRecord(description)})
-        if site.role == "train" and counts.get("num_errors", 0) == 0:
+        # A DP site does not release exact feature statistics: DP-SGD does not cover them.
+        if site.role == "train" and counts.get("num_errors", 0) == 0 and not site.privacy.enabled:
             runtime = load_runtime(
                 site, settings.experiment.data, settings.experiment.train, description[wire.SITE_CLASSES]
             )
@@ -132,11 +140,13 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
             settings.spec,
             state,
             settings.experiment.train,
-            settings.scaler,
+            runtime.scaler_for(settings.scaler, settings.site_scaler),
             server_round=int(cfg[wire.ROUND]),
             local_epochs=int(cfg[wire.LOCAL_EPOCHS]),
             proximal_mu=float(cfg.get(wire.PROXIMAL_MU, 0.0)),
             device=_device(settings),
+            run_id=str(cfg.get(wire.FEDERATION_ID, "")),
+            planned_rounds=settings.experiment.federation.rounds,
         )
         content = RecordDict(
             {wire.ARRAYS: ArrayRecord(new_state), wire.METRICS: MetricRecord(metrics)}
@@ -150,7 +160,8 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
         site = resolve(context)
         runtime = load_runtime(site, settings.experiment.data, settings.experiment.train, settings.classes)
         state = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
-        metrics = evaluate_round(runtime, settings.spec, state, settings.scaler, _device(settings))
+        scaler = runtime.scaler_for(settings.scaler, settings.site_scaler)
+        metrics = evaluate_round(runtime, settings.spec, state, scaler, _device(settings))
         return Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
     return app

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from micromil_core.errors import MicroMILError
+from micromil_core.errors import ConfigError, MicroMILError
 
 log = logging.getLogger("micromil")
 
@@ -260,6 +260,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_privacy_report(args: argparse.Namespace) -> int:
+    from micromil_core.privacy.report import format_report, ledger_report, privacy_report
+
+    if args.ledger:
+        print(ledger_report(args.ledger))
+        return 0
+    if not args.run:
+        raise ConfigError("privacy-report needs a run folder (RUN) or --ledger STATE_DIR")
+    report = privacy_report(args.run)
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(format_report(report))
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from micromil_core.models.registry import model_specs
 
@@ -356,6 +372,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="local-only vs pooled vs federated on held-out sites")
     _add_federation_args(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "privacy-report",
+        help="epsilon spent per site per round, budgets and settings, of a run (or a site's ledger)",
+    )
+    p.add_argument("run", nargs="?", help="the --out folder of a simulate / federation run")
+    p.add_argument("--ledger", metavar="STATE_DIR", help="a site's state folder: its own ledger")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_privacy_report)
 
     p = sub.add_parser("models", help="list models and their params")
     p.set_defaults(func=cmd_models)

@@ -119,6 +119,7 @@ STRATEGIES = (
     "fedmedian", "fedtrimmedavg", "krum",
 )
 SELECT_ROUND = ("last", "best-val")
+SCALER_MODES = ("auto", "global", "site")
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,11 @@ class FederationConfig:
     min_train_sites: int = 0  # sites that must reply for a round to count; 0 = all of them
     round_timeout: float = 600.0  # seconds to wait for replies in one round
     select: str = "last"  # final model: last round, or best aggregated validation loss
+    # Feature standardisation (with train.standardize): "global" = statistics summed over
+    # the training sites; "site" = every site (held-out ones too) uses its own, which then
+    # never leave it; "auto" = global unless a training site withholds its statistics
+    # (sites with local DP do).
+    scaler: str = "auto"
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 1, "federation.rounds", self.rounds, "an integer >= 1")
@@ -149,6 +155,7 @@ class FederationConfig:
         _require(self.min_train_sites >= 0, "federation.min_train_sites", self.min_train_sites, ">= 0")
         _require(self.round_timeout > 0, "federation.round_timeout", self.round_timeout, "> 0 seconds")
         _require(self.select in SELECT_ROUND, "federation.select", self.select, f"one of {SELECT_ROUND}")
+        _require(self.scaler in SCALER_MODES, "federation.scaler", self.scaler, f"one of {SCALER_MODES}")
 
 
 @dataclass(frozen=True)

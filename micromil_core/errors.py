@@ -45,3 +45,7 @@ def unknown_name(kind: str, name: str, valid: "list[str] | tuple[str, ...]") -> 
 
 class TrainingError(MicroMILError):
     """Training diverged (non-finite loss) or cannot proceed with the given data."""
+
+
+class PrivacyBudgetExhausted(MicroMILError):
+    """A site's next round would exceed its privacy budget, so it does not train."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from micromil_core.federated import wire
 from micromil_core.federated.messages import RoundSettings
 from micromil_core.federated.site_task import ModelSpec
 from micromil_core.io import torch_save_atomic, write_json_atomic
+from micromil_core.privacy.report import budget_stops
 from micromil_core.runtime import seed_everything
 from micromil_core.training.checkpoint import Checkpoint, save_checkpoint
 from server.strategies import build_strategy, load_strategy_state, save_strategy_state
@@ -211,6 +213,27 @@ def global_scaler(sites: list[SiteInfo], dim: int) -> FeatureScaler:
     return FeatureScaler.from_moments(total, total_sq, count)
 
 
+def choose_scaler_mode(cfg: ExperimentConfig, train_sites: list[SiteInfo]) -> str:
+    """none | global | site (see ``FederationConfig.scaler``); says why when it matters."""
+    if not cfg.train.standardize:
+        return "none"
+    withheld = [s.name for s in train_sites if s.moments is None]
+    mode = cfg.federation.scaler
+    if mode == "auto":
+        mode = "site" if withheld else "global"
+        if withheld:
+            log.info(
+                "%s keep their feature statistics (local DP): every site standardises its "
+                "features with its own statistics", ", ".join(withheld),
+            )
+    elif mode == "global" and withheld:
+        log.warning(
+            "global standardisation uses only the sites that released statistics; %s did not",
+            ", ".join(withheld),
+        )
+    return mode
+
+
 def initial_model_state(spec: ModelSpec, seed: int) -> dict[str, torch.Tensor]:
     """Seeded initial weights. Data-dependent init uses N(0, I) samples in the
     standardised feature space: no site's data is needed (or sent) to start."""
@@ -299,6 +322,14 @@ def match_replies(
     return sorted(ok, key=lambda pair: pair[0]), failures
 
 
+def limit_sampling(strategy: Any, n: int) -> None:
+    """Let the strategy (and the one a DP wrapper wraps) sample from ``n`` sites."""
+    for s in (strategy, getattr(strategy, "strategy", None)):
+        for attr in ("min_train_nodes", "min_available_nodes"):
+            if s is not None and getattr(s, attr, 0) > n:
+                setattr(s, attr, n)
+
+
 @dataclass
 class TrainStep:
     """The training half of a round: what the sites sent back and its aggregate."""
@@ -344,6 +375,8 @@ class RunState:
     best_round: int
     best_arrays: dict[str, torch.Tensor]
     best_val_loss: float
+    # Drawn once per run and kept across restarts: sites account DP-SGD per federation id.
+    federation_id: str = field(default_factory=lambda: secrets.token_hex(8))
 
     def save(self, path: Path, extra: dict[str, Any]) -> None:
         torch_save_atomic(
@@ -354,6 +387,7 @@ class RunState:
                 "best_round": self.best_round,
                 "best_arrays": self.best_arrays,
                 "best_val_loss": self.best_val_loss,
+                "federation_id": self.federation_id,
                 **extra,
             },
             path,
@@ -380,10 +414,13 @@ def _load_state(path: Path, cfg: ExperimentConfig, spec: ModelSpec) -> RunState 
             )
     if raw.get("spec") != [spec.name, spec.in_dim, spec.n_classes]:
         raise CheckpointError(f"cannot resume {path}: it holds a different model/site setup")
-    return RunState(
+    state = RunState(
         int(raw["round"]), raw["arrays"], list(raw["history"]), int(raw["best_round"]),
         raw["best_arrays"], float(raw["best_val_loss"]),
     )
+    if raw.get("federation_id"):
+        state.federation_id = str(raw["federation_id"])
+    return state
 
 
 def run_federation(
@@ -411,8 +448,9 @@ def run_federation(
 
     params = params_to_dict(params_from_dict(cfg.model.name, dict(cfg.model.params)))
     spec = ModelSpec(cfg.model.name, dim, len(classes), params)
-    scaler = global_scaler(sites, dim) if cfg.train.standardize else None
-    settings = RoundSettings(cfg, classes, spec, scaler)
+    scaler_mode = choose_scaler_mode(cfg, train_sites)
+    scaler = global_scaler(sites, dim) if scaler_mode == "global" else None
+    settings = RoundSettings(cfg, classes, spec, scaler, site_scaler=scaler_mode == "site")
 
     strategy = build_strategy(fed, len(train_sites))
     state_path, strategy_path = out / STATE_FILE, out / STRATEGY_FILE
@@ -425,18 +463,35 @@ def run_federation(
         log.info("resuming after round %d", state.round)
     arrays = ArrayRecord(state.arrays)
     name_of = {s.node_id: s.name for s in sites}
-    train_view = NodeSubset(grid, [s.node_id for s in train_sites])
     extra = {"experiment": cfg.to_dict(), "spec": [spec.name, spec.in_dim, spec.n_classes]}
 
     missing: set[str] = set()  # training sites that failed a round and have not replied since
+    stopped = budget_stops(state.history)  # sites out of privacy budget: never asked again
     for rnd in range(state.round + 1, fed.rounds + 1):
         start = time.perf_counter()
-        round_config = ConfigRecord({**settings.to_config(), wire.ROUND: rnd, wire.LOCAL_EPOCHS: fed.local_epochs})
-        min_sites = fed.min_train_sites or len(train_sites)
+        active = [s for s in train_sites if s.name not in stopped]
+        if not active:
+            log.warning(
+                "every training site has spent its privacy budget; the federation ends after round %d",
+                state.round,
+            )
+            break
+        train_view = NodeSubset(grid, [s.node_id for s in active])
+        round_config = ConfigRecord({
+            **settings.to_config(), wire.ROUND: rnd, wire.LOCAL_EPOCHS: fed.local_epochs,
+            wire.FEDERATION_ID: state.federation_id,
+        })
+        min_sites = min(fed.min_train_sites or len(train_sites), len(active))
+        if len(active) < len(train_sites):
+            limit_sampling(strategy, min_sites)  # else Flower waits for the stopped sites
         step = plain_train_step(
             grid, strategy, rnd, arrays, round_config, train_view, name_of, fed.round_timeout, min_sites
         )
         failures = step.failures
+        for site, message in budget_stops([{"train": step.per_site}]).items():
+            if site not in stopped and rnd < fed.rounds:
+                log.warning("round %d: %s", rnd, message)
+            stopped.setdefault(site, message)
         trained = set(step.per_site)
         if missing & trained:
             log.info("round %d: %s back and training again", rnd, ", ".join(sorted(missing & trained)))
@@ -467,6 +522,7 @@ def run_federation(
             "holdout": holdout_eval,
             "holdout_aggregated": _weighted(holdout_eval, (*wire.CORE_METRICS, "loss")),
             "failures": failures,
+            "stopped_for_privacy": sorted(stopped),
         }
         state.history.append(entry)
         state.round = rnd
@@ -508,7 +564,7 @@ def run_federation(
             classes=classes, state_dict=final_arrays, scaler=scaler, encoder=cfg.data.encoder,
             config=cfg.to_dict(),
             provenance={"round": chosen, "federated": True, "strategy": fed.strategy,
-                        "trained_on": [s.name for s in train_sites]},
+                        "trained_on": [s.name for s in train_sites], "scaler": scaler_mode},
         ),
         out / "model.pt",
     )

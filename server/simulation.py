@@ -50,6 +50,18 @@ def resolve_sites(cfg: ExperimentConfig) -> list[SiteSettings]:
     return train + holdout
 
 
+def with_local_privacy(sites: list[SiteSettings], cfg: ExperimentConfig, out: Path) -> list[SiteSettings]:
+    """Simulated training sites take the experiment's DP-SGD settings, each with its own
+    ledger folder under ``<out>/site-state/`` (in a deployment: the site's site.yaml)."""
+    if not cfg.privacy.enabled:
+        return sites
+    local = cfg.privacy.local
+    return [
+        replace(s, privacy=local, state_dir=out / "site-state" / s.name) if s.role == "train" else s
+        for s in sites
+    ]
+
+
 def _quiet_flower(out: Path) -> logging.Handler:
     """Keep Flower's own log in the run folder; the console shows our round lines."""
     out.mkdir(parents=True, exist_ok=True)
@@ -85,7 +97,7 @@ def simulate(
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     out = Path(out)
-    sites = resolve_sites(cfg)
+    sites = with_local_privacy(resolve_sites(cfg), cfg, out)
     state_file = out / "federation-state.pt"
     if not resume and state_file.exists():
         raise ConfigError(

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from micromil_core.config import build_section, load_yaml
+from micromil_core.config import LocalPrivacyConfig, build_section, load_yaml
 from micromil_core.data.site import ROLES
 from micromil_core.errors import ConfigError
 
@@ -130,6 +130,8 @@ class SiteDeployConfig:
     superlink: SuperLinkClientConfig
     supernode: SuperNodeSettings
     source: Path
+    # The hospital's own DP-SGD settings (its decision, not the coordinator's).
+    privacy: LocalPrivacyConfig = LocalPrivacyConfig()
 
     def path(self, value: str) -> Path:
         return _resolve(self.source, value)
@@ -156,12 +158,13 @@ def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
 
 
 def load_site_config(path: str | Path) -> SiteDeployConfig:
-    raw = _load(path, ("site", "superlink", "supernode"))
+    raw = _load(path, ("site", "superlink", "supernode", "privacy"))
     return SiteDeployConfig(
         site=_section(path, "site", SiteIdentity, raw),
         superlink=_section(path, "superlink", SuperLinkClientConfig, raw),
         supernode=_section(path, "supernode", SuperNodeSettings, raw),
         source=Path(path).resolve(),
+        privacy=_section(path, "privacy", LocalPrivacyConfig, raw),
     )
 
 

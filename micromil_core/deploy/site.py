@@ -9,6 +9,7 @@ from micromil_core.data.site import SiteReport, check_site
 from micromil_core.deploy.config import SiteDeployConfig, require_files
 from micromil_core.deploy.flower_cli import flower_env, program
 from micromil_core.errors import SiteDataError
+from micromil_core.privacy.node_config import to_node_config as privacy_node_config
 
 INSECURE_WARNING = (
     "WARNING: --insecure: this site will not verify the coordinator's certificate and will "
@@ -34,6 +35,8 @@ def node_config(cfg: SiteDeployConfig) -> str:
         "site-name": cfg.site.name,
         "data-path": str(cfg.path(cfg.site.data_path)),
         "role": cfg.site.role,
+        "state-dir": str(cfg.path(cfg.supernode.state_dir)),
+        **privacy_node_config(cfg.privacy),
     }
     return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
 

@@ -24,6 +24,7 @@ MODEL_IN_DIM = "model-in-dim"
 MODEL_PARAMS = "model-params-yaml"
 SCALER_MEAN = "scaler-mean"
 SCALER_STD = "scaler-std"
+SITE_SCALER = "site-scaler"  # 1: every site standardises with its own statistics
 
 
 @dataclass
@@ -32,6 +33,7 @@ class RoundSettings:
     classes: list[str]
     spec: ModelSpec | None = None
     scaler: FeatureScaler | None = None
+    site_scaler: bool = False
 
     def to_config(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -45,6 +47,8 @@ class RoundSettings:
         if self.scaler is not None:
             out[SCALER_MEAN] = [float(v) for v in self.scaler.mean]
             out[SCALER_STD] = [float(v) for v in self.scaler.std]
+        if self.site_scaler:
+            out[SITE_SCALER] = 1
         return out
 
     @classmethod
@@ -65,4 +69,4 @@ class RoundSettings:
                 torch.tensor(list(config[SCALER_MEAN]), dtype=torch.float32),
                 torch.tensor(list(config[SCALER_STD]), dtype=torch.float32),
             )
-        return cls(experiment, classes, spec, scaler)
+        return cls(experiment, classes, spec, scaler, bool(config.get(SITE_SCALER, 0)))

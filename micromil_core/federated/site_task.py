@@ -6,6 +6,7 @@ returned is aggregate (see ``wire``); patient ids are redacted from problem repo
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
@@ -17,11 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from micromil_core.config import DataConfig, TrainConfig
+from micromil_core.config import DataConfig, LocalPrivacyConfig, TrainConfig
 from micromil_core.data.bag import Bag
 from micromil_core.data.scaler import FeatureScaler
 from micromil_core.data.site import ROLES, check_site, load_site
-from micromil_core.errors import SiteDataError
+from micromil_core.errors import ConfigError, SiteDataError
 from micromil_core.federated import wire
 from micromil_core.models.base import MILModel
 from micromil_core.models.registry import build_model
@@ -46,10 +47,19 @@ class SiteSettings:
     name: str
     data_path: Path
     role: str = "train"
+    # The site's own DP-SGD settings (its site.yaml in a deployment); the coordinator
+    # cannot turn them off.
+    privacy: LocalPrivacyConfig = LocalPrivacyConfig()
+    state_dir: Path | None = None  # where the site keeps its privacy ledger
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise SiteDataError(f"site {self.name}: role={self.role!r}; expected one of {ROLES}")
+        if self.privacy.enabled and self.state_dir is None:
+            raise SiteDataError(
+                f"site {self.name}: DP-SGD needs a state folder for its privacy ledger; "
+                "set supernode.state_dir in site.yaml"
+            )
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,15 @@ class SiteRuntime:
     def evaluation_bags(self) -> list[Bag]:
         """Held-out sites are judged on every patient; training sites on validation."""
         return self.loaded.bags if self.settings.role == "holdout" else self.val
+
+    @functools.cached_property
+    def own_scaler(self) -> FeatureScaler:
+        """Standardisation from this site's own features (training patients; all patients
+        at a held-out site, which has no labels to leak): for ``federation.scaler: site``."""
+        return FeatureScaler.fit(self.train if self.settings.role == "train" else self.loaded.bags)
+
+    def scaler_for(self, global_scaler: FeatureScaler | None, site_scaler: bool) -> FeatureScaler | None:
+        return self.own_scaler if site_scaler else global_scaler
 
 
 _RUNTIMES: dict[tuple, SiteRuntime] = {}
@@ -135,6 +154,13 @@ def describe_site(
         fdir = None
     report = check_site(path, feature_dir=fdir)
     problems += report.errors
+    if settings.privacy.enabled and settings.role == "train":
+        from micromil_core.privacy.dp_sgd import check_delta
+
+        try:
+            check_delta(settings.privacy, len(site.patients), settings.name)
+        except ConfigError as exc:
+            problems.append(str(exc))
     counts["num_errors"] = len(problems)
     counts["num_warnings"] = len(report.warnings)
     labels = [p.label for p in site.patients]
@@ -184,6 +210,24 @@ def proximal_term(model: MILModel, reference: dict[str, torch.Tensor], mu: float
     return term
 
 
+def proximal_gradient(reference: dict[str, torch.Tensor], mu: float):
+    """FedProx's gradient mu * (w - w_global), added to a DP step after its noise: it
+    depends only on the weights, so it costs no privacy."""
+    from micromil_core.models.gnn import convert_gat_state
+
+    # DP trains MicroMIL on the dense GAT backend, whose GAT keys differ from "pyg".
+    dense = convert_gat_state(reference, "dense")
+
+    def add(m: MILModel) -> None:
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                ref = reference.get(name, dense.get(name))
+                if p.grad is not None and ref is not None:
+                    p.grad += mu * (p - ref.to(p.device))
+
+    return add
+
+
 def train_round(
     runtime: SiteRuntime,
     spec: ModelSpec,
@@ -194,25 +238,40 @@ def train_round(
     local_epochs: int,
     proximal_mu: float = 0.0,
     device: torch.device | None = None,
+    run_id: str = "",
+    planned_rounds: int = 1,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Train the global model locally for ``local_epochs``; return new weights + metrics."""
-    if runtime.settings.role != "train":
-        raise SiteDataError(f"site {runtime.settings.name} is a held-out site and never trains")
+    """Train the global model locally for ``local_epochs``; return new weights + metrics.
+
+    With the site's DP-SGD on, training is private (``privacy.site_round``) and the
+    metrics carry the epsilon spent in this run (``run_id``) so far.
+    """
+    settings = runtime.settings
+    if settings.role != "train":
+        raise SiteDataError(f"site {settings.name} is a held-out site and never trains")
     start = time.perf_counter()
     device = device or torch.device("cpu")
-    seed = round_seed(train_cfg.seed, server_round, runtime.settings.name)
+    seed = round_seed(train_cfg.seed, server_round, settings.name)
     seed_everything(seed)
     model = spec.build(state).to(device)
     bags = scaler.transform_all(runtime.train) if scaler is not None else runtime.train
-    extra = proximal_term(model, state, proximal_mu) if proximal_mu > 0 else None
-    cfg = replace(train_cfg, seed=seed)
-    result = fit(model, bags, [], cfg, device, extra_loss=extra, epochs=local_epochs)
-    metrics = {
-        wire.NUM_EXAMPLES: len(runtime.train),
-        "train_loss": float(result.history[-1].train_loss),
-        "seconds": time.perf_counter() - start,
-    }
-    new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if settings.privacy.enabled:
+        from micromil_core.privacy.site_round import private_train_round
+
+        new_state, metrics = private_train_round(
+            model, bags, settings.name, settings.privacy, settings.state_dir, run_id or "default",
+            server_round, planned_rounds, local_epochs, train_cfg.lr, train_cfg.weight_decay,
+            train_cfg.batch_size, device, seed,
+            proximal_gradient(state, proximal_mu) if proximal_mu > 0 else None,
+        )
+    else:
+        extra = proximal_term(model, state, proximal_mu) if proximal_mu > 0 else None
+        cfg = replace(train_cfg, seed=seed)
+        result = fit(model, bags, [], cfg, device, extra_loss=extra, epochs=local_epochs)
+        new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        metrics = {"train_loss": float(result.history[-1].train_loss)}
+    metrics[wire.NUM_EXAMPLES] = len(runtime.train)
+    metrics["seconds"] = time.perf_counter() - start
     return new_state, metrics
 
 

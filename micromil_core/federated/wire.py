@@ -23,6 +23,9 @@ ROUND = "server-round"
 LOCAL_EPOCHS = "local-epochs"
 PROXIMAL_MU = "proximal-mu"  # Flower's FedProx sends this key
 EVAL_SPLIT = "eval-split"
+# A random id the coordinator draws once per federation run (kept across its restarts):
+# a site's privacy ledger accounts DP-SGD per run id.
+FEDERATION_ID = "federation-id"
 
 # Site description (ConfigRecord: strings and lists of strings only)
 SITE_NAME = "site-name"
@@ -37,8 +40,14 @@ ROC_GRID = np.linspace(0.0, 1.0, 21)  # FPR grid: a site's ROC is shared only as
 CORE_METRICS = ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity")
 
 # Every key a site may put in a MetricRecord. Anything else is a privacy bug.
+# Local DP: the site's settings and the epsilon it has spent in this run (no data).
+DP_METRICS = frozenset(
+    {"epsilon", "delta", "epsilon_budget", "epsilon_next", "noise_multiplier", "sample_rate",
+     "max_grad_norm", "dp_steps"}
+)
 ALLOWED_TRAIN_METRICS = frozenset(
-    {NUM_EXAMPLES, "train_loss", "val_loss", "num_val", "seconds", "epsilon", "delta"}
+    {NUM_EXAMPLES, "train_loss", "val_loss", "num_val", "seconds"}
+    | DP_METRICS
     | {f"val_{k}" for k in CORE_METRICS}
 )
 ALLOWED_EVAL_METRICS = frozenset(

@@ -335,7 +335,10 @@ def evaluate_checkpoint(
         bags = sb.by_split(split) if split else sb.bags
         if not bags:
             raise SiteDataError(f"site {sb.site.path}: no patients in split {split!r}")
-        scaled = ckpt.scaler.transform_all(bags) if ckpt.scaler else bags
+        scaler = ckpt.scaler
+        if ckpt.provenance.get("scaler") == "site":  # trained with per-site statistics
+            scaler = FeatureScaler.fit(sb.bags)
+        scaled = scaler.transform_all(bags) if scaler else bags
         y, probs = predict_bags(model, scaled, dev)
         per_site[sb.site.name] = classification_metrics(y, probs)
         curves[sb.site.name] = (y, probs)

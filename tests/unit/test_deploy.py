@@ -172,7 +172,10 @@ def test_site_config_and_supernode_command(tmp_path, pki):
     assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(pki / "sites/h1/h1.key")
     assert "--insecure" not in cmd
     # TOML values: strings quoted, so paths with spaces survive.
-    assert node_config(cfg) == f'site-name="h1" data-path="{tmp_path / "data" / "h1"}" role="train"'
+    assert node_config(cfg) == (
+        f'site-name="h1" data-path="{tmp_path / "data" / "h1"}" role="train" '
+        f'state-dir="{tmp_path / "state"}"'
+    )
     assert "--insecure" in supernode_command(cfg, insecure=True)
 
 

@@ -1,0 +1,141 @@
+"""What a run spent in privacy, read from its history (server side) or a site's ledger.
+
+``budget_stops`` is how the coordinator learns that a site must stop: each DP site reports
+its epsilon so far and the epsilon one more round would bring (``epsilon_next``) with its
+budget; the coordinator stops asking a site whose next round would exceed it.
+``privacy_report`` turns a run folder's history.json into the table of ``micromil
+privacy-report``: epsilon per site per round, budgets and settings, and central DP.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from micromil_core.errors import ConfigError
+
+SETTINGS = ("delta", "epsilon_budget", "noise_multiplier", "sample_rate", "max_grad_norm", "dp_steps")
+
+
+def over_budget(metrics: dict[str, Any]) -> bool:
+    """Whether a site's last train metrics say its next round would exceed its budget."""
+    budget = float(metrics.get("epsilon_budget", 0.0) or 0.0)
+    nxt = metrics.get("epsilon_next")
+    return budget > 0 and isinstance(nxt, (int, float)) and nxt > budget * (1 + 1e-6)
+
+
+def budget_message(site: str, metrics: dict[str, Any]) -> str:
+    return (
+        f"{site} stops contributing: its privacy budget is epsilon {metrics['epsilon_budget']:g} "
+        f"(delta {metrics.get('delta', math.nan):g}); it has spent {metrics['epsilon']:.2f} and "
+        f"another round would reach {metrics['epsilon_next']:.2f}"
+    )
+
+
+def budget_stops(history: list[dict[str, Any]]) -> dict[str, str]:
+    """Sites whose latest train metrics (over all rounds so far) leave no budget for another
+    round, with the message saying so."""
+    latest: dict[str, dict[str, Any]] = {}
+    for entry in history:
+        latest.update(entry.get("train", {}))
+    return {site: budget_message(site, m) for site, m in sorted(latest.items()) if over_budget(m)}
+
+
+def privacy_report(run_dir: str | Path) -> dict[str, Any]:
+    """Epsilon per site per round, each site's settings, and central DP, from history.json."""
+    path = Path(run_dir) / "history.json"
+    if not path.is_file():
+        raise ConfigError(f"{path} not found; pass the --out folder of a simulate/federation run")
+    try:
+        history = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}); was the run interrupted while writing?") from None
+    rounds = history.get("rounds", [])
+    sites: dict[str, dict[str, Any]] = {}
+    central: list[dict[str, Any]] = []
+    for entry in rounds:
+        rnd = int(entry["round"])
+        for site, m in entry.get("train", {}).items():
+            if "epsilon" not in m:
+                continue
+            rec = sites.setdefault(site, {"epsilon": {}, "settings": {}})
+            rec["epsilon"][rnd] = float(m["epsilon"])
+            rec["settings"] = {k: m[k] for k in SETTINGS if k in m}
+        if "central_dp" in entry:
+            central.append({"round": rnd, **entry["central_dp"]})
+    stops = budget_stops(rounds)
+    return {
+        "run": history.get("run", {}),
+        "rounds": [int(e["round"]) for e in rounds],
+        "sites": {
+            site: {**rec, "stopped": site in stops, "final_epsilon": max(rec["epsilon"].values())}
+            for site, rec in sorted(sites.items())
+        },
+        "non_dp_sites": sorted(
+            {s for e in rounds for s, m in e.get("train", {}).items()} - set(sites)
+        ),
+        "central": central,
+        "stops": stops,
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as text: one row per round, one column per DP site."""
+    lines: list[str] = []
+    sites = report["sites"]
+    if sites:
+        names = list(sites)
+        lines.append("Local DP-SGD (privacy unit: one patient) - epsilon spent per site")
+        lines.append("round  " + "  ".join(f"{n:>12}" for n in names))
+        for rnd in report["rounds"]:
+            cells = [sites[n]["epsilon"].get(rnd) for n in names]
+            lines.append(f"{rnd:>5}  " + "  ".join(
+                f"{c:>12.3f}" if c is not None else f"{'-':>12}" for c in cells
+            ))
+        lines.append("")
+        for n, rec in sites.items():
+            s = rec["settings"]
+            budget = s.get("epsilon_budget", 0) or "none"
+            lines.append(
+                f"{n}: epsilon {rec['final_epsilon']:.3f} of budget {budget} at delta "
+                f"{s.get('delta', math.nan):g}; noise multiplier {s.get('noise_multiplier', math.nan):.3f}, "
+                f"sampling rate {s.get('sample_rate', math.nan):.3g}, clipping {s.get('max_grad_norm', math.nan):g}"
+                + ("; stopped at its budget" if rec["stopped"] else "")
+            )
+    if report["non_dp_sites"]:
+        lines.append("Sites without local DP: " + ", ".join(report["non_dp_sites"]))
+    if report["central"]:
+        last = report["central"][-1]
+        lines.append("")
+        lines.append(
+            f"Central DP ({last.get('mode', '?')}, privacy unit: one site's update): epsilon "
+            f"{last.get('epsilon', math.nan):.3f} at delta {last.get('delta', math.nan):g} after "
+            f"round {last['round']} (noise multiplier {last.get('noise_multiplier', math.nan):g})"
+        )
+    if not lines:
+        lines.append("No differential privacy in this run (no site reported epsilon; no central DP).")
+    return "\n".join(lines)
+
+
+def ledger_report(state_dir: str | Path) -> str:
+    """A site's own view: every run in its ledger and the total over all of them."""
+    from micromil_core.privacy.ledger import LEDGER_FILE, PrivacyLedger
+
+    ledger = PrivacyLedger(state_dir)
+    if not ledger.runs:
+        return f"{Path(state_dir) / LEDGER_FILE}: no DP training recorded"
+    lines = [f"Privacy ledger {ledger.path}"]
+    deltas = []
+    for run_id, rec in ledger.runs.items():
+        eps = rec.epsilon()
+        deltas.append(rec.delta)
+        budget = rec.target_epsilon or "none"
+        lines.append(
+            f"run {run_id}: {len(rec.rounds)} rounds, epsilon {eps:.3f} of budget {budget} at delta "
+            f"{rec.delta:g} (noise {rec.noise_multiplier:.3f}, rate {rec.sample_rate:.3g}, clip {rec.max_grad_norm:g})"
+        )
+    delta = max(deltas)
+    lines.append(f"all runs composed: epsilon {ledger.total_epsilon(delta):.3f} at delta {delta:g}")
+    return "\n".join(lines)
