@@ -168,3 +168,37 @@ def test_a_round_without_replies_keeps_the_global_model(ucsb, tmp_path):
     # The same global model was evaluated after round 1 and after the failed round 2.
     assert rounds[1]["holdout"] == rounds[0]["holdout"]
     assert rounds[1]["train"] == {}
+
+
+def test_local_dp_sites_spend_their_budget_then_stop(ucsb, tmp_path):
+    from dataclasses import replace
+
+    from micromil_core.config import PrivacyConfig
+    from micromil_core.privacy.report import privacy_report
+    from micromil_core.training.pipeline import evaluate_checkpoint
+
+    privacy = PrivacyConfig(mode="dp-sgd", target_epsilon=3.0, delta=1e-3)
+    out, log = tmp_path / "dp", []
+    simulate(replace(_cfg(ucsb, 2), privacy=privacy), out, grid_tap=lambda g: RecordingGrid(g, log))
+    rounds = json.loads((out / "history.json").read_text())["rounds"]
+    for site in ("site-0", "site-1", "site-2"):
+        eps = [r["train"][site]["epsilon"] for r in rounds]
+        assert 0 < eps[0] < eps[1] <= 3.0  # the 2 planned rounds spend the budget
+        assert (out / "site-state" / site / "privacy-ledger.json").is_file()
+    assert rounds[-1]["stopped_for_privacy"] == ["site-0", "site-1", "site-2"]
+    # DP sites keep their feature statistics: no moments, per-site standardisation.
+    query_replies = log[0][1]
+    assert all(wire.MOMENTS not in r.content.array_records for r in query_replies)
+    for _, replies in log:
+        for r in replies:
+            if wire.METRICS in r.content.metric_records:
+                allowed = wire.ALLOWED_TRAIN_METRICS | wire.ALLOWED_EVAL_METRICS | wire.ALLOWED_SITE_METRICS
+                assert set(r.content.metric_records[wire.METRICS]) <= allowed
+    ckpt = load_checkpoint(out / "model.pt")
+    assert ckpt.scaler is None and ckpt.provenance["scaler"] == "site"
+    held_out = evaluate_checkpoint(out / "model.pt", [ucsb / "site-3"], tmp_path / "eval")
+    assert held_out["auc"] == pytest.approx(rounds[-1]["holdout_aggregated"]["auc"])
+    # Extending the run: every site is out of budget, so no further round trains.
+    simulate(replace(_cfg(ucsb, 4), privacy=privacy), out, resume=True)
+    assert [r["round"] for r in json.loads((out / "history.json").read_text())["rounds"]] == [1, 2]
+    assert set(privacy_report(out)["stops"]) == {"site-0", "site-1", "site-2"}
