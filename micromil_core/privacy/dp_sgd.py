@@ -106,6 +106,7 @@ def make_private_model(model: MILModel) -> MILModel:
 
     if isinstance(model, MicroMIL) and model.params.gnn_backend != "dense":
         model = switch_gnn_backend(model, "dense")
+    model.train()  # Opacus validates (and DP-SGD trains) in training mode
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise ConfigError(
