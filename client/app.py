@@ -17,6 +17,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.central_dp import central_clipping_mod
+from client.secure_aggregation import secure_aggregation_mod
 from micromil_core.errors import ConfigError
 from micromil_core.federated import wire
 from micromil_core.federated.messages import RoundSettings
@@ -127,7 +129,9 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
         content[wire.METRICS] = MetricRecord(counts)
         return Message(content, reply_to=msg)
 
-    @app.train()
+    # Per handler: SecAgg+ (outermost: it masks what the handler and clipping produce),
+    # then client-side clipping for central DP; both pass other train messages through.
+    @app.train(mods=[secure_aggregation_mod, central_clipping_mod])
     @private
     def train(msg: Message, context: Context) -> Message:
         settings = _settings(msg)

@@ -35,6 +35,7 @@ from micromil_core.io import torch_save_atomic, write_json_atomic
 from micromil_core.privacy.report import budget_stops
 from micromil_core.runtime import seed_everything
 from micromil_core.training.checkpoint import Checkpoint, save_checkpoint
+from server.privacy import central_dp_entry, clipping_norm, fresh_noise
 from server.strategies import build_strategy, load_strategy_state, save_strategy_state
 
 log = logging.getLogger("micromil.server")
@@ -87,7 +88,10 @@ def payload_bytes(content: RecordDict) -> int:
             total += sum(len(arr.data) for arr in record.values())
         elif isinstance(record, (ConfigRecord, MetricRecord)):
             for value in record.values():
-                total += len(value) * 8 if isinstance(value, list) else len(str(value))
+                if isinstance(value, list):  # bytes items: SecAgg+ keys, shares, masked models
+                    total += sum(len(v) if isinstance(v, bytes) else 8 for v in value)
+                else:
+                    total += len(value) if isinstance(value, bytes) else len(str(value))
     return total
 
 
@@ -194,7 +198,7 @@ def validate_sites(sites: list[SiteInfo], cfg: ExperimentConfig) -> tuple[list[s
                 f"site {s.name} has labels {unknown} that no training site has ({classes}); "
                 "fix its patients.csv labels"
             )
-    build_strategy(cfg.federation, len(train))  # strategy-specific site count checks
+    build_strategy(cfg.federation, len(train), cfg.privacy)  # strategy/privacy checks
     return classes, int(ref_dim)
 
 
@@ -445,6 +449,7 @@ def run_federation(
         [s.name for s in train_sites], [s.name for s in holdout], classes, dim,
     )
     from micromil_core.models.registry import params_from_dict, params_to_dict
+    from server.secure_aggregation import secure_train_step  # imports this module
 
     params = params_to_dict(params_from_dict(cfg.model.name, dict(cfg.model.params)))
     spec = ModelSpec(cfg.model.name, dim, len(classes), params)
@@ -452,7 +457,10 @@ def run_federation(
     scaler = global_scaler(sites, dim) if scaler_mode == "global" else None
     settings = RoundSettings(cfg, classes, spec, scaler, site_scaler=scaler_mode == "site")
 
-    strategy = build_strategy(fed, len(train_sites))
+    strategy = build_strategy(fed, len(train_sites), cfg.privacy)
+    central = cfg.privacy.central
+    # SecAgg+ scales each site's model by patients / max_weight before quantisation.
+    patients = sum(s.counts.get(wire.NUM_EXAMPLES, 0) for s in train_sites)
     state_path, strategy_path = out / STATE_FILE, out / STRATEGY_FILE
     state = _load_state(state_path, cfg, spec) if resume else None
     if state is None:
@@ -484,8 +492,14 @@ def run_federation(
         min_sites = min(fed.min_train_sites or len(train_sites), len(active))
         if len(active) < len(train_sites):
             limit_sampling(strategy, min_sites)  # else Flower waits for the stopped sites
-        step = plain_train_step(
-            grid, strategy, rnd, arrays, round_config, train_view, name_of, fed.round_timeout, min_sites
+        if central.enabled:
+            fresh_noise()
+            norm_clipped = clipping_norm(strategy)  # adaptive clipping moves it in aggregation
+        args = (grid, strategy, rnd, arrays, round_config, train_view, name_of, fed.round_timeout, min_sites)
+        step = (
+            secure_train_step(*args, cfg.privacy.secagg, max_weight=max(patients, 1))
+            if cfg.privacy.secure_aggregation
+            else plain_train_step(*args)
         )
         failures = step.failures
         for site, message in budget_stops([{"train": step.per_site}]).items():
@@ -524,6 +538,10 @@ def run_federation(
             "failures": failures,
             "stopped_for_privacy": sorted(stopped),
         }
+        if central.enabled:
+            entry["central_dp"] = central_dp_entry(
+                strategy, central, norm_clipped, step.per_site, step.arrays is not None, state.history
+            )
         state.history.append(entry)
         state.round = rnd
         state.arrays = arrays.to_torch_state_dict()

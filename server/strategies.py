@@ -20,10 +20,11 @@ from flwr.serverapp.strategy import (
     Krum,
 )
 
-from micromil_core.config import FederationConfig
+from micromil_core.config import FederationConfig, PrivacyConfig
 from micromil_core.errors import ConfigError
 from micromil_core.federated import wire
 from micromil_core.io import write_bytes_atomic
+from server.privacy import check_privacy_fits, wrap_central_dp
 
 STRATEGY_CLASSES = {
     "fedavg": FedAvg,
@@ -44,8 +45,10 @@ STRATEGY_DEFAULTS: dict[str, dict[str, Any]] = {
     "fedyogi": {"eta": 1e-3, "eta_l": 1e-3, "tau": 1e-8},
     "fedadagrad": {"eta": 1e-2, "eta_l": 1e-2, "tau": 1e-8},
 }
-# Attributes that carry a strategy's memory between rounds (saved for --resume).
-STATEFUL_ATTRIBUTES = ("current_arrays", "m_t", "v_t", "momentum_vector")
+# Attributes that carry a strategy's memory between rounds (saved for --resume);
+# clipping_norm: an adaptive-clipping DP wrapper's current norm.
+STATEFUL_ATTRIBUTES = ("current_arrays", "m_t", "v_t", "momentum_vector", "clipping_norm")
+WRAPPED = "strategy."  # state-file prefix of the strategy inside a DP wrapper
 
 
 def min_sites_for(name: str, params: dict[str, Any]) -> int:
@@ -60,8 +63,9 @@ def min_sites_for(name: str, params: dict[str, Any]) -> int:
     return 1
 
 
-def build_strategy(cfg: FederationConfig, n_train_sites: int):
-    """The configured Flower strategy, sampling every training site each round."""
+def build_strategy(cfg: FederationConfig, n_train_sites: int, privacy: PrivacyConfig | None = None):
+    """The configured Flower strategy, sampling every training site each round, inside
+    Flower's central-DP wrapper when ``privacy.central`` asks for one."""
     params = {**STRATEGY_DEFAULTS.get(cfg.strategy, {}), **dict(cfg.strategy_params)}
     needed = min_sites_for(cfg.strategy, params)
     if n_train_sites < needed:
@@ -83,12 +87,15 @@ def build_strategy(cfg: FederationConfig, n_train_sites: int):
         min_available_nodes=min_sites,
         weighted_by_key=wire.NUM_EXAMPLES,
     )
+    privacy = privacy or PrivacyConfig()
+    check_privacy_fits(cfg, privacy, n_train_sites)
     try:
-        return STRATEGY_CLASSES[cfg.strategy](**common, **params)
+        strategy = STRATEGY_CLASSES[cfg.strategy](**common, **params)
     except TypeError as exc:
         raise ConfigError(
             f"federation.strategy_params {params} do not fit {cfg.strategy}: {exc}"
         ) from None
+    return wrap_central_dp(strategy, privacy.central, n_train_sites)
 
 
 def _plain(value: Any) -> Any:
@@ -104,8 +111,19 @@ def _restore(value: Any) -> Any:
     return value
 
 
+def _layers(strategy) -> list[tuple[str, object]]:
+    """The strategy and, inside a DP wrapper, the strategy it wraps (with its prefix)."""
+    inner = getattr(strategy, "strategy", None)
+    return [("", strategy)] + ([(WRAPPED, inner)] if inner is not None else [])
+
+
 def save_strategy_state(strategy, path: Path) -> None:
-    state = {a: _plain(getattr(strategy, a)) for a in STATEFUL_ATTRIBUTES if hasattr(strategy, a)}
+    state = {
+        prefix + a: _plain(getattr(s, a))
+        for prefix, s in _layers(strategy)
+        for a in STATEFUL_ATTRIBUTES
+        if hasattr(s, a)
+    }
     write_bytes_atomic(path, pickle.dumps(state))
 
 
@@ -114,5 +132,7 @@ def load_strategy_state(strategy, path: Path) -> None:
         return
     # Our own file, written by this coordinator in this run folder.
     state = pickle.loads(path.read_bytes())
+    layers = dict(_layers(strategy))
     for name, value in state.items():
-        setattr(strategy, name, _restore(value))
+        prefix = WRAPPED if name.startswith(WRAPPED) and WRAPPED in layers else ""
+        setattr(layers[prefix], name.removeprefix(prefix), _restore(value))

@@ -26,6 +26,9 @@ EVAL_SPLIT = "eval-split"
 # A random id the coordinator draws once per federation run (kept across its restarts):
 # a site's privacy ledger accounts DP-SGD per run id.
 FEDERATION_ID = "federation-id"
+# Secure aggregation: the model's array names, in order (Flower's legacy record that
+# SecAgg+ travels in keeps the arrays but not their names).
+ARRAY_KEYS = "array-keys"
 
 # Site description (ConfigRecord: strings and lists of strings only)
 SITE_NAME = "site-name"
@@ -45,9 +48,13 @@ DP_METRICS = frozenset(
     {"epsilon", "delta", "epsilon_budget", "epsilon_next", "noise_multiplier", "sample_rate",
      "max_grad_norm", "dp_steps"}
 )
+# Central DP with client-side adaptive clipping: 1 if this round's update was clipped
+# (Flower's KEY_NORM_BIT); the server adapts the clipping norm to the clipped fraction.
+CENTRAL_DP_METRICS = frozenset({"norm_bit"})
 ALLOWED_TRAIN_METRICS = frozenset(
     {NUM_EXAMPLES, "train_loss", "val_loss", "num_val", "seconds"}
     | DP_METRICS
+    | CENTRAL_DP_METRICS
     | {f"val_{k}" for k in CORE_METRICS}
 )
 ALLOWED_EVAL_METRICS = frozenset(
