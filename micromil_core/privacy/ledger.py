@@ -37,6 +37,11 @@ def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant
         return float(acc.get_epsilon(delta))
 
 
+def exceeds(epsilon: float, budget: float) -> bool:
+    """Whether ``epsilon`` is past ``budget`` (0 = no budget), allowing float rounding."""
+    return budget > 0 and epsilon > budget * (1 + 1e-6)
+
+
 @dataclass
 class RunRecord:
     """DP-SGD at this site within one federation run."""
@@ -51,16 +56,20 @@ class RunRecord:
     history: list[list[float]] = field(default_factory=list)  # [noise, rate, steps] per round
     rounds: list[dict[str, float]] = field(default_factory=list)  # {round, epsilon} per round
 
+    def steps(self) -> list[tuple[float, float, int]]:
+        """The accountant's history: (noise multiplier, sample rate, steps) per round."""
+        return [(float(n), float(q), int(s)) for n, q, s in self.history]
+
     def epsilon(self, extra_steps: int = 0) -> float:
         """Epsilon spent so far, plus ``extra_steps`` more at this run's settings."""
-        history = [(float(n), float(q), int(s)) for n, q, s in self.history]
+        history = self.steps()
         if extra_steps:
             history.append((self.noise_multiplier, self.sample_rate, extra_steps))
         return epsilon_of(history, self.delta, self.accountant)
 
     def would_exceed(self) -> bool:
         """Whether one more round would take this run past its budget."""
-        return bool(self.target_epsilon) and self.epsilon(self.steps_per_round) > self.target_epsilon * (1 + 1e-6)
+        return exceeds(self.epsilon(self.steps_per_round), self.target_epsilon)
 
 
 class PrivacyLedger:
@@ -112,5 +121,5 @@ class PrivacyLedger:
 
     def total_epsilon(self, delta: float, accountant: str = "rdp") -> float:
         """Epsilon of ALL runs at this site composed (a patient's total exposure)."""
-        history = [(float(n), float(q), int(s)) for rec in self.runs.values() for n, q, s in rec.history]
+        history = [step for rec in self.runs.values() for step in rec.steps()]
         return epsilon_of(history, delta, accountant)

@@ -15,15 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from micromil_core.errors import ConfigError
+from micromil_core.privacy.ledger import LEDGER_FILE, PrivacyLedger, exceeds
 
 SETTINGS = ("delta", "epsilon_budget", "noise_multiplier", "sample_rate", "max_grad_norm", "dp_steps")
 
 
 def over_budget(metrics: dict[str, Any]) -> bool:
     """Whether a site's last train metrics say its next round would exceed its budget."""
-    budget = float(metrics.get("epsilon_budget", 0.0) or 0.0)
     nxt = metrics.get("epsilon_next")
-    return budget > 0 and isinstance(nxt, (int, float)) and nxt > budget * (1 + 1e-6)
+    return isinstance(nxt, (int, float)) and exceeds(nxt, float(metrics.get("epsilon_budget") or 0.0))
 
 
 def budget_message(site: str, metrics: dict[str, Any]) -> str:
@@ -121,8 +121,6 @@ def format_report(report: dict[str, Any]) -> str:
 
 def ledger_report(state_dir: str | Path) -> str:
     """A site's own view: every run in its ledger and the total over all of them."""
-    from micromil_core.privacy.ledger import LEDGER_FILE, PrivacyLedger
-
     ledger = PrivacyLedger(state_dir)
     if not ledger.runs:
         return f"{Path(state_dir) / LEDGER_FILE}: no DP training recorded"
