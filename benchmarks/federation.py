@@ -42,6 +42,26 @@ def micromil(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "micromil_core.cli", *args], check=True)
 
 
+def prepared(key: str, datasets: dict, work: Path) -> Path:
+    """The data root of benchmark dataset ``key`` under ``work``, prepared once."""
+    name, split_args, _ = datasets[key]
+    data = work / "data" / key
+    if not (data / "sites.yaml").is_file():
+        micromil("datasets", "prepare", name, "--out", str(data), *split_args,
+                 "--partition", "dirichlet:0.5")
+    return data
+
+
+def write_results(out: str | Path, rows: list[dict], lines: list[str]) -> Path:
+    """Rows as OUT.json and the table as OUT.md (printed too); returns OUT."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return out
+
+
 def run_compare(key: str, strategy: str, seed: int, data: Path, config: str, work: Path,
                 rounds: int) -> dict:
     out = work / f"{key}-{strategy}-seed{seed}"
@@ -80,11 +100,7 @@ def main() -> None:
     work = Path(args.work)
     rows = []
     for key in args.datasets:
-        name, split_args, config = DATASETS[key]
-        data = work / "data" / key
-        if not (data / "sites.yaml").is_file():
-            micromil("datasets", "prepare", name, "--out", str(data), *split_args,
-                     "--partition", "dirichlet:0.5")
+        data, config = prepared(key, DATASETS, work), DATASETS[key][2]
         for strategy in args.strategies:
             for seed in args.seeds:
                 rows.append(run_compare(key, strategy, seed, data, config, work, args.rounds))
@@ -115,11 +131,7 @@ def main() -> None:
             f"{spread([r['federated_seconds'] for r in rs])} | {spread([r['pooled_seconds'] for r in rs])} | "
             f"{rs[0]['bytes_per_round'] / 1e6:.2f} |"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, rows, lines)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-from federation import DATASETS, HERE, ROOT, micromil, spread
+from federation import DATASETS, HERE, ROOT, micromil, prepared, spread, write_results
 
 DATASETS = {
     **DATASETS,
@@ -98,11 +98,7 @@ def main() -> None:
     work = Path(args.work)
     rows = []
     for key in args.datasets:
-        name, split_args, config = DATASETS[key]
-        data = work / "data" / key
-        if not (data / "sites.yaml").is_file():
-            micromil("datasets", "prepare", name, "--out", str(data), *split_args,
-                     "--partition", "dirichlet:0.5")
+        data, config = prepared(key, DATASETS, work), DATASETS[key][2]
         for epsilon in [None, *args.epsilons]:
             for seed in args.seeds:
                 rows.append(run_arm(key, epsilon, seed, data, config, work, args.rounds))
@@ -131,12 +127,8 @@ def main() -> None:
             f"{spread([r['auc'] for r in rs])} | {spread(gap) if gap else '-'} | "
             f"{spread([r['accuracy'] for r in rs])} | {rs[0]['n']} | {spread([r['seconds'] for r in rs])} |"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out = write_results(args.out, rows, lines)
     plot(rows, out.with_suffix(".png"))
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":
