@@ -55,7 +55,7 @@ def _explained_instances(model: MILModel, bag: Bag, device: torch.device):
     """(probs (C,), shown indices, adjacency or None, scores of shown instances)."""
     batch = collate_bags([bag]).to(device)
     model.eval()
-    pred = model.predict(batch.x, batch.mask)
+    pred = model.predict_batch(batch)
     probs = pred.probs[0].float().cpu().numpy()
     if pred.selected is not None:
         idx = pred.selected[0].cpu().numpy()

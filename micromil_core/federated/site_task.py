@@ -267,7 +267,11 @@ def train_round(
     else:
         extra = proximal_term(model, state, proximal_mu) if proximal_mu > 0 else None
         cfg = replace(train_cfg, seed=seed)
-        result = fit(model, bags, [], cfg, device, extra_loss=extra, epochs=local_epochs)
+        span = ((server_round - 1) / planned_rounds, server_round / planned_rounds)
+        result = fit(
+            model, bags, [], cfg, device, extra_loss=extra, epochs=local_epochs,
+            progress_span=span if planned_rounds >= server_round else (1.0, 1.0),
+        )
         new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         metrics = {"train_loss": float(result.history[-1].train_loss)}
     metrics[wire.NUM_EXAMPLES] = len(runtime.train)

@@ -4,6 +4,11 @@
 ``predict(x, mask) -> Prediction``. Inputs are dense padded bags (see
 ``micromil_core.data.bag``). Modules that own parameters take a single tensor, and
 masking/sampling happens in parameter-free code, so Opacus can compute per-bag gradients.
+
+Trainers (local, federated, DP-SGD) call only the batch-level entry points
+``loss_batch``/``predict_batch``, so a model that needs more than ``(x, mask, y)`` (fine
+labels for HMIL, scales for MRAN) overrides those two, and the training-strategy hooks
+``start_training``/``set_progress``/``after_step`` (MHIM's EMA teacher, HMIL's curriculum).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from micromil_core.data.bag import BagBatch
 
 
 @dataclass
@@ -33,6 +40,22 @@ class Prediction:
     extras: dict[str, Tensor] = field(default_factory=dict)
 
 
+@dataclass
+class Encoding:
+    """A batch of bags as a model's head sees them (what MHIM's teacher and student compare).
+
+    Shapes:
+        logits: (B, C) the model's output
+        bag: (B, L) the bag embedding the classifier head reads
+        scores: (B, N) instance importance (attention), 0 where padded; None if the model
+            has no per-instance score
+    """
+
+    logits: Tensor
+    bag: Tensor
+    scores: Tensor | None
+
+
 class MILModel(nn.Module):
     """Base class: subclasses implement ``forward`` and may extend ``loss``/``predict``.
 
@@ -43,6 +66,9 @@ class MILModel(nn.Module):
 
     in_dim: int
     n_classes: int
+    # True when one bag's loss depends on the other bags of its batch (e.g. a contrastive
+    # term): per-patient DP-SGD cannot bound one patient's influence then, so it refuses.
+    couples_bags: bool = False
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:  # (B, N, D), (B, N) -> (B, C)
         raise NotImplementedError
@@ -72,6 +98,44 @@ class MILModel(nn.Module):
     def predict(self, x: Tensor, mask: Tensor) -> Prediction:
         """Deterministic class probabilities (call under ``model.eval()``)."""
         return Prediction(probs=torch.softmax(self(x, mask), dim=-1))
+
+    def encode(self, x: Tensor, mask: Tensor) -> Encoding:
+        """Logits plus the bag embedding and instance scores behind them.
+
+        Shapes: x (B, N, D), mask (B, N) -> Encoding (see its docstring).
+        Models that implement it can be wrapped by training strategies such as MHIM.
+        """
+        raise NotImplementedError(
+            f"model {type(self).__name__} does not expose its bag embedding and instance "
+            "scores (MILModel.encode), so it cannot be wrapped by MHIM"
+        )
+
+    # --- what trainers call --------------------------------------------------------------
+
+    def loss_batch(
+        self, batch: BagBatch, class_weight: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Training loss on a padded batch; override to use ``y_fine`` or ``scales``."""
+        return self.loss(batch.x, batch.mask, batch.y, class_weight=class_weight)
+
+    @torch.no_grad()
+    def predict_batch(self, batch: BagBatch) -> Prediction:
+        """``predict`` on a padded batch; override to use ``scales``."""
+        return self.predict(batch.x, batch.mask)
+
+    def start_training(self) -> None:
+        """Called when a training run starts on the loaded weights (a ``fit`` call, one
+        federated round). MHIM copies its teacher from the student here."""
+
+    def set_progress(self, fraction: float) -> None:
+        """Training progress in [0, 1] at the start of each epoch, for schedules.
+
+        Locally it is the epoch fraction; in a federation the fraction of the planned
+        rounds, so a schedule spans the whole run rather than restarting every round.
+        """
+
+    def after_step(self) -> None:
+        """Called after every optimiser step (MHIM's EMA teacher update)."""
 
 
 def masked_softmax(scores: Tensor, mask: Tensor, dim: int = -1) -> Tensor:

@@ -104,6 +104,12 @@ def make_private_model(model: MILModel) -> MILModel:
 
     from micromil_core.models.micromil import MicroMIL, switch_gnn_backend
 
+    if model.couples_bags:
+        raise ConfigError(
+            f"model {type(model).__name__} couples the patients of a batch in its loss, so "
+            "DP-SGD cannot bound one patient's influence; choose another model or "
+            "privacy.mode: none"
+        )
     if isinstance(model, MicroMIL) and model.params.gnn_backend != "dense":
         model = switch_gnn_backend(model, "dense")
     model.train()  # Opacus validates (and DP-SGD trains) in training mode
@@ -158,6 +164,7 @@ def train_private(
     device: torch.device,
     seed: int,
     public_gradient: PublicGradient | None = None,
+    progress: float = 0.0,
 ) -> tuple[MILModel, float]:
     """Run ``steps`` DP-SGD steps on ``bags``.
 
@@ -172,6 +179,8 @@ def train_private(
     generator = torch.Generator().manual_seed(seed)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
     optimizer = dp_optimizer(private, plan, lr, weight_decay, len(bags), noise_gen)
+    private.start_training()
+    private.set_progress(progress)
     total_loss, seen = 0.0, 0
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
@@ -180,7 +189,7 @@ def train_private(
             batch = collate_bags([bags[i] for i in chosen]).to(device)
             # gsm._module.loss: GradSampleModule does not forward method calls, but its
             # hooks sit on the submodules, so the per-patient gradients are recorded.
-            loss, _ = gsm._module.loss(batch.x, batch.mask, batch.y)
+            loss, _ = gsm._module.loss_batch(batch)
             if not torch.isfinite(loss):
                 raise TrainingError(f"DP training loss became {float(loss)}; lower train.lr")
             with warnings.catch_warnings():
@@ -195,6 +204,7 @@ def train_private(
             if public_gradient is not None:
                 public_gradient(private)
             optimizer.original_optimizer.step()
+            private.after_step()
     gsm._close()
     return private, total_loss / max(seen, 1)
 

@@ -86,7 +86,8 @@ def private_train_round(
         )
     plan = DPPlan(record.noise_multiplier, record.sample_rate, record.max_grad_norm)
     trained, mean_loss = train_private(
-        model, bags, plan, record.steps_per_round, lr, weight_decay, device, seed, public_gradient
+        model, bags, plan, record.steps_per_round, lr, weight_decay, device, seed, public_gradient,
+        progress=(server_round - 1) / max(planned_rounds, 1),
     )
     epsilon = ledger.record_round(run_id, server_round, record.steps_per_round)
     log.info("site %s round %d: DP-SGD epsilon %.3f (delta %g)", site, server_round, epsilon, record.delta)

@@ -94,7 +94,7 @@ def train_one_epoch(
         batch = batch.to(device)
         optimizer.zero_grad(set_to_none=True)
         with autocast_for(device, cfg.amp):
-            loss, _ = model.loss(batch.x, batch.mask, batch.y, class_weight=weight)
+            loss, _ = model.loss_batch(batch, class_weight=weight)
         if extra_loss is not None:
             loss = loss + extra_loss(model)
         if not torch.isfinite(loss):
@@ -105,6 +105,7 @@ def train_one_epoch(
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
+        model.after_step()
         total += float(loss.detach()) * len(batch)
         count += len(batch)
     return total / max(count, 1)
@@ -119,7 +120,7 @@ def predict_bags(
     probs = []
     for batch in iter_batches(bags, batch_size):
         batch = batch.to(device)
-        probs.append(model.predict(batch.x, batch.mask).probs.float().cpu())
+        probs.append(model.predict_batch(batch).probs.float().cpu())
     y = np.array([b.label for b in bags], dtype=int)
     return y, torch.cat(probs).numpy() if probs else np.zeros((0, model.n_classes))
 
@@ -164,10 +165,14 @@ def fit(
     progress: Callable[[EpochLog], None] | None = None,
     extra_loss: ExtraLoss | None = None,
     epochs: int | None = None,
+    progress_span: tuple[float, float] = (0.0, 1.0),
 ) -> TrainResult:
     """Train with Adam; keep the weights of the best validation epoch (loaded on return).
 
     Without validation bags the last epoch's weights are kept (no selection possible).
+    ``progress_span`` is the part of the whole training this call covers (a federated
+    round passes its share of the planned rounds); the model's schedules see it through
+    ``set_progress``.
     """
     if not train_bags:
         raise ValueError("fit() got no training bags")
@@ -185,8 +190,11 @@ def fit(
     history: list[EpochLog] = []
     stale = 0
     stopped = False
+    model.start_training()
+    first, last = progress_span
     for epoch in range(1, n_epochs + 1):
         start = time.perf_counter()
+        model.set_progress(first + (last - first) * (epoch - 1) / n_epochs)
         train_loss = train_one_epoch(
             model, train_bags, optimizer, cfg, device, generator, cw, extra_loss
         )
