@@ -4,7 +4,17 @@ Importing this package registers every model; build one with
 ``build_model(name, in_dim, n_classes, params)`` and list them with ``model_specs()``.
 """
 
-from micromil_core.models import abmil, micromil, pooling  # noqa: F401  (registers models)
+from micromil_core.models import (  # noqa: F401  (importing registers the models)
+    abmil,
+    clam,
+    dsmil,
+    hmil,
+    mhim,
+    micromil,
+    mran,
+    pooling,
+    transmil,
+)
 from micromil_core.models.base import MILModel, Prediction, masked_softmax
 from micromil_core.models.registry import (
     RegisteredModel,

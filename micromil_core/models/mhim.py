@@ -1,0 +1,1 @@
+"""Placeholder: being written this session (issue 6)."""
