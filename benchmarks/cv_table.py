@@ -7,6 +7,10 @@ Table 1 (attention MIL, 10-fold CV), as cited in shared/METHODS.md.
 
     python benchmarks/cv_table.py                                   # full table
     python benchmarks/cv_table.py --datasets musk1 --models micromil --folds 3
+
+A "model" here is a configuration name: configs/cv/<name>.yaml when it exists (it names the
+registered model, e.g. mhim-abmil.yaml builds `mhim` around ABMIL), else a registry name
+with default settings. With more than two models the table has one row per model.
 """
 
 from __future__ import annotations
@@ -30,10 +34,9 @@ def run_one(dataset: str, model: str, seed: int, args: argparse.Namespace) -> di
     out = Path(args.work) / "runs" / f"{dataset}-{model}{tag}-seed{seed}"
     config = ROOT / "configs" / "cv" / f"{model}.yaml"
     cmd = [sys.executable, "-m", "micromil_core.cli", "cv", "--data", str(data / "site-0"),
-           "--model", model, "--folds", str(args.folds), "--seed", str(seed),
+           "--folds", str(args.folds), "--seed", str(seed),
            "--out", str(out), "--set", f"train.num_threads={args.threads}"]
-    if config.is_file():
-        cmd += ["--config", str(config)]
+    cmd += ["--config", str(config)] if config.is_file() else ["--model", model]
     for override in args.overrides:
         cmd += ["--set", override]
     start = time.perf_counter()
@@ -57,6 +60,40 @@ def combine(runs: list[dict]) -> dict:
         out[f"{key}_fold_std"] = float(np.nanstd(folds))
         out[f"{key}_repeat_std"] = float(np.std(means)) if len(means) > 1 else 0.0
     return out
+
+
+def _cell(r: dict, key: str) -> str:
+    if "error" in r or not r:
+        return "failed"
+    return f"{r[key + '_mean']:.3f} ± {r[key + '_repeat_std']:.3f}"
+
+
+def wide_table(by: dict, datasets: list[str], models: list[str]) -> list[str]:
+    """One row per dataset, accuracy and AUC columns per model, literature beside them."""
+    lines = [
+        "| dataset | " + " | ".join(f"{m} accuracy | {m} AUC" for m in models)
+        + " | literature accuracy (attention MIL) |",
+        "|---" * (2 + 2 * len(models)) + "|",
+    ]
+    for d in datasets:
+        cells = [_cell(by.get((d, m), {}), k) for m in models for k in ("accuracy", "auc")]
+        lit = f"{LITERATURE[d]:.3f}" if d in LITERATURE else "-"
+        lines.append(f"| {d} | " + " | ".join(cells) + f" | {lit} |")
+    return lines
+
+
+def long_table(by: dict, datasets: list[str], models: list[str]) -> list[str]:
+    """One row per model, accuracy and AUC columns per dataset; literature as a last row."""
+    lines = [
+        "| model | " + " | ".join(f"{d} accuracy | {d} AUC" for d in datasets) + " |",
+        "|---" * (1 + 2 * len(datasets)) + "|",
+    ]
+    for m in models:
+        cells = [_cell(by.get((d, m), {}), k) for d in datasets for k in ("accuracy", "auc")]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lit = [f"{LITERATURE[d]:.3f} | -" if d in LITERATURE else "- | -" for d in datasets]
+    lines.append("| literature (attention MIL, Ilse et al. 2018) | " + " | ".join(lit) + " |")
+    return lines
 
 
 def main() -> None:
@@ -93,7 +130,6 @@ def main() -> None:
             runs = [r for r in rows if r["dataset"] == d and r["model"] == m]
             failed = [r for r in runs if "error" in r]
             by[(d, m)] = failed[0] if failed else combine(runs)
-    header = "| dataset | " + " | ".join(f"{m} accuracy | {m} AUC" for m in args.models) + " | literature accuracy (attention MIL) |"
     lines = [
         f"# {args.folds}-fold cross-validation x {args.repeats} repeats "
         f"(seeds {seeds[0]}..{seeds[-1]}, same folds for all models)",
@@ -104,20 +140,8 @@ def main() -> None:
         "Model selection / early stopping on a validation split of each training part; the",
         "test fold is never used for selection. Hyper-parameters: configs/cv/<model>.yaml.",
         "",
-        header,
-        "|---" * (2 + 2 * len(args.models)) + "|",
     ]
-    for d in args.datasets:
-        cells = []
-        for m in args.models:
-            r = by.get((d, m), {})
-            if "error" in r:
-                cells += ["failed", "failed"]
-            else:
-                cells += [f"{r['accuracy_mean']:.3f} ± {r['accuracy_repeat_std']:.3f}",
-                          f"{r['auc_mean']:.3f} ± {r['auc_repeat_std']:.3f}"]
-        lit = f"{LITERATURE[d]:.3f}" if d in LITERATURE else "-"
-        lines.append(f"| {d} | " + " | ".join(cells) + f" | {lit} |")
+    lines += (wide_table if len(args.models) <= 2 else long_table)(by, args.datasets, args.models)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     combined = {f"{d}/{m}": v for (d, m), v in by.items()}
