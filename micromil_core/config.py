@@ -27,6 +27,7 @@ from micromil_core.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
 SELECTION_METRICS = ("loss", "auc")
+OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,10 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-6
     batch_size: int = 1
+    # adam (the authors') or sgd with momentum. Under DP-SGD, Adam's per-coordinate
+    # normalisation turns noise-only coordinates into full-size steps; SGD keeps them small.
+    optimizer: str = "adam"
+    momentum: float = 0.9  # sgd only
     patience: int = 10  # epochs without validation improvement before stopping; 0 = never
     min_epochs: int = 5  # early stopping is not considered before this epoch
     val_fraction: float = 0.2  # used only when a site has no split column
@@ -80,6 +85,10 @@ class TrainConfig:
         _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, ">= 0 (0 disables)")
         _require(self.device in DEVICES, "train.device", self.device, f"one of {DEVICES}")
         _require(self.num_threads >= 0, "train.num_threads", self.num_threads, ">= 0")
+        _require(
+            self.optimizer in OPTIMIZERS, "train.optimizer", self.optimizer, f"one of {OPTIMIZERS}"
+        )
+        _require(0.0 <= self.momentum < 1.0, "train.momentum", self.momentum, "in [0, 1)")
 
 
 @dataclass(frozen=True)

@@ -263,6 +263,7 @@ def train_round(
             server_round, planned_rounds, local_epochs, train_cfg.lr, train_cfg.weight_decay,
             train_cfg.batch_size, device, seed,
             proximal_gradient(state, proximal_mu) if proximal_mu > 0 else None,
+            optimizer=train_cfg.optimizer, momentum=train_cfg.momentum,
         )
     else:
         extra = proximal_term(model, state, proximal_mu) if proximal_mu > 0 else None

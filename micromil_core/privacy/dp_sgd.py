@@ -134,13 +134,16 @@ def state_dict_for(original: MILModel, trained: MILModel) -> dict[str, Tensor]:
 
 
 def dp_optimizer(model: MILModel, plan: DPPlan, lr: float, weight_decay: float, n_patients: int,
-                 generator: torch.Generator | None = None):
-    """Opacus's DPOptimizer around Adam, averaging by the EXPECTED batch size q*n."""
+                 generator: torch.Generator | None = None, optimizer: str = "adam",
+                 momentum: float = 0.0):
+    """Opacus's DPOptimizer around Adam or SGD, averaging by the EXPECTED batch size q*n."""
     from opacus.optimizers import DPOptimizer
 
-    adam = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    from micromil_core.training.trainer import build_optimizer
+
+    inner = build_optimizer(model.parameters(), optimizer, lr, weight_decay, momentum)
     return DPOptimizer(
-        adam,
+        inner,
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=plan.max_grad_norm,
         expected_batch_size=max(1, round(plan.sample_rate * n_patients)),
@@ -165,6 +168,8 @@ def train_private(
     seed: int,
     public_gradient: PublicGradient | None = None,
     progress: float = 0.0,
+    optimizer: str = "adam",
+    momentum: float = 0.0,
 ) -> tuple[MILModel, float]:
     """Run ``steps`` DP-SGD steps on ``bags``.
 
@@ -178,12 +183,14 @@ def train_private(
     gsm = GradSampleModule(private, loss_reduction="mean")
     generator = torch.Generator().manual_seed(seed)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
-    optimizer = dp_optimizer(private, plan, lr, weight_decay, len(bags), noise_gen)
+    dp_opt = dp_optimizer(
+        private, plan, lr, weight_decay, len(bags), noise_gen, optimizer, momentum
+    )
     private.start_training()
     private.set_progress(progress)
     total_loss, seen = 0.0, 0
     for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
+        dp_opt.zero_grad(set_to_none=True)
         chosen = poisson_sample(len(bags), plan.sample_rate, generator)
         if chosen:
             batch = collate_bags([bags[i] for i in chosen]).to(device)
@@ -200,10 +207,10 @@ def train_private(
             seen += len(chosen)
         else:
             mark_empty_step(private)
-        if optimizer.pre_step():
+        if dp_opt.pre_step():
             if public_gradient is not None:
                 public_gradient(private)
-            optimizer.original_optimizer.step()
+            dp_opt.original_optimizer.step()
             private.after_step()
     gsm._close()
     return private, total_loss / max(seen, 1)

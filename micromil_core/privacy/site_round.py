@@ -70,6 +70,8 @@ def private_train_round(
     device: torch.device,
     seed: int,
     public_gradient: PublicGradient | None = None,
+    optimizer: str = "adam",
+    momentum: float = 0.0,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Train one round with DP-SGD; returns (weights in ``model``'s layout, metrics).
 
@@ -87,7 +89,8 @@ def private_train_round(
     plan = DPPlan(record.noise_multiplier, record.sample_rate, record.max_grad_norm)
     trained, mean_loss = train_private(
         model, bags, plan, record.steps_per_round, lr, weight_decay, device, seed, public_gradient,
-        progress=(server_round - 1) / max(planned_rounds, 1),
+        progress=(server_round - 1) / max(planned_rounds, 1), optimizer=optimizer,
+        momentum=momentum,
     )
     epsilon = ledger.record_round(run_id, server_round, record.steps_per_round)
     log.info("site %s round %d: DP-SGD epsilon %.3f (delta %g)", site, server_round, epsilon, record.delta)

@@ -56,6 +56,15 @@ def class_weights(labels: list[int], n_classes: int) -> Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
+def build_optimizer(
+    params, name: str, lr: float, weight_decay: float, momentum: float = 0.0
+) -> torch.optim.Optimizer:
+    """``train.optimizer``: Adam, or SGD with (heavy-ball) momentum."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+
 def iter_batches(
     bags: list[Bag], batch_size: int, generator: torch.Generator | None = None
 ) -> Iterator[BagBatch]:
@@ -167,7 +176,7 @@ def fit(
     epochs: int | None = None,
     progress_span: tuple[float, float] = (0.0, 1.0),
 ) -> TrainResult:
-    """Train with Adam; keep the weights of the best validation epoch (loaded on return).
+    """Train with ``cfg.optimizer``; keep the weights of the best validation epoch (loaded on return).
 
     Without validation bags the last epoch's weights are kept (no selection possible).
     ``progress_span`` is the part of the whole training this call covers (a federated
@@ -177,7 +186,9 @@ def fit(
     if not train_bags:
         raise ValueError("fit() got no training bags")
     model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(
+        model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum
+    )
     generator = torch.Generator().manual_seed(cfg.seed)
     cw = (
         class_weights([b.label for b in train_bags], model.n_classes)

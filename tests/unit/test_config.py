@@ -34,6 +34,8 @@ def test_unknown_section():
         ("train.device=tpu", "one of"),
         ("train.standardize=maybe", "true or false"),
         ("train.select_on=f1", "select_on"),
+        ("train.optimizer=rmsprop", "train.optimizer"),
+        ("train.momentum=1.0", "train.momentum"),
         ("novalue", "section.key=value"),
         ("lr=1", "must name a section"),
     ],

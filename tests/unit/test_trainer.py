@@ -8,7 +8,7 @@ from micromil_core.data.site import load_bags, load_site
 from micromil_core.errors import CheckpointError
 from micromil_core.models.registry import build_model
 from micromil_core.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from micromil_core.training.trainer import class_weights, fit, predict_bags
+from micromil_core.training.trainer import build_optimizer, class_weights, fit, predict_bags
 from tests.conftest import write_site
 
 CPU = torch.device("cpu")
@@ -59,6 +59,18 @@ def test_training_is_reproducible(tmp_path):
         states.append(model.state_dict())
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
+
+
+def test_sgd_with_momentum_trains(tmp_path):
+    _, bags = _bags(tmp_path)
+    model = build_model("abmil", 6, 2, {"embed_dims": "8", "attn_dim": 4})
+    opt = build_optimizer(model.parameters(), "sgd", 0.1, 0.0, momentum=0.9)
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(epochs=2, lr=0.05, optimizer="sgd", momentum=0.9, seed=1)
+    result = fit(model, bags[:8], [], cfg, CPU)
+    assert math.isfinite(result.history[-1].train_loss)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_no_validation_keeps_last_epoch(tmp_path):
