@@ -32,6 +32,9 @@ CONFIGS = [
     ("max-pool", {"hidden_dim": 8}),
     ("abmil", {"embed_dims": "16,8", "attn_dim": 8}),
     ("gated-abmil", {"embed_dims": "16,8", "attn_dim": 8}),
+    ("transmil", {"dim": 8, "n_heads": 2}),
+    ("dsmil", {"embed_dims": "8", "q_dim": 8}),
+    ("clam-sb", {"embed_dim": 8, "attn_dim": 8, "k_sample": 2}),
 ] + [
     ("micromil", {**SMALL_MICROMIL, "gnn_backend": backend, "edge_mode": mode})
     for backend in ("pyg", "dense")
