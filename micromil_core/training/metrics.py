@@ -19,6 +19,8 @@ from sklearn.metrics import (
 )
 
 METRIC_KEYS = ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity")
+# Fine-level metrics of hierarchical models (HMIL), next to the core keys when available.
+FINE_METRIC_KEYS = ("fine_accuracy", "fine_balanced_accuracy", "fine_macro_f1", "fine_auc")
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float]:
@@ -70,6 +72,39 @@ def roc_auc(y_true: np.ndarray, probs: np.ndarray) -> float:
     )
 
 
+def fine_metrics(y_fine: np.ndarray, fine_probs: np.ndarray) -> dict[str, float]:
+    """``FINE_METRIC_KEYS`` (+ ``fine_n``) over the bags whose fine label is known.
+
+    Fine labels y_fine (n,) with -1 = unknown, fine probabilities (n, F). Balanced accuracy
+    and macro F1 average over the fine classes present in y_fine; ``fine_auc`` is the macro
+    one-vs-rest AUC over those classes (NaN when fewer than two are present). Empty dict
+    when no bag has a fine label.
+    """
+    y_fine = np.asarray(y_fine, dtype=int)
+    known = y_fine >= 0
+    if not known.any():
+        return {}
+    y, probs = y_fine[known], np.asarray(fine_probs, dtype=float)[known]
+    y_pred = probs.argmax(axis=1)
+    present = np.unique(y)
+    auc = (
+        float(np.mean([roc_auc_score(y == c, probs[:, c]) for c in present]))
+        if len(present) > 1
+        else math.nan
+    )
+    return {
+        "fine_accuracy": float(accuracy_score(y, y_pred)),
+        # Mean recall over the classes present (sklearn's definition, without its warning
+        # when a prediction falls in a class absent from y).
+        "fine_balanced_accuracy": float(np.mean([(y_pred[y == c] == c).mean() for c in present])),
+        "fine_macro_f1": float(
+            f1_score(y, y_pred, labels=list(present), average="macro", zero_division=0)
+        ),
+        "fine_auc": auc,
+        "fine_n": int(known.sum()),
+    }
+
+
 def binary_roc(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """(fpr, tpr) of class 1 vs rest, or None when undefined."""
     y_true = np.asarray(y_true, dtype=int)
@@ -81,9 +116,11 @@ def binary_roc(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def summarize_folds(per_fold: list[dict[str, float]]) -> dict[str, float]:
-    """``<metric>_mean`` and ``<metric>_std`` over folds (NaN folds ignored)."""
+    """``<metric>_mean`` and ``<metric>_std`` over folds (NaN folds ignored); fine metrics
+    too when every fold has them."""
     out: dict[str, float] = {}
-    for key in METRIC_KEYS:
+    fine = [k for k in FINE_METRIC_KEYS if per_fold and all(k in m for m in per_fold)]
+    for key in (*METRIC_KEYS, *fine):
         values = np.array([m[key] for m in per_fold], dtype=float)
         finite = values[np.isfinite(values)]
         out[f"{key}_mean"] = float(finite.mean()) if finite.size else math.nan

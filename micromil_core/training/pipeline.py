@@ -24,14 +24,21 @@ from micromil_core.data.layout import FEATURES_DIR
 from micromil_core.data.scaler import FeatureScaler
 from micromil_core.data.site import SiteData, class_order, load_bags, load_site
 from micromil_core.data.splits import stratified_folds, train_val_split
-from micromil_core.errors import SiteDataError
+from micromil_core.errors import ConfigError, SiteDataError
 from micromil_core.io import write_json_atomic, write_text_atomic
-from micromil_core.models.registry import build_model
+from micromil_core.models.registry import build_model, params_from_dict
 from micromil_core.runtime import resolve_device, seed_everything, set_threads
 from micromil_core.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from micromil_core.training.metrics import classification_metrics, summarize_folds
+from micromil_core.training.metrics import classification_metrics, fine_metrics, summarize_folds
 from micromil_core.training.plots import plot_curves, plot_roc
-from micromil_core.training.trainer import EpochLog, TrainResult, evaluate_bags, fit, predict_bags
+from micromil_core.training.trainer import (
+    EpochLog,
+    TrainResult,
+    evaluate_bags,
+    fit,
+    iter_batches,
+    predict_bags,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,21 +83,27 @@ def load_sites(
     classes: Sequence[str] | None = None,
     expected_dim: int | None = None,
     progress: bool = False,
+    fine_classes: Sequence[str] | None = None,
 ) -> list[SiteBags]:
     """Load several sites with one shared class list and one feature dimension.
 
-    Classes default to the sorted union of the sites' labels, so every site indexes
-    classes the same way; a site whose features differ in dimension is named in the error.
+    Classes (and fine classes) default to the sorted union of the sites' labels, so every
+    site indexes classes the same way; a site whose features differ in dimension is named
+    in the error.
     """
     paths = [Path(p) for p in site_paths]
     if not paths:
         raise SiteDataError("no site folder given; pass at least one --data SITE")
-    if classes is None:
+    if classes is None or fine_classes is None:
         sites = [load_site(p) for p in paths]
-        classes = list(class_order(c for s in sites for c in s.classes))
+        if classes is None:
+            classes = list(class_order(c for s in sites for c in s.classes))
+        if fine_classes is None:
+            fines = [f for s in sites for f in s.fine_classes or ()]
+            fine_classes = list(class_order(fines)) if fines else None
     out: list[SiteBags] = []
     for path in paths:
-        site = load_site(path, classes=classes)
+        site = load_site(path, classes=classes, fine_classes=fine_classes)
         ids = [p.patient_id for p in site.patients]
         fdir = feature_dir_for(path, ids, data_cfg, device, progress)
         bags = load_bags(site, feature_dir=fdir, expected_dim=expected_dim)
@@ -148,6 +161,81 @@ def _progress_printer(label: str, enabled: bool):
         )
 
     return update, bar
+
+
+def with_fine_to_coarse(
+    cfg: ExperimentConfig, train_bags: Sequence[Bag], site: SiteData
+) -> ExperimentConfig:
+    """``cfg`` with ``model.params.fine_to_coarse`` derived from the TRAINING patients.
+
+    Only for a model that takes the param (HMIL) when the config leaves it empty and the
+    site has fine labels; the derived map then lands in the model's params and so in the
+    checkpoint. Each fine label must co-occur with exactly one coarse label.
+
+    Raises:
+        ConfigError: a fine label occurs with two coarse labels, or has no training patient.
+    """
+    params = params_from_dict(cfg.model.name, cfg.model.params)
+    if getattr(params, "fine_to_coarse", None) != () or not site.fine_classes:
+        return cfg
+    seen: dict[int, set[int]] = {}
+    for bag in train_bags:
+        if bag.fine_label is not None:
+            seen.setdefault(bag.fine_label, set()).add(bag.label)
+    if not seen:
+        log.warning(
+            "no training patient has a fine_label: %s learns no fine classes", cfg.model.name
+        )
+        return cfg
+    fix = (
+        f"set model.params.fine_to_coarse (the coarse class index of each fine class, in the "
+        f"order {list(site.fine_classes)}; coarse classes {list(site.classes)})"
+    )
+    mapping = []
+    for f, name in enumerate(site.fine_classes):
+        coarse = sorted(seen.get(f, ()))
+        if not coarse:
+            raise ConfigError(
+                f"fine label {name!r} has no training patient, so its coarse label is unknown; "
+                f"add patients or {fix}"
+            )
+        if len(coarse) > 1:
+            a, b = (site.classes[c] for c in coarse[:2])
+            raise ConfigError(
+                f"fine label {name!r} occurs with coarse labels {a!r} and {b!r} among the "
+                f"training patients; a fine label must belong to exactly one coarse label: fix "
+                f"patients.csv or {fix}"
+            )
+        mapping.append(coarse[0])
+    params_dict = {**cfg.model.params, "fine_to_coarse": mapping}
+    return replace(cfg, model=replace(cfg.model, params=params_dict))
+
+
+@torch.no_grad()
+def predict_fine(
+    model: Any, bags: list[Bag], device: torch.device, batch_size: int = 1
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Fine labels (n,) (-1 unknown) and fine probabilities (n, F) of a hierarchical model.
+
+    None when no bag has a fine label or the model gives no ``extras["fine_probs"]``.
+    """
+    y_fine = np.array([-1 if b.fine_label is None else b.fine_label for b in bags], dtype=int)
+    if not bags or (y_fine < 0).all():
+        return None
+    model.eval()
+    probs = []
+    for batch in iter_batches(bags, batch_size):
+        extras = model.predict_batch(batch.to(device)).extras
+        if "fine_probs" not in extras:
+            return None
+        probs.append(extras["fine_probs"].float().cpu())
+    return y_fine, torch.cat(probs).numpy()
+
+
+def fine_metrics_of(model: Any, bags: list[Bag], device: torch.device) -> dict[str, float]:
+    """``fine_*`` metrics of ``model`` on ``bags`` (empty when there are none)."""
+    fine = predict_fine(model, bags, device)
+    return fine_metrics(*fine) if fine is not None else {}
 
 
 def train_and_select(
@@ -247,11 +335,16 @@ def train_pooled(
         val += va
         test += te
     classes = list(sites[0].site.classes)
+    cfg = with_fine_to_coarse(cfg, train, sites[0].site)
     model, scaler, result = train_and_select(
         cfg, train, val, len(classes), device, progress_label="train" if progress else None
     )
+    validation = dict(result.val_metrics)
+    if val and not cfg.train.refit:  # a refit model was not the one validated
+        scaled_val = scaler.transform_all(val) if scaler else val
+        validation.update(fine_metrics_of(model, scaled_val, device))
     metrics: dict[str, Any] = {
-        "validation": result.val_metrics,
+        "validation": validation,
         "best_epoch": result.best_epoch,
         "n_train": len(train),
         "n_val": len(val),
@@ -259,6 +352,7 @@ def train_pooled(
     if test:
         scaled = scaler.transform_all(test) if scaler else test
         metrics["test"] = evaluate_bags(model, scaled, device)
+        metrics["test"].update(fine_metrics_of(model, scaled, device))
     ckpt = Checkpoint(
         model_name=cfg.model.name,
         in_dim=int(train[0].features.shape[1]),
@@ -326,11 +420,19 @@ def evaluate_checkpoint(
     # Features must come from the encoder the model was trained on, whatever is asked.
     data_cfg = replace(data_cfg, encoder=ckpt.encoder)
     sites = load_sites(
-        site_paths, data_cfg, dev, classes=ckpt.classes, expected_dim=ckpt.in_dim, progress=progress
+        site_paths,
+        data_cfg,
+        dev,
+        classes=ckpt.classes,
+        expected_dim=ckpt.in_dim,
+        progress=progress,
+        # A hierarchical model's fine outputs follow the fine classes it was trained with.
+        fine_classes=ckpt.fine_classes if ckpt.params.get("fine_to_coarse") else None,
     )
     per_site: dict[str, Any] = {}
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     all_y, all_p, rows = [], [], []
+    all_fine: list[tuple[np.ndarray, np.ndarray]] = []
     for sb in sites:
         bags = sb.by_split(split) if split else sb.bags
         if not bags:
@@ -341,6 +443,10 @@ def evaluate_checkpoint(
         scaled = scaler.transform_all(bags) if scaler else bags
         y, probs = predict_bags(model, scaled, dev)
         per_site[sb.site.name] = classification_metrics(y, probs)
+        fine = predict_fine(model, scaled, dev)
+        if fine is not None:
+            per_site[sb.site.name].update(fine_metrics(*fine))
+            all_fine.append(fine)
         curves[sb.site.name] = (y, probs)
         all_y.append(y)
         all_p.append(probs)
@@ -352,6 +458,8 @@ def evaluate_checkpoint(
             write_explanations(model, ckpt, sb, bags, scaled, dev, out / "explain" / sb.site.name)
     y_all, p_all = np.concatenate(all_y), np.concatenate(all_p)
     metrics: dict[str, Any] = classification_metrics(y_all, p_all)
+    if all_fine:
+        metrics.update(fine_metrics(*(np.concatenate(a) for a in zip(*all_fine, strict=True))))
     metrics["per_site"] = per_site
     metrics["checkpoint"] = str(checkpoint)
     metrics["split"] = split or "all"
@@ -392,15 +500,18 @@ def cross_validate(
     done = _load_fold_state(state_path, settings)
     n_classes = len(sb.site.classes)
     oof = np.zeros((len(sb.bags), n_classes))
+    oof_fine: np.ndarray | None = None  # (n, F) out-of-fold fine probabilities (HMIL)
     for k, test_idx in enumerate(fold_idx):
         if str(k) in done["folds"]:
             oof[test_idx] = np.asarray(done["folds"][str(k)]["probs"])
+            stored = done["folds"][str(k)].get("fine_probs")
+            oof_fine = _store_fine(oof_fine, len(sb.bags), test_idx, stored)
             continue
         seed_everything(cfg.train.seed + k)
         rest = np.setdiff1d(np.arange(len(sb.bags)), test_idx)
         tr, va = train_val_split(rest, labels, cfg.train.val_fraction, cfg.train.seed + k)
         model, scaler, result = train_and_select(
-            cfg,
+            with_fine_to_coarse(cfg, [sb.bags[i] for i in tr], sb.site),
             [sb.bags[i] for i in tr],
             [sb.bags[i] for i in va],
             n_classes,
@@ -417,11 +528,19 @@ def cross_validate(
             "best_epoch": result.best_epoch,
             "probs": probs.tolist(),
         }
+        fine = predict_fine(model, test, device)
+        if fine is not None:
+            fold_metrics.update(fine_metrics(*fine))
+            done["folds"][str(k)]["fine_probs"] = fine[1].tolist()
+            oof_fine = _store_fine(oof_fine, len(sb.bags), test_idx, fine[1])
         write_json_atomic(state_path, done)
         log.info("fold %d/%d: auc=%.3f acc=%.3f", k + 1, folds, fold_metrics["auc"], fold_metrics["accuracy"])
     per_fold = [done["folds"][str(k)]["metrics"] for k in range(folds)]
     summary: dict[str, Any] = summarize_folds(per_fold)
     summary["pooled_out_of_fold"] = classification_metrics(labels, oof)
+    if oof_fine is not None:
+        y_fine = np.array([-1 if b.fine_label is None else b.fine_label for b in sb.bags])
+        summary["pooled_out_of_fold"].update(fine_metrics(y_fine, oof_fine))
     summary["per_fold"] = per_fold
     summary["best_epochs"] = [done["folds"][str(k)]["best_epoch"] for k in range(folds)]
     summary["model"] = cfg.model.name
@@ -429,6 +548,19 @@ def cross_validate(
     write_json_atomic(out / "metrics.json", summary)
     plot_roc({f"{cfg.model.name} (out-of-fold)": (labels, oof)}, out / "roc.png", title=f"{folds}-fold CV")
     return summary
+
+
+def _store_fine(
+    oof_fine: np.ndarray | None, n: int, test_idx: np.ndarray, probs: Any
+) -> np.ndarray | None:
+    """Put one fold's fine probabilities (n_test, F) into the (n, F) out-of-fold array."""
+    if probs is None:
+        return oof_fine
+    probs = np.asarray(probs)
+    if oof_fine is None:
+        oof_fine = np.zeros((n, probs.shape[1]))
+    oof_fine[test_idx] = probs
+    return oof_fine
 
 
 def _load_fold_state(path: Path, settings: dict[str, Any]) -> dict[str, Any]:

@@ -35,6 +35,7 @@ CONFIGS = [
     ("transmil", {"dim": 8, "n_heads": 2}),
     ("dsmil", {"embed_dims": "8", "q_dim": 8}),
     ("clam-sb", {"embed_dim": 8, "attn_dim": 8, "k_sample": 2}),
+    ("hmil", {"fine_to_coarse": "0,0,1", "embed_dims": "16,8", "fine_dim": 8, "attn_dim": 8}),
 ] + [
     ("micromil", {**SMALL_MICROMIL, "gnn_backend": backend, "edge_mode": mode})
     for backend in ("pyg", "dense")
