@@ -167,11 +167,15 @@ def cmd_extract(args: argparse.Namespace) -> int:
             encoder,
             batch_size=args.batch_size,
             progress=True,
+            crop_scales=args.crop_scales,
+            scale_names=[n.strip() for n in args.scales.split(",")] if args.scales else None,
         )
         print(
             f"{site_path}: {result.n_extracted} patients extracted, {result.n_reused} reused "
             f"-> {result.feature_dir}"
         )
+        if result.scale_names:
+            print(f"  scales (index order): {', '.join(result.scale_names)}")
     return 0
 
 
@@ -340,6 +344,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="local weights file (timm:/torchvision: encoders)")
     p.add_argument("--input-size", type=int, help="network input size (external encoders)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument(
+        "--crop-scales",
+        metavar="F,F,...",
+        help="multi-scale (MRAN): encode each image once per central crop, e.g. 1.0,0.5 "
+        "(1.0 = whole image, 0.5 = central half of each side zoomed back to full size)",
+    )
+    p.add_argument(
+        "--scales",
+        metavar="NAME,...",
+        help="scale folder names images/<patient>/<NAME>/ in index order, e.g. "
+        "40X,100X,200X,400X (default: the folders found; see docs/multiscale.md)",
+    )
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("train", help="train one model on the pooled patients of sites")

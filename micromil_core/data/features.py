@@ -4,6 +4,10 @@ Every reader returns the same thing: a float32 tensor of shape (N, D), one row p
 checked for the mistakes that otherwise surface much later as a NaN loss or a shape error
 deep inside a model: an unreadable file, the wrong rank, an empty bag, non-finite values and
 a feature dimension that does not match the rest of the federation.
+
+Multi-scale sites (MRAN, see docs/multiscale.md) may also store each instance's scale index:
+an ``.h5`` dataset ``scales`` (N,) or a ``.pt`` dict ``{"features": (N, D), "scales": (N,)}``;
+:func:`read_features_and_scales` returns them (``.npy`` files have none).
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ from micromil_core.io import torch_save_atomic
 H5_FEATURES_KEY = "features"
 H5_COORDS_KEY = "coords"
 PT_FEATURES_KEY = "features"
+SCALES_KEY = "scales"  # the same name in .h5 files and .pt dicts
 
 
-def _load_raw(path: Path) -> Any:
-    """Load the array-like payload of one feature file, by extension."""
+def _load_raw(path: Path) -> tuple[Any, Any]:
+    """Load the array-like payloads (features, scales or None) of one feature file."""
     suffix = path.suffix.lower()
     if suffix == ".pt":
         # weights_only: a feature file is data, never code; refuse pickled objects.
@@ -37,10 +42,10 @@ def _load_raw(path: Path) -> Any:
                     f"(keys: {sorted(map(str, obj))}); save the (N, D) tensor itself or a "
                     f"dict {{'features': tensor}}"
                 )
-            obj = obj[PT_FEATURES_KEY]
-        return obj
+            return obj[PT_FEATURES_KEY], obj.get(SCALES_KEY)
+        return obj, None
     if suffix == ".npy":
-        return np.load(path, allow_pickle=False)
+        return np.load(path, allow_pickle=False), None
     if suffix == ".h5":
         import h5py  # local: only sites with .h5 files need it
 
@@ -51,15 +56,49 @@ def _load_raw(path: Path) -> Any:
                     f"(has: {sorted(fh.keys())}); store the (N, D) features under "
                     f"{H5_FEATURES_KEY!r}"
                 )
-            return np.asarray(fh[H5_FEATURES_KEY][()])
+            scales = np.asarray(fh[SCALES_KEY][()]) if SCALES_KEY in fh else None
+            return np.asarray(fh[H5_FEATURES_KEY][()]), scales
     raise FeatureError(
         f"{path}: unsupported feature file extension {path.suffix!r}; "
         f"use one of {', '.join(FEATURE_EXTENSIONS)}"
     )
 
 
+def _check_scales(path: Path, raw: Any, n: int) -> Tensor:
+    """Validate a file's per-instance scale indices: (N,) integers >= 0."""
+    fix = (
+        f"store one integer scale index >= 0 per instance row under {SCALES_KEY!r} "
+        f"(0 = the first magnification/crop scale of the federation), or drop "
+        f"{SCALES_KEY!r} for a single-scale site"
+    )
+    arr = raw.detach().cpu().numpy() if isinstance(raw, Tensor) else np.asarray(raw)
+    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+        raise FeatureError(f"{path}: {SCALES_KEY!r} has dtype {arr.dtype}, not integers; {fix}")
+    if arr.shape != (n,):
+        raise FeatureError(
+            f"{path}: {SCALES_KEY!r} has shape {tuple(arr.shape)} but the features have {n} "
+            f"rows; expected ({n},): {fix}"
+        )
+    if n and int(arr.min()) < 0:
+        raise FeatureError(f"{path}: {SCALES_KEY!r} holds negative values ({int(arr.min())}); {fix}")
+    return torch.from_numpy(arr.astype(np.int64))
+
+
 def read_feature_file(path: str | Path, expected_dim: int | None = None) -> Tensor:
     """Read one patient's instance features and validate them.
+
+    The features of :func:`read_features_and_scales` (scales, if any, are validated too).
+
+    Shapes:
+        return: (N, D) float32, N >= 1
+    """
+    return read_features_and_scales(path, expected_dim)[0]
+
+
+def read_features_and_scales(
+    path: str | Path, expected_dim: int | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """Read one patient's instance features and scale indices, and validate them.
 
     Args:
         path: a ``.pt`` (tensor, or dict with key ``"features"``), ``.npy`` or ``.h5``
@@ -67,20 +106,23 @@ def read_feature_file(path: str | Path, expected_dim: int | None = None) -> Tens
         expected_dim: the feature dimension D the caller requires, or None to accept any.
 
     Returns:
-        The features as a contiguous CPU tensor.
+        The features as a contiguous CPU tensor, and the per-instance scale indices when
+        the file stores them (``.h5`` dataset / ``.pt`` dict key ``"scales"``), else None.
 
     Shapes:
-        return: (N, D) float32, N >= 1
+        features: (N, D) float32, N >= 1
+        scales: (N,) int64, values >= 0
 
     Raises:
         FeatureError: the file is missing, unreadable or corrupt, is not 2-D, has zero rows
-            or zero columns, contains NaN/Inf, or has D != ``expected_dim``.
+            or zero columns, contains NaN/Inf, has D != ``expected_dim``, or stores scales
+            that are not N integers >= 0.
     """
     path = Path(path)
     if not path.is_file():
         raise FeatureError(f"{path}: feature file not found")
     try:
-        raw = _load_raw(path)
+        raw, raw_scales = _load_raw(path)
     except FeatureError:
         raise
     except Exception as exc:  # any library's "corrupt file" error: report it uniformly
@@ -126,16 +168,24 @@ def read_feature_file(path: str | Path, expected_dim: int | None = None) -> Tens
             f"{path}: feature dimension mismatch: expected {expected_dim}, got {d}; all "
             f"patients (and all sites) must use the same encoder"
         )
-    return feats.contiguous()
+    scales = None if raw_scales is None else _check_scales(path, raw_scales, n)
+    return feats.contiguous(), scales
 
 
-def write_feature_file(path: str | Path, features: Tensor) -> Path:
+def write_feature_file(path: str | Path, features: Tensor, scales: Tensor | None = None) -> Path:
     """Atomically save (N, D) features as a ``.pt`` file that ``read_feature_file`` reads.
+
+    With ``scales`` the file is the dict ``{"features": ..., "scales": ...}``.
 
     Shapes:
         features: (N, D), stored as float32
+        scales: (N,) integer scale indices >= 0, stored as int64
     """
     path = Path(path)
     if path.suffix.lower() != ".pt":
         raise FeatureError(f"{path}: write_feature_file writes .pt files only")
-    return torch_save_atomic(features.detach().to("cpu", torch.float32).contiguous(), path)
+    feats = features.detach().to("cpu", torch.float32).contiguous()
+    if scales is None:
+        return torch_save_atomic(feats, path)
+    checked = _check_scales(path, scales, int(feats.shape[0]))
+    return torch_save_atomic({PT_FEATURES_KEY: feats, SCALES_KEY: checked}, path)

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from micromil_core.data.bag import Bag
-from micromil_core.data.features import read_feature_file
+from micromil_core.data.features import read_feature_file, read_features_and_scales
 from micromil_core.data.layout import (
     FEATURE_EXTENSIONS,
     FEATURES_DIR,
@@ -386,6 +386,8 @@ def load_bags(
 
     Shapes:
         each bag.features: (N_i, D) float32
+        each bag.scales: (N_i,) int64 when the file stores scale indices (multi-scale
+            sites, see docs/multiscale.md), else None
 
     Raises:
         SiteDataError: a patient has no feature file or is not in ``patients.csv``.
@@ -404,7 +406,7 @@ def load_bags(
                 f"or put its images under {IMAGES_DIR}/{rec.patient_id}/ and run "
                 f"`micromil extract`"
             )
-        feats = read_feature_file(fpath, expected_dim=dim)
+        feats, scales = read_features_and_scales(fpath, expected_dim=dim)
         dim = int(feats.shape[1])
         bags.append(
             Bag(
@@ -412,6 +414,7 @@ def load_bags(
                 features=feats,
                 label=site.label_index(rec),
                 fine_label=site.fine_label_index(rec),
+                scales=scales,
             )
         )
     return bags

@@ -36,6 +36,7 @@ CONFIGS = [
     ("dsmil", {"embed_dims": "8", "q_dim": 8}),
     ("clam-sb", {"embed_dim": 8, "attn_dim": 8, "k_sample": 2}),
     ("hmil", {"fine_to_coarse": "0,0,1", "embed_dims": "16,8", "fine_dim": 8, "attn_dim": 8}),
+    ("mran", {"n_scales": 1, "embed_dims": "16,8"}),  # multi-scale paths: test_mran.py
 ] + [
     ("micromil", {**SMALL_MICROMIL, "gnn_backend": backend, "edge_mode": mode})
     for backend in ("pyg", "dense")
