@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from micromil_core.models.base import MILModel, Prediction, masked_softmax
+from micromil_core.models.base import Encoding, MILModel, Prediction, masked_softmax
 from micromil_core.models.pooling import check_batch, mlp
 from micromil_core.models.registry import check_float, check_int, register_model
 
@@ -61,8 +61,11 @@ class ABMIL(MILModel):
         self.attn_w = nn.Linear(params.attn_dim, 1)
         self.head = nn.Linear(width, n_classes)
 
-    def _attend(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Shapes: x (B, N, D), mask (B, N) -> logits (B, C), attention (B, N)."""
+    def encode(self, x: Tensor, mask: Tensor) -> Encoding:
+        """Logits, the attention-pooled bag embedding z and the attention weights.
+
+        Shapes: x (B, N, D), mask (B, N) -> logits (B, C), bag (B, L), scores (B, N)
+        """
         check_batch(x, mask, self.in_dim)
         h = self.embed(x)  # (B, N, L)
         g = torch.tanh(self.attn_v(h))  # (B, N, A)
@@ -70,16 +73,16 @@ class ABMIL(MILModel):
             g = g * torch.sigmoid(self.attn_u(h))  # (B, N, A)
         a = masked_softmax(self.attn_w(g).squeeze(-1), mask)  # (B, N)
         z = torch.einsum("bn,bnl->bl", a, h)  # (B, L)
-        return self.head(z), a  # (B, C), (B, N)
+        return Encoding(logits=self.head(z), bag=z, scores=a)  # (B, C), (B, L), (B, N)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         """Shapes: x (B, N, D), mask (B, N) -> (B, C)"""
-        return self._attend(x, mask)[0]
+        return self.encode(x, mask).logits
 
     @torch.no_grad()
     def predict(self, x: Tensor, mask: Tensor) -> Prediction:
-        logits, a = self._attend(x, mask)
-        return Prediction(probs=torch.softmax(logits, dim=-1), instance_scores=a)
+        enc = self.encode(x, mask)
+        return Prediction(probs=torch.softmax(enc.logits, dim=-1), instance_scores=enc.scores)
 
 
 @register_model(

@@ -1,1 +1,510 @@
-"""Placeholder: being written this session (issue 6)."""
+"""MHIM-MIL: masked hard instance mining around a base MIL model.
+
+Tang et al., "Multiple Instance Learning Framework with Masked Hard Instance Mining for
+Whole Slide Image Classification", ICCV 2023 (v1), and the extension arXiv 2509.11526 (v2).
+See ``shared/METHODS.md`` and ``docs/mhim.md``.
+
+The registered model ``mhim`` wraps any registered model that implements ``encode``
+(the *student*). Training, per batch:
+
+1. a *teacher* (a copy of the student updated only by EMA, never by gradient) encodes
+   the full bags, in eval mode and without gradient: instance scores + bag embeddings;
+2. the student's bag mask loses the top ``mask_ratio_high`` share of real instances by
+   teacher score ("easy", salient ones; cosine-decayed to 0 over training), optionally the
+   lowest-scored ``mask_ratio_low`` share, then a random ``mask_ratio_random`` share of
+   the rest; at least one instance per bag is always kept;
+3. optionally (v2) ``recycle_tokens`` global query tokens cross-attend to the randomly
+   dropped instances and are appended to the kept ones as extra instances;
+4. loss = CE(student logits on the masked bag) + ``consistency_weight`` * KL(softmax(teacher
+   bag / t_teacher) || softmax(student bag / t_student)).
+
+Inference (``forward``/``predict``/``encode`` and ``loss`` in eval mode) is the student
+alone on the full bag. Only the student (and the recycle network, when on) are submodules,
+so ``state_dict``, checkpoints and federated messages carry exactly the base model's
+tensors: the teacher lives outside the module tree and is rebuilt from the student by
+``start_training`` (at the start of a ``fit``, i.e. of each federated round).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from micromil_core.data.bag import BagBatch
+from micromil_core.errors import ConfigError
+from micromil_core.models.base import Encoding, MILModel, Prediction, masked_softmax
+from micromil_core.models.registry import (
+    build_model,
+    check_choice,
+    check_float,
+    check_int,
+    model_class,
+    model_names,
+    params_from_dict,
+    params_to_dict,
+    register_model,
+)
+
+NAME = "mhim"
+MOMENTUM_SCHEDULES = ("constant", "cosine")
+
+
+def encodable_models() -> list[str]:
+    """Registered models MHIM can wrap: those implementing ``MILModel.encode``."""
+    return [
+        n for n in model_names() if n != NAME and model_class(n).encode is not MILModel.encode
+    ]
+
+
+@dataclass(frozen=True)
+class MHIMParams:
+    """Hyper-parameters of ``mhim``; paper values are for gigapixel slides (docs/mhim.md).
+
+    ``base_params`` is normalised to the base model's full params dict (defaults filled
+    in), so ``params_to_dict`` round-trips and checkpoints rebuild the same model.
+    """
+
+    base: str = "abmil"  # any registered model implementing encode()
+    base_params: Mapping[str, Any] = field(default_factory=dict)
+    # Share of a bag's real instances masked for being the teacher's top-scored ones,
+    # cosine-decayed to 0 at the end of training. The paper masks 1-3% of ~10^4 slide
+    # patches; microscopy bags hold tens of images, so 10% ~ the single most salient one.
+    mask_ratio_high: float = 0.1
+    # The high mask draws its instances at random from the top mask_ratio_high / this
+    # share (paper's mask_ratio_hr = 0.5 on CAMELYON16), so the same instance is not
+    # always the one hidden; 1.0 = exactly the top mask_ratio_high.
+    mask_high_sample: float = 0.5
+    mask_ratio_low: float = 0.0  # lowest-scored share masked (v1; 0 on C16, 0.2 on TCGA)
+    mask_ratio_random: float = 0.5  # random share of the rest (v1: 0.5 C16, 0.7 TCGA)
+    consistency_weight: float = 0.1  # paper: 0.1 (C16) to 0.5 (TCGA)
+    teacher_temperature: float = 0.1  # paper
+    student_temperature: float = 1.0  # paper
+    momentum: float = 0.9999  # teacher EMA momentum (paper)
+    momentum_schedule: str = "constant"  # "cosine": momentum -> 1.0 by the end (paper option)
+    # Share of training progress trained plainly (the base's own loss, no masking) while
+    # the teacher copies the student: stands in for the paper's teacher initialised from
+    # a converged baseline, so the teacher's scores mean something when masking starts.
+    warmup: float = 0.2
+    recycle_tokens: int = 0  # v2 global recycle network: k query tokens; 0 = off
+    recycle_dim: int = 128  # cross-attention width of the recycle network
+    recycle_heads: int = 4
+    recycle_momentum: float = 0.9998  # EMA of the global query tokens (authors' code)
+
+    def __post_init__(self) -> None:
+        valid = encodable_models()
+        if self.base not in valid:
+            why = (
+                "MHIM cannot wrap itself"
+                if self.base == NAME
+                else "it does not implement MILModel.encode"
+                if self.base in model_names()
+                else "it is not a registered model"
+            )
+            raise ConfigError(
+                f"model {NAME!r}: param base={self.base!r} cannot be wrapped ({why}); "
+                f"choose one of {', '.join(valid)}"
+            )
+        if not isinstance(self.base_params, Mapping):
+            raise ConfigError(
+                f"model {NAME!r}: param base_params={self.base_params!r} must be a mapping of "
+                f"{self.base!r} params, e.g. {{dropout: 0.25}}"
+            )
+        try:
+            full = params_to_dict(params_from_dict(self.base, self.base_params))
+        except ConfigError as exc:
+            raise ConfigError(f"model {NAME!r}: base_params of base {self.base!r}: {exc}") from None
+        object.__setattr__(self, "base_params", full)  # frozen: normalise once, here
+        for key in ("mask_ratio_high", "mask_ratio_low"):
+            check_float(NAME, key, getattr(self, key), 0.0, 1.0)
+        check_float(NAME, "mask_high_sample", self.mask_high_sample, 1e-3, 1.0)
+        check_float(NAME, "mask_ratio_random", self.mask_ratio_random, 0.0, 1.0, False)
+        check_float(NAME, "consistency_weight", self.consistency_weight, 0.0, math.inf)
+        check_float(NAME, "teacher_temperature", self.teacher_temperature, 1e-6, math.inf)
+        check_float(NAME, "student_temperature", self.student_temperature, 1e-6, math.inf)
+        check_float(NAME, "momentum", self.momentum, 0.0, 1.0)
+        check_choice(NAME, "momentum_schedule", self.momentum_schedule, MOMENTUM_SCHEDULES)
+        check_float(NAME, "warmup", self.warmup, 0.0, 1.0, high_inclusive=False)
+        check_int(NAME, "recycle_tokens", self.recycle_tokens, 0)
+        check_int(NAME, "recycle_heads", self.recycle_heads, 1)
+        check_int(NAME, "recycle_dim", self.recycle_dim, self.recycle_heads)
+        if self.recycle_dim % self.recycle_heads:
+            raise ConfigError(
+                f"model {NAME!r}: recycle_dim={self.recycle_dim} is not divisible by "
+                f"recycle_heads={self.recycle_heads}; pick e.g. recycle_dim="
+                f"{self.recycle_heads * max(1, self.recycle_dim // self.recycle_heads)}"
+            )
+        check_float(NAME, "recycle_momentum", self.recycle_momentum, 0.0, 1.0)
+
+
+# --- masking (parameter-free) ------------------------------------------------------------
+
+
+def _ranks(values: Tensor) -> Tensor:
+    """Rank of each entry along dim 1, 0 = smallest (ties by position).
+
+    Shapes: (B, N) -> (B, N) long
+    """
+    return values.argsort(dim=1, stable=True).argsort(dim=1)
+
+
+def _count(ratio: float, total: Tensor, u: Tensor) -> Tensor:
+    """Stochastic rounding of ``ratio * total``: its expectation is exact, so a 10% mask
+    hides one instance of a 5-instance bag half of the time rather than always or never.
+
+    Shapes: total (B,), u (B,) uniform in [0, 1) -> (B,) long
+    """
+    return torch.floor(ratio * total.to(u.dtype) + u).long()
+
+
+def hard_instance_mask(
+    scores: Tensor | None,
+    mask: Tensor,
+    high: float,
+    low: float = 0.0,
+    random: float = 0.0,
+    high_sample: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The student's mask: drop the top-scored, the lowest-scored, then random instances.
+
+    Per bag of n real instances: ``high * n`` instances drawn at random from the top
+    ``high / high_sample * n`` by score, then the lowest-scored ``low * n`` of the rest,
+    then a random ``random`` share of what is left (counts stochastically rounded). At
+    least one real instance is always kept; padding is never kept.
+
+    Returns ``keep`` and ``dropped_random`` (the instances the random mask removed, which
+    the recycle network may summarise; the score-masked ones stay hidden).
+
+    Shapes: scores (B, N) or None, mask (B, N) -> keep (B, N), dropped_random (B, N)
+    """
+    b, n_max = mask.shape
+    dev = mask.device
+    n = mask.sum(dim=1)  # (B,)
+    u = torch.rand(b, 3, device=dev, generator=generator)  # (B, 3)
+    no_pick = torch.zeros_like(mask)  # (B, N)
+    high_m, low_m = no_pick, no_pick
+    if high > 0 or low > 0:
+        if scores is None:
+            raise ConfigError(
+                f"model {NAME!r}: the base model gives no instance scores, so nothing can be "
+                "masked by score; set mask_ratio_high: 0 and mask_ratio_low: 0"
+            )
+        s = scores.detach().float()  # (B, N)
+    n_high = torch.zeros_like(n)
+    if high > 0:
+        n_high = torch.minimum(_count(high, n, u[:, 0]), n - 1)  # (B,)
+        pool = torch.ceil(n_high.float() / high_sample - 1e-6).long()  # (B,)
+        top = _ranks(-s.masked_fill(~mask, -math.inf)) < torch.minimum(pool, n)[:, None]
+        draw = torch.rand(b, n_max, device=dev, generator=generator).masked_fill(~top, 2.0)
+        high_m = top & (_ranks(draw) < n_high[:, None])  # (B, N)
+    if low > 0:
+        n_low = torch.minimum(_count(low, n, u[:, 1]), n - 1 - n_high)  # (B,)
+        key = s.masked_fill(~mask | high_m, math.inf)  # (B, N)
+        low_m = mask & ~high_m & (_ranks(key) < n_low[:, None])
+    rest = mask & ~high_m & ~low_m  # (B, N)
+    dropped = no_pick
+    if random > 0:
+        m = rest.sum(dim=1)  # (B,)
+        n_rand = torch.minimum(_count(random, m, u[:, 2]), m - 1)  # (B,)
+        draw = torch.rand(b, n_max, device=dev, generator=generator).masked_fill(~rest, 2.0)
+        dropped = rest & (_ranks(draw) < n_rand[:, None])  # (B, N)
+    return rest & ~dropped, dropped
+
+
+def cosine_to_zero(progress: float, start: float) -> float:
+    """Weight going 1 -> 0 on a half cosine as ``progress`` goes ``start`` -> 1."""
+    t = min(max((progress - start) / (1.0 - start), 0.0), 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def consistency_loss(student_bag: Tensor, teacher_bag: Tensor, t_student: float,
+                     t_teacher: float) -> Tensor:
+    """KL(softmax(teacher / t_teacher) || softmax(student / t_student)), mean over bags.
+
+    The paper's soft cross-entropy minus the teacher's entropy: the same gradient (the
+    teacher is a constant), but 0 when the two agree, so the logged value is readable.
+
+    Shapes: student_bag (B, L), teacher_bag (B, L) -> scalar
+    """
+    log_s = F.log_softmax(student_bag.float() / t_student, dim=-1)  # (B, L)
+    log_t = F.log_softmax(teacher_bag.detach().float() / t_teacher, dim=-1)  # (B, L)
+    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
+
+
+# --- v2 global recycle network -----------------------------------------------------------
+
+
+class RecycleNetwork(nn.Module):
+    """k global query tokens cross-attend to the randomly dropped instances (MHIM v2).
+
+    The k outputs are appended to the student's kept instances, so what the random mask
+    removed still reaches the student in summary. The queries are a buffer shared by all
+    bags, moved after each step by EMA toward the batch's mean recycled tokens (authors'
+    code: no gradient to the queries). It works in the input feature space because MHIM
+    sees its base only through ``encode(x, mask)`` (the paper recycles after the base's
+    instance MLP). Masking is parameter-free; each Linear/LayerNorm takes one tensor.
+
+    Shapes: x (B, N, D), dropped (B, N) -> tokens (B, k, D), has_dropped (B,)
+    """
+
+    def __init__(self, dim: int, k: int, width: int, heads: int, momentum: float) -> None:
+        super().__init__()
+        self.heads, self.momentum = heads, momentum
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, width, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * width, bias=False)
+        self.to_out = nn.Linear(width, dim)
+        # Uniform init of prompt tokens from VPT (Jia et al. 2022), as the authors do.
+        bound = math.sqrt(6.0 / (3 * 16 * 16 + dim))
+        self.register_buffer("queries", torch.empty(k, dim).uniform_(-bound, bound))
+        self._pending: Tensor | None = None  # EMA target of the last training batch
+
+    def _heads(self, t: Tensor) -> Tensor:  # (B, M, W) -> (B, h, M, W/h)
+        b, m, w = t.shape
+        return t.reshape(b, m, self.heads, w // self.heads).transpose(1, 2)
+
+    def forward(self, x: Tensor, dropped: Tensor) -> tuple[Tensor, Tensor]:
+        b = x.shape[0]
+        k, width = self.queries.shape[0], self.to_q.out_features
+        q = self._heads(self.to_q(self.norm(self.queries.expand(b, k, -1))))  # (B, h, k, W/h)
+        key, val = self.to_kv(self.norm(x)).chunk(2, dim=-1)  # (B, N, W) each
+        att = q @ self._heads(key).transpose(-1, -2) * (width // self.heads) ** -0.5
+        # A bag with nothing dropped gets all-zero weights; its tokens are masked out later.
+        att = masked_softmax(att, dropped[:, None, None, :])  # (B, h, k, N)
+        out = (att @ self._heads(val)).transpose(1, 2).reshape(b, k, width)  # (B, k, W)
+        tokens = self.to_out(out)  # (B, k, D)
+        has = dropped.any(dim=1)  # (B,)
+        if self.training and bool(has.any()):
+            self._pending = tokens.detach()[has].mean(dim=0)  # (k, D)
+        return tokens, has
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """EMA step of the queries toward the last training batch's recycled tokens.
+
+        Called after the optimiser step: an in-place change during the forward would
+        invalidate the autograd graph that still reads the queries.
+        """
+        if self._pending is not None:
+            self.queries.lerp_(self._pending.to(self.queries.dtype), 1.0 - self.momentum)
+            self._pending = None
+
+
+# --- the wrapper --------------------------------------------------------------------------
+
+
+@register_model(
+    NAME,
+    MHIMParams,
+    "MHIM-MIL (Tang et al. 2023/2025): EMA teacher masks a base model's salient instances",
+)
+class MHIM(MILModel):
+    """MHIM-MIL around ``params.base``; see the module docstring.
+
+    Shapes: x (B, N, D), mask (B, N) -> logits (B, C) (the student's, on the full bag)
+    """
+
+    def __init__(self, in_dim: int, n_classes: int, params: MHIMParams) -> None:
+        super().__init__()
+        self.in_dim, self.n_classes, self.params = in_dim, n_classes, params
+        self.student = build_model(params.base, in_dim, n_classes, params.base_params)
+        self.recycle = (
+            RecycleNetwork(
+                in_dim,
+                params.recycle_tokens,
+                params.recycle_dim,
+                params.recycle_heads,
+                params.recycle_momentum,
+            )
+            if params.recycle_tokens
+            else None
+        )
+        teacher = copy.deepcopy(self.student).eval().requires_grad_(False)
+        # A plain list keeps the teacher out of nn.Module's registry: not in state_dict,
+        # parameters() or federated messages; ``_apply`` moves it with the student.
+        self._teacher: list[MILModel] = [teacher]
+        self.progress = 0.0
+
+    @property
+    def teacher(self) -> MILModel:
+        """The EMA teacher (eval mode, no gradients); not a submodule."""
+        return self._teacher[0]
+
+    @property
+    def couples_bags(self) -> bool:  # type: ignore[override]
+        # The recycle queries are an EMA of other patients' data carried from step to step
+        # without noise, so per-patient DP-SGD cannot account for them: refuse DP then.
+        return self.student.couples_bags or self.recycle is not None
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> MHIM:
+        super()._apply(fn, recurse)
+        self.teacher._apply(fn, recurse)  # .to(device) / .double() reach the teacher too
+        return self
+
+    # --- schedules -----------------------------------------------------------------------
+
+    @property
+    def in_warmup(self) -> bool:
+        return self.progress < self.params.warmup
+
+    def mask_ratio_high_now(self) -> float:
+        """``mask_ratio_high`` cosine-decayed from the end of warmup (full) to 0 at 1."""
+        if self.in_warmup:
+            return 0.0
+        return self.params.mask_ratio_high * cosine_to_zero(self.progress, self.params.warmup)
+
+    def momentum_now(self) -> float:
+        """Teacher EMA momentum: constant, or cosine from ``momentum`` up to 1.0."""
+        m = self.params.momentum
+        if self.params.momentum_schedule == "constant":
+            return m
+        return 1.0 - (1.0 - m) * cosine_to_zero(self.progress, self.params.warmup)
+
+    # --- training-strategy hooks ---------------------------------------------------------
+
+    @torch.no_grad()
+    def sync_teacher(self) -> None:
+        """Teacher := student (weights and buffers)."""
+        self.teacher.load_state_dict(self.student.state_dict())
+
+    def start_training(self) -> None:
+        """The teacher starts from the weights being trained (a federated round: the
+        received global model), so it never outlives a round; see docs/mhim.md."""
+        self.sync_teacher()
+
+    def set_progress(self, fraction: float) -> None:
+        self.progress = min(max(float(fraction), 0.0), 1.0)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Teacher EMA (during warmup the teacher copies the student) and recycle queries."""
+        if self.in_warmup:
+            self.sync_teacher()
+        else:
+            weight = 1.0 - self.momentum_now()
+            for t, s in zip(self.teacher.parameters(), self.student.parameters(), strict=True):
+                t.lerp_(s.detach(), weight)
+            for t, s in zip(self.teacher.buffers(), self.student.buffers(), strict=True):
+                t.copy_(s)
+        if self.recycle is not None:
+            self.recycle.update()
+
+    @torch.no_grad()
+    def init_from_data(
+        self, x: Tensor, mask: Tensor, generator: torch.Generator | None = None
+    ) -> None:
+        self.student.init_from_data(x, mask, generator)
+        self.sync_teacher()
+
+    # --- inference: the student alone on the full bag ------------------------------------
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Shapes: x (B, N, D), mask (B, N) -> (B, C)"""
+        return self.student(x, mask)
+
+    def encode(self, x: Tensor, mask: Tensor) -> Encoding:
+        return self.student.encode(x, mask)
+
+    @torch.no_grad()
+    def predict(self, x: Tensor, mask: Tensor) -> Prediction:
+        return self.student.predict(x, mask)
+
+    @torch.no_grad()
+    def predict_batch(self, batch: BagBatch) -> Prediction:
+        return self.student.predict_batch(batch)
+
+    # --- training loss -------------------------------------------------------------------
+
+    def _plain(self) -> bool:
+        """Eval mode and warmup use the base model's own loss on the full bag."""
+        return not self.training or self.in_warmup
+
+    def loss(
+        self,
+        x: Tensor,
+        mask: Tensor,
+        target: Tensor,
+        class_weight: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """MHIM loss in training after warmup; the student's own loss otherwise.
+
+        ``parts``: ce, consistency (KL, 0 when teacher and student agree), masked (share
+        of real instances hidden from the student), plus the base's parts when plain.
+
+        Shapes: x (B, N, D), mask (B, N), target (B,) -> scalar
+        """
+        if self._plain():
+            return _with_mhim_parts(self.student.loss(x, mask, target, class_weight))
+        return self.mhim_loss(x, mask, target, class_weight)
+
+    def loss_batch(
+        self, batch: BagBatch, class_weight: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, float]]:
+        if self._plain():
+            return _with_mhim_parts(self.student.loss_batch(batch, class_weight))
+        return self.mhim_loss(batch.x, batch.mask, batch.y, class_weight)
+
+    def mhim_loss(
+        self,
+        x: Tensor,
+        mask: Tensor,
+        target: Tensor,
+        class_weight: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Teacher-masked student CE plus the teacher-student consistency term.
+
+        Per bag, so one bag's loss depends on that bag only (DP-SGD's privacy unit).
+
+        Shapes: x (B, N, D), mask (B, N), target (B,) -> scalar
+        """
+        prm = self.params
+        with torch.no_grad():
+            teacher = self.teacher.encode(x, mask)  # eval mode: no dropout or Gumbel noise
+        keep, dropped = hard_instance_mask(
+            teacher.scores,
+            mask,
+            high=self.mask_ratio_high_now(),
+            low=prm.mask_ratio_low,
+            random=prm.mask_ratio_random,
+            high_sample=prm.mask_high_sample,
+        )
+        xs, ms = x, keep  # (B, N, D), (B, N)
+        if self.recycle is not None:
+            tokens, has = self.recycle(x, dropped)  # (B, k, D), (B,)
+            xs = torch.cat([x, tokens.to(x.dtype)], dim=1)  # (B, N + k, D)
+            ms = torch.cat([keep, has[:, None].expand(-1, tokens.shape[1])], dim=1)
+        student = self.student.encode(xs, ms)
+        ce = F.cross_entropy(student.logits, target, weight=class_weight)
+        cons = consistency_loss(
+            student.bag, teacher.bag, prm.student_temperature, prm.teacher_temperature
+        )
+        total = ce + prm.consistency_weight * cons
+        masked = 1.0 - float(keep.sum()) / max(float(mask.sum()), 1.0)
+        return total, {"ce": float(ce.detach()), "consistency": float(cons.detach()),
+                       "masked": masked}
+
+
+def _with_mhim_parts(
+    result: tuple[Tensor, dict[str, float]],
+) -> tuple[Tensor, dict[str, float]]:
+    """The base's (loss, parts) with MHIM's parts at their no-masking values."""
+    loss, parts = result
+    return loss, {**parts, "consistency": 0.0, "masked": 0.0}
+
+
+__all__ = [
+    "MHIM",
+    "MHIMParams",
+    "RecycleNetwork",
+    "consistency_loss",
+    "cosine_to_zero",
+    "encodable_models",
+    "hard_instance_mask",
+]

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from micromil_core.models.base import MILModel, Prediction, masked_softmax
+from micromil_core.models.base import Encoding, MILModel, Prediction, masked_softmax
 from micromil_core.models.gnn import GAT, GNN_BACKENDS, convert_gat_state
 from micromil_core.models.pooling import check_batch
 from micromil_core.models.registry import (
@@ -164,14 +164,29 @@ def dec_kl(q: Tensor, mask: Tensor) -> Tensor:
     return (kl.sum(1) / mask.sum(1).clamp_min(1)).mean()
 
 
+def selection_scores(s: Tensor, mask: Tensor) -> Tensor:
+    """Per instance, its largest selection probability over the clusters.
+
+    The representative extractor draws one instance per cluster from a softmax of ``s``
+    over the bag's instances; an instance likely to be drawn by any cluster scores high.
+    No gradient: the scores rank and explain instances, they are not trained.
+
+    Shapes: s (B, N, K), mask (B, N) -> (B, N), 0 at padding
+    """
+    with torch.no_grad():
+        return masked_softmax(s, mask.unsqueeze(-1), dim=1).amax(dim=-1)
+
+
 @dataclass
 class MicroMILOutput:
     """Intermediate results of one MicroMIL pass.
 
-    Shapes: logits (B, C), q (B, N, K), scores (B, N, K), selected (B, K), adjacency (B, K, K)
+    Shapes: logits (B, C), bag (B, G) the GAT readout the head reads, q (B, N, K),
+        scores (B, N, K), selected (B, K), adjacency (B, K, K)
     """
 
     logits: Tensor
+    bag: Tensor
     q: Tensor
     scores: Tensor
     selected: Tensor
@@ -236,12 +251,20 @@ class MicroMIL(MILModel):
             r = weights.transpose(1, 2) @ h  # (B, K, P)
         adj = similarity_graph(r, prm.edge_mode, prm.top_k, self.training)  # (B, K, K)
         nodes = self.gnn(r, adj)  # (B, K, G)
-        logits = self.head(nodes.mean(dim=1))  # (B, C)
-        return MicroMILOutput(logits, q, s, index, adj)
+        bag = nodes.mean(dim=1)  # (B, G)
+        return MicroMILOutput(self.head(bag), bag, q, s, index, adj)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         """Shapes: x (B, N, D), mask (B, N) -> (B, C)"""
         return self.run(x, mask).logits
+
+    def encode(self, x: Tensor, mask: Tensor) -> Encoding:
+        """Logits, the GAT readout and per-instance importance (see ``selection_scores``).
+
+        Shapes: x (B, N, D), mask (B, N) -> logits (B, C), bag (B, G), scores (B, N)
+        """
+        out = self.run(x, mask)
+        return Encoding(out.logits, out.bag, selection_scores(out.scores, mask))
 
     def loss(
         self,
@@ -269,14 +292,12 @@ class MicroMIL(MILModel):
     def predict(self, x: Tensor, mask: Tensor) -> Prediction:
         """Deterministic when called under ``eval()`` (argmax selection, no noise).
 
-        ``instance_scores`` is, per instance, its largest selection probability over the
-        clusters (masked softmax of s over the bag's instances).
+        ``instance_scores``: see ``selection_scores``.
         """
         out = self.run(x, mask)
-        sel = masked_softmax(out.scores, mask.unsqueeze(-1), dim=1)  # (B, N, K)
         return Prediction(
             probs=torch.softmax(out.logits, dim=-1),
-            instance_scores=sel.amax(dim=-1),  # (B, N), 0 at padding
+            instance_scores=selection_scores(out.scores, mask),
             selected=out.selected,
             adjacency=out.adjacency,
             extras={"assignments": out.q},
@@ -326,6 +347,7 @@ __all__ = [
     "StudentTKernel",
     "dec_kl",
     "select_representatives",
+    "selection_scores",
     "similarity_graph",
     "switch_gnn_backend",
 ]

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from micromil_core.errors import ConfigError
-from micromil_core.models.base import MILModel, Prediction
+from micromil_core.models.base import Encoding, MILModel, Prediction
 from micromil_core.models.registry import check_float, check_int, register_model
 
 
@@ -98,21 +98,47 @@ class _PoolingMIL(MILModel):
     def pool(self, h: Tensor, mask: Tensor) -> Tensor:  # (B, N, H), (B, N) -> (B, H)
         raise NotImplementedError
 
+    def instance_scores(self, h: Tensor, mask: Tensor, logits: Tensor) -> Tensor:
+        """Shapes: h (B, N, H), mask (B, N), logits (B, C) -> (B, N), 0 where padded"""
+        raise NotImplementedError
+
+    def _pooled(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Shapes: x (B, N, D), mask (B, N) -> instance embeddings (B, N, H), pooled (B, H)"""
+        check_batch(x, mask, self.in_dim)
+        h = self.embed(x)  # (B, N, H)
+        return h, self.pool(h, mask)
+
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         """Bag logits.
 
         Shapes: x (B, N, D), mask (B, N) -> (B, C)
         """
-        check_batch(x, mask, self.in_dim)
-        h = self.embed(x)  # (B, N, H)
-        return self.head(self.pool(h, mask))  # (B, C)
+        return self.head(self._pooled(x, mask)[1])  # (B, C)
+
+    def encode(self, x: Tensor, mask: Tensor) -> Encoding:
+        """Logits, the pooled vector and each instance's share in the decision.
+
+        The scores explain (and let MHIM's teacher rank instances); they carry no gradient.
+
+        Shapes: x (B, N, D), mask (B, N) -> logits (B, C), bag (B, H), scores (B, N)
+        """
+        h, bag = self._pooled(x, mask)  # (B, N, H), (B, H)
+        logits = self.head(bag)  # (B, C)
+        with torch.no_grad():
+            scores = self.instance_scores(h, mask, logits)  # (B, N)
+        return Encoding(logits=logits, bag=bag, scores=scores)
+
+    @torch.no_grad()
+    def predict(self, x: Tensor, mask: Tensor) -> Prediction:
+        enc = self.encode(x, mask)
+        return Prediction(probs=torch.softmax(enc.logits, dim=-1), instance_scores=enc.scores)
 
 
 @register_model("mean-pool", PoolingParams, "instance MLP, masked mean over instances, linear head")
 class MeanPoolMIL(_PoolingMIL):
     """Mean pooling baseline.
 
-    ``predict`` scores each instance by its own logit for the predicted class: the head is
+    Instance scores are each instance's own logit for the predicted class: the head is
     linear, so the bag logit is exactly the mean of these instance logits.
 
     Shapes: x (B, N, D), mask (B, N) -> logits (B, C)
@@ -121,23 +147,19 @@ class MeanPoolMIL(_PoolingMIL):
     def pool(self, h: Tensor, mask: Tensor) -> Tensor:
         return masked_mean(h, mask)  # (B, H)
 
-    @torch.no_grad()
-    def predict(self, x: Tensor, mask: Tensor) -> Prediction:
-        check_batch(x, mask, self.in_dim)
-        h = self.embed(x)  # (B, N, H)
-        probs = torch.softmax(self.head(masked_mean(h, mask)), dim=-1)  # (B, C)
+    def instance_scores(self, h: Tensor, mask: Tensor, logits: Tensor) -> Tensor:
         inst = self.head(h)  # (B, N, C)
-        pred = probs.argmax(dim=-1)  # (B,)
+        pred = logits.argmax(dim=-1)  # (B,)
         score = inst.gather(-1, pred[:, None, None].expand(-1, inst.shape[1], 1))  # (B, N, 1)
-        return Prediction(probs=probs, instance_scores=score.squeeze(-1) * mask)
+        return score.squeeze(-1) * mask  # (B, N)
 
 
 @register_model("max-pool", PoolingParams, "instance MLP, masked max over instances, linear head")
 class MaxPoolMIL(_PoolingMIL):
     """Max pooling baseline.
 
-    ``predict`` scores each instance by the share of embedding dimensions whose bag maximum
-    it provides (sums to 1 over a bag's instances).
+    Instance scores are the share of embedding dimensions whose bag maximum the instance
+    provides (sums to 1 over a bag's instances).
 
     Shapes: x (B, N, D), mask (B, N) -> logits (B, C)
     """
@@ -145,12 +167,8 @@ class MaxPoolMIL(_PoolingMIL):
     def pool(self, h: Tensor, mask: Tensor) -> Tensor:
         return masked_max(h, mask)  # (B, H)
 
-    @torch.no_grad()
-    def predict(self, x: Tensor, mask: Tensor) -> Prediction:
-        check_batch(x, mask, self.in_dim)
-        h = self.embed(x)  # (B, N, H)
-        probs = torch.softmax(self.head(masked_max(h, mask)), dim=-1)  # (B, C)
+    def instance_scores(self, h: Tensor, mask: Tensor, logits: Tensor) -> Tensor:
         winner = h.masked_fill(~mask.unsqueeze(-1), float("-inf")).argmax(dim=1)  # (B, H)
         share = torch.zeros(mask.shape, dtype=h.dtype, device=h.device)  # (B, N)
         share.scatter_add_(1, winner, torch.ones_like(winner, dtype=h.dtype))
-        return Prediction(probs=probs, instance_scores=share / h.shape[-1])
+        return share / h.shape[-1]  # (B, N)

@@ -3,7 +3,9 @@
 Every model is rebuildable from ``(name, in_dim, n_classes, params dict)``; checkpoints
 store exactly that (see :func:`model_config`), so ``evaluate`` needs nothing else.
 Parameter values may arrive as strings from ``--set`` overrides; they are converted to
-the dataclass field's type here, once, and validated by the dataclass itself.
+the dataclass field's type here, once, and validated by the dataclass itself. A
+``Mapping`` field (a wrapper's ``base_params``) is taken as a plain dict here; its values
+are converted by the dataclass, with the wrapped model's own :func:`params_from_dict`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
+
+import yaml
 
 from micromil_core.errors import ConfigError, unknown_name
 from micromil_core.models.base import MILModel
@@ -72,6 +76,11 @@ def _entry(name: str) -> _Entry:
     if name not in _REGISTRY:
         raise unknown_name("model", name, list(_REGISTRY))
     return _REGISTRY[name]
+
+
+def model_class(name: str) -> type[MILModel]:
+    """The class registered under ``name`` (raises ``UnknownNameError`` listing the names)."""
+    return _entry(name).cls
 
 
 def model_specs() -> list[RegisteredModel]:
@@ -136,10 +145,23 @@ def model_config(model: MILModel) -> dict[str, Any]:
 
 
 def _convert(model: str, key: str, value: Any, typ: Any) -> Any:
-    """Convert one param value to ``typ`` (int, float, bool, str or tuple[int|float, ...])."""
+    """Convert one param value to ``typ`` (int, float, bool, str, tuple[int|float, ...] or
+    a ``Mapping``, which stays a dict of unconverted values for the dataclass to check)."""
 
     def bad(expected: str) -> ConfigError:
         return ConfigError(f"model {model!r}: param {key}={value!r} is not {expected}")
+
+    if typing.get_origin(typ) is Mapping:
+        if isinstance(value, str):  # e.g. "{attn_dim: 64}" from a flat string config
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise bad("a mapping such as {attn_dim: 64}") from None
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise bad("a mapping of param names to values, e.g. {attn_dim: 64}")
+        return dict(value)
 
     if typing.get_origin(typ) is tuple:
         item = typing.get_args(typ)[0]

@@ -41,6 +41,11 @@ CONFIGS = [
     ("micromil", {**SMALL_MICROMIL, "gnn_backend": backend, "edge_mode": mode})
     for backend in ("pyg", "dense")
     for mode in ("paper", "gumbel-neighbour")
+] + [  # MHIM masks from the first step (warmup 0), so these tests reach its training path
+    ("mhim", {"base_params": {"embed_dims": "16,8", "attn_dim": 8}, "warmup": 0,
+              "recycle_tokens": 2}),
+    ("mhim", {"base": "micromil", "base_params": {**SMALL_MICROMIL, "gnn_backend": "dense"},
+              "warmup": 0}),
 ]
 IDS = [f"{n}-{p.get('gnn_backend', '')}-{p.get('edge_mode', '')}".strip("-") for n, p in CONFIGS]
 
@@ -141,7 +146,10 @@ def separable_task(n_bags: int = 8, seed: int = 0):
 @pytest.mark.parametrize(("name", "params"), CONFIGS, ids=IDS)
 def test_loss_decreases_on_separable_task(name: str, params: dict) -> None:
     x, mask, y = separable_task()
-    model = make_model(name, {**params, "dropout": 0.1})
+    low = {"dropout": 0.1}  # a wrapper (mhim) passes it on to its base model
+    if name == "mhim":
+        low = {"base_params": {**params["base_params"], **low}}
+    model = make_model(name, {**params, **low})
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
 
     def eval_loss() -> float:
