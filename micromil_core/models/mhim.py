@@ -372,7 +372,11 @@ class MHIM(MILModel):
     @torch.no_grad()
     def sync_teacher(self) -> None:
         """Teacher := student (weights and buffers)."""
-        self.teacher.load_state_dict(self.student.state_dict())
+        state = self.student.state_dict()
+        if state.keys() != self.teacher.state_dict().keys():
+            # The student was swapped for another layout of itself (DP-SGD's dense GAT).
+            self._teacher[0] = copy.deepcopy(self.student).eval().requires_grad_(False)
+        self.teacher.load_state_dict(state)
 
     def start_training(self) -> None:
         """The teacher starts from the weights being trained (a federated round: the

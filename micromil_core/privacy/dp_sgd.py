@@ -14,6 +14,7 @@ computed from the site's label counts. Under DP the loss is the plain mean over 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import warnings
@@ -95,6 +96,23 @@ def calibrate_noise(privacy: LocalPrivacyConfig, sample_rate: float, total_steps
     return float(sigma)
 
 
+def _with_dense_gnn(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every MicroMIL inside it on the dense GAT backend (Opacus cannot take
+    per-sample gradients through PyG's scatter-based GATConv). Copies what it changes."""
+    from micromil_core.models.micromil import MicroMIL, switch_gnn_backend
+
+    if isinstance(model, MicroMIL):
+        return model if model.params.gnn_backend == "dense" else switch_gnn_backend(model, "dense")
+    changed = {name: _with_dense_gnn(child) for name, child in model.named_children()}
+    changed = {name: new for name, new in changed.items() if new is not getattr(model, name)}
+    if not changed:
+        return model
+    model = copy.deepcopy(model)  # a wrapper (e.g. MHIM around MicroMIL): swap its parts
+    for name, new in changed.items():
+        setattr(model, name, new)
+    return model
+
+
 def make_private_model(model: MILModel) -> MILModel:
     """A copy Opacus can take per-patient gradients of (MicroMIL: the dense GAT backend).
 
@@ -102,16 +120,13 @@ def make_private_model(model: MILModel) -> MILModel:
     """
     from opacus.validators import ModuleValidator
 
-    from micromil_core.models.micromil import MicroMIL, switch_gnn_backend
-
     if model.couples_bags:
         raise ConfigError(
             f"model {type(model).__name__} couples the patients of a batch in its loss, so "
             "DP-SGD cannot bound one patient's influence; choose another model or "
             "privacy.mode: none"
         )
-    if isinstance(model, MicroMIL) and model.params.gnn_backend != "dense":
-        model = switch_gnn_backend(model, "dense")
+    model = _with_dense_gnn(model)
     model.train()  # Opacus validates (and DP-SGD trains) in training mode
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
@@ -125,11 +140,10 @@ def make_private_model(model: MILModel) -> MILModel:
 def state_dict_for(original: MILModel, trained: MILModel) -> dict[str, Tensor]:
     """The trained weights in ``original``'s parameter layout."""
     from micromil_core.models.gnn import convert_gat_state
-    from micromil_core.models.micromil import MicroMIL
 
     state = {k: v.detach().cpu() for k, v in trained.state_dict().items()}
-    if isinstance(original, MicroMIL):
-        state = convert_gat_state(state, original.params.gnn_backend)
+    if any(k.endswith(".att_src") for k in original.state_dict()):  # PyG GAT layers
+        state = convert_gat_state(state, "pyg")
     return state
 
 

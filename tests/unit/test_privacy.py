@@ -62,6 +62,21 @@ def test_one_gradient_per_patient(name, params):
         assert p.grad_sample.shape == (5, *p.shape), pname
 
 
+def test_micromil_inside_a_wrapper_trains_privately_and_keeps_its_layout(tmp_path):
+    """MHIM around a PyG-backed MicroMIL: DP-SGD runs on a dense copy and the weights come
+    back in the original (PyG) layout, so the global model still loads them."""
+    torch.manual_seed(0)
+    model = build_model("mhim", D, 2, {"base": "micromil", "base_params": SMALL_MICROMIL,
+                                       "warmup": 0})
+    assert model.student.params.gnn_backend == "pyg"
+    privacy = LocalPrivacyConfig(mode="dp-sgd", target_epsilon=5.0, delta=1e-3)
+    state, metrics = private_round(model, bags(12), privacy, tmp_path, 1)
+    assert model.student.params.gnn_backend == "pyg"  # the original is untouched
+    assert state.keys() == model.state_dict().keys()
+    model.load_state_dict(state)
+    assert 0 < metrics["epsilon"] <= 5.0
+
+
 def _contribution(model, bag, plan) -> float:
     """Norm of one patient's summed clipped gradient, as DPOptimizer accumulates it."""
     from opacus import GradSampleModule
