@@ -103,9 +103,19 @@ class DataConfig:
     encoder_weights: str | None = None  # local weights file for timm:/torchvision: encoders
     encoder_input_size: int = 0  # network input size for external encoders; 0 = default
     batch_size: int = 64  # images per encoder forward pass
+    # Multi-scale images (MRAN, docs/multiscale.md), the same at every site of a federation:
+    # crop fractions encoded per image (e.g. (1.0, 0.5)); () = the whole image only.
+    crop_scales: tuple[float, ...] = ()
+    # magnification folder names in index order (e.g. 40X,100X,200X,400X); () = found
+    # per site, which is only safe when every site has every magnification.
+    scales: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
+        _require(
+            all(0.0 < c <= 1.0 for c in self.crop_scales),
+            "data.crop_scales", self.crop_scales, "fractions in (0, 1], e.g. [1.0, 0.5]",
+        )
         _require(
             self.encoder_input_size >= 0,
             "data.encoder_input_size",
@@ -440,6 +450,13 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
     if ann.startswith("tuple"):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
+        if ann.startswith("tuple[float"):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = [value]
+            try:
+                return tuple(float(v) for v in value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{key}={value!r} is invalid: expected a list of numbers") from None
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{key}={value!r} is invalid: expected a list of names")
         return tuple(value)

@@ -71,7 +71,8 @@ def feature_dir_for(
 
     enc = get_encoder(spec, device=str(device), **data_cfg.encoder_options())
     result = extract_site_features(
-        site_path, list(patient_ids), enc, batch_size=data_cfg.batch_size, progress=progress
+        site_path, list(patient_ids), enc, batch_size=data_cfg.batch_size, progress=progress,
+        crop_scales=data_cfg.crop_scales or None, scale_names=data_cfg.scales or None,
     )
     return result.feature_dir
 

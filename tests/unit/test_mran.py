@@ -361,3 +361,20 @@ def test_opacus_per_bag_gradients() -> None:
             torch.testing.assert_close(
                 model.get_parameter(name).grad_sample[i], p.grad, atol=1e-5, rtol=1e-4
             )
+
+
+def test_config_crop_scales_and_scale_names_reach_training_runs(
+    tmp_path: Path, tissue: dict[str, np.ndarray]
+) -> None:
+    """data.crop_scales / data.scales are what `micromil train` and every site use."""
+    from micromil_core.config import load_config
+    from micromil_core.training.pipeline import load_sites
+
+    site = _scale_site(tmp_path, tissue)
+    cfg = load_config(None, ["data.encoder=pixels:4", "data.crop_scales=1.0,0.5",
+                             "data.scales=40X,100X,200X,400X"])
+    (loaded,) = load_sites([site], cfg.data, torch.device("cpu"))
+    p1 = next(b for b in loaded.bags if b.patient_id == "p1")
+    assert p1.num_instances == 8  # 4 captures x 2 crops
+    # index = folder index x crops + crop index; 400X is folder 3 of the pinned list
+    assert sorted(set(p1.scales.tolist())) == [0, 1, 2, 3, 6, 7]
