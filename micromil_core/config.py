@@ -109,6 +109,9 @@ class DataConfig:
     # magnification folder names in index order (e.g. 40X,100X,200X,400X); () = found
     # per site, which is only safe when every site has every magnification.
     scales: tuple[str, ...] = ()
+    # The federation's fine class names in index order (HMIL's fine_label column); () = the
+    # sites' own sorted fine labels, which only a single-site run can rely on.
+    fine_classes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")

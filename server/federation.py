@@ -27,7 +27,7 @@ from flwr.serverapp import Grid
 from micromil_core.config import ExperimentConfig
 from micromil_core.data.scaler import FeatureScaler
 from micromil_core.data.site import class_order
-from micromil_core.errors import CheckpointError, SiteDataError
+from micromil_core.errors import CheckpointError, ConfigError, SiteDataError
 from micromil_core.federated import wire
 from micromil_core.federated.messages import RoundSettings
 from micromil_core.federated.site_task import ModelSpec
@@ -199,7 +199,29 @@ def validate_sites(sites: list[SiteInfo], cfg: ExperimentConfig) -> tuple[list[s
                 "fix its patients.csv labels"
             )
     build_strategy(cfg.federation, len(train), cfg.privacy)  # strategy/privacy checks
+    check_fine_classes(cfg)
     return classes, int(ref_dim)
+
+
+def check_fine_classes(cfg: ExperimentConfig) -> None:
+    """A model with fine classes (HMIL) needs the hierarchy in the config: the server never
+    sees a label, so it cannot derive fine_to_coarse as local training does."""
+    if cfg.model.name != "hmil":
+        return
+    mapping = dict(cfg.model.params).get("fine_to_coarse")
+    fine = cfg.data.fine_classes
+    if not fine or not mapping:
+        raise ConfigError(
+            "model hmil in a federation needs data.fine_classes (the fine class names in index "
+            "order) and model.params.fine_to_coarse (the coarse class index of each), e.g. "
+            "data.fine_classes: [Coat, Pullover, Sandal], fine_to_coarse: [1, 1, 0]"
+        )
+    n_map = len(mapping.split(",")) if isinstance(mapping, str) else len(mapping)
+    if n_map != len(fine):
+        raise ConfigError(
+            f"model.params.fine_to_coarse has {n_map} entries but data.fine_classes names "
+            f"{len(fine)} fine classes; give one coarse index per fine class"
+        )
 
 
 def global_scaler(sites: list[SiteInfo], dim: int) -> FeatureScaler:

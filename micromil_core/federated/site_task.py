@@ -112,7 +112,10 @@ def load_runtime(
     """Load (or reuse, within one process) a site's bags with the federation's classes."""
     key = (settings, data_cfg, train_cfg.val_fraction, train_cfg.seed, tuple(classes))
     if key not in _RUNTIMES:
-        (loaded,) = load_sites([settings.data_path], data_cfg, torch.device("cpu"), classes=classes)
+        (loaded,) = load_sites(
+            [settings.data_path], data_cfg, torch.device("cpu"), classes=classes,
+            fine_classes=data_cfg.fine_classes or None,
+        )
         train, val, test = split_train_val_test(loaded, train_cfg)
         _RUNTIMES[key] = SiteRuntime(settings, loaded, train, val, test)
     return _RUNTIMES[key]
