@@ -23,12 +23,7 @@ import time
 from pathlib import Path
 
 import yaml
-
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-
-from federation import DATASETS, micromil, prepared, write_results  # noqa: E402
+from federation import DATASETS, HERE, ROOT, micromil, prepared, write_results
 
 DEFAULT_MODELS = ["micromil", "mhim-micromil", "abmil", "mhim-abmil", "transmil"]
 

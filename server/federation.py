@@ -208,7 +208,9 @@ def check_fine_classes(cfg: ExperimentConfig) -> None:
     sees a label, so it cannot derive fine_to_coarse as local training does."""
     if cfg.model.name != "hmil":
         return
-    mapping = dict(cfg.model.params).get("fine_to_coarse")
+    from micromil_core.models.registry import params_from_dict
+
+    mapping = params_from_dict("hmil", dict(cfg.model.params)).fine_to_coarse
     fine = cfg.data.fine_classes
     if not fine or not mapping:
         raise ConfigError(
@@ -216,10 +218,9 @@ def check_fine_classes(cfg: ExperimentConfig) -> None:
             "order) and model.params.fine_to_coarse (the coarse class index of each), e.g. "
             "data.fine_classes: [Coat, Pullover, Sandal], fine_to_coarse: [1, 1, 0]"
         )
-    n_map = len(mapping.split(",")) if isinstance(mapping, str) else len(mapping)
-    if n_map != len(fine):
+    if len(mapping) != len(fine):
         raise ConfigError(
-            f"model.params.fine_to_coarse has {n_map} entries but data.fine_classes names "
+            f"model.params.fine_to_coarse has {len(mapping)} entries but data.fine_classes names "
             f"{len(fine)} fine classes; give one coarse index per fine class"
         )
 

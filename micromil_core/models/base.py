@@ -55,6 +55,10 @@ class Encoding:
     bag: Tensor
     scores: Tensor | None
 
+    def prediction(self) -> Prediction:
+        """Class probabilities with the instance scores: what attention models predict."""
+        return Prediction(probs=torch.softmax(self.logits, dim=-1), instance_scores=self.scores)
+
 
 class MILModel(nn.Module):
     """Base class: subclasses implement ``forward`` and may extend ``loss``/``predict``.

@@ -155,5 +155,4 @@ class CLAMSB(MILModel):
 
     @torch.no_grad()
     def predict(self, x: Tensor, mask: Tensor) -> Prediction:
-        enc = self.encode(x, mask)
-        return Prediction(probs=torch.softmax(enc.logits, dim=-1), instance_scores=enc.scores)
+        return self.encode(x, mask).prediction()
