@@ -39,12 +39,19 @@ def run_one(dataset: str, model: str, seed: int, args: argparse.Namespace) -> di
     cmd += ["--config", str(config)] if config.is_file() else ["--model", model]
     for override in args.overrides:
         cmd += ["--set", override]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {"dataset": dataset, "model": model, "error": proc.stderr.strip()[-500:]}
+    timing = out / "bench-seconds.json"
+    if args.resume and (out / "metrics.json").is_file():
+        # A finished run of an interrupted table: reuse it rather than train it again.
+        seconds = json.loads(timing.read_text())["seconds"] if timing.is_file() else float("nan")
+    else:
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            return {"dataset": dataset, "model": model, "error": proc.stderr.strip()[-500:]}
+        seconds = time.perf_counter() - start
+        timing.write_text(json.dumps({"seconds": seconds}) + "\n")
     summary = json.loads((out / "metrics.json").read_text())
-    summary.update(dataset=dataset, model=model, seed=seed, seconds=time.perf_counter() - start)
+    summary.update(dataset=dataset, model=model, seed=seed, seconds=seconds)
     return summary
 
 
@@ -110,6 +117,8 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="extra config override for every run, e.g. train.refit=true")
     ap.add_argument("--tag", default="", help="suffix of the run folders of this variant")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse runs that already wrote metrics.json under --work")
     args = ap.parse_args()
 
     from micromil_core.data.datasets import prepare_dataset

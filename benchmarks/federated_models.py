@@ -8,6 +8,7 @@ ABMIL), else the registry model of that name with default params.
 
     python benchmarks/federated_models.py
     python benchmarks/federated_models.py --models abmil mhim-abmil --rounds 5
+    python benchmarks/federated_models.py --seeds 0 1 2      # mean ± std over training seeds
 
 Reported: held-out AUC/accuracy of the last round's global model (never selected on the
 held-out site), wall seconds inside the rounds, and megabytes exchanged per round (MHIM's
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 import yaml
-from federation import DATASETS, HERE, ROOT, micromil, prepared, write_results
+from federation import DATASETS, HERE, ROOT, micromil, prepared, spread, write_results
 
 DEFAULT_MODELS = ["micromil", "mhim-micromil", "abmil", "mhim-abmil", "transmil"]
 
@@ -42,8 +43,9 @@ def run_model(name: str, data: Path, base_config: dict, work: Path, rounds: int,
     config_file = work / f"fashion-{name}.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     start = time.perf_counter()
-    micromil("simulate", "--config", str(config_file), "--data-root", str(data),
-             "--rounds", str(rounds), "--seed", str(seed), "--out", str(out))
+    if not (out / "metrics.json").is_file():  # a finished run of an interrupted table is kept
+        micromil("simulate", "--config", str(config_file), "--data-root", str(data),
+                 "--rounds", str(rounds), "--seed", str(seed), "--out", str(out))
     metrics = json.loads((out / "metrics.json").read_text())
     history = json.loads((out / "history.json").read_text())["rounds"]
     return {
@@ -67,7 +69,7 @@ def main() -> None:
     )
     ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
     ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds")
     ap.add_argument("--work", default=str(ROOT / "runs" / "fed-models"))
     ap.add_argument("--out", default=str(HERE / "results" / "federated_models"))
     args = ap.parse_args()
@@ -75,25 +77,30 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     data = prepared("fashion", DATASETS, work)
     base_config = yaml.safe_load((ROOT / DATASETS["fashion"][2]).read_text())
-    rows = [run_model(m, data, base_config, work, args.rounds, args.seed) for m in args.models]
+    rows = [
+        run_model(m, data, base_config, work, args.rounds, seed)
+        for seed in args.seeds for m in args.models
+    ]
     lines = [
         "# Federated MIL methods on the Fashion-MNIST bag benchmark (held-out hospital)",
         "",
         f"Command: `python benchmarks/federated_models.py {' '.join(sys.argv[1:])}`".rstrip(),
         "",
         f"{DATASETS['fashion'][0]}, {' '.join(DATASETS['fashion'][1])}, Dirichlet(0.5); "
-        f"FedAvg, {args.rounds} rounds x 1 local epoch, training seed {args.seed}. Metrics of",
+        f"FedAvg, {args.rounds} rounds x 1 local epoch, training seeds "
+        f"{','.join(map(str, args.seeds))} (mean ± std over seeds). Metrics of",
         "the last round's global model on the held-out site (it never trains and nothing is",
         "selected on it). Model settings: the `model:` section of configs/cv/<model>.yaml.",
         "",
-        "| model | held-out AUC | accuracy | balanced accuracy | fed rounds wall s | MB per round |",
-        "|---|---|---|---|---|---|",
+        "| model | seeds | held-out AUC | accuracy | balanced accuracy | fed rounds wall s | MB per round |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for m in args.models:
+        rs = [r for r in rows if r["model"] == m]
+        cells = [spread([r[k] for r in rs]) for k in ("auc", "accuracy", "balanced_accuracy")]
         lines.append(
-            f"| {r['model']} | {r['auc']:.3f} | {r['accuracy']:.3f} | "
-            f"{r['balanced_accuracy']:.3f} | {r['federated_seconds']:.0f} | "
-            f"{r['mb_per_round']:.2f} |"
+            f"| {m} | {len(rs)} | {' | '.join(cells)} | "
+            f"{spread([r['federated_seconds'] for r in rs])} | {rs[0]['mb_per_round']:.2f} |"
         )
     write_results(args.out, rows, lines)
 

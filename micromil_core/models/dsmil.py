@@ -6,7 +6,8 @@ bag is the stream's bag logit. Stream 2, attention: every instance's query is co
 scaled dot product with the critical instance's query, a softmax over the bag turns that
 into attention, and the attention-weighted sum of value embeddings is the bag embedding of
 class c. A bag classifier reads the C class embeddings. The loss weights the two streams'
-cross-entropies 0.5/0.5 (Li et al.).
+cross-entropies 0.5/0.5 (Li et al.), and a prediction mixes the two streams' class
+probabilities with the same weights, as the released code does at test time.
 
 Choices (documented where paper and released code differ):
 - Query and value are linear maps of the instance embedding (paper eq. 2); the dot product
@@ -144,9 +145,12 @@ class DSMIL(MILModel):
 
     @torch.no_grad()
     def predict(self, x: Tensor, mask: Tensor) -> Prediction:
+        """Probabilities: ``bag_weight`` x bag stream + the rest x max-instance stream."""
         out = self.run(x, mask)
+        w = self.params.bag_weight
+        probs = w * torch.softmax(out.logits, dim=-1) + (1.0 - w) * torch.softmax(out.max_logits, dim=-1)
         return Prediction(
-            probs=torch.softmax(out.logits, dim=-1),
+            probs=probs,
             instance_scores=_predicted_class_attention(out),
             extras={"critical": out.critical, "max_logits": out.max_logits},
         )

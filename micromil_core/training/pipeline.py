@@ -451,8 +451,12 @@ def evaluate_checkpoint(
         curves[sb.site.name] = (y, probs)
         all_y.append(y)
         all_p.append(probs)
-        for bag, p in zip(bags, probs, strict=True):
-            rows.append([sb.site.name, bag.patient_id, ckpt.classes[bag.label], *map(float, p)])
+        for i, (bag, p) in enumerate(zip(bags, probs, strict=True)):
+            row = [sb.site.name, bag.patient_id, ckpt.classes[bag.label], *map(float, p)]
+            if fine is not None:  # a hierarchical model: the fine label and probabilities too
+                fine_name = ckpt.fine_classes[fine[0][i]] if fine[0][i] >= 0 else ""
+                row += [fine_name, *map(float, fine[1][i])]
+            rows.append(row)
         if explain:
             from micromil_core.explain import write_explanations
 
@@ -467,7 +471,12 @@ def evaluate_checkpoint(
     write_json_atomic(out / "metrics.json", metrics)
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["site", "patient_id", "label", *[f"prob_{c}" for c in ckpt.classes]])
+    header = ["site", "patient_id", "label", *[f"prob_{c}" for c in ckpt.classes]]
+    if all_fine:
+        header += ["fine_label", *[f"prob_fine_{c}" for c in ckpt.fine_classes]]
+        # A site without fine outputs leaves those columns empty.
+        rows = [r + [""] * (len(header) - len(r)) for r in rows]
+    writer.writerow(header)
     writer.writerows(rows)
     write_text_atomic(out / "predictions.csv", buf.getvalue())
     if len(curves) > 1:

@@ -214,3 +214,15 @@ def test_clam_instance_loss_on_tiny_bags() -> None:
     assert parts["instance"] == 0.0 and loss.item() == pytest.approx(0.7 * parts["ce"])
     loss.backward()
     assert torch.all(model.instance_head.weight.grad == 0)
+
+
+def test_dsmil_prediction_mixes_both_streams() -> None:
+    model = make("dsmil", bag_weight=0.3).eval()
+    x, mask = ragged([5, 2, 4])
+    out = model.run(x, mask)
+    expected = 0.3 * out.logits.softmax(-1) + 0.7 * out.max_logits.softmax(-1)
+    torch.testing.assert_close(model.predict(x, mask).probs, expected)
+    bag_only = make("dsmil", bag_weight=1.0).eval()
+    torch.testing.assert_close(
+        bag_only.predict(x, mask).probs, bag_only.run(x, mask).logits.softmax(-1)
+    )

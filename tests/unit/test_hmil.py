@@ -282,6 +282,13 @@ def test_train_and_evaluate_write_fine_metrics(tmp_path: Path) -> None:
     ev = evaluate_checkpoint(tmp_path / "run" / "model.pt", [site], tmp_path / "ev", split="test")
     assert ev["fine_accuracy"] == pytest.approx(saved["test"]["fine_accuracy"])
     assert "fine_accuracy" in ev["per_site"]["s"]
+    with open(tmp_path / "ev" / "predictions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    fine_cols = [f"prob_fine_{c}" for c in ("adh", "dcis", "fea", "ic")]
+    assert len(rows) == 4 and all(set(fine_cols) <= set(r) for r in rows)
+    for r in rows:
+        assert r["fine_label"] in COARSE_OF
+        assert sum(float(r[c]) for c in fine_cols) == pytest.approx(1.0, abs=1e-4)
     # A flat model gets no fine metrics.
     flat = train_pooled([site], _cfg("abmil", embed_dims="8", attn_dim=4), tmp_path / "flat")
     assert "fine_accuracy" not in flat["test"]
