@@ -3,6 +3,9 @@ budgets (epsilon per site over the whole run, privacy unit = one patient) and wi
 
     python benchmarks/privacy_utility.py                          # fashion + ucsb, eps 1/3/8/none
     python benchmarks/privacy_utility.py --datasets fashion --epsilons 8 --seeds 0 1 2
+    python benchmarks/privacy_utility.py --datasets fashion --tag small \
+        --set model.params.proj_dim=32 --set model.params.gnn_hidden=32 \
+        --dp-set federation.local_epochs=4 --dp-set train.lr=1e-2   # a variant, all arms
 
 Every arm uses the same sites, held-out site and model. The non-private arm is the
 standard federated configuration (configs/sim-<dataset>.yaml); the DP arms add the DP-SGD
@@ -42,15 +45,16 @@ DP = [
 
 
 def run_arm(key: str, epsilon: float | None, seed: int, data: Path, config: str, work: Path,
-            rounds: int) -> dict:
+            args: argparse.Namespace) -> dict:
     tag = "none" if epsilon is None else f"eps{epsilon:g}"
-    out = work / f"{key}-{tag}-seed{seed}"
-    settings = [*SHARED, f"train.seed={seed}"]
+    variant = f"-{args.tag}" if args.tag else ""
+    out = work / f"{key}{variant}-{tag}-seed{seed}"
+    settings = [*SHARED, *args.overrides, f"train.seed={seed}"]
     if epsilon is not None:
-        settings += [*DP, f"privacy.target_epsilon={epsilon}"]
+        settings += [*DP, *args.dp_overrides, f"privacy.target_epsilon={epsilon}"]
     if not (out / "metrics.json").is_file():
         micromil("simulate", "--config", str(ROOT / config), "--data-root", str(data),
-                 "--rounds", str(rounds), "--out", str(out),
+                 "--rounds", str(args.rounds), "--out", str(out),
                  *[arg for s in settings for arg in ("--set", s)])
     metrics = json.loads((out / "metrics.json").read_text())
     history = json.loads((out / "history.json").read_text())["rounds"]
@@ -94,6 +98,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--work", default=str(ROOT / "runs" / "privacy-bench"))
     ap.add_argument("--out", default=str(HERE / "results" / "privacy_utility"))
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="config override for every arm (e.g. a smaller model)")
+    ap.add_argument("--dp-set", dest="dp_overrides", action="append", default=[],
+                    help="config override for the DP arms only (e.g. their optimiser)")
+    ap.add_argument("--tag", default="", help="suffix of this variant's run folders")
     args = ap.parse_args()
     work = Path(args.work)
     rows = []
@@ -101,14 +110,16 @@ def main() -> None:
         data, config = prepared(key, DATASETS, work), DATASETS[key][2]
         for epsilon in [None, *args.epsilons]:
             for seed in args.seeds:
-                rows.append(run_arm(key, epsilon, seed, data, config, work, args.rounds))
+                rows.append(run_arm(key, epsilon, seed, data, config, work, args))
     lines = [
         "# Privacy-utility: federated MicroMIL with local DP-SGD (per patient) on held-out sites",
         "",
         f"Command: `python benchmarks/privacy_utility.py {' '.join(sys.argv[1:])}`".rstrip(),
         "",
-        f"{args.rounds} rounds x 1 local epoch, FedAvg; every arm: {', '.join(SHARED)}.",
-        f"DP arms: {', '.join(DP[1:])}; noise calibrated so the run spends the budget.",
+        f"{args.rounds} rounds, FedAvg, 1 local epoch unless set below; every arm: "
+        f"{', '.join(SHARED + args.overrides)}.",
+        f"DP arms: {', '.join(DP[1:] + args.dp_overrides)} (later settings win); noise "
+        "calibrated so the run spends the budget.",
         "AUC/accuracy of the last round's model on the held-out site; mean ± std over seeds.",
         "",
         "| dataset | epsilon (target) | epsilon spent (max site) | seeds | held-out AUC | AUC - no DP | accuracy | n | wall s in rounds |",

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from micromil_core.config import TrainConfig, apply_overrides, build_config, load_config
@@ -64,3 +66,19 @@ def test_config_is_frozen():
     cfg = TrainConfig()
     with pytest.raises(AttributeError):
         cfg.lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "path", sorted(Path(__file__).parents[2].joinpath("configs").rglob("*.yaml")), ids=str
+)
+def test_shipped_configs_are_valid(path):
+    cfg = load_config(path)  # every shipped file parses into a validated config
+    from micromil_core.models.registry import params_from_dict
+
+    assert params_from_dict(cfg.model.name, cfg.model.params) is not None
+
+
+def test_dp_config_is_a_private_federation():
+    cfg = load_config(Path(__file__).parents[2] / "configs" / "sim-dp.yaml")
+    assert cfg.privacy.mode == "dp-sgd" and cfg.privacy.target_epsilon == 8.0
+    assert cfg.federation.scaler == "site"
