@@ -338,6 +338,12 @@ def switch_gnn_backend(model: MicroMIL, backend: str) -> MicroMIL:
     """
     new = MicroMIL(model.in_dim, model.n_classes, replace(model.params, gnn_backend=backend))
     new.load_state_dict(convert_gat_state(model.state_dict(), backend))
+    # Frozen parameters stay frozen (DP-SGD must not train what the caller froze); the
+    # flags go through the same key conversion as the weights.
+    trainable = {n: torch.full_like(p, float(p.requires_grad)) for n, p in model.named_parameters()}
+    trainable = convert_gat_state(trainable, backend)
+    for name, param in new.named_parameters():
+        param.requires_grad_(bool(trainable[name].any()))
     return new.to(next(model.parameters()).device)
 
 

@@ -62,6 +62,22 @@ def test_one_gradient_per_patient(name, params):
         assert p.grad_sample.shape == (5, *p.shape), pname
 
 
+def test_frozen_parameters_stay_frozen_under_dp_sgd():
+    from micromil_core.privacy.dp_sgd import state_dict_for, train_private
+
+    torch.manual_seed(0)
+    model = build_model("micromil", D, 2, SMALL_MICROMIL)
+    model.proj.requires_grad_(False)
+    model.gnn.convs[0].requires_grad_(False)  # a GAT layer: its keys change with the backend
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = DPPlan(noise_multiplier=1.0, sample_rate=0.5, max_grad_norm=1.0)
+    trained, _ = train_private(model, bags(8), plan, 3, 1e-2, 0.0, torch.device("cpu"), seed=0)
+    after = state_dict_for(model, trained)
+    frozen = [k for k in before if k.startswith(("proj.", "gnn.convs.0."))]
+    assert frozen and all(torch.equal(after[k], before[k]) for k in frozen)
+    assert not torch.equal(after["head.weight"], before["head.weight"])
+
+
 def test_micromil_inside_a_wrapper_trains_privately_and_keeps_its_layout(tmp_path):
     """MHIM around a PyG-backed MicroMIL: DP-SGD runs on a dense copy and the weights come
     back in the original (PyG) layout, so the global model still loads them."""
