@@ -453,6 +453,15 @@ class MHIM(MILModel):
     ) -> tuple[Tensor, dict[str, float]]:
         if self._plain():
             return _with_mhim_parts(self.student.loss_batch(batch, class_weight))
+        if bool((batch.scales[batch.mask] != 0).any()):
+            # The masked loss reaches the base only through encode(x, mask): the student
+            # would train without the scales it is evaluated with.
+            raise ConfigError(
+                f"model {NAME!r}: these bags hold several scales (magnifications or crop "
+                f"scales), but MHIM's masked loss passes only features to its base "
+                f"{self.params.base!r}; train {self.params.base!r} without mhim, or give "
+                "one scale per patient"
+            )
         return self.mhim_loss(batch.x, batch.mask, batch.y, class_weight)
 
     def mhim_loss(

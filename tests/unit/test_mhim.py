@@ -203,6 +203,21 @@ def test_default_loss_is_finite_and_reports_its_parts() -> None:
     assert not torch.equal(queries, model.recycle.queries)  # EMA toward recycled tokens
 
 
+def test_multi_scale_bags_are_refused_by_the_masked_loss() -> None:
+    from micromil_core.data.bag import collate_bags
+
+    model = make(warmup=0.0, base="mran", base_params={}).train()
+    g = torch.Generator().manual_seed(0)
+    one = [Bag(f"p{i}", torch.randn(4, D, generator=g), i % 2) for i in range(2)]
+    loss, _ = model.loss_batch(collate_bags(one))  # one scale: fine
+    assert torch.isfinite(loss)
+    two = [Bag("p0", torch.randn(4, D, generator=g), 0, scales=torch.tensor([0, 0, 1, 1]))]
+    with pytest.raises(ConfigError, match="several scales.*train 'mran' without mhim"):
+        model.loss_batch(collate_bags(two))
+    model.eval()  # evaluation passes the scales to the base: allowed
+    assert torch.isfinite(model.loss_batch(collate_bags(two))[0])
+
+
 def test_eval_is_the_student_alone_on_the_full_bag() -> None:
     model = make(warmup=0.0).eval()
     perturb_student(model)  # teacher != student: it must not matter at eval
