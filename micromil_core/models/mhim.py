@@ -457,10 +457,10 @@ class MHIM(MILModel):
             # The masked loss reaches the base only through encode(x, mask): the student
             # would train without the scales it is evaluated with.
             raise ConfigError(
-                f"model {NAME!r}: these bags hold several scales (magnifications or crop "
-                f"scales), but MHIM's masked loss passes only features to its base "
-                f"{self.params.base!r}; train {self.params.base!r} without mhim, or give "
-                "one scale per patient"
+                f"model {NAME!r}: these bags carry scale indices other than 0 "
+                f"(magnifications or crop scales), but MHIM's masked loss passes only "
+                f"features to its base {self.params.base!r}; train {self.params.base!r} "
+                "without mhim, or give the patients a single scale"
             )
         return self.mhim_loss(batch.x, batch.mask, batch.y, class_weight)
 
