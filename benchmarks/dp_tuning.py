@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--epsilon", type=float, default=8.0)
     ap.add_argument("--delta", type=float, default=1e-5)
     ap.add_argument("--no-dp", action="store_true", help="no clipping and no noise")
+    ap.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    ap.add_argument("--momentum", type=float, default=0.0, help="sgd momentum")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -87,6 +89,7 @@ def main() -> None:
             trained, _ = train_private(
                 copy.deepcopy(model), train, plan, steps, args.lr, 1e-6, device,
                 seed=1000 * r + i, progress=r / args.rounds,
+                optimizer=args.optimizer, momentum=args.momentum,
             )
             states.append(state_dict_for(model, trained))
         model.load_state_dict({  # patient-weighted FedAvg

@@ -7,6 +7,10 @@ D-dim features (one patient per step, as MicroMIL trains).
 
     python benchmarks/speed_memory.py                        # full sweep, writes results/
     python benchmarks/speed_memory.py --sizes 100 1000 --steps 3
+    python benchmarks/speed_memory.py --models transmil:attention=exact \\
+        transmil:attention=nystrom --sizes 1000 4000 --out results/speed_memory_transmil
+
+A model is ``NAME`` or ``NAME:KEY=VALUE,KEY=VALUE`` (its params for this sweep).
 """
 
 from __future__ import annotations
@@ -21,6 +25,13 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+
+
+def parse_model(spec: str) -> tuple[str, dict[str, str]]:
+    """``"transmil:attention=exact,landmarks=128"`` -> ("transmil", {...})."""
+    name, _, rest = spec.partition(":")
+    params = dict(kv.split("=", 1) for kv in rest.split(",") if kv)
+    return name, params
 
 
 def child(model_name: str, n: int, dim: int, steps: int, device: str, threads: int,
@@ -88,8 +99,12 @@ def main() -> None:
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        params = dict(p.split("=", 1) for p in args.micromil_param) if args.child[0] == "micromil" else None
-        res = child(args.child[0], int(args.child[1]), args.dim, args.steps, args.device, args.threads, params)
+        name, params = parse_model(args.child[0])
+        if name == "micromil":
+            params.update(p.split("=", 1) for p in args.micromil_param)
+        res = child(name, int(args.child[1]), args.dim, args.steps, args.device, args.threads,
+                    params or None)
+        res["model"] = args.child[0]
         print(json.dumps(res))
         return
     rows = []

@@ -53,3 +53,43 @@ def patient_ids(root: Path) -> set[str]:
 @pytest.fixture
 def tiny_site(tmp_path: Path) -> Path:
     return write_site(tmp_path / "site-a")
+
+
+def ragged_batch(lengths: list[int], seed: int = 0, pad_to: int | None = None, dim: int = 6):
+    """Padded batch of bags with ``lengths`` real instances whose padded rows hold large
+    garbage (masking must hide it).
+
+    Shapes: -> x (B, N, dim), mask (B, N) with N = pad_to or max(lengths)
+    """
+    g = torch.Generator().manual_seed(seed)
+    n = pad_to or max(lengths)
+    x = torch.randn(len(lengths), n, dim, generator=g)  # (B, N, D)
+    mask = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]  # (B, N)
+    return torch.where(mask[..., None], x, 100.0 * torch.randn(x.shape, generator=g)), mask
+
+
+def assert_per_bag_gradients(build, lengths: list[int], y: torch.Tensor, seed: int = 0) -> None:
+    """Opacus's per-bag gradients of a model's FULL loss equal each bag's gradient alone.
+
+    ``build()`` returns a fresh model of the same layout (wrapped for DP if needed). With
+    ``loss_reduction="mean"`` (as dp_sgd uses it) grad_sample[i] is bag i's own gradient,
+    so any padding or batch coupling that leaks between bags makes this fail.
+    """
+    import warnings
+
+    opacus = pytest.importorskip("opacus")
+    model = build().train()
+    gsm = opacus.GradSampleModule(model, loss_reduction="mean")
+    x, mask = ragged_batch(lengths, seed=seed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook")
+        loss, _ = gsm._module.loss(x, mask, y)  # GradSampleModule does not forward .loss
+        loss.backward()
+    for i, n in enumerate(lengths):
+        alone = build().train()
+        alone.load_state_dict(model.state_dict())
+        alone.loss(x[i : i + 1, :n], mask[i : i + 1, :n], y[i : i + 1])[0].backward()
+        for name, p in alone.named_parameters():
+            sample = model.get_parameter(name).grad_sample
+            assert sample.shape[0] == len(lengths), name
+            torch.testing.assert_close(sample[i], p.grad, atol=1e-5, rtol=1e-4)

@@ -16,9 +16,38 @@ bag order wherever they sit. Every parameter-owning layer is called once per for
 tensor (the class token is an ``nn.Embedding`` looked up at index 0), so Opacus can compute
 per-bag gradients.
 
-Attention is exact softmax attention, not the paper's Nystrom approximation: the bags here
-hold tens to a few thousand instances, where the exact (T x T) attention fits in memory and
-is cheaper than the Nystrom machinery; Nystrom matters only for WSIs of 10^4+ patches.
+Attention (param ``attention``). ``exact`` is masked softmax attention, whose (T x T)
+matrix per head costs O(T^2) memory: fine for the tens to a few thousand instances of most
+bags here, out of memory for whole-slide bags of 10^4 - 10^5 patches (T = 10^4 already
+needs 3.2 GB per matrix at 8 heads). ``nystrom`` is the paper's Nystrom attention
+(Xiong et al., AAAI 2021, "Nystromformer"), O(T m) for m landmarks:
+
+    F = softmax(Q K_l^T)  (T x m)     A = softmax(Q_l K_l^T)  (m x m)
+    B = softmax(Q_l K^T)  (m x T, padded keys masked)     out = F pinv(A) (B V)
+
+Q_l, K_l are the means of m contiguous segments of each bag's REAL tokens, and pinv is
+the iterative Moore-Penrose pseudo-inverse (Razavi et al. 2014), scaled per bag and head.
+Nothing of one bag (landmarks, masks, the pinv's starting scale) depends on its batch, so
+the padding invariance above holds for Nystrom too, up to float rounding. ``auto`` (the
+default) chooses per bag: exact while the bag's token count (class token + its square
+grid) is at most ``nystrom_threshold``, Nystrom above it; so existing configs behave as
+before on small bags and do not run out of memory on large ones (a checkpoint saved before
+these params existed loads as ``auto``: set ``attention: exact`` to evaluate it exactly on
+bags above the threshold). In every mode a bag with
+at most ``landmarks`` tokens uses exact attention: with m >= T Nystrom is exact only up to
+the pinv's convergence and costs more (O(m^3)) than the (T x T) matrix it replaces.
+
+Unlike the Nystrom code the TransMIL authors used, there is no depth-wise convolution
+residual on V (kernel 33 along the token sequence): ``auto`` switches between exact and
+Nystrom attention inside one model, so both must compute the same function with the same
+parameters (a conv only Nystrom used would be untrained on small bags, and would break
+loading of existing checkpoints); the PPEG already gives each token its neighbourhood.
+Nystrom has no attention dropout (only the output dropout): the weights it would drop are
+not materialised.
+
+The class token's attention to the instances (instance scores: MHIM's masking, ``evaluate
+--explain``) is row 0 of the attention: exact, or ``F[0] pinv(A) B`` in O(m T) for Nystrom,
+clipped at 0 since the approximation may dip slightly below it.
 """
 
 from __future__ import annotations
@@ -31,7 +60,9 @@ from torch import Tensor, nn
 from micromil_core.errors import ConfigError
 from micromil_core.models.base import Encoding, MILModel, Prediction, masked_softmax
 from micromil_core.models.pooling import check_batch
-from micromil_core.models.registry import check_float, check_int, register_model
+from micromil_core.models.registry import check_choice, check_float, check_int, register_model
+
+ATTENTION_MODES = ("exact", "nystrom", "auto")
 
 
 @dataclass(frozen=True)
@@ -41,17 +72,40 @@ class TransMILParams:
     The paper reduces 1024-d ResNet-50 features to 512; 256 is a saner width for the
     166- to 1024-d features used here (fewer parameters than bags' worth of data would
     support at 512), and keeps 8 heads of 32 dims. Dropout acts on the reduced instance
-    features and on the attention weights (the authors' code uses 0.1 in attention).
+    features, the attention outputs and the exact attention weights (the authors' code
+    uses 0.1 in attention).
+
+    Attention (see the module docstring): ``attention`` is ``exact``, ``nystrom`` or
+    ``auto`` (exact for bags of at most ``nystrom_threshold`` tokens, Nystrom above).
+    ``nystrom_threshold`` = 2048 tokens keeps exact attention (the reference, not an
+    approximation) while its (T x T) matrices cost at most 2048^2 x 8 heads x 4 B = 134 MB
+    each per bag and layer (about 1 GB of training memory per bag at dim 256, measured);
+    on CPU Nystrom is already faster from about 1000 tokens, so lower the threshold where
+    speed matters more than exactness. ``landmarks`` = 256 is the paper's count
+    (num_landmarks = dim // 2 at its dim 512), kept at our dim 256: the landmarks summarise
+    a bag's tokens, so how many are needed depends on the bag, not on the width; more
+    would raise the O(T m) memory that Nystrom exists to save. ``pinv_iterations`` = 6 is
+    Nystromformer's (Xiong et al. 2021) and TransMIL's; it leaves the pseudo-inverse
+    approximate (on a random 12 x 12 softmax kernel about 3e-2 off in the output, 1e-5 at
+    20 iterations): raise it where Nystrom must track exact attention more closely.
     """
 
     dim: int = 256
     n_heads: int = 8
     dropout: float = 0.1
+    attention: str = "auto"
+    nystrom_threshold: int = 2048
+    landmarks: int = 256
+    pinv_iterations: int = 6
 
     def __post_init__(self) -> None:
         check_int("transmil", "dim", self.dim, 1)
         check_int("transmil", "n_heads", self.n_heads, 1)
         check_float("transmil", "dropout", self.dropout, 0.0, 1.0, high_inclusive=False)
+        check_choice("transmil", "attention", self.attention, ATTENTION_MODES)
+        check_int("transmil", "nystrom_threshold", self.nystrom_threshold, 1)
+        check_int("transmil", "landmarks", self.landmarks, 1)
+        check_int("transmil", "pinv_iterations", self.pinv_iterations, 1)
         if self.dim % self.n_heads:
             raise ConfigError(
                 f"model 'transmil': param dim={self.dim} is not divisible by "
@@ -111,33 +165,162 @@ def gather_rows(h: Tensor, index: Tensor) -> Tensor:
     return h.gather(1, index.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
 
 
+def segment_weights(key_mask: Tensor, m: int, dtype: torch.dtype) -> Tensor:
+    """Weights that average ``m`` contiguous segments of each bag's real tokens.
+
+    ``weights @ x`` are Nystromformer's segment-means landmarks. The r-th real token of a
+    bag with n of them (in token order, wherever the mask puts them) falls in segment
+    ``floor(r m / n)``; with n >= m every segment holds at least floor(n / m) tokens.
+    Padded tokens fall in none. A matmul rather than a scatter, so the means are
+    deterministic on GPUs too; (m x T) is the size of the attention kernels anyway.
+
+    Shapes: key_mask (B, T) bool with at least m True per row -> (B, m, T)
+    """
+    n = key_mask.sum(dim=1, keepdim=True)  # (B, 1)
+    rank = key_mask.long().cumsum(dim=1) - 1  # (B, T): rank among the bag's real tokens
+    segment = torch.where(key_mask, rank * m // n, m)  # (B, T); m = no segment
+    arange = torch.arange(m, device=key_mask.device)  # (m,)
+    weights = (segment[:, None, :] == arange[None, :, None]).to(dtype)  # (B, m, T)
+    return weights / weights.sum(dim=2, keepdim=True).clamp_min(1.0)  # (B, m, T): row means
+
+
+def iterative_pinv(a: Tensor, iterations: int) -> Tensor:
+    """Moore-Penrose pseudo-inverse of each (m x m) matrix, by iteration (Razavi et al. 2014).
+
+    ``z <- z (13 I - a z (15 I - a z (7 I - a z))) / 4`` converges to pinv(a) from
+    ``z = a^T / (max column sum * max row sum)`` of |a| (Nystromformer, Xiong et al. 2021).
+    That scale is taken per matrix, not over the batch as in Nystromformer's code, so a
+    bag's result never depends on its batch (padding invariance, per-patient DP-SGD).
+
+    Shapes: a (..., m, m) -> (..., m, m)
+    """
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)  # (m, m)
+    norm = a.abs().sum(dim=-2).amax(dim=-1) * a.abs().sum(dim=-1).amax(dim=-1)  # (...)
+    z = a.transpose(-1, -2) / norm[..., None, None]  # (..., m, m)
+    for _ in range(iterations):
+        az = a @ z  # (..., m, m)
+        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))  # (..., m, m)
+    return z
+
+
+def nystrom_attention(
+    q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, landmarks: int, iterations: int
+) -> tuple[Tensor, Tensor]:
+    """Nystrom softmax attention ``F pinv(A) (B V)`` and its class-token row ``F[0] pinv(A) B``.
+
+    ``q`` is already scaled by head_dim^-0.5. Landmarks are segment means of each bag's
+    real tokens (``segment_means``), so padded keys enter only B, where they are masked.
+    Computed in float32 with autocast off: the pseudo-inverse iteration does not survive
+    bf16 rounding. Every bag needs at least ``landmarks`` real tokens, so that no segment
+    is empty (TransLayer sends bags of at most ``landmarks`` tokens to exact attention).
+
+    Shapes: q, k, v (B, H, T, d), key_mask (B, T) -> (B, H, T, d), row 0 (B, H, T)
+    """
+    n_min = int(key_mask.sum(dim=1).min())
+    if n_min < landmarks:
+        raise ValueError(
+            f"Nystrom attention with landmarks={landmarks} got a bag of {n_min} tokens; "
+            "use exact attention for bags of at most `landmarks` tokens"
+        )
+    b, h, n_tok, d = q.shape
+    out_dtype = v.dtype
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, v = q.float(), k.float(), v.float()
+        # Landmarks from the (B, T, H*d) layout: one (m x T) matmul for all heads.
+        weights = segment_weights(key_mask, landmarks, q.dtype)  # (B, m, T)
+        q_l, k_l = (
+            (weights @ x.transpose(1, 2).reshape(b, n_tok, h * d))
+            .view(b, landmarks, h, d)
+            .transpose(1, 2)
+            for x in (q, k)
+        )  # (B, H, m, d) each
+        f = torch.softmax(q @ k_l.transpose(-1, -2), dim=-1)  # (B, H, T, m)
+        a = torch.softmax(q_l @ k_l.transpose(-1, -2), dim=-1)  # (B, H, m, m)
+        bk = masked_softmax(q_l @ k.transpose(-1, -2), key_mask[:, None, None, :])  # (B, H, m, T)
+        z = iterative_pinv(a, iterations)  # (B, H, m, m)
+        mixed = f @ (z @ (bk @ v))  # (B, H, T, d): (m x T)(T x d) first, never (T x T)
+        row0 = ((f[:, :, :1] @ z) @ bk)[:, :, 0]  # (B, H, T)
+    return mixed.to(out_dtype), row0
+
+
 class TransLayer(nn.Module):
     """Pre-norm multi-head self-attention with a residual: ``t + MHSA(LayerNorm(t))``.
 
     Written from ``nn.Linear`` layers (not ``nn.MultiheadAttention``) so the key-padding
     mask is applied in parameter-free code and Opacus sees only Linear/LayerNorm layers.
-    TransMIL's layers have no feed-forward block.
+    TransMIL's layers have no feed-forward block. Each bag takes exact or Nystrom attention
+    by its own token count (``TransMILParams``), in parameter-free code between the one
+    ``qkv`` and the one ``out`` call, so a batch may mix both.
 
-    Shapes: t (B, T, L), key_mask (B, T) -> (B, T, L) and the attention (B, H, T, T)
+    Shapes: t (B, T, L), key_mask (B, T) -> (B, T, L) and the class token's attention (B, H, T)
     """
 
-    def __init__(self, dim: int, n_heads: int, dropout: float) -> None:
+    def __init__(self, dim: int, params: TransMILParams) -> None:
         super().__init__()
-        self.n_heads = n_heads
+        self.params = params
+        self.n_heads = params.n_heads
         self.norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.out = nn.Linear(dim, dim)
-        self.drop = nn.Dropout(dropout)
+        self.drop = nn.Dropout(params.dropout)
+
+    def uses_nystrom(self, n_tokens: Tensor) -> Tensor:
+        """Which bags take Nystrom attention.
+
+        Shapes: n_tokens (B,) real tokens per bag -> (B,) bool
+        """
+        p = self.params
+        if p.attention == "exact":
+            return torch.zeros_like(n_tokens, dtype=torch.bool)
+        limit = p.landmarks if p.attention == "nystrom" else max(p.landmarks, p.nystrom_threshold)
+        return n_tokens > limit
+
+    def _exact(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Shapes: q, k, v (B, H, T, d), key_mask (B, T) -> (B, H, T, d), row 0 (B, H, T)"""
+        attn = masked_softmax(q @ k.transpose(-1, -2), key_mask[:, None, None, :])  # (B, H, T, T)
+        return self.drop(attn) @ v, attn[:, :, 0]
+
+    def _attend(
+        self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, nystrom: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Exact attention for the bags where ``nystrom`` is False, Nystrom for the rest.
+
+        Each group is cut to its own longest bag, so the exact group's (T x T) matrices are
+        only as large as its bags (at most ``nystrom_threshold`` tokens under ``auto``).
+
+        Shapes: q, k, v (B, H, T, d), key_mask (B, T), nystrom (B,) -> (B, H, T, d), (B, H, T)
+        """
+        p = self.params
+        if not bool(nystrom.any()):
+            return self._exact(q, k, v, key_mask)
+        if bool(nystrom.all()):
+            return nystrom_attention(q, k, v, key_mask, p.landmarks, p.pinv_iterations)
+        n_tok = key_mask.shape[1]
+        mixed, rows, order = [], [], []
+        for use in (False, True):
+            idx = (nystrom == use).nonzero()[:, 0]  # (G,)
+            span = int(key_mask[idx].any(dim=0).nonzero().max()) + 1  # past its last real token
+            args = (q[idx, :, :span], k[idx, :, :span], v[idx, :, :span], key_mask[idx, :span])
+            if use:
+                out, row = nystrom_attention(*args, p.landmarks, p.pinv_iterations)
+            else:
+                out, row = self._exact(*args)
+            # Tokens past `span` are padding in this group: zero output, zero attention.
+            mixed.append(nn.functional.pad(out, (0, 0, 0, n_tok - span)))  # (G, H, T, d)
+            rows.append(nn.functional.pad(row, (0, n_tok - span)))  # (G, H, T)
+            order.append(idx)
+        back = torch.argsort(torch.cat(order))  # (B,): batch position -> row of the concat
+        return torch.cat(mixed)[back], torch.cat(rows)[back]
 
     def forward(self, t: Tensor, key_mask: Tensor) -> tuple[Tensor, Tensor]:
         b, n_tok, dim = t.shape
         head_dim = dim // self.n_heads
         qkv = self.qkv(self.norm(t)).view(b, n_tok, 3, self.n_heads, head_dim)  # (B, T, 3, H, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, T, d) each
-        logits = q @ k.transpose(-1, -2) * head_dim**-0.5  # (B, H, T, T)
-        attn = masked_softmax(logits, key_mask[:, None, None, :])  # (B, H, T, T)
-        mixed = (self.drop(attn) @ v).transpose(1, 2).reshape(b, n_tok, dim)  # (B, T, L)
-        return t + self.drop(self.out(mixed)), attn  # (B, T, L), (B, H, T, T)
+        nystrom = self.uses_nystrom(key_mask.sum(dim=1))  # (B,)
+        mixed, row0 = self._attend(q * head_dim**-0.5, k, v, key_mask, nystrom)  # (B, H, T, d)
+        mixed = mixed.to(v.dtype).transpose(1, 2).reshape(b, n_tok, dim)  # (B, T, L)
+        return t + self.drop(self.out(mixed)), row0  # (B, T, L), (B, H, T)
 
 
 class PPEG(nn.Module):
@@ -165,8 +348,8 @@ class TransMIL(MILModel):
     """TransMIL; ``predict`` returns the last layer's class-token attention per instance.
 
     Instance score = the class token's attention to the instance's tokens (a repeated
-    instance collects the attention of each of its copies), averaged over heads and
-    renormalised over the bag's instances; 0 at padding.
+    instance collects the attention of each of its copies), averaged over heads, clipped at
+    0 (Nystrom's row is approximate) and renormalised over the bag's instances; 0 at padding.
 
     Shapes: x (B, N, D), mask (B, N) -> logits (B, C); scores (B, N); bag embedding (B, L).
     """
@@ -178,9 +361,9 @@ class TransMIL(MILModel):
         self.reduce = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Dropout(params.dropout))
         # A learnable vector, stored as a 1-row embedding so Opacus handles it natively.
         self.cls_token = nn.Embedding(1, dim)
-        self.layer1 = TransLayer(dim, params.n_heads, params.dropout)
+        self.layer1 = TransLayer(dim, params)
         self.ppeg = PPEG(dim)
-        self.layer2 = TransLayer(dim, params.n_heads, params.dropout)
+        self.layer2 = TransLayer(dim, params)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, n_classes)
 
@@ -208,9 +391,10 @@ class TransMIL(MILModel):
         key_mask = torch.cat([torch.ones_like(index, dtype=torch.bool), layout.valid], dim=1)
         t, _ = self.layer1(t, key_mask)  # (B, 1+S, L)
         t = torch.cat([t[:, :1], self._positional(t[:, 1:], layout)], dim=1)  # (B, 1+S, L)
-        t, attn = self.layer2(t, key_mask)  # (B, 1+S, L), (B, H, 1+S, 1+S)
+        t, row0 = self.layer2(t, key_mask)  # (B, 1+S, L), (B, H, 1+S)
         bag = self.norm(t[:, 0])  # (B, L): LayerNorm is per token, only the class token is read
-        cls_attn = attn[:, :, 0, 1:].mean(dim=1)  # (B, S): class token -> instance tokens
+        # Class token -> instance tokens; clipped since Nystrom's row may dip below 0.
+        cls_attn = row0[:, :, 1:].mean(dim=1).clamp_min(0.0)  # (B, S)
         scores = torch.zeros(mask.shape, dtype=cls_attn.dtype, device=cls_attn.device)  # (B, N)
         scores = scores.scatter_add(1, layout.source, cls_attn * layout.valid)  # (B, N)
         scores = scores / scores.sum(dim=1, keepdim=True).clamp_min(1e-12)  # (B, N)

@@ -6,8 +6,6 @@ test_models.py (CONFIGS); these cover what is particular to each baseline.
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +17,8 @@ from micromil_core.models.base import MILModel
 from micromil_core.models.clam import clustering_targets
 from micromil_core.models.transmil import square_layout
 from micromil_core.training.trainer import fit
+from tests.conftest import assert_per_bag_gradients
+from tests.conftest import ragged_batch as ragged
 
 D, C = 6, 2
 SMALL = {
@@ -32,15 +32,6 @@ NAMES = sorted(SMALL)
 def make(name: str, seed: int = 0, **extra) -> MILModel:
     torch.manual_seed(seed)
     return build_model(name, D, C, {**SMALL[name], **extra})
-
-
-def ragged(lengths: list[int], seed: int = 0, pad_to: int | None = None):
-    """Padded batch whose padded rows hold large garbage (masking must hide it)."""
-    g = torch.Generator().manual_seed(seed)
-    n = pad_to or max(lengths)
-    x = torch.randn(len(lengths), n, D, generator=g)  # (B, N, D)
-    mask = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]  # (B, N)
-    return torch.where(mask[..., None], x, 100.0 * torch.randn(x.shape, generator=g)), mask
 
 
 # --- all three ----------------------------------------------------------------------------
@@ -75,26 +66,11 @@ def test_mask_with_holes_equals_the_bag_without_them(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_opacus_per_bag_gradients(name: str) -> None:
-    opacus = pytest.importorskip("opacus")
     from micromil_core.privacy.dp_sgd import make_private_model
 
-    model = make_private_model(make(name, dropout=0.0))
-    gsm = opacus.GradSampleModule(model, loss_reduction="sum")
-    lengths = [5, 1, 7]
-    x, mask = ragged(lengths)
-    y = torch.tensor([0, 1, 1])
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Full backward hook")
-        loss, _ = gsm._module.loss(x, mask, y)  # the model's full loss, auxiliary terms too
-        (loss * len(lengths)).backward()  # every term is a mean over bags
-    for i, n in enumerate(lengths):
-        alone = make(name, dropout=0.0).train()
-        alone.load_state_dict(model.state_dict())
-        alone.loss(x[i : i + 1, :n], mask[i : i + 1, :n], y[i : i + 1])[0].backward()
-        for pname, p in alone.named_parameters():
-            sample = model.get_parameter(pname).grad_sample
-            assert sample.shape[0] == len(lengths), pname
-            torch.testing.assert_close(sample[i], p.grad, atol=1e-5, rtol=1e-4)
+    # The model's full loss, auxiliary terms too: every term is a mean over bags.
+    build = lambda: make_private_model(make(name, dropout=0.0))  # noqa: E731
+    assert_per_bag_gradients(build, [5, 1, 7], torch.tensor([0, 1, 1]))
 
 
 @pytest.mark.parametrize("name", NAMES)

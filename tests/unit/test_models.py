@@ -22,6 +22,7 @@ from micromil_core.models import registry as registry_mod
 from micromil_core.models.base import MILModel
 from micromil_core.models.gnn import GAT, convert_gat_state
 from micromil_core.models.micromil import MicroMIL, dec_kl, switch_gnn_backend
+from tests.conftest import ragged_batch
 
 D, C = 6, 2
 SMALL_MICROMIL = {"n_clusters": 4, "gnn_hidden": 8, "top_k": 2}
@@ -53,16 +54,6 @@ IDS = [f"{n}-{p.get('gnn_backend', '')}-{p.get('edge_mode', '')}".strip("-") for
 def make_model(name: str, params: dict, seed: int = 0) -> MILModel:
     torch.manual_seed(seed)
     return build_model(name, D, C, params)
-
-
-def ragged_batch(lengths: list[int], seed: int = 0, pad_to: int | None = None):
-    """Padded batch whose padded rows hold large garbage (masking must hide it)."""
-    g = torch.Generator().manual_seed(seed)
-    n = pad_to or max(lengths)
-    x = torch.randn(len(lengths), n, D, generator=g)  # (B, N, D)
-    mask = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]  # (B, N)
-    x = torch.where(mask[..., None], x, 100.0 * torch.randn(x.shape, generator=g))
-    return x, mask
 
 
 def test_every_registered_model_is_tested() -> None:
