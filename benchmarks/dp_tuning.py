@@ -10,6 +10,7 @@ The figures that go into tables come from `micromil simulate` (privacy_utility.p
     python benchmarks/dp_tuning.py --data-root /tmp/privb6/data/fashion \\
         --param proj_dim=32 --param gnn_hidden=32 --epochs 4 --lr 1e-2
     python benchmarks/dp_tuning.py --data-root ... --no-dp     # the same schedule without DP
+    python benchmarks/dp_tuning.py --data-root ... --seed 1 --noise-seed 2   # run-to-run spread
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ def main() -> None:
     ap.add_argument("--no-dp", action="store_true", help="no clipping and no noise")
     ap.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     ap.add_argument("--momentum", type=float, default=0.0, help="sgd momentum")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="the server's initial weights")
+    ap.add_argument("--noise-seed", type=int, default=0,
+                    help="seeds the Poisson sampling and DP noise, independently of --seed")
     args = ap.parse_args()
     torch.set_num_threads(1)
     device = torch.device("cpu")
@@ -88,7 +91,7 @@ def main() -> None:
         for i, (train, _) in enumerate(parts):
             trained, _ = train_private(
                 copy.deepcopy(model), train, plan, steps, args.lr, 1e-6, device,
-                seed=1000 * r + i, progress=r / args.rounds,
+                seed=1000 * r + i + 100000 * args.noise_seed, progress=r / args.rounds,
                 optimizer=args.optimizer, momentum=args.momentum,
             )
             states.append(state_dict_for(model, trained))
