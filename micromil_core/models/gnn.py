@@ -30,6 +30,7 @@ from micromil_core.errors import ConfigError
 from micromil_core.models.base import masked_softmax
 
 GNN_BACKENDS = ("pyg", "dense")
+GAT_ATT_INITS = ("glorot", "zero")
 
 
 class AddBias(nn.Module):
@@ -109,6 +110,15 @@ class GAT(nn.Module):
         self.convs = nn.ModuleList(
             make(in_channels if i == 0 else hidden, hidden, dropout) for i in range(n_layers)
         )
+
+    @torch.no_grad()
+    def zero_attention(self) -> None:
+        """Zero every layer's attention vectors (``att_src`` / ``att_dst``, both backends):
+        each node then starts by averaging its neighbours, as a mean-aggregation GNN."""
+        for conv in self.convs:
+            for name, param in conv.named_parameters():
+                if name.startswith(("att_src", "att_dst")):
+                    param.zero_()
 
     def forward(self, x: Tensor, adj: Tensor) -> Tensor:
         b, k, _ = x.shape

@@ -361,5 +361,28 @@ def test_opacus_per_bag_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
             )
 
 
+@pytest.mark.parametrize("backend", ["pyg", "dense"])
+def test_micromil_zero_attention_init_starts_uniform_and_learns(backend: str) -> None:
+    params = {**SMALL_MICROMIL, "gnn_backend": backend, "gnn_att_init": "zero", "dropout": 0.0}
+    model = make_model("micromil", params).train()
+    att = {n: p for n, p in model.named_parameters() if ".att_" in n}
+    assert len(att) == 2 * model.params.gnn_layers
+    assert all(float(p.abs().sum()) == 0.0 for p in att.values())
+    # The other weights are drawn exactly as with the glorot default (same RNG stream).
+    glorot = make_model("micromil", {**params, "gnn_att_init": "glorot"})
+    same = [n for n, _ in model.named_parameters() if ".att_" not in n]
+    for n in same:
+        torch.testing.assert_close(model.get_parameter(n), glorot.get_parameter(n))
+    x, mask = ragged_batch([7, 5, 9])
+    loss, _ = model.loss(x, mask, torch.tensor([0, 1, 1]))
+    loss.backward()
+    assert any(float(p.grad.abs().sum()) > 0 for p in att.values())  # attention can move
+
+
+def test_micromil_att_init_is_validated() -> None:
+    with pytest.raises(ConfigError, match="gnn_att_init"):
+        make_model("micromil", {**SMALL_MICROMIL, "gnn_att_init": "xavier"})
+
+
 def test_micromil_is_registered_class() -> None:
     assert isinstance(make_model("micromil", SMALL_MICROMIL), MicroMIL)
