@@ -57,6 +57,12 @@ def main() -> None:
     ap.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     ap.add_argument("--momentum", type=float, default=0.0, help="sgd momentum")
     ap.add_argument("--seed", type=int, default=0, help="the server's initial weights")
+    ap.add_argument("--ema", type=float, nargs="*", default=[],
+                    help="also report an exponential moving average of the global model over "
+                    "rounds with these decays (post-processing: no extra privacy cost)")
+    ap.add_argument("--scaler", choices=("site", "global"), default="site",
+                    help="site: each site standardises with its own moments (what DP sites do); "
+                    "global: pooled moments of all training sites (what a non-DP federation shares)")
     ap.add_argument("--noise-seed", type=int, default=0,
                     help="seeds the Poisson sampling and DP noise, independently of --seed")
     args = ap.parse_args()
@@ -65,10 +71,12 @@ def main() -> None:
 
     root = Path(args.data_root)
     train_sites = read_sites_yaml(root).train_sites
+    splits = [split_train_val_test(sb, TrainConfig(seed=args.seed))[:2]
+              for sb in load_sites(train_sites, DataConfig(encoder=args.encoder), device)]
+    pooled = FeatureScaler.fit([b for train, _ in splits for b in train])
     parts = []
-    for sb in load_sites(train_sites, DataConfig(encoder=args.encoder), device):
-        train, val, _ = split_train_val_test(sb, TrainConfig(seed=args.seed))
-        scaler = FeatureScaler.fit(train)  # each DP site keeps its own statistics
+    for train, val in splits:
+        scaler = pooled if args.scaler == "global" else FeatureScaler.fit(train)
         parts.append((scaler.transform_all(train), scaler.transform_all(val)))
     params = dict(kv.split("=", 1) for kv in args.param)
     spec = ModelSpec(args.model, int(parts[0][0][0].features.shape[1]), 2, params)
@@ -86,6 +94,7 @@ def main() -> None:
     weights = np.array([len(train) for train, _ in parts], dtype=float)
     weights /= weights.sum()
     val = [b for _, v in parts for b in v]
+    averages: dict[float, torch.nn.Module] = {}
     for r in range(args.rounds):
         states = []
         for i, (train, _) in enumerate(parts):
@@ -100,7 +109,17 @@ def main() -> None:
             for k, v in model.state_dict().items()
         })
         y, probs = predict_bags(model, val, device, batch_size=64)
-        print(json.dumps({"round": r + 1, "train_sites_val_auc": round(roc_auc(y, probs), 4)}), flush=True)
+        row = {"round": r + 1, "train_sites_val_auc": round(roc_auc(y, probs), 4)}
+        for decay in args.ema:
+            avg = averages.setdefault(decay, copy.deepcopy(model))
+            avg.load_state_dict({
+                k: (decay * v.float() + (1 - decay) * model.state_dict()[k].float()).to(v.dtype)
+                if v.is_floating_point() else model.state_dict()[k]
+                for k, v in avg.state_dict().items()
+            })
+            y, probs = predict_bags(avg, val, device, batch_size=64)
+            row[f"ema{decay:g}_val_auc"] = round(roc_auc(y, probs), 4)
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

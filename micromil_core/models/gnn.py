@@ -20,7 +20,10 @@ the same output in eval mode (tested to 1e-5).
 
 from __future__ import annotations
 
+import sys
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +89,27 @@ class DenseGATConv(nn.Module):
 def _pyg_gatconv(in_channels: int, out_channels: int, dropout: float) -> nn.Module:
     from torch_geometric.nn import GATConv  # imported lazily: heavy, unused by "dense"
 
-    return GATConv(in_channels, out_channels, heads=1, dropout=dropout, add_self_loops=True)
+    conv = GATConv(in_channels, out_channels, heads=1, dropout=dropout, add_self_loops=True)
+    _remove_pyg_template_files()
+    return conv
+
+
+def _remove_pyg_template_files() -> None:
+    """Delete the source files PyG renders into the temp folder for its compiled propagate.
+
+    PyG writes one ``*_propagate_*.py`` per process and never removes it. A hospital's
+    SuperNode starts a fresh process for every Flower message, so without this the temp
+    folder gains a file per message for as long as the site runs. The module is already
+    imported; only its source text (used by tracebacks) goes.
+    """
+    tmp = Path(tempfile.gettempdir()).resolve()
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if not (name.startswith("torch_geometric.") and path and name.endswith(("_propagate", "_edge_updater"))):
+            continue
+        file = Path(path)
+        if file.parent.resolve() == tmp and file.is_file():
+            file.unlink(missing_ok=True)
 
 
 class GAT(nn.Module):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -257,6 +260,21 @@ def test_bad_batches_raise_config_error() -> None:
 
 
 # --- MicroMIL specifics -----------------------------------------------------------------
+
+
+def test_pyg_backend_leaves_no_template_file_in_the_temp_folder(tmp_path) -> None:
+    # PyG renders its compiled propagate into the temp folder; a fresh process (as every
+    # Flower message gets) must not leave it behind.
+    code = (
+        "import torch; from micromil_core.models.gnn import GAT; "
+        "g = GAT(4, 8, 2, 0.0, 'pyg'); "
+        "print(g(torch.randn(1, 5, 4), torch.ones(1, 5, 5)).shape)"
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "torch.Size([1, 5, 8])" in done.stdout  # the module works without its source file
+    assert sorted(p.name for p in tmp_path.glob("*.py")) == []
 
 
 def test_gat_backends_agree_on_the_same_graph() -> None:
