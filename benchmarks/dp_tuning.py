@@ -34,6 +34,7 @@ from micromil_core.privacy.dp_sgd import (
     steps_per_epoch,
     train_private,
 )
+from micromil_core.training.checkpoint import load_checkpoint
 from micromil_core.training.metrics import roc_auc
 from micromil_core.training.pipeline import load_sites, split_train_val_test
 from micromil_core.training.trainer import predict_bags
@@ -60,6 +61,9 @@ def main() -> None:
     ap.add_argument("--ema", type=float, nargs="*", default=[],
                     help="also report an exponential moving average of the global model over "
                     "rounds with these decays (post-processing: no extra privacy cost)")
+    ap.add_argument("--init-from", metavar="MODEL_PT",
+                    help="start from this checkpoint's weights (e.g. trained on public data) "
+                    "instead of the seeded data-free init")
     ap.add_argument("--scaler", choices=("site", "global"), default="site",
                     help="site: each site standardises with its own moments (what DP sites do); "
                     "global: pooled moments of all training sites (what a non-DP federation shares)")
@@ -80,7 +84,10 @@ def main() -> None:
         parts.append((scaler.transform_all(train), scaler.transform_all(val)))
     params = dict(kv.split("=", 1) for kv in args.param)
     spec = ModelSpec(args.model, int(parts[0][0][0].features.shape[1]), 2, params)
-    model = spec.build(initial_model_state(spec, args.seed))  # the server's data-free init
+    if args.init_from:
+        model = load_checkpoint(args.init_from).build_model()
+    else:
+        model = spec.build(initial_model_state(spec, args.seed))  # the server's data-free init
 
     privacy = LocalPrivacyConfig(
         mode="dp-sgd", target_epsilon=args.epsilon, delta=args.delta,
@@ -95,6 +102,8 @@ def main() -> None:
     weights /= weights.sum()
     val = [b for _, v in parts for b in v]
     averages: dict[float, torch.nn.Module] = {}
+    y, probs = predict_bags(model, val, device, batch_size=64)
+    print(json.dumps({"round": 0, "train_sites_val_auc": round(roc_auc(y, probs), 4)}), flush=True)
     for r in range(args.rounds):
         states = []
         for i, (train, _) in enumerate(parts):

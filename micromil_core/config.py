@@ -162,6 +162,11 @@ class FederationConfig:
     # never leave it; "auto" = global unless a training site withholds its statistics
     # (sites with local DP do).
     scaler: str = "auto"
+    # A micromil model.pt whose weights start round 1 instead of the seeded data-free init,
+    # e.g. a model trained on a public cohort. Under local DP this is the strongest lever we
+    # measured (benchmarks/results/privacy_public_init.md). It is read on the coordinator
+    # only; its model, params and classes must match this experiment. Empty = no file.
+    initial_model: str = ""
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 1, "federation.rounds", self.rounds, "an integer >= 1")

@@ -34,7 +34,7 @@ from micromil_core.federated.site_task import ModelSpec
 from micromil_core.io import torch_save_atomic, write_json_atomic
 from micromil_core.privacy.report import budget_stops
 from micromil_core.runtime import seed_everything
-from micromil_core.training.checkpoint import Checkpoint, save_checkpoint
+from micromil_core.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from server.privacy import central_dp_entry, clipping_norm, fresh_noise
 from server.strategies import build_strategy, load_strategy_state, save_strategy_state
 
@@ -261,6 +261,44 @@ def choose_scaler_mode(cfg: ExperimentConfig, train_sites: list[SiteInfo]) -> st
     return mode
 
 
+def experiment_spec(cfg: ExperimentConfig, dim: int, classes: list[str]) -> ModelSpec:
+    """The global model of this experiment, with every param spelled out."""
+    return ModelSpec(cfg.model.name, dim, len(classes), full_params(cfg.model.name, cfg.model.params))
+
+
+def full_params(model: str, params: Any) -> dict[str, Any]:
+    """``params`` with defaults filled in, so two spellings of one model compare equal."""
+    from micromil_core.models.registry import params_from_dict, params_to_dict
+
+    return params_to_dict(params_from_dict(model, dict(params)))
+
+
+def starting_weights(cfg: ExperimentConfig, spec: ModelSpec, classes: list[str]) -> dict[str, torch.Tensor]:
+    """Round 1's global weights: ``federation.initial_model`` if set, else the seeded init.
+
+    The file must hold the same model (name, params, input dim) and the same classes in the
+    same order, or the first round would silently train a different network.
+    """
+    path = cfg.federation.initial_model
+    if not path:
+        return initial_model_state(spec, cfg.train.seed)
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise ConfigError(f"federation.initial_model: {exc}") from None
+    theirs = (ckpt.model_name, ckpt.in_dim, full_params(ckpt.model_name, ckpt.params), list(ckpt.classes))
+    ours = (spec.name, spec.in_dim, dict(spec.params), list(classes))
+    for what, a, b in zip(("model", "feature dim", "model params", "classes"), theirs, ours, strict=True):
+        if a != b:
+            raise ConfigError(
+                f"federation.initial_model {path}: its {what} {a!r} differ from this "
+                f"federation's {b!r}; train the starting model with the same model "
+                "section and classes, or remove federation.initial_model"
+            )
+    log.info("round 1 starts from %s", path)
+    return {k: v.detach().clone() for k, v in ckpt.state_dict.items()}
+
+
 def initial_model_state(spec: ModelSpec, seed: int) -> dict[str, torch.Tensor]:
     """Seeded initial weights. Data-dependent init uses N(0, I) samples in the
     standardised feature space: no site's data is needed (or sent) to start."""
@@ -471,11 +509,9 @@ def run_federation(
         "sites: train %s; held out %s; classes %s; feature dim %d",
         [s.name for s in train_sites], [s.name for s in holdout], classes, dim,
     )
-    from micromil_core.models.registry import params_from_dict, params_to_dict
     from server.secure_aggregation import secure_train_step  # imports this module
 
-    params = params_to_dict(params_from_dict(cfg.model.name, dict(cfg.model.params)))
-    spec = ModelSpec(cfg.model.name, dim, len(classes), params)
+    spec = experiment_spec(cfg, dim, classes)
     scaler_mode = choose_scaler_mode(cfg, train_sites)
     scaler = global_scaler(sites, dim) if scaler_mode == "global" else None
     settings = RoundSettings(cfg, classes, spec, scaler, site_scaler=scaler_mode == "site")
@@ -487,7 +523,7 @@ def run_federation(
     state_path, strategy_path = out / STATE_FILE, out / STRATEGY_FILE
     state = _load_state(state_path, cfg, spec) if resume else None
     if state is None:
-        init = initial_model_state(spec, cfg.train.seed)
+        init = starting_weights(cfg, spec, classes)
         state = RunState(0, init, [], 0, init, math.inf)
     else:
         load_strategy_state(strategy, strategy_path)
