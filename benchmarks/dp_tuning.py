@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--init-from", metavar="MODEL_PT",
                     help="start from this checkpoint's weights (e.g. trained on public data) "
                     "instead of the seeded data-free init")
+    ap.add_argument("--freeze", action="append", default=[], metavar="PREFIX",
+                    help="keep parameters whose name starts with PREFIX fixed (e.g. proj, dce)")
     ap.add_argument("--scaler", choices=("site", "global"), default="site",
                     help="site: each site standardises with its own moments (what DP sites do); "
                     "global: pooled moments of all training sites (what a non-DP federation shares)")
@@ -89,6 +91,9 @@ def main() -> None:
     else:
         model = spec.build(initial_model_state(spec, args.seed))  # the server's data-free init
 
+    for name, p in model.named_parameters():
+        if name.startswith(tuple(args.freeze)):
+            p.requires_grad_(False)
     privacy = LocalPrivacyConfig(
         mode="dp-sgd", target_epsilon=args.epsilon, delta=args.delta,
         max_grad_norm=args.max_grad_norm, sample_rate=args.sample_rate,
@@ -96,11 +101,12 @@ def main() -> None:
     steps = steps_per_epoch(args.sample_rate) * args.epochs
     sigma = 0.0 if args.no_dp else calibrate_noise(privacy, args.sample_rate, steps * args.rounds)
     plan = DPPlan(sigma, args.sample_rate, 1e6 if args.no_dp else args.max_grad_norm)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(json.dumps({"parameters": n_params, "noise_multiplier": sigma, "steps_per_round": steps}))
     weights = np.array([len(train) for train, _ in parts], dtype=float)
     weights /= weights.sum()
     val = [b for _, v in parts for b in v]
+    frozen_start = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     averages: dict[float, torch.nn.Module] = {}
     y, probs = predict_bags(model, val, device, batch_size=64)
     print(json.dumps({"round": 0, "train_sites_val_auc": round(roc_auc(y, probs), 4)}), flush=True)
@@ -128,6 +134,9 @@ def main() -> None:
             })
             y, probs = predict_bags(avg, val, device, batch_size=64)
             row[f"ema{decay:g}_val_auc"] = round(roc_auc(y, probs), 4)
+        if frozen_start:  # check that frozen really means unchanged
+            params = dict(model.named_parameters())
+            row["frozen_max_change"] = max(float((params[n] - v).abs().max()) for n, v in frozen_start.items())
         print(json.dumps(row), flush=True)
 
 

@@ -258,7 +258,6 @@ class TransLayer(nn.Module):
     def __init__(self, dim: int, params: TransMILParams) -> None:
         super().__init__()
         self.params = params
-        self.n_heads = params.n_heads
         self.norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.out = nn.Linear(dim, dim)
@@ -314,8 +313,9 @@ class TransLayer(nn.Module):
 
     def forward(self, t: Tensor, key_mask: Tensor) -> tuple[Tensor, Tensor]:
         b, n_tok, dim = t.shape
-        head_dim = dim // self.n_heads
-        qkv = self.qkv(self.norm(t)).view(b, n_tok, 3, self.n_heads, head_dim)  # (B, T, 3, H, d)
+        heads = self.params.n_heads
+        head_dim = dim // heads
+        qkv = self.qkv(self.norm(t)).view(b, n_tok, 3, heads, head_dim)  # (B, T, 3, H, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, T, d) each
         nystrom = self.uses_nystrom(key_mask.sum(dim=1))  # (B,)
         mixed, row0 = self._attend(q * head_dim**-0.5, k, v, key_mask, nystrom)  # (B, H, T, d)
