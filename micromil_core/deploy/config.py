@@ -154,7 +154,24 @@ def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
     )
     if not cfg.experiment.is_file():
         raise ConfigError(f"{path}: experiment file {cfg.experiment} not found")
+    _check_initial_model(cfg.experiment)
     return cfg
+
+
+def _check_initial_model(experiment: Path) -> None:
+    """A starting model must be an absolute path that exists: Flower runs the coordinator's
+    round loop in its own process and folder, where a relative path means something else."""
+    value = (load_yaml(experiment).get("federation") or {}).get("initial_model") or ""
+    if not value:
+        return
+    if not Path(value).is_absolute():
+        raise ConfigError(
+            f"{experiment}: federation.initial_model {value!r} must be an absolute path in a "
+            f"deployment (the server process does not run in this folder), e.g. "
+            f"{(experiment.parent / value).resolve()}"
+        )
+    if not Path(value).is_file():
+        raise ConfigError(f"{experiment}: federation.initial_model {value} not found on the coordinator")
 
 
 def load_site_config(path: str | Path) -> SiteDeployConfig:

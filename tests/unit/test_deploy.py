@@ -103,6 +103,21 @@ def test_coordinator_config_resolves_paths_and_names_errors(tmp_path):
         load_coordinator_config(path)
 
 
+def test_coordinator_needs_an_absolute_existing_initial_model(tmp_path):
+    # The ServerApp runs in Flower's own process and folder: a relative path would be
+    # read from somewhere else, so the coordinator refuses it before starting anything.
+    path = _coordinator_yaml(tmp_path)
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("model: {name: abmil}\nfederation: {initial_model: public/model.pt}\n")
+    with pytest.raises(ConfigError, match=r"must be an absolute path .* e\.g\. .*public/model\.pt"):
+        load_coordinator_config(path)
+    exp.write_text(f"model: {{name: abmil}}\nfederation: {{initial_model: {tmp_path / 'none.pt'}}}\n")
+    with pytest.raises(ConfigError, match="none.pt not found on the coordinator"):
+        load_coordinator_config(path)
+    (tmp_path / "none.pt").write_bytes(b"x")  # contents are checked when the run starts
+    assert load_coordinator_config(path).experiment == exp
+
+
 def test_superlink_command_secure_by_default(tmp_path, pki):
     cfg_path = _coordinator_yaml(tmp_path, superlink={
         "port": 9555, "ca_cert": str(pki / "coordinator/ca.pem"),
