@@ -295,6 +295,14 @@ def starting_weights(cfg: ExperimentConfig, spec: ModelSpec, classes: list[str])
                 f"federation's {b!r}; train the starting model with the same model "
                 "section and classes, or remove federation.initial_model"
             )
+    expected = {k: tuple(v.shape) for k, v in spec.build().state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in ckpt.state_dict.items()}
+    if found != expected:
+        odd = sorted(set(found.items()) ^ set(expected.items()))[:4]
+        raise ConfigError(
+            f"federation.initial_model {path}: its weights do not fit this model "
+            f"(first differences: {odd}); re-save it from a run of this model"
+        )
     log.info("round 1 starts from %s", path)
     return {k: v.detach().clone() for k, v in ckpt.state_dict.items()}
 

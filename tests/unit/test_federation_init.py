@@ -6,7 +6,7 @@ import torch
 
 from micromil_core.config import build_config
 from micromil_core.errors import ConfigError
-from micromil_core.training.checkpoint import Checkpoint, save_checkpoint
+from micromil_core.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from server.federation import experiment_spec, initial_model_state, starting_weights
 
 CLASSES = ["negative", "positive"]
@@ -68,4 +68,15 @@ def test_a_different_model_or_class_order_is_refused(tmp_path, saved, needle) ->
 def test_a_missing_file_names_the_key(tmp_path) -> None:
     cfg = _cfg(str(tmp_path / "nope.pt"))
     with pytest.raises(ConfigError, match=r"federation.initial_model: .*nope.pt not found"):
+        starting_weights(cfg, experiment_spec(cfg, 6, CLASSES), CLASSES)
+
+
+def test_weights_that_do_not_fit_are_refused(tmp_path) -> None:
+    path = tmp_path / "odd.pt"
+    _save(path)
+    ckpt = load_checkpoint(path)
+    ckpt.state_dict["head.weight"] = torch.zeros(3, 3)  # same params, damaged weights
+    save_checkpoint(ckpt, path)
+    cfg = _cfg(str(path))
+    with pytest.raises(ConfigError, match="do not fit this model.*head.weight"):
         starting_weights(cfg, experiment_spec(cfg, 6, CLASSES), CLASSES)
