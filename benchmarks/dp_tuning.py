@@ -125,11 +125,12 @@ def main() -> None:
         })
         y, probs = predict_bags(model, val, device, batch_size=64)
         row = {"round": r + 1, "train_sites_val_auc": round(roc_auc(y, probs), 4)}
+        current = model.state_dict()
         for decay in args.ema:
             avg = averages.setdefault(decay, copy.deepcopy(model))
             avg.load_state_dict({
-                k: (decay * v.float() + (1 - decay) * model.state_dict()[k].float()).to(v.dtype)
-                if v.is_floating_point() else model.state_dict()[k]
+                k: (decay * v.float() + (1 - decay) * current[k].float()).to(v.dtype)
+                if v.is_floating_point() else current[k]
                 for k, v in avg.state_dict().items()
             })
             y, probs = predict_bags(avg, val, device, batch_size=64)

@@ -47,8 +47,9 @@ def site_patients(root: Path) -> dict[str, tuple[Path, str]]:
     out = {}
     for site in read_sites_yaml(root).sites:
         folder = root / site.path
-        for rec in csv.DictReader(open(folder / "patients.csv")):
-            out[rec["patient_id"]] = (folder, rec["label"])
+        with open(folder / "patients.csv", newline="") as f:
+            for rec in csv.DictReader(f):
+                out[rec["patient_id"]] = (folder, rec["label"])
     return out
 
 
@@ -62,7 +63,8 @@ def main() -> None:
     args = ap.parse_args()
 
     task = read_sites_yaml(args.private_root).dataset.split(":", 1)[1]
-    rows = list(csv.reader(open(package_csv(task))))[1:]
+    with open(package_csv(task), newline="") as f:
+        rows = list(csv.reader(f))[1:]
 
     def images(row: int) -> set[int]:
         return {int(v) for v in rows[row][1:] if int(v) >= 0}  # -1 pads short bags

@@ -263,14 +263,9 @@ def choose_scaler_mode(cfg: ExperimentConfig, train_sites: list[SiteInfo]) -> st
 
 def experiment_spec(cfg: ExperimentConfig, dim: int, classes: list[str]) -> ModelSpec:
     """The global model of this experiment, with every param spelled out."""
+    from micromil_core.models.registry import full_params
+
     return ModelSpec(cfg.model.name, dim, len(classes), full_params(cfg.model.name, cfg.model.params))
-
-
-def full_params(model: str, params: Any) -> dict[str, Any]:
-    """``params`` with defaults filled in, so two spellings of one model compare equal."""
-    from micromil_core.models.registry import params_from_dict, params_to_dict
-
-    return params_to_dict(params_from_dict(model, dict(params)))
 
 
 def starting_weights(cfg: ExperimentConfig, spec: ModelSpec, classes: list[str]) -> dict[str, torch.Tensor]:
@@ -282,6 +277,8 @@ def starting_weights(cfg: ExperimentConfig, spec: ModelSpec, classes: list[str])
     path = cfg.federation.initial_model
     if not path:
         return initial_model_state(spec, cfg.train.seed)
+    from micromil_core.models.registry import full_params
+
     try:
         ckpt = load_checkpoint(path)
     except CheckpointError as exc:

@@ -45,10 +45,9 @@ from micromil_core.models.registry import (
     check_choice,
     check_float,
     check_int,
+    full_params,
     model_class,
     model_names,
-    params_from_dict,
-    params_to_dict,
     register_model,
 )
 
@@ -117,7 +116,7 @@ class MHIMParams:
                 f"{self.base!r} params, e.g. {{dropout: 0.25}}"
             )
         try:
-            full = params_to_dict(params_from_dict(self.base, self.base_params))
+            full = full_params(self.base, self.base_params)
         except ConfigError as exc:
             raise ConfigError(f"model {NAME!r}: base_params of base {self.base!r}: {exc}") from None
         object.__setattr__(self, "base_params", full)  # frozen: normalise once, here

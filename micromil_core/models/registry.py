@@ -97,6 +97,12 @@ def params_to_dict(params: Any) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
+def full_params(name: str, values: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``values`` validated and with every default filled in, as a plain dict: two
+    spellings of the same model's params then compare equal."""
+    return params_to_dict(params_from_dict(name, values))
+
+
 def params_from_dict(name: str, values: Mapping[str, Any] | None = None) -> Any:
     """Build model ``name``'s params dataclass from a (possibly partial) dict.
 
