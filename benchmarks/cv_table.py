@@ -103,6 +103,35 @@ def long_table(by: dict, datasets: list[str], models: list[str]) -> list[str]:
     return lines
 
 
+def paired_table(rows: list[dict], datasets: list[str], pairs: list[str], folds: int) -> list[str]:
+    """Per-fold AUC differences of each BASE:OTHER pair on the same folds, with the
+    corrected resampled t-test: a difference is only a finding when p is small."""
+    import numpy as np
+
+    from micromil_core.training.metrics import corrected_paired_ttest
+
+    lines = [
+        "| dataset | comparison | AUC difference (mean over folds) | corrected SE | p | repeats where it is higher |",
+        "|---|---|---|---|---|---|",
+    ]
+    for pair in pairs:
+        base, other = pair.split(":")
+        for d in datasets:
+            runs = {m: {r["seed"]: r for r in rows if r["dataset"] == d and r["model"] == m and "error" not in r}
+                    for m in (base, other)}
+            seeds = sorted(set(runs[base]) & set(runs[other]))
+            if not seeds:
+                lines.append(f"| {d} | {other} - {base} | failed | | | |")
+                continue
+            diffs = np.array([b["auc"] - a["auc"] for s in seeds
+                              for a, b in zip(runs[base][s]["per_fold"], runs[other][s]["per_fold"], strict=True)])
+            test = corrected_paired_ttest(diffs, test_train_ratio=1.0 / (folds - 1))
+            higher = sum(runs[other][s]["auc_mean"] > runs[base][s]["auc_mean"] for s in seeds)
+            lines.append(f"| {d} | {other} - {base} | {test['mean']:+.3f} | {test['se']:.3f} | "
+                         f"{test['p']:.2f} | {higher}/{len(seeds)} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", nargs="+", default=["musk1", "musk2", "ucsb-breast"])
@@ -119,7 +148,13 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="suffix of the run folders of this variant")
     ap.add_argument("--resume", action="store_true",
                     help="reuse runs that already wrote metrics.json under --work")
+    ap.add_argument("--compare", action="append", default=[], metavar="BASE:OTHER",
+                    help="add a paired test of OTHER against BASE (both in --models), "
+                         "e.g. abmil:mhim-abmil")
     args = ap.parse_args()
+    for pair in args.compare:
+        if pair.count(":") != 1 or not set(pair.split(":")) <= set(args.models):
+            ap.error(f"--compare {pair!r}: expected BASE:OTHER with both in --models {args.models}")
 
     from micromil_core.data.datasets import prepare_dataset
 
@@ -151,6 +186,15 @@ def main() -> None:
         "",
     ]
     lines += (wide_table if len(args.models) <= 2 else long_table)(by, args.datasets, args.models)
+    if args.compare:
+        lines += [
+            "",
+            "Paired on the same folds: the AUC difference per fold, and the corrected resampled",
+            "t-test (Nadeau and Bengio 2003; n_test/n_train = 1/(folds-1)), which accounts for",
+            "the training data that repeats and folds share.",
+            "",
+            *paired_table(rows, args.datasets, args.compare, args.folds),
+        ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     combined = {f"{d}/{m}": v for (d, m), v in by.items()}

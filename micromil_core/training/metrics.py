@@ -127,3 +127,29 @@ def summarize_folds(per_fold: list[dict[str, float]]) -> dict[str, float]:
         out[f"{key}_std"] = float(finite.std(ddof=0)) if finite.size else math.nan
     out["folds"] = len(per_fold)
     return out
+
+
+def corrected_paired_ttest(differences: np.ndarray, test_train_ratio: float) -> dict[str, float]:
+    """Is model B better than model A over repeated k-fold CV on the same folds?
+
+    ``differences`` holds B - A per fold (all repeats; NaN folds are dropped). Folds of
+    repeated CV share most of their training data, so the plain paired t-test's standard
+    error is far too small; Nadeau and Bengio's correction (Machine Learning 52, 2003)
+    inflates the variance by ``test_train_ratio`` (n_test / n_train, 1/(k-1) for k folds),
+    which no number of repeats can shrink. ``test_train_ratio=0`` is the plain test.
+    """
+    from scipy import stats
+
+    d = np.asarray(differences, dtype=float)
+    d = d[np.isfinite(d)]
+    n = d.size
+    if n < 2:
+        raise ValueError(f"a paired test needs at least 2 finite differences, got {n}")
+    mean = float(d.mean())
+    se = math.sqrt((1.0 / n + test_train_ratio) * float(d.var(ddof=1)))
+    if se == 0.0:
+        t, p = (0.0, 1.0) if mean == 0.0 else (math.copysign(math.inf, mean), 0.0)
+    else:
+        t = mean / se
+        p = float(2 * stats.t.sf(abs(t), df=n - 1))
+    return {"mean": mean, "se": se, "t": float(t), "p": p, "n": n}

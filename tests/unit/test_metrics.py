@@ -45,3 +45,28 @@ def test_summarize_folds_ignores_nan():
     assert s["auc_mean"] == pytest.approx(0.75)
     assert s["accuracy_mean"] == pytest.approx(2.5 / 3)
     assert s["folds"] == 3
+
+
+def test_corrected_ttest_reduces_to_the_plain_paired_test() -> None:
+    from scipy import stats
+
+    from micromil_core.training.metrics import corrected_paired_ttest
+
+    d = np.random.default_rng(0).normal(0.02, 0.05, size=30)
+    plain = corrected_paired_ttest(d, test_train_ratio=0.0)
+    ref = stats.ttest_1samp(d, 0.0)
+    assert plain["t"] == pytest.approx(ref.statistic)
+    assert plain["p"] == pytest.approx(ref.pvalue)
+
+
+def test_corrected_ttest_inflates_the_variance_by_the_test_train_ratio() -> None:
+    from micromil_core.training.metrics import corrected_paired_ttest
+
+    d = np.array([0.1, 0.2, 0.3, 0.0, math.nan])  # the NaN fold is dropped
+    out = corrected_paired_ttest(d, test_train_ratio=0.25)
+    # mean 0.15, sample variance 0.05 / 3, se = sqrt((1/4 + 1/4) * 0.05 / 3)
+    assert out["n"] == 4 and out["mean"] == pytest.approx(0.15)
+    assert out["se"] == pytest.approx(math.sqrt(0.5 * 0.05 / 3))
+    assert out["p"] > corrected_paired_ttest(d, 0.0)["p"]
+    with pytest.raises(ValueError, match="at least 2"):
+        corrected_paired_ttest(np.array([0.1, math.nan]), 0.1)
