@@ -67,6 +67,21 @@ def run_arm(key: str, epsilon: float | None, seed: int, data: Path, config: str,
     }
 
 
+def starting_model_row(key: str, data: Path, work: Path, args: argparse.Namespace) -> dict | None:
+    """With ``federation.initial_model`` set: the starting model on the held-out site,
+    before any round, so the table shows what the federation adds to it."""
+    start = [o.split("=", 1)[1] for o in args.overrides if o.startswith("federation.initial_model=")]
+    if not start:
+        return None
+    out = work / f"{key}{f'-{args.tag}' if args.tag else ''}-start"
+    if not (out / "metrics.json").is_file():
+        micromil("evaluate", "--model", start[-1], "--data-root", str(data), "--out", str(out))
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {"dataset": key, "epsilon_target": "start", "seed": "-", "auc": metrics["auc"],
+            "accuracy": metrics["accuracy"], "n": metrics["n"], "epsilon_spent_max": None,
+            "rounds": 0, "seconds": 0.0}
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -76,12 +91,16 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for key in dict.fromkeys(r["dataset"] for r in rows):
-        dp = sorted({r["epsilon_target"] for r in rows if r["dataset"] == key and r["epsilon_target"]})
+        dp = sorted({r["epsilon_target"] for r in rows
+                     if r["dataset"] == key and isinstance(r["epsilon_target"], float)})
         means = [np.mean([r["auc"] for r in rows if r["dataset"] == key and r["epsilon_target"] == e]) for e in dp]
         line = ax.plot(dp, means, marker="o", label=f"{key}: DP-SGD")[0]
         base = [r["auc"] for r in rows if r["dataset"] == key and r["epsilon_target"] is None]
         if base:
             ax.axhline(np.mean(base), ls="--", color=line.get_color(), label=f"{key}: no DP")
+        start = [r["auc"] for r in rows if r["dataset"] == key and r["epsilon_target"] == "start"]
+        if start:
+            ax.axhline(start[0], ls=":", color=line.get_color(), label=f"{key}: starting model")
     ax.set_xscale("log")
     ax.set_xlabel("epsilon per site (delta 1e-5, one patient = one unit)")
     ax.set_ylabel("held-out AUC")
@@ -114,6 +133,8 @@ def main() -> None:
             seeds = args.baseline_seeds if epsilon is None and args.baseline_seeds else args.seeds
             for seed in seeds:
                 rows.append(run_arm(key, epsilon, seed, data, config, work, args))
+        if start := starting_model_row(key, data, work, args):
+            rows.append(start)
     lines = [
         "# Privacy-utility: federated MicroMIL with local DP-SGD (per patient) on held-out sites",
         "",
@@ -136,11 +157,13 @@ def main() -> None:
         # Mean DP AUC minus mean non-DP AUC (the arms may have different seeds).
         gap = [r["auc"] - sum(b["auc"] for b in base) / len(base) for r in rs] if eps is not None and base else []
         spent = [r["epsilon_spent_max"] for r in rs if r["epsilon_spent_max"] is not None]
+        label = {None: "none", "start": "starting model, no rounds"}.get(eps) or f"{eps:g}"
         lines.append(
-            f"| {key} | {'none' if eps is None else f'{eps:g}'} | "
+            f"| {key} | {label} | "
             f"{f'{max(spent):.2f}' if spent else '-'} | {','.join(str(r['seed']) for r in rs)} | "
             f"{spread([r['auc'] for r in rs])} | {spread(gap) if gap else '-'} | "
-            f"{spread([r['accuracy'] for r in rs])} | {rs[0]['n']} | {spread([r['seconds'] for r in rs])} |"
+            f"{spread([r['accuracy'] for r in rs])} | {rs[0]['n']} | "
+            f"{spread([r['seconds'] for r in rs]) if rs[0]['rounds'] else '-'} |"
         )
     out = write_results(args.out, rows, lines)
     plot(rows, out.with_suffix(".png"))
