@@ -22,8 +22,13 @@ Choices:
   stays parameter-free. Berrada et al.'s code switches to the exact hinge when the top
   score leads by more than tau * log(1000); the log-sum-exp here is stable at any scale,
   so one formula serves (there the two differ by < 0.003 for tau = alpha = 1, C = 2).
-- Only the single-branch in-class term; the out-of-class term Lu et al. add for
-  subtyping (top-k of the other classes labelled 0) is left out.
+- ``subtyping: true`` (Lu et al.'s option for tasks of several disease subtypes) adds
+  the out-of-class term: the bag's top-k instances are also shown to every OTHER
+  class's classifier with pseudo-label 0, since the evidence for one subtype is
+  evidence against the rest. The bag's instance loss is then the in-class term plus the
+  C - 1 out-of-class terms, divided by C, as in Lu et al. Off by default: for a binary
+  task with a negative class it would teach the negative class's classifier that tumour
+  instances are "not negative", which Lu et al. do not do either.
 - The C per-class instance classifiers (each Linear(L, 2)) are one Linear(L, 2C) whose
   rows for the bag's true class are picked afterwards: the same maps, one layer call, so
   Opacus can compute per-bag gradients.
@@ -61,6 +66,8 @@ class CLAMParams:
     svm_tau >= 1e-3 because below that the loss is the hinge in all but name and its
     gradient is a sparse subgradient. svm_alpha = 0 is allowed: with tau = 1 and two
     pseudo-classes it is then exactly cross-entropy.
+
+    subtyping adds the out-of-class term of Lu et al. for subtype tasks (module docstring).
     """
 
     embed_dim: int = 256
@@ -71,6 +78,7 @@ class CLAMParams:
     instance_loss: str = "svm"
     svm_tau: float = 1.0
     svm_alpha: float = 1.0
+    subtyping: bool = False
 
     def __post_init__(self) -> None:
         check_int("clam-sb", "embed_dim", self.embed_dim, 1)
@@ -167,27 +175,42 @@ class CLAMSB(MILModel):
         return self._attend(x, mask)[0].logits
 
     def instance_loss(self, h: Tensor, attention: Tensor, mask: Tensor, target: Tensor) -> Tensor:
-        """Clustering loss (smooth SVM or CE) of the true class's instance classifier.
+        """Clustering loss (smooth SVM or CE) of the true class's instance classifier, plus
+        the other classes' out-of-class terms with ``subtyping``.
 
-        Mean over each bag's valid selected instances, then mean over ALL bags of the batch.
+        Each term is a mean over the bag's valid selected instances; the bag's loss is the
+        in-class term (or, with subtyping, the mean over all C classifiers' terms); the
+        result is the mean over ALL bags of the batch.
 
         Shapes: h (B, N, L), attention (B, N), mask (B, N), target (B,) -> scalar
         """
         b, n, _ = h.shape
+        c = self.n_classes
         index, pseudo, valid = clustering_targets(attention.detach(), mask, self.params.k_sample)
-        logits = self.instance_head(h).view(b, n, self.n_classes, 2)  # (B, N, C, 2)
-        own = target[:, None, None, None].expand(-1, n, 1, 2)  # (B, N, 1, 2)
-        logits = logits.gather(2, own).squeeze(2)  # (B, N, 2): the true class's classifier
-        picked = logits.gather(1, index.unsqueeze(-1).expand(-1, -1, 2))  # (B, 2K, 2)
-        picked, pseudo = picked.flatten(0, 1), pseudo.flatten()  # (B*2K, 2), (B*2K,)
+        logits = self.instance_head(h).view(b, n, c, 2)  # (B, N, C, 2)
+        picked = logits.gather(1, index[:, :, None, None].expand(-1, -1, c, 2))  # (B, 2K, C, 2)
+        own = target[:, None, None, None].expand(-1, index.shape[1], 1, 2)  # (B, 2K, 1, 2)
+        in_class = self._pseudo_label_loss(picked.gather(2, own).squeeze(2), pseudo)  # (B, 2K)
+        per_bag = (in_class * valid).sum(dim=1) / valid.sum(dim=1).clamp_min(1)  # (B,)
+        if self.params.subtyping and c > 1:
+            k = index.shape[1] // 2
+            top, top_valid = picked[:, :k], valid[:, :k]  # (B, K, C, 2), (B, K)
+            out = self._pseudo_label_loss(top.flatten(1, 2), torch.zeros_like(pseudo[:, :1]).expand(-1, k * c))
+            out = (out.view(b, k, c) * top_valid[:, :, None]).sum(dim=1)  # (B, C)
+            out = out / top_valid.sum(dim=1, keepdim=True).clamp_min(1)  # (B, C): per class
+            others = torch.ones_like(out).scatter(1, target[:, None], 0.0)  # (B, C): c != y
+            per_bag = (per_bag + (out * others).sum(dim=1)) / c
+        return per_bag.mean()
+
+    def _pseudo_label_loss(self, logits: Tensor, pseudo: Tensor) -> Tensor:
+        """Per-instance clustering loss. Shapes: logits (B, M, 2), pseudo (B, M) -> (B, M)"""
+        flat, labels = logits.flatten(0, 1), pseudo.flatten()
         p = self.params
         if p.instance_loss == "svm":
-            each = smooth_top1_svm(picked, pseudo, p.svm_tau, p.svm_alpha)  # (B*2K,)
+            each = smooth_top1_svm(flat, labels, p.svm_tau, p.svm_alpha)
         else:
-            each = F.cross_entropy(picked, pseudo, reduction="none")  # (B*2K,)
-        each = each.view(b, -1) * valid  # (B, 2K): invalid slots of small bags count 0
-        per_bag = each.sum(dim=1) / valid.sum(dim=1).clamp_min(1)  # (B,)
-        return per_bag.mean()
+            each = F.cross_entropy(flat, labels, reduction="none")
+        return each.view(pseudo.shape)
 
     def loss(
         self,

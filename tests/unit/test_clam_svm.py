@@ -196,3 +196,47 @@ def test_eval_is_deterministic_and_independent_of_the_instance_loss() -> None:
     rebuilt = build_model(**cfg)
     rebuilt.load_state_dict(svm.state_dict())
     torch.testing.assert_close(rebuilt.eval().predict(x, mask).probs, first.probs)
+
+
+# --- subtyping: the out-of-class term ------------------------------------------------------
+
+
+def subtype_model(**extra) -> CLAMSB:
+    torch.manual_seed(0)
+    return build_model("clam-sb", D, 3, {**SMALL, "dropout": 0.0, "instance_loss": "ce", **extra})
+
+
+def test_subtyping_adds_the_other_classes_out_of_class_terms_by_hand() -> None:
+    model = subtype_model(subtyping=True).train()
+    x, mask = ragged([6, 3])
+    y = torch.tensor([2, 0])
+    enc, h = model._attend(x, mask)
+    expected = []
+    for b, label in enumerate(y.tolist()):
+        n = int(mask[b].sum())
+        k = min(SMALL["k_sample"], n // 2)
+        order = torch.argsort(enc.scores[b, :n], descending=True, stable=True)
+        top, bottom = order[:k], order.flip(0)[:k]
+        logits = model.instance_head(h[b, :n]).view(n, 3, 2)  # (n, C, 2)
+        ones, zeros = torch.ones(k, dtype=torch.long), torch.zeros(k, dtype=torch.long)
+        in_class = F.cross_entropy(logits[torch.cat([top, bottom]), label],
+                                   torch.cat([ones, zeros]))
+        out_of_class = [F.cross_entropy(logits[top, c], zeros) for c in range(3) if c != label]
+        expected.append((in_class + sum(out_of_class)) / 3)
+    got = model.instance_loss(h, enc.scores, mask, y)
+    torch.testing.assert_close(got, torch.stack(expected).mean())
+    # Without subtyping only the in-class term counts, so the loss differs.
+    plain = subtype_model(subtyping=False)
+    plain.load_state_dict(model.state_dict())
+    assert not torch.isclose(plain.instance_loss(h, enc.scores, mask, y), got)
+
+
+def test_subtyping_keeps_one_gradient_per_bag() -> None:
+    assert_per_bag_gradients(lambda: subtype_model(subtyping=True), [5, 1, 7], torch.tensor([0, 2, 1]))
+
+
+def test_subtyping_from_cli_strings_and_bad_values() -> None:
+    assert params_from_dict("clam-sb", {"subtyping": "true"}).subtyping is True
+    assert params_from_dict("clam-sb").subtyping is False
+    with pytest.raises(ConfigError, match="subtyping"):
+        build_model("clam-sb", D, 3, {"subtyping": "maybe"})
