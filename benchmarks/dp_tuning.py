@@ -69,6 +69,9 @@ def main() -> None:
     ap.add_argument("--scaler", choices=("site", "global"), default="site",
                     help="site: each site standardises with its own moments (what DP sites do); "
                     "global: pooled moments of all training sites (what a non-DP federation shares)")
+    ap.add_argument("--weighting", choices=("patients", "noise"), default="patients",
+                    help="patients: FedAvg weights by patient count; noise: by the inverse "
+                    "variance of each site's DP noise, (q n / sigma)^2 (post-processing)")
     ap.add_argument("--noise-seed", type=int, default=0,
                     help="seeds the Poisson sampling and DP noise, independently of --seed")
     args = ap.parse_args()
@@ -104,6 +107,8 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(json.dumps({"parameters": n_params, "noise_multiplier": sigma, "steps_per_round": steps}))
     weights = np.array([len(train) for train, _ in parts], dtype=float)
+    if args.weighting == "noise":  # same q and sigma at every site here: (q n / sigma)^2 ~ n^2
+        weights = weights ** 2
     weights /= weights.sum()
     val = [b for _, v in parts for b in v]
     frozen_start = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
