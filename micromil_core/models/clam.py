@@ -26,9 +26,9 @@ Choices:
   the out-of-class term: the bag's top-k instances are also shown to every OTHER
   class's classifier with pseudo-label 0, since the evidence for one subtype is
   evidence against the rest. The bag's instance loss is then the in-class term plus the
-  C - 1 out-of-class terms, divided by C, as in Lu et al. Off by default: for a binary
-  task with a negative class it would teach the negative class's classifier that tumour
-  instances are "not negative", which Lu et al. do not do either.
+  C - 1 out-of-class terms, divided by C, as in Lu et al. Off by default, as Lu et al.
+  have it for tumour-vs-normal tasks: normal tissue also appears in tumour bags, so there
+  the classes do not exclude each other instance by instance.
 - The C per-class instance classifiers (each Linear(L, 2)) are one Linear(L, 2C) whose
   rows for the bag's true class are picked afterwards: the same maps, one layer call, so
   Opacus can compute per-bag gradients.
@@ -195,7 +195,7 @@ class CLAMSB(MILModel):
         if self.params.subtyping and c > 1:
             k = index.shape[1] // 2
             top, top_valid = picked[:, :k], valid[:, :k]  # (B, K, C, 2), (B, K)
-            out = self._pseudo_label_loss(top.flatten(1, 2), torch.zeros_like(pseudo[:, :1]).expand(-1, k * c))
+            out = self._pseudo_label_loss(top.flatten(1, 2), pseudo.new_zeros(b, k * c))  # (B, K*C)
             out = (out.view(b, k, c) * top_valid[:, :, None]).sum(dim=1)  # (B, C)
             out = out / top_valid.sum(dim=1, keepdim=True).clamp_min(1)  # (B, C): per class
             others = torch.ones_like(out).scatter(1, target[:, None], 0.0)  # (B, C): c != y
