@@ -32,6 +32,7 @@ from micromil_core.federated import wire
 from micromil_core.federated.messages import RoundSettings
 from micromil_core.federated.site_task import ModelSpec
 from micromil_core.io import torch_save_atomic, write_json_atomic
+from micromil_core.models.registry import full_params, params_from_dict
 from micromil_core.privacy.report import budget_stops
 from micromil_core.runtime import seed_everything
 from micromil_core.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -208,8 +209,6 @@ def check_fine_classes(cfg: ExperimentConfig) -> None:
     sees a label, so it cannot derive fine_to_coarse as local training does."""
     if cfg.model.name != "hmil":
         return
-    from micromil_core.models.registry import params_from_dict
-
     mapping = params_from_dict("hmil", dict(cfg.model.params)).fine_to_coarse
     fine = cfg.data.fine_classes
     if not fine or not mapping:
@@ -263,8 +262,6 @@ def choose_scaler_mode(cfg: ExperimentConfig, train_sites: list[SiteInfo]) -> st
 
 def experiment_spec(cfg: ExperimentConfig, dim: int, classes: list[str]) -> ModelSpec:
     """The global model of this experiment, with every param spelled out."""
-    from micromil_core.models.registry import full_params
-
     return ModelSpec(cfg.model.name, dim, len(classes), full_params(cfg.model.name, cfg.model.params))
 
 
@@ -277,8 +274,6 @@ def starting_weights(cfg: ExperimentConfig, spec: ModelSpec, classes: list[str])
     path = cfg.federation.initial_model
     if not path:
         return initial_model_state(spec, cfg.train.seed)
-    from micromil_core.models.registry import full_params
-
     try:
         ckpt = load_checkpoint(path)
     except CheckpointError as exc:
