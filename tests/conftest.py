@@ -69,27 +69,47 @@ def ragged_batch(lengths: list[int], seed: int = 0, pad_to: int | None = None, d
 
 
 def assert_per_bag_gradients(build, lengths: list[int], y: torch.Tensor, seed: int = 0) -> None:
-    """Opacus's per-bag gradients of a model's FULL loss equal each bag's gradient alone.
+    """Opacus's per-bag gradients of a model's FULL loss equal each bag's gradient alone,
+    on a padded batch of random bags with ``lengths`` instances (see ``ragged_batch``).
 
-    ``build()`` returns a fresh model of the same layout (wrapped for DP if needed). With
-    ``loss_reduction="mean"`` (as dp_sgd uses it) grad_sample[i] is bag i's own gradient,
-    so any padding or batch coupling that leaks between bags makes this fail.
+    ``build()`` returns a fresh model of the same layout (wrapped for DP if needed).
     """
+    x, mask = ragged_batch(lengths, seed=seed)
+    _assert_grad_samples(
+        build, len(lengths),
+        lambda model: model.loss(x, mask, y)[0],
+        lambda model, i: model.loss(x[i : i + 1, : lengths[i]], mask[i : i + 1, : lengths[i]], y[i : i + 1])[0],
+    )
+
+
+def assert_per_bag_gradients_of_bags(build, bags: list) -> None:
+    """The same check through ``loss_batch`` on ``Bag`` objects, for models that need more
+    than features and mask (e.g. MRAN's scale index per instance)."""
+    from micromil_core.data.bag import collate_bags
+
+    _assert_grad_samples(
+        build, len(bags),
+        lambda model: model.loss_batch(collate_bags(bags))[0],
+        lambda model, i: model.loss_batch(collate_bags([bags[i]]))[0],
+    )
+
+
+def _assert_grad_samples(build, n_bags: int, batch_loss, bag_loss) -> None:
+    """With ``loss_reduction="mean"`` (as dp_sgd uses it) grad_sample[i] is bag i's own
+    gradient, so any padding or batch coupling that leaks between bags makes this fail."""
     import warnings
 
     opacus = pytest.importorskip("opacus")
     model = build().train()
     gsm = opacus.GradSampleModule(model, loss_reduction="mean")
-    x, mask = ragged_batch(lengths, seed=seed)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Full backward hook")
-        loss, _ = gsm._module.loss(x, mask, y)  # GradSampleModule does not forward .loss
-        loss.backward()
-    for i, n in enumerate(lengths):
+        batch_loss(gsm._module).backward()  # GradSampleModule does not forward .loss
+    for i in range(n_bags):
         alone = build().train()
         alone.load_state_dict(model.state_dict())
-        alone.loss(x[i : i + 1, :n], mask[i : i + 1, :n], y[i : i + 1])[0].backward()
+        bag_loss(alone, i).backward()
         for name, p in alone.named_parameters():
             sample = model.get_parameter(name).grad_sample
-            assert sample.shape[0] == len(lengths), name
+            assert sample.shape[0] == n_bags, name
             torch.testing.assert_close(sample[i], p.grad, atol=1e-5, rtol=1e-4)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from micromil_core.config import LocalPrivacyConfig, build_section, load_yaml
+from micromil_core.config import LocalPrivacyConfig, build_section, load_config, load_yaml
 from micromil_core.data.site import ROLES
 from micromil_core.errors import ConfigError
 
@@ -154,14 +154,15 @@ def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
     )
     if not cfg.experiment.is_file():
         raise ConfigError(f"{path}: experiment file {cfg.experiment} not found")
-    _check_initial_model(cfg.experiment)
+    # Parsed in full here, so a typo in the experiment stops `flower-server start` instead
+    # of surfacing later in the log of Flower's server process.
+    _check_initial_model(cfg.experiment, load_config(cfg.experiment).federation.initial_model)
     return cfg
 
 
-def _check_initial_model(experiment: Path) -> None:
+def _check_initial_model(experiment: Path, value: str) -> None:
     """A starting model must be an absolute path that exists: Flower runs the coordinator's
     round loop in its own process and folder, where a relative path means something else."""
-    value = (load_yaml(experiment).get("federation") or {}).get("initial_model") or ""
     if not value:
         return
     if not Path(value).is_absolute():

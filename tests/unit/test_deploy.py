@@ -101,6 +101,11 @@ def test_coordinator_config_resolves_paths_and_names_errors(tmp_path):
     path = _coordinator_yaml(tmp_path, experiment="missing.yaml")
     with pytest.raises(ConfigError, match="missing.yaml not found"):
         load_coordinator_config(path)
+    # The experiment itself is validated here, not first in Flower's server process.
+    path = _coordinator_yaml(tmp_path)
+    (tmp_path / "exp.yaml").write_text("model: {name: abmil}\ntrain: {lr: -1}\n")
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_coordinator_config(path)
 
 
 def test_coordinator_needs_an_absolute_existing_initial_model(tmp_path):

@@ -33,6 +33,7 @@ from micromil_core.encoders.extract import (
 from micromil_core.errors import ConfigError, FeatureError, ImageError
 from micromil_core.models import build_model
 from micromil_core.models.mran import MRAN
+from tests.conftest import assert_per_bag_gradients_of_bags
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 D, C = 6, 2
@@ -343,24 +344,8 @@ def test_loss_decreases_when_the_label_shows_at_scale_one_only() -> None:
     assert float(pred.extras["scale_attention"][:, 1].mean()) > 0.6
 
 
-@pytest.mark.filterwarnings("ignore:Full backward hook")
 def test_opacus_per_bag_gradients() -> None:
-    opacus = pytest.importorskip("opacus")
-    model = _mran().train()
-    gsm = opacus.GradSampleModule(model, loss_reduction="sum")
-    bags = _bags()
-    loss, _ = gsm._module.loss_batch(collate_bags(bags))
-    (loss * len(bags)).backward()  # every term is a mean over bags
-    for name, p in model.named_parameters():
-        assert p.grad_sample is not None and p.grad_sample.shape[0] == len(bags), name
-    for i, bag in enumerate(bags):
-        alone = _mran().train()
-        alone.load_state_dict(model.state_dict())
-        alone.loss_batch(collate_bags([bag]))[0].backward()
-        for name, p in alone.named_parameters():
-            torch.testing.assert_close(
-                model.get_parameter(name).grad_sample[i], p.grad, atol=1e-5, rtol=1e-4
-            )
+    assert_per_bag_gradients_of_bags(_mran, _bags())
 
 
 def test_config_crop_scales_and_scale_names_reach_training_runs(
