@@ -103,16 +103,19 @@ def long_table(by: dict, datasets: list[str], models: list[str]) -> list[str]:
     return lines
 
 
-def paired_table(rows: list[dict], datasets: list[str], pairs: list[str], folds: int) -> list[str]:
-    """Per-fold AUC differences of each BASE:OTHER pair on the same folds, with the
-    corrected resampled t-test: a difference is only a finding when p is small."""
+def paired_table(rows: list[dict], datasets: list[str], pairs: list[str], folds: int,
+                 metrics: tuple[str, ...] = ("accuracy", "auc")) -> list[str]:
+    """Per-fold differences of each BASE:OTHER pair on the same folds, with the corrected
+    resampled t-test and its 95% interval: a difference is only a finding when p is small,
+    and a target on the difference is only missed when the interval lies beyond it."""
     import numpy as np
 
     from micromil_core.training.metrics import corrected_paired_ttest
 
     lines = [
-        "| dataset | comparison | AUC difference (mean over folds) | corrected SE | p | repeats where it is higher |",
-        "|---|---|---|---|---|---|",
+        "| dataset | comparison | metric | difference (mean over folds) | corrected SE | 95% interval | p "
+        "| repeats where it is higher |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for pair in pairs:
         base, other = pair.split(":")
@@ -121,14 +124,15 @@ def paired_table(rows: list[dict], datasets: list[str], pairs: list[str], folds:
                     for m in (base, other)}
             seeds = sorted(set(runs[base]) & set(runs[other]))
             if not seeds:
-                lines.append(f"| {d} | {other} - {base} | failed | | | |")
+                lines.append(f"| {d} | {other} - {base} | | failed | | | | |")
                 continue
-            diffs = np.array([b["auc"] - a["auc"] for s in seeds
-                              for a, b in zip(runs[base][s]["per_fold"], runs[other][s]["per_fold"], strict=True)])
-            test = corrected_paired_ttest(diffs, test_train_ratio=1.0 / (folds - 1))
-            higher = sum(runs[other][s]["auc_mean"] > runs[base][s]["auc_mean"] for s in seeds)
-            lines.append(f"| {d} | {other} - {base} | {test['mean']:+.3f} | {test['se']:.3f} | "
-                         f"{test['p']:.2f} | {higher}/{len(seeds)} |")
+            for key in metrics:
+                diffs = np.array([b[key] - a[key] for s in seeds
+                                  for a, b in zip(runs[base][s]["per_fold"], runs[other][s]["per_fold"], strict=True)])
+                test = corrected_paired_ttest(diffs, test_train_ratio=1.0 / (folds - 1))
+                higher = sum(runs[other][s][f"{key}_mean"] > runs[base][s][f"{key}_mean"] for s in seeds)
+                lines.append(f"| {d} | {other} - {base} | {key} | {test['mean']:+.3f} | {test['se']:.3f} | "
+                             f"[{test['low']:+.3f}, {test['high']:+.3f}] | {test['p']:.2f} | {higher}/{len(seeds)} |")
     return lines
 
 
@@ -189,9 +193,9 @@ def main() -> None:
     if args.compare:
         lines += [
             "",
-            "Paired on the same folds: the AUC difference per fold, and the corrected resampled",
+            "Paired on the same folds: the difference per fold, and the corrected resampled",
             "t-test (Nadeau and Bengio 2003; n_test/n_train = 1/(folds-1)), which accounts for",
-            "the training data that repeats and folds share.",
+            "the training data that repeats and folds share; the interval is mean ± t(0.975) x SE.",
             "",
             *paired_table(rows, args.datasets, args.compare, args.folds),
         ]

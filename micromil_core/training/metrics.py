@@ -129,7 +129,9 @@ def summarize_folds(per_fold: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def corrected_paired_ttest(differences: np.ndarray, test_train_ratio: float) -> dict[str, float]:
+def corrected_paired_ttest(
+    differences: np.ndarray, test_train_ratio: float, confidence: float = 0.95
+) -> dict[str, float]:
     """Is model B better than model A over repeated k-fold CV on the same folds?
 
     ``differences`` holds B - A per fold (all repeats; NaN folds are dropped). Folds of
@@ -137,6 +139,7 @@ def corrected_paired_ttest(differences: np.ndarray, test_train_ratio: float) -> 
     error is far too small; Nadeau and Bengio's correction (Machine Learning 52, 2003)
     inflates the variance by ``test_train_ratio`` (n_test / n_train, 1/(k-1) for k folds),
     which no number of repeats can shrink. ``test_train_ratio=0`` is the plain test.
+    ``low``/``high`` bound the mean difference at ``confidence`` with the same SE.
     """
     from scipy import stats
 
@@ -152,4 +155,5 @@ def corrected_paired_ttest(differences: np.ndarray, test_train_ratio: float) -> 
     else:
         t = mean / se
         p = float(2 * stats.t.sf(abs(t), df=n - 1))
-    return {"mean": mean, "se": se, "t": float(t), "p": p, "n": n}
+    half = float(stats.t.ppf(0.5 + confidence / 2, df=n - 1)) * se
+    return {"mean": mean, "se": se, "t": float(t), "p": p, "n": n, "low": mean - half, "high": mean + half}

@@ -57,6 +57,8 @@ def test_corrected_ttest_reduces_to_the_plain_paired_test() -> None:
     ref = stats.ttest_1samp(d, 0.0)
     assert plain["t"] == pytest.approx(ref.statistic)
     assert plain["p"] == pytest.approx(ref.pvalue)
+    ci = ref.confidence_interval(0.95)  # scipy's interval for the same plain test
+    assert (plain["low"], plain["high"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
 
 
 def test_corrected_ttest_inflates_the_variance_by_the_test_train_ratio() -> None:
