@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     ds = sub.add_parser("datasets", help="bundled real datasets")
     ds_sub = ds.add_subparsers(dest="datasets_command", required=True)
     p = ds_sub.add_parser("prepare", help="write a real dataset in the site folder format")
-    p.add_argument("name", help="musk1, musk2, ucsb-breast, mil:<csv>, fashion-bags:<kind>/<task>")
+    p.add_argument("name", help="musk1, musk2, ucsb-breast, mil:<csv>, fashion-bags:<kind>/<task>, fashion-hier, fashion-sparse[:<class>]")
     p.add_argument("--out", required=True, help="data root to create")
     p.add_argument("--sites", type=int, default=1, help="training sites")
     p.add_argument("--holdout-sites", type=int, default=0, help="held-out sites (never train)")

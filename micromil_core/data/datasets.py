@@ -13,6 +13,10 @@ Sources (see ``/work/shared/DATASETS.md``):
   :func:`make_fashion_hier_bags`): each bag holds 1-3 images of one "finding" class among
   background images; the finding is the fine label, its group (top / footwear) the label.
   Written as PNGs like fashion-bags, with a ``fine_label`` column.
+* ``fashion-sparse[:<class>]``: slide-like bags built here from Fashion-MNIST (see
+  :func:`make_fashion_sparse_bags`): 40-80 images per bag; a positive bag holds 1-4 images of
+  the target class (default 3, dress, the target of ``fashion-bags:standard/3``), so the
+  witness rate is 1-10 %, as for small metastases in a lymph-node slide. Written as PNGs.
 
 Both packages are read directly: their own loaders import TensorFlow or download.
 
@@ -23,8 +27,8 @@ Labels: bag label 0/1 becomes the class name ``negative``/``positive``; ``sites.
 Split policy (the ``split`` column of each ``patients.csv``):
 
 * fashion-bags: the package's test bags get ``test``; of each site's training bags a
-  stratified ``val_fraction`` gets ``val``, the rest ``train``. Same for fashion-hier,
-  whose test bags are built from the t10k images only (stratified by fine label).
+  stratified ``val_fraction`` gets ``val``, the rest ``train``. Same for fashion-hier and
+  fashion-sparse, whose test bags are built from the t10k images only.
 * CSV datasets have no predefined test set. With a single site in total, no split column is
   written: the literature protocol is (repeated) 10-fold cross-validation, which makes its
   own folds. With several sites, each site is split locally and stratified into
@@ -79,6 +83,12 @@ HIER_DEFAULT_BAGS = 1200
 HIER_TEST_FRACTION = 0.25  # share of bags built from the t10k images
 HIER_FINDING_RANGE = (1, 3)  # finding images per bag (inclusive)
 HIER_BACKGROUND_RANGE = (3, 6)  # background images per bag (inclusive)
+SPARSE_NAME = "fashion-sparse"
+SPARSE_DEFAULT_TARGET = 3  # dress: the target class of fashion-bags:standard/3
+SPARSE_DEFAULT_BAGS = 500
+SPARSE_TEST_FRACTION = 0.2  # share of bags built from the t10k images
+SPARSE_BAG_SIZE = (40, 80)  # images per bag (inclusive)
+SPARSE_WITNESSES = (1, 4)  # target-class images per positive bag (inclusive)
 # Local test share of each site when a CSV dataset is split over several sites.
 CSV_TEST_FRACTION = 0.2
 
@@ -151,7 +161,7 @@ def fashion_tasks() -> list[str]:
 
 def list_datasets() -> list[str]:
     """Every dataset name ``prepare_dataset`` accepts on this machine."""
-    names = [*ALIASES, HIER_NAME]
+    names = [*ALIASES, HIER_NAME, SPARSE_NAME]
     try:
         names += [MIL_PREFIX + n for n in mil_csv_names()]
     except DatasetUnavailableError:
@@ -166,7 +176,8 @@ def list_datasets() -> list[str]:
 def _unknown_dataset(name: str) -> UnknownNameError:
     base = str(
         unknown_name(
-            "dataset", name, [*ALIASES, HIER_NAME, "mil:<csv-name>", "fashion-bags:<kind>/<task>"]
+            "dataset", name,
+            [*ALIASES, HIER_NAME, f"{SPARSE_NAME}[:<class>]", "mil:<csv-name>", "fashion-bags:<kind>/<task>"],
         )
     )
     try:
@@ -277,17 +288,7 @@ def make_fashion_hier_bags(
     n_test = round(n_bags * HIER_TEST_FRACTION)
     bags: list[_RawBag] = []
     for pool, n in (("train", n_bags - n_test), ("test", n_test)):
-        # Per Fashion-MNIST class a shuffled queue of unused image rows.
-        queues = {c: list(rng.permutation(np.flatnonzero(labels[pool] == c))) for c in range(10)}
-
-        def take(c: int, k: int, pool: str = pool, queues: dict = queues) -> list[int]:
-            if len(queues[c]) < k:
-                raise ConfigError(
-                    f"{HIER_NAME}: the {pool} images of Fashion-MNIST class {c} ran out; "
-                    f"ask for fewer bags (--max-bags)"
-                )
-            return [int(queues[c].pop()) for _ in range(k)]
-
+        take = _ImagePool(HIER_NAME, pool, labels[pool], rng).take
         fines = rng.permutation(np.resize(np.arange(len(fine_class)), n))
         width = max(5, len(str(n)))
         for i, f in enumerate(fines):
@@ -307,6 +308,73 @@ def make_fashion_hier_bags(
                 )
             )
     return bags
+
+
+class _ImagePool:
+    """Per Fashion-MNIST class a shuffled queue of unused image rows of one pool, so that
+    no image is used twice (neither within nor across bags)."""
+
+    def __init__(self, dataset: str, pool: str, labels: np.ndarray, rng: np.random.Generator) -> None:
+        self.dataset, self.pool = dataset, pool
+        self.queues = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in range(10)}
+
+    def take(self, c: int, k: int) -> list[int]:
+        if len(self.queues[c]) < k:
+            raise ConfigError(
+                f"{self.dataset}: the {self.pool} images of Fashion-MNIST class {c} ran out; "
+                f"ask for fewer bags (--max-bags)"
+            )
+        return [int(self.queues[c].pop()) for _ in range(k)]
+
+
+def make_fashion_sparse_bags(
+    n_bags: int, labels: dict[str, np.ndarray], rng: np.random.Generator,
+    target: int = SPARSE_DEFAULT_TARGET,
+) -> list[_RawBag]:
+    """The bags of ``fashion-sparse``: large bags whose label rests on a few instances.
+
+    Half the bags (per pool, rounded) are positive. A bag holds ``SPARSE_BAG_SIZE`` images;
+    a positive one has ``SPARSE_WITNESSES`` of them from class ``target`` and the rest drawn
+    uniformly from the other nine classes, a negative one only the other classes.
+    ``SPARSE_TEST_FRACTION`` of the bags come from the t10k images (split ``test``). An
+    image is used at most once.
+
+    Shapes: labels[pool]: (N_pool,) Fashion-MNIST class per image.
+    """
+    others = np.array([c for c in range(10) if c != target])
+    n_test = round(n_bags * SPARSE_TEST_FRACTION)
+    bags: list[_RawBag] = []
+    for pool, n in (("train", n_bags - n_test), ("test", n_test)):
+        take = _ImagePool(SPARSE_NAME, pool, labels[pool], rng).take
+        width = max(5, len(str(n)))
+        for i, y in enumerate(rng.permutation(np.resize([0, 1], n))):
+            size = int(rng.integers(SPARSE_BAG_SIZE[0], SPARSE_BAG_SIZE[1] + 1))
+            k = int(rng.integers(SPARSE_WITNESSES[0], SPARSE_WITNESSES[1] + 1)) if y else 0
+            rows = take(target, k)
+            for c in rng.choice(others, size=size - k):
+                rows += take(int(c), 1)
+            bags.append(
+                _RawBag(
+                    pid=f"bag-{pool}-{i:0{width}d}",
+                    label=int(y),
+                    fixed_split="test" if pool == "test" else None,
+                    image_rows=rng.permutation(np.array(rows, dtype=np.int64)),
+                    pool=pool,
+                )
+            )
+    return bags
+
+
+def parse_sparse_target(name: str) -> int:
+    """``fashion-sparse`` -> the default target class; ``fashion-sparse:<0-9>`` -> that class."""
+    _, sep, value = name.partition(":")
+    if not sep:
+        return SPARSE_DEFAULT_TARGET
+    if value.isdigit() and 0 <= int(value) <= 9:
+        return int(value)
+    raise ConfigError(
+        f"{name}: the target must be a Fashion-MNIST class index 0-9, e.g. {SPARSE_NAME}:3 (dress)"
+    )
 
 
 def load_fashion_bags(kind: str, task: str) -> tuple[list[_RawBag], list[_RawBag]]:
@@ -470,7 +538,8 @@ def prepare_dataset(
 
     Args:
         name: ``musk1``, ``musk2``, ``ucsb-breast``, ``mil:<csv-name>``,
-            ``fashion-bags:<kind>/<task>`` or ``fashion-hier`` (see :func:`list_datasets`).
+            ``fashion-bags:<kind>/<task>``, ``fashion-hier`` or ``fashion-sparse[:<class>]``
+            (see :func:`list_datasets`).
         out: the data root folder to create.
         sites: number of training sites.
         holdout_sites: number of extra sites held out of training (role ``holdout``): the
@@ -482,7 +551,8 @@ def prepare_dataset(
             docstring for the split policy).
         max_bags: keep at most this many bags, stratified by label; for fashion-bags the
             train and test pools are subsampled separately, in proportion to their sizes.
-            fashion-hier builds exactly this many bags (default ``HIER_DEFAULT_BAGS``).
+            fashion-hier and fashion-sparse build exactly this many bags (defaults
+            ``HIER_DEFAULT_BAGS``, ``SPARSE_DEFAULT_BAGS``).
         overwrite: replace a non-empty ``out``.
         min_per_site: the fewest bags any site may get.
         fashion_mnist_dir: where the Fashion-MNIST ``*.gz`` files are, default
@@ -558,15 +628,7 @@ def prepare_dataset(
         modality = "images"
     elif name == HIER_NAME:
         data_dir = Path(fashion_mnist_dir) if fashion_mnist_dir else FASHION_MNIST_DIR
-        pools = ("train", "test")
-        images = {pool: read_fashion_mnist(pool, data_dir) for pool in pools}
-        mnist_labels = {pool: read_fashion_mnist_labels(pool, data_dir) for pool in pools}
-        for pool in pools:
-            if len(mnist_labels[pool]) != len(images[pool]):
-                raise DatasetUnavailableError(
-                    f"{data_dir}: {len(images[pool])} {pool} images but "
-                    f"{len(mnist_labels[pool])} labels; reinstall with `{INSTALL_FASHION}`"
-                )
+        images, mnist_labels = _labelled_fashion_images(data_dir)
         bags = make_fashion_hier_bags(max_bags or HIER_DEFAULT_BAGS, mnist_labels, rng)
         classes, fine_classes = HIER_CLASSES, HIER_FINE_CLASSES
         source = {
@@ -579,6 +641,19 @@ def prepare_dataset(
                 "background": list(HIER_BACKGROUND_RANGE),
             },
             "test_fraction": HIER_TEST_FRACTION,
+        }
+        modality = "images"
+    elif name == SPARSE_NAME or name.startswith(SPARSE_NAME + ":"):
+        target = parse_sparse_target(name)
+        data_dir = Path(fashion_mnist_dir) if fashion_mnist_dir else FASHION_MNIST_DIR
+        images, mnist_labels = _labelled_fashion_images(data_dir)
+        bags = make_fashion_sparse_bags(max_bags or SPARSE_DEFAULT_BAGS, mnist_labels, rng, target)
+        source = {
+            "kind": SPARSE_NAME,
+            "images": str(data_dir),
+            "target_class": target,
+            "per_bag": {"images": list(SPARSE_BAG_SIZE), "witnesses_if_positive": list(SPARSE_WITNESSES)},
+            "test_fraction": SPARSE_TEST_FRACTION,
         }
         modality = "images"
     else:
@@ -646,6 +721,20 @@ def prepare_dataset(
         out,
     )
     return read_sites_yaml(out)
+
+
+def _labelled_fashion_images(data_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Fashion-MNIST images and class labels of both pools, checked to match in length."""
+    pools = ("train", "test")
+    images = {pool: read_fashion_mnist(pool, data_dir) for pool in pools}
+    labels = {pool: read_fashion_mnist_labels(pool, data_dir) for pool in pools}
+    for pool in pools:
+        if len(labels[pool]) != len(images[pool]):
+            raise DatasetUnavailableError(
+                f"{data_dir}: {len(images[pool])} {pool} images but "
+                f"{len(labels[pool])} labels; reinstall with `{INSTALL_FASHION}`"
+            )
+    return images, labels
 
 
 def _swap_into_place(tmp_root: Path, out: Path) -> None:

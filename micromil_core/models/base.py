@@ -131,6 +131,15 @@ class MILModel(nn.Module):
         """Called when a training run starts on the loaded weights (a ``fit`` call, one
         federated round). MHIM copies its teacher from the student here."""
 
+    @property
+    def needs_baseline_stage(self) -> bool:
+        """True: local ``fit`` first trains with ``set_baseline_stage(True)`` to a selected
+        model, then trains again from it (MHIM's ``teacher_init: converged``)."""
+        return False
+
+    def set_baseline_stage(self, on: bool) -> None:
+        """Switch the first stage of a two-stage ``fit`` on or off."""
+
     def set_progress(self, fraction: float) -> None:
         """Training progress in [0, 1] at the start of each epoch, for schedules.
 

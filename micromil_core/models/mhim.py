@@ -53,6 +53,7 @@ from micromil_core.models.registry import (
 
 NAME = "mhim"
 MOMENTUM_SCHEDULES = ("constant", "cosine")
+TEACHER_INITS = ("warmup", "converged")
 
 
 def encodable_models() -> list[str]:
@@ -91,6 +92,12 @@ class MHIMParams:
     # the teacher copies the student: stands in for the paper's teacher initialised from
     # a converged baseline, so the teacher's scores mean something when masking starts.
     warmup: float = 0.2
+    # "converged" (local training): the paper's protocol. `micromil train/cv` first trains
+    # the base alone with early stopping on validation, then starts teacher and student
+    # from that converged model and trains with masking for a second run of train.epochs;
+    # `warmup` is then unused. In a federation it means no warmup: the teacher starts from
+    # each round's global model (start it from a baseline with federation.initial_model).
+    teacher_init: str = "warmup"
     recycle_tokens: int = 0  # v2 global recycle network: k query tokens; 0 = off
     recycle_dim: int = 128  # cross-attention width of the recycle network
     recycle_heads: int = 4
@@ -130,6 +137,7 @@ class MHIMParams:
         check_float(NAME, "momentum", self.momentum, 0.0, 1.0)
         check_choice(NAME, "momentum_schedule", self.momentum_schedule, MOMENTUM_SCHEDULES)
         check_float(NAME, "warmup", self.warmup, 0.0, 1.0, high_inclusive=False)
+        check_choice(NAME, "teacher_init", self.teacher_init, TEACHER_INITS)
         check_int(NAME, "recycle_tokens", self.recycle_tokens, 0)
         check_int(NAME, "recycle_heads", self.recycle_heads, 1)
         check_int(NAME, "recycle_dim", self.recycle_dim, self.recycle_heads)
@@ -330,6 +338,7 @@ class MHIM(MILModel):
         # parameters() or federated messages; ``_apply`` moves it with the student.
         self._teacher: list[MILModel] = [teacher]
         self.progress = 0.0
+        self.baseline_stage = False  # trainer.fit's first stage (teacher_init: converged)
 
     @property
     def teacher(self) -> MILModel:
@@ -350,21 +359,33 @@ class MHIM(MILModel):
     # --- schedules -----------------------------------------------------------------------
 
     @property
+    def needs_baseline_stage(self) -> bool:  # type: ignore[override]
+        return self.params.teacher_init == "converged"
+
+    def set_baseline_stage(self, on: bool) -> None:
+        self.baseline_stage = bool(on)
+
+    @property
+    def mining_start(self) -> float:
+        """Training progress at which masking starts (and its schedules begin)."""
+        return 0.0 if self.needs_baseline_stage else self.params.warmup
+
+    @property
     def in_warmup(self) -> bool:
-        return self.progress < self.params.warmup
+        return self.baseline_stage or self.progress < self.mining_start
 
     def mask_ratio_high_now(self) -> float:
-        """``mask_ratio_high`` cosine-decayed from the end of warmup (full) to 0 at 1."""
+        """``mask_ratio_high`` cosine-decayed from the start of mining (full) to 0 at 1."""
         if self.in_warmup:
             return 0.0
-        return self.params.mask_ratio_high * cosine_to_zero(self.progress, self.params.warmup)
+        return self.params.mask_ratio_high * cosine_to_zero(self.progress, self.mining_start)
 
     def momentum_now(self) -> float:
         """Teacher EMA momentum: constant, or cosine from ``momentum`` up to 1.0."""
         m = self.params.momentum
         if self.params.momentum_schedule == "constant":
             return m
-        return 1.0 - (1.0 - m) * cosine_to_zero(self.progress, self.params.warmup)
+        return 1.0 - (1.0 - m) * cosine_to_zero(self.progress, self.mining_start)
 
     # --- training-strategy hooks ---------------------------------------------------------
 

@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from torch import Tensor
 
 from micromil_core.config import TrainConfig
 from micromil_core.data.bag import Bag, BagBatch, collate_bags
-from micromil_core.errors import TrainingError
+from micromil_core.errors import ConfigError, TrainingError
 from micromil_core.models.base import MILModel
 from micromil_core.training.metrics import classification_metrics
 
@@ -182,30 +182,73 @@ def fit(
     ``progress_span`` is the part of the whole training this call covers (a federated
     round passes its share of the planned rounds); the model's schedules see it through
     ``set_progress``.
+
+    A model whose ``needs_baseline_stage`` is true (MHIM with ``teacher_init: converged``)
+    is trained twice in a full local run: first as its base, selected on validation as
+    usual; then, from those weights, with its own strategy for another ``cfg.epochs``,
+    selecting among the second stage's epochs only. History and epoch numbers run on
+    across both stages.
     """
     if not train_bags:
         raise ValueError("fit() got no training bags")
     model.to(device)
-    optimizer = build_optimizer(
-        model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum
-    )
     generator = torch.Generator().manual_seed(cfg.seed)
     cw = (
         class_weights([b.label for b in train_bags], model.n_classes)
         if cfg.class_weighting
         else None
     )
+    run = lambda n, span, offset: _fit_stage(  # noqa: E731
+        model, train_bags, val_bags, cfg, device, generator, cw, progress, extra_loss, n, span, offset
+    )
     n_epochs = epochs if epochs is not None else cfg.epochs
-    best_score, best_state, best_epoch = -math.inf, None, n_epochs
+    if not (model.needs_baseline_stage and progress_span == (0.0, 1.0)):
+        return run(n_epochs, progress_span, 0)
+    if epochs is not None:
+        raise ConfigError(
+            "this model trains in two stages (a converged baseline first), so a fixed epoch "
+            "count cannot be replayed; turn train.refit off or use the model's warmup instead "
+            "(mhim: teacher_init: warmup)"
+        )
+    model.set_baseline_stage(True)
+    try:
+        baseline = run(n_epochs, (0.0, 0.0), 0)
+    finally:
+        model.set_baseline_stage(False)
+    log.info("baseline stage: best epoch %d; the second stage starts from it", baseline.best_epoch)
+    second = run(n_epochs, (0.0, 1.0), len(baseline.history))
+    return replace(second, history=baseline.history + second.history)
+
+
+def _fit_stage(
+    model: MILModel,
+    train_bags: list[Bag],
+    val_bags: list[Bag],
+    cfg: TrainConfig,
+    device: torch.device,
+    generator: torch.Generator,
+    cw: Tensor | None,
+    progress: Callable[[EpochLog], None] | None,
+    extra_loss: ExtraLoss | None,
+    n_epochs: int,
+    progress_span: tuple[float, float],
+    epoch_offset: int,
+) -> TrainResult:
+    """One training run with a fresh optimiser and its own early stopping (see ``fit``)."""
+    optimizer = build_optimizer(
+        model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum
+    )
+    best_score, best_state, best_epoch = -math.inf, None, epoch_offset + n_epochs
     best_metrics: dict[str, float] = {}
     history: list[EpochLog] = []
     stale = 0
     stopped = False
     model.start_training()
     first, last = progress_span
-    for epoch in range(1, n_epochs + 1):
+    for step in range(1, n_epochs + 1):
+        epoch = epoch_offset + step
         start = time.perf_counter()
-        model.set_progress(first + (last - first) * (epoch - 1) / n_epochs)
+        model.set_progress(first + (last - first) * (step - 1) / n_epochs)
         train_loss = train_one_epoch(
             model, train_bags, optimizer, cfg, device, generator, cw, extra_loss
         )
@@ -229,7 +272,7 @@ def fit(
             stale = 0
         else:
             stale += 1
-        if cfg.patience and epoch >= cfg.min_epochs and stale >= cfg.patience:
+        if cfg.patience and step >= cfg.min_epochs and stale >= cfg.patience:
             stopped = True
             log.info("early stop at epoch %d (best epoch %d)", epoch, best_epoch)
             break

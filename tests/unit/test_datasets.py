@@ -309,3 +309,56 @@ def test_prepare_with_a_relative_out_path(tmp_path, monkeypatch):
     assert [p.name for p in root.train_sites] == ["site-0", "site-1"]
     assert all((p / "patients.csv").is_file() for p in root.train_sites + root.holdout_sites)
     assert "tmp" not in (tmp_path / "nested/musk/sites.yaml").read_text()
+
+
+# --- fashion-sparse: large bags with few witnesses --------------------------------------------
+
+
+def test_fashion_sparse_bag_composition() -> None:
+    labels = {pool: np.repeat(np.arange(10), 400) for pool in ("train", "test")}
+    bags = datasets.make_fashion_sparse_bags(40, labels, np.random.default_rng(0), target=5)
+    assert sum(b.pool == "test" for b in bags) == 8
+    assert all((b.fixed_split == "test") == (b.pool == "test") for b in bags)
+    used: dict[str, list[int]] = {"train": [], "test": []}
+    for b in bags:
+        classes = labels[b.pool][b.image_rows]
+        witnesses = int((classes == 5).sum())
+        assert 40 <= len(classes) <= 80
+        # The label is "holds the target class", with 1-4 witnesses when positive.
+        assert (b.label == 1 and 1 <= witnesses <= 4) or (b.label == 0 and witnesses == 0)
+        used[b.pool] += b.image_rows.tolist()
+    assert all(len(rows) == len(set(rows)) for rows in used.values())  # no image reused
+    for pool in ("train", "test"):
+        y = [b.label for b in bags if b.pool == pool]
+        assert abs(2 * sum(y) - len(y)) <= 1  # balanced classes in each pool
+
+
+def test_fashion_sparse_names_and_running_out() -> None:
+    assert datasets.parse_sparse_target("fashion-sparse") == 3
+    assert datasets.parse_sparse_target("fashion-sparse:7") == 7
+    for bad in ("fashion-sparse:10", "fashion-sparse:dress", "fashion-sparse:"):
+        with pytest.raises(ConfigError, match="class index 0-9, e.g. fashion-sparse:3"):
+            datasets.parse_sparse_target(bad)
+    few = {pool: np.repeat(np.arange(10), 20) for pool in ("train", "test")}
+    with pytest.raises(ConfigError, match="fashion-sparse: the train images .* ran out; ask for fewer bags"):
+        datasets.make_fashion_sparse_bags(40, few, np.random.default_rng(0))
+
+
+@pytest.mark.skipif(
+    not (datasets.FASHION_MNIST_DIR / "train-labels-idx1-ubyte.gz").is_file(),
+    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
+)
+def test_prepare_fashion_sparse_tiny(tmp_path: Path) -> None:
+    root = prepare_dataset("fashion-sparse:3", tmp_path / "sparse", max_bags=10, seed=1)
+    assert root.dataset == "fashion-sparse:3" and root.extra["source"]["target_class"] == 3
+    site = root.sites[0].path
+    rows = site_rows(site)
+    assert len(rows) == 10 and {r["split"] for r in rows} >= {"train", "test"}
+    images, classes = read_fashion_mnist("train"), datasets.read_fashion_mnist_labels("train")
+    class_of = {img.tobytes(): int(c) for img, c in zip(images, classes, strict=True)}
+    for r in rows:
+        pngs = sorted((site / "images" / r["patient_id"]).glob("*.png"))
+        assert 40 <= len(pngs) <= 80
+        if r["split"] != "test":  # training bags come from the train images: look them up
+            found = [class_of[np.asarray(Image.open(p)).tobytes()] for p in pngs]
+            assert (3 in found) == (r["label"] == "positive"), r["patient_id"]

@@ -338,6 +338,53 @@ def test_loss_decreases_through_the_trainer(base: str, base_params: dict, recycl
     assert any(not torch.equal(a, b) for a, b in moved)
 
 
+def test_converged_teacher_init_trains_the_base_first_then_mines_from_its_best() -> None:
+    """teacher_init: converged = the paper's protocol in one fit: base training selected on
+    validation, then masked training from the selected weights, selected among its own epochs."""
+    model = make(teacher_init="converged", mask_ratio_high=0.3, warmup=0.5)
+    train, val = toy_bags(12), toy_bags(8, seed=1)
+    seen: list[tuple[int, bool, float]] = []  # (epoch, masking off, mask ratio) per epoch
+    states: dict[int, dict] = {}
+    starts: list[dict] = []
+    start_training = model.start_training
+
+    def record_start() -> None:
+        starts.append({k: v.clone() for k, v in model.state_dict().items()})
+        start_training()
+
+    model.start_training = record_start  # type: ignore[method-assign]
+
+    def record(entry) -> None:
+        seen.append((entry.epoch, model.in_warmup, model.mask_ratio_high_now()))
+        states[entry.epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    cfg = TrainConfig(epochs=6, lr=2e-2, batch_size=4, patience=0, seed=0, select_on="loss")
+    result = fit(model, train, val, cfg, torch.device("cpu"), progress=record)
+    assert [e.epoch for e in result.history] == list(range(1, 13))
+    assert all(off for epoch, off, _ in seen[:6])  # stage 1: the base alone, never masked
+    # stage 2: masking from its first epoch (warmup unused), the ratio decaying from full
+    assert not any(off for _, off, _ in seen[6:]) and seen[6][2] == pytest.approx(0.3)
+    assert 7 <= result.best_epoch <= 12  # selected among the masked epochs only
+    # stage 2 started from the stage-1 epoch with the lowest validation loss
+    best_base = min(result.history[:6], key=lambda e: e.val_loss).epoch
+    assert len(starts) == 2
+    for key, value in starts[1].items():
+        torch.testing.assert_close(value, states[best_base][key])
+    assert not model.baseline_stage
+
+
+def test_converged_teacher_init_refuses_refit_and_runs_once_in_a_federation() -> None:
+    model = make(teacher_init="converged")
+    cfg = TrainConfig(epochs=2, lr=1e-2, batch_size=4, patience=0, seed=0)
+    with pytest.raises(ConfigError, match="train.refit"):
+        fit(model, toy_bags(8), [], cfg, torch.device("cpu"), epochs=2)
+    # a federated round covers part of the run: one stage, masking from the start
+    result = fit(model, toy_bags(8), [], cfg, torch.device("cpu"), epochs=1, progress_span=(0.0, 0.5))
+    assert len(result.history) == 1 and not model.in_warmup
+    with pytest.raises(ConfigError, match="teacher_init='sometimes' is not one of warmup, converged"):
+        make(teacher_init="sometimes")
+
+
 def _stack(bags: list[Bag]) -> tuple[torch.Tensor, torch.Tensor]:
     from micromil_core.data.bag import collate_bags
 
