@@ -9,6 +9,10 @@ ABMIL), else the registry model of that name with default params.
     python benchmarks/federated_models.py
     python benchmarks/federated_models.py --models abmil mhim-abmil --rounds 5
     python benchmarks/federated_models.py --seeds 0 1 2      # mean ± std over training seeds
+    # continue from each seed's finished ABMIL federation, plainly or with MHIM (paired):
+    python benchmarks/federated_models.py --models abmil mhim-abmil-converged --seeds 0 1 2 \
+        --initial-model /tmp/fedm/fashion-abmil-seed{seed}/model.pt --tag -cont \
+        --compare abmil:mhim-abmil-converged
 
 Reported: held-out AUC/accuracy of the last round's global model (never selected on the
 held-out site), wall seconds inside the rounds, and megabytes exchanged per round (MHIM's
@@ -24,7 +28,16 @@ import time
 from pathlib import Path
 
 import yaml
-from federation import DATASETS, HERE, ROOT, micromil, prepared, spread, write_results
+from federation import (
+    DATASETS,
+    HERE,
+    ROOT,
+    micromil,
+    paired_by_seed,
+    prepared,
+    spread,
+    write_results,
+)
 
 DEFAULT_MODELS = ["micromil", "mhim-micromil", "abmil", "mhim-abmil", "transmil"]
 
@@ -37,10 +50,14 @@ def model_section(name: str) -> dict:
     return {"name": name}
 
 
-def run_model(name: str, data: Path, base_config: dict, work: Path, rounds: int, seed: int) -> dict:
-    out = work / f"fashion-{name}-seed{seed}"
+def run_model(name: str, data: Path, base_config: dict, work: Path, rounds: int, seed: int,
+              initial_model: str = "", tag: str = "") -> dict:
+    out = work / f"fashion-{name}{tag}-seed{seed}"
     config = {**base_config, "model": model_section(name)}
-    config_file = work / f"fashion-{name}.yaml"
+    if initial_model:
+        path = initial_model.format(seed=seed)
+        config["federation"] = {**config.get("federation", {}), "initial_model": path}
+    config_file = work / f"fashion-{name}{tag}-seed{seed}.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     start = time.perf_counter()
     if not (out / "metrics.json").is_file():  # a finished run of an interrupted table is kept
@@ -72,13 +89,21 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds")
     ap.add_argument("--work", default=str(ROOT / "runs" / "fed-models"))
     ap.add_argument("--out", default=str(HERE / "results" / "federated_models"))
+    ap.add_argument("--initial-model", default="", metavar="PATH",
+                    help="start every run from this model.pt ({seed} is replaced by the seed)")
+    ap.add_argument("--tag", default="", help="suffix of the run folders of this variant")
+    ap.add_argument("--compare", nargs="*", default=[], metavar="BASE:OTHER",
+                    help="paired by seed (both in --models)")
     args = ap.parse_args()
+    for pair in args.compare:
+        if pair.count(":") != 1 or not set(pair.split(":")) <= set(args.models):
+            ap.error(f"--compare {pair!r}: expected BASE:OTHER with both in --models {args.models}")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     data = prepared("fashion", DATASETS, work)
     base_config = yaml.safe_load((ROOT / DATASETS["fashion"][2]).read_text())
     rows = [
-        run_model(m, data, base_config, work, args.rounds, seed)
+        run_model(m, data, base_config, work, args.rounds, seed, args.initial_model, args.tag)
         for seed in args.seeds for m in args.models
     ]
     lines = [
@@ -91,6 +116,8 @@ def main() -> None:
         f"{','.join(map(str, args.seeds))} (mean ± std over seeds). Metrics of",
         "the last round's global model on the held-out site (it never trains and nothing is",
         "selected on it). Model settings: the `model:` section of configs/cv/<model>.yaml.",
+        *([f"Every run starts from `{args.initial_model}` (federation.initial_model)."]
+          if args.initial_model else []),
         "",
         "| model | seeds | held-out AUC | accuracy | balanced accuracy | fed rounds wall s | MB per round |",
         "|---|---|---|---|---|---|---|",
@@ -102,6 +129,9 @@ def main() -> None:
             f"| {m} | {len(rs)} | {' | '.join(cells)} | "
             f"{spread([r['federated_seconds'] for r in rs])} | {rs[0]['mb_per_round']:.2f} |"
         )
+    if args.compare:
+        lines += ["", "Paired by training seed (same hospitals, same held-out patients):", "",
+                  *paired_by_seed(rows, args.compare, ("auc", "accuracy"), lambda r, k: r[k])]
     write_results(args.out, rows, lines)
 
 

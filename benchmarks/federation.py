@@ -16,6 +16,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -85,6 +86,32 @@ def spread(values: list[float]) -> str:
 
     v = np.asarray(values, dtype=float)
     return f"{v.mean():.3f}" if len(v) == 1 else f"{v.mean():.3f} ± {v.std():.3f}"
+
+
+def paired_by_seed(rows: list[dict], pairs: list[str], keys: tuple[str, ...],
+                   value: Callable[[dict, str], float]) -> list[str]:
+    """Markdown rows comparing OTHER with BASE for each ``BASE:OTHER`` in ``pairs``, paired by
+    training seed on the same data and the same evaluation patients: mean difference, its
+    standard error, the 95 % interval and a paired t-test over seeds."""
+    import numpy as np
+
+    from micromil_core.training.metrics import corrected_paired_ttest
+
+    lines = ["| comparison | metric | difference (mean over seeds) | SE | 95% interval | paired t-test p "
+             "| seeds where it is higher |", "|---|---|---|---|---|---|---|"]
+    for pair in pairs:
+        base, other = pair.split(":")
+        by = {m: {r["seed"]: r for r in rows if r["model"] == m and "error" not in r} for m in (base, other)}
+        seeds = sorted(set(by[base]) & set(by[other]))
+        if len(seeds) < 2:
+            lines.append(f"| {other} - {base} | | needs 2 seeds of both | | | | |")
+            continue
+        for key in keys:
+            diffs = np.array([value(by[other][s], key) - value(by[base][s], key) for s in seeds])
+            t = corrected_paired_ttest(diffs, test_train_ratio=0.0)  # same evaluation set: the plain test
+            lines.append(f"| {other} - {base} | {key} | {t['mean']:+.3f} | {t['se']:.3f} | "
+                         f"[{t['low']:+.3f}, {t['high']:+.3f}] | {t['p']:.2f} | {int((diffs > 0).sum())}/{len(seeds)} |")
+    return lines
 
 
 def main() -> None:

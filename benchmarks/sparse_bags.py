@@ -25,13 +25,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from federation import HERE, ROOT, spread, write_results  # noqa: E402
+from federation import HERE, ROOT, paired_by_seed, spread, write_results  # noqa: E402
 
 from micromil_core.data.datasets import prepare_dataset  # noqa: E402
-from micromil_core.training.metrics import corrected_paired_ttest  # noqa: E402
 
 ENCODER = "histo-texture"
 KEYS = ("auc", "accuracy", "balanced_accuracy")
@@ -56,24 +53,6 @@ def train_one(model: str, seed: int, site: Path, work: Path, threads: int, overr
     seconds = json.loads((out / "bench-seconds.json").read_text())["seconds"]
     return {"model": model, "seed": seed, "best_epoch": metrics.get("best_epoch"),
             "test": metrics["test"], "seconds": seconds}
-
-
-def paired_lines(rows: list[dict], pairs: list[str]) -> list[str]:
-    lines = ["| comparison | metric | difference (mean over seeds) | SE | 95% interval | paired t-test p "
-             "| seeds where it is higher |", "|---|---|---|---|---|---|---|"]
-    for pair in pairs:
-        base, other = pair.split(":")
-        by = {m: {r["seed"]: r["test"] for r in rows if r["model"] == m and "error" not in r} for m in (base, other)}
-        seeds = sorted(set(by[base]) & set(by[other]))
-        if len(seeds) < 2:
-            lines.append(f"| {other} - {base} | | needs 2 seeds of both | | | | |")
-            continue
-        for key in KEYS:
-            diffs = np.array([by[other][s][key] - by[base][s][key] for s in seeds])
-            t = corrected_paired_ttest(diffs, test_train_ratio=0.0)  # fixed test set: the plain test
-            lines.append(f"| {other} - {base} | {key} | {t['mean']:+.3f} | {t['se']:.3f} | "
-                         f"[{t['low']:+.3f}, {t['high']:+.3f}] | {t['p']:.2f} | {int((diffs > 0).sum())}/{len(seeds)} |")
-    return lines
 
 
 def main() -> None:
@@ -134,7 +113,7 @@ def main() -> None:
                      f"{spread([r['seconds'] for r in ok])} |")
     if args.compare:
         lines += ["", "Paired by training seed (same bags, same test split):", "",
-                  *paired_lines(rows, args.compare)]
+                  *paired_by_seed(rows, args.compare, KEYS, lambda r, k: r["test"][k])]
     write_results(args.out, rows, lines)
 
 

@@ -32,6 +32,8 @@ from micromil_core.federated import wire
 from micromil_core.federated.messages import RoundSettings
 from micromil_core.federated.site_task import ModelSpec
 from micromil_core.io import torch_save_atomic, write_json_atomic
+from micromil_core.models.mhim import NAME as MHIM_NAME
+from micromil_core.models.mhim import base_checkpoint_fits, state_from_base
 from micromil_core.models.registry import full_params, params_from_dict
 from micromil_core.privacy.report import budget_stops
 from micromil_core.runtime import seed_everything
@@ -269,7 +271,8 @@ def starting_weights(cfg: ExperimentConfig, spec: ModelSpec, classes: list[str])
     """Round 1's global weights: ``federation.initial_model`` if set, else the seeded init.
 
     The file must hold the same model (name, params, input dim) and the same classes in the
-    same order, or the first round would silently train a different network.
+    same order, or the first round would silently train a different network. An MHIM
+    federation also accepts a checkpoint of its base model with the same base params.
     """
     path = cfg.federation.initial_model
     if not path:
@@ -278,8 +281,15 @@ def starting_weights(cfg: ExperimentConfig, spec: ModelSpec, classes: list[str])
         ckpt = load_checkpoint(path)
     except CheckpointError as exc:
         raise ConfigError(f"federation.initial_model: {exc}") from None
-    theirs = (ckpt.model_name, ckpt.in_dim, full_params(ckpt.model_name, ckpt.params), list(ckpt.classes))
+    state = ckpt.state_dict
     ours = (spec.name, spec.in_dim, dict(spec.params), list(classes))
+    if spec.name == MHIM_NAME and base_checkpoint_fits(ckpt.model_name, ckpt.params, spec.params):
+        # A trained base model starts MHIM's student, and so each round's teacher: the
+        # paper's "converged baseline" start, in a federation. Other tensors (recycle
+        # queries) keep their seeded init.
+        state = {**initial_model_state(spec, cfg.train.seed), **state_from_base(state)}
+        ours = (ckpt.model_name, spec.in_dim, dict(spec.params["base_params"]), list(classes))
+    theirs = (ckpt.model_name, ckpt.in_dim, full_params(ckpt.model_name, ckpt.params), list(ckpt.classes))
     for what, a, b in zip(("model", "feature dim", "model params", "classes"), theirs, ours, strict=True):
         if a != b:
             raise ConfigError(
@@ -288,7 +298,7 @@ def starting_weights(cfg: ExperimentConfig, spec: ModelSpec, classes: list[str])
                 "section and classes, or remove federation.initial_model"
             )
     expected = {k: tuple(v.shape) for k, v in spec.build().state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in ckpt.state_dict.items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
     if found != expected:
         odd = sorted(set(found.items()) ^ set(expected.items()))[:4]
         raise ConfigError(
@@ -296,7 +306,7 @@ def starting_weights(cfg: ExperimentConfig, spec: ModelSpec, classes: list[str])
             f"(first differences: {odd}); re-save it from a run of this model"
         )
     log.info("round 1 starts from %s", path)
-    return {k: v.detach().clone() for k, v in ckpt.state_dict.items()}
+    return {k: v.detach().clone() for k, v in state.items()}
 
 
 def initial_model_state(spec: ModelSpec, seed: int) -> dict[str, torch.Tensor]:

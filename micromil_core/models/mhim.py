@@ -225,6 +225,19 @@ def hard_instance_mask(
     return rest & ~dropped, dropped
 
 
+def base_checkpoint_fits(base_name: str, base_params: Mapping[str, Any], params: Mapping[str, Any]) -> bool:
+    """Can a checkpoint of model ``base_name`` with ``base_params`` start an MHIM model with
+    ``params``? Only when it is the wrapped base with the same (full) params."""
+    return base_name == params.get("base") and dict(
+        full_params(base_name, base_params)
+    ) == dict(params.get("base_params") or {})
+
+
+def state_from_base(base_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A base model's weights as MHIM's student weights (the teacher is not state)."""
+    return {f"student.{k}": v for k, v in base_state.items()}
+
+
 def cosine_to_zero(progress: float, start: float) -> float:
     """Weight going 1 -> 0 on a half cosine as ``progress`` goes ``start`` -> 1."""
     t = min(max((progress - start) / (1.0 - start), 0.0), 1.0)

@@ -80,3 +80,18 @@ def test_weights_that_do_not_fit_are_refused(tmp_path) -> None:
     cfg = _cfg(str(path))
     with pytest.raises(ConfigError, match="do not fit this model.*head.weight"):
         starting_weights(cfg, experiment_spec(cfg, 6, CLASSES), CLASSES)
+
+
+def test_a_base_model_checkpoint_starts_an_mhim_federation(tmp_path) -> None:
+    # The paper's protocol in a federation: MHIM starts from a converged base model.
+    saved = _save(tmp_path / "abmil.pt")
+    mhim = {"name": "mhim", "params": {"base": "abmil", "base_params": MODEL["params"],
+                                       "teacher_init": "converged"}}
+    cfg = _cfg(str(tmp_path / "abmil.pt"), model=mhim)
+    start = starting_weights(cfg, experiment_spec(cfg, 6, CLASSES), CLASSES)
+    assert start.keys() == {f"student.{k}" for k in saved}
+    assert all(torch.equal(start[f"student.{k}"], v) for k, v in saved.items())
+    other = {**mhim, "params": {**mhim["params"], "base_params": {"embed_dims": [16], "attn_dim": 4}}}
+    cfg = _cfg(str(tmp_path / "abmil.pt"), model=other)
+    with pytest.raises(ConfigError, match="its model 'abmil' differ from this federation's 'mhim'"):
+        starting_weights(cfg, experiment_spec(cfg, 6, CLASSES), CLASSES)
