@@ -11,7 +11,7 @@ ABMIL), else the registry model of that name with default params.
     python benchmarks/federated_models.py --seeds 0 1 2      # mean ± std over training seeds
     # continue from each seed's finished ABMIL federation, plainly or with MHIM (paired):
     python benchmarks/federated_models.py --models abmil mhim-abmil-converged --seeds 0 1 2 \
-        --initial-model /tmp/fedm/fashion-abmil-seed{seed}/model.pt --tag -cont \
+        --initial-model /tmp/fedm/fashion-abmil-seed{seed}/model.pt --tag cont \
         --compare abmil:mhim-abmil-converged
 
 Reported: held-out AUC/accuracy of the last round's global model (never selected on the
@@ -103,7 +103,8 @@ def main() -> None:
     data = prepared("fashion", DATASETS, work)
     base_config = yaml.safe_load((ROOT / DATASETS["fashion"][2]).read_text())
     rows = [
-        run_model(m, data, base_config, work, args.rounds, seed, args.initial_model, args.tag)
+        run_model(m, data, base_config, work, args.rounds, seed, args.initial_model,
+                  f"-{args.tag}" if args.tag else "")
         for seed in args.seeds for m in args.models
     ]
     lines = [
