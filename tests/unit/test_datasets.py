@@ -362,3 +362,13 @@ def test_prepare_fashion_sparse_tiny(tmp_path: Path) -> None:
         if r["split"] != "test":  # training bags come from the train images: look them up
             found = [class_of[np.asarray(Image.open(p)).tobytes()] for p in pngs]
             assert (3 in found) == (r["label"] == "positive"), r["patient_id"]
+
+
+def test_datasets_list_says_which_are_images(capsys) -> None:
+    from micromil_core.cli import main
+
+    assert main(["datasets", "list"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert "(features)" in lines["musk1"]
+    for name in ("fashion-hier", "fashion-sparse"):
+        assert "PNG images" in lines[name] and "(features)" not in lines[name]
