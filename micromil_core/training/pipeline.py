@@ -274,6 +274,13 @@ def _fit_fresh(
         train_bags, val_bags = scaler.transform_all(train_bags), scaler.transform_all(val_bags)
     in_dim = int(train_bags[0].features.shape[1])
     model = build_model(cfg.model.name, in_dim, n_classes, dict(cfg.model.params))
+    if cfg.train.refit and model.needs_baseline_stage:
+        # Refused before the first training rather than after it (fit refuses it too).
+        raise ConfigError(
+            f"model {cfg.model.name!r} trains in two stages (a converged baseline first), so "
+            "train.refit cannot replay its epoch count; set train.refit=false, or "
+            "model.params.teacher_init=warmup"
+        )
     init_model_from_bags(model, train_bags, cfg.train.seed)
     update, bar = _progress_printer(progress_label or "train", progress_label is not None)
     try:

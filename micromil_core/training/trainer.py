@@ -198,9 +198,11 @@ def fit(
         if cfg.class_weighting
         else None
     )
-    run = lambda n, span, offset: _fit_stage(  # noqa: E731
-        model, train_bags, val_bags, cfg, device, generator, cw, progress, extra_loss, n, span, offset
-    )
+
+    def run(n: int, span: tuple[float, float], offset: int) -> TrainResult:
+        return _fit_stage(model, train_bags, val_bags, cfg, device, generator, cw, progress,
+                          extra_loss, n, span, offset)
+
     n_epochs = epochs if epochs is not None else cfg.epochs
     if not (model.needs_baseline_stage and progress_span == (0.0, 1.0)):
         return run(n_epochs, progress_span, 0)
