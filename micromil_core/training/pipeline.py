@@ -284,7 +284,8 @@ def _fit_fresh(
     init_model_from_bags(model, train_bags, cfg.train.seed)
     update, bar = _progress_printer(progress_label or "train", progress_label is not None)
     try:
-        result = fit(model, train_bags, val_bags, cfg.train, device, progress=update, epochs=epochs)
+        result = fit(model, train_bags, val_bags, cfg.train, device, progress=update, epochs=epochs,
+                     baseline_stage=True)
     finally:
         if bar is not None:
             bar.close()

@@ -175,6 +175,7 @@ def fit(
     extra_loss: ExtraLoss | None = None,
     epochs: int | None = None,
     progress_span: tuple[float, float] = (0.0, 1.0),
+    baseline_stage: bool = False,
 ) -> TrainResult:
     """Train with ``cfg.optimizer``; keep the weights of the best validation epoch (loaded on return).
 
@@ -183,8 +184,9 @@ def fit(
     round passes its share of the planned rounds); the model's schedules see it through
     ``set_progress``.
 
-    A model whose ``needs_baseline_stage`` is true (MHIM with ``teacher_init: converged``)
-    is trained twice in a full local run: first as its base, selected on validation as
+    With ``baseline_stage`` (a whole local run: `micromil train/cv`), a model whose
+    ``needs_baseline_stage`` is true (MHIM with ``teacher_init: converged``) is trained
+    twice: first as its base, selected on validation as
     usual; then, from those weights, with its own strategy for another ``cfg.epochs``,
     selecting among the second stage's epochs only. History and epoch numbers run on
     across both stages.
@@ -204,8 +206,8 @@ def fit(
                           extra_loss, n, span, offset)
 
     n_epochs = epochs if epochs is not None else cfg.epochs
-    if not (model.needs_baseline_stage and progress_span == (0.0, 1.0)):
-        return run(n_epochs, progress_span, 0)
+    if not (baseline_stage and model.needs_baseline_stage):
+        return run(n_epochs, progress_span, 0)  # also every federated round
     if epochs is not None:
         raise ConfigError(
             "this model trains in two stages (a converged baseline first), so a fixed epoch "

@@ -359,7 +359,7 @@ def test_converged_teacher_init_trains_the_base_first_then_mines_from_its_best()
         states[entry.epoch] = {k: v.clone() for k, v in model.state_dict().items()}
 
     cfg = TrainConfig(epochs=6, lr=2e-2, batch_size=4, patience=0, seed=0, select_on="loss")
-    result = fit(model, train, val, cfg, torch.device("cpu"), progress=record)
+    result = fit(model, train, val, cfg, torch.device("cpu"), progress=record, baseline_stage=True)
     assert [e.epoch for e in result.history] == list(range(1, 13))
     assert all(off for epoch, off, _ in seen[:6])  # stage 1: the base alone, never masked
     # stage 2: masking from its first epoch (warmup unused), the ratio decaying from full
@@ -377,9 +377,12 @@ def test_converged_teacher_init_refuses_refit_and_runs_once_in_a_federation() ->
     model = make(teacher_init="converged")
     cfg = TrainConfig(epochs=2, lr=1e-2, batch_size=4, patience=0, seed=0)
     with pytest.raises(ConfigError, match="train.refit"):
-        fit(model, toy_bags(8), [], cfg, torch.device("cpu"), epochs=2)
+        fit(model, toy_bags(8), [], cfg, torch.device("cpu"), epochs=2, baseline_stage=True)
     # a federated round covers part of the run: one stage, masking from the start
     result = fit(model, toy_bags(8), [], cfg, torch.device("cpu"), epochs=1, progress_span=(0.0, 0.5))
+    assert len(result.history) == 1 and not model.in_warmup
+    # ... also the only round of a 1-round federation, whose span is the whole run
+    result = fit(model, toy_bags(8), [], cfg, torch.device("cpu"), epochs=1, progress_span=(0.0, 1.0))
     assert len(result.history) == 1 and not model.in_warmup
     with pytest.raises(ConfigError, match="teacher_init='sometimes' is not one of warmup, converged"):
         make(teacher_init="sometimes")

@@ -114,9 +114,11 @@ def test_refit_retrains_on_all_patients_for_the_selected_epochs(tmp_path, monkey
     calls = []
     real_fit = pipeline.fit
 
-    def spy(model, train, val, cfg, device, progress=None, extra_loss=None, epochs=None):
+    def spy(model, train, val, cfg, device, progress=None, extra_loss=None, epochs=None,
+            baseline_stage=False):
         calls.append((len(train), len(val), epochs))
-        return real_fit(model, train, val, cfg, device, progress=progress, epochs=epochs)
+        return real_fit(model, train, val, cfg, device, progress=progress, epochs=epochs,
+                        baseline_stage=baseline_stage)
 
     monkeypatch.setattr(pipeline, "fit", spy)
     cfg = build_config({"model": {"name": "mean-pool"}, "train": {"epochs": 4, "refit": True, "patience": 0}})
