@@ -23,6 +23,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from federation import check_pairs, model_config_args
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 LITERATURE = {"musk1": 0.892, "musk2": 0.858}  # Ilse et al. 2018, Table 1 (accuracy)
@@ -32,11 +34,9 @@ def run_one(dataset: str, model: str, seed: int, args: argparse.Namespace) -> di
     data = Path(args.work) / "data" / dataset
     tag = f"-{args.tag}" if args.tag else ""
     out = Path(args.work) / "runs" / f"{dataset}-{model}{tag}-seed{seed}"
-    config = ROOT / "configs" / "cv" / f"{model}.yaml"
     cmd = [sys.executable, "-m", "micromil_core.cli", "cv", "--data", str(data / "site-0"),
            "--folds", str(args.folds), "--seed", str(seed),
-           "--out", str(out), "--set", f"train.num_threads={args.threads}"]
-    cmd += ["--config", str(config)] if config.is_file() else ["--model", model]
+           "--out", str(out), "--set", f"train.num_threads={args.threads}", *model_config_args(model)]
     for override in args.overrides:
         cmd += ["--set", override]
     timing = out / "bench-seconds.json"
@@ -156,9 +156,7 @@ def main() -> None:
                     help="add a paired test of OTHER against BASE (both in --models), "
                          "e.g. abmil:mhim-abmil")
     args = ap.parse_args()
-    for pair in args.compare:
-        if pair.count(":") != 1 or not set(pair.split(":")) <= set(args.models):
-            ap.error(f"--compare {pair!r}: expected BASE:OTHER with both in --models {args.models}")
+    check_pairs(ap, args.compare, args.models)
 
     from micromil_core.data.datasets import prepare_dataset
 

@@ -32,6 +32,7 @@ from federation import (
     DATASETS,
     HERE,
     ROOT,
+    check_pairs,
     micromil,
     paired_by_seed,
     prepared,
@@ -95,9 +96,7 @@ def main() -> None:
     ap.add_argument("--compare", nargs="*", default=[], metavar="BASE:OTHER",
                     help="paired by seed (both in --models)")
     args = ap.parse_args()
-    for pair in args.compare:
-        if pair.count(":") != 1 or not set(pair.split(":")) <= set(args.models):
-            ap.error(f"--compare {pair!r}: expected BASE:OTHER with both in --models {args.models}")
+    check_pairs(ap, args.compare, args.models)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     data = prepared("fashion", DATASETS, work)

@@ -88,6 +88,20 @@ def spread(values: list[float]) -> str:
     return f"{v.mean():.3f}" if len(v) == 1 else f"{v.mean():.3f} ± {v.std():.3f}"
 
 
+def model_config_args(name: str) -> list[str]:
+    """`micromil` arguments for a configuration name: configs/cv/<name>.yaml when it exists
+    (e.g. mhim-abmil builds `mhim` around ABMIL), else the registry model of that name."""
+    config = ROOT / "configs" / "cv" / f"{name}.yaml"
+    return ["--config", str(config)] if config.is_file() else ["--model", name]
+
+
+def check_pairs(ap: argparse.ArgumentParser, pairs: list[str], models: list[str]) -> None:
+    """Every ``--compare`` value is BASE:OTHER with both in ``--models``, or the parser exits."""
+    for pair in pairs:
+        if pair.count(":") != 1 or not set(pair.split(":")) <= set(models):
+            ap.error(f"--compare {pair!r}: expected BASE:OTHER with both in --models {models}")
+
+
 def paired_by_seed(rows: list[dict], pairs: list[str], keys: tuple[str, ...],
                    value: Callable[[dict, str], float]) -> list[str]:
     """Markdown rows comparing OTHER with BASE for each ``BASE:OTHER`` in ``pairs``, paired by

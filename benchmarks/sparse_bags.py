@@ -26,9 +26,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from federation import HERE, ROOT, paired_by_seed, spread, write_results  # noqa: E402
+from federation import (  # noqa: E402
+    HERE,
+    ROOT,
+    check_pairs,
+    model_config_args,
+    paired_by_seed,
+    spread,
+    write_results,
+)
 
 from micromil_core.data.datasets import prepare_dataset  # noqa: E402
+from micromil_core.data.site import load_site  # noqa: E402
 
 ENCODER = "histo-texture"
 KEYS = ("auc", "accuracy", "balanced_accuracy")
@@ -38,10 +47,9 @@ def train_one(model: str, seed: int, site: Path, work: Path, threads: int, overr
     """`micromil train` in its own process (a crash or leak stays there); reuses a finished run."""
     out = work / "runs" / f"{model}-seed{seed}"
     if not (out / "metrics.json").is_file():
-        config = ROOT / "configs" / "cv" / f"{model}.yaml"
         cmd = [sys.executable, "-m", "micromil_core.cli", "train", "--data", str(site), "--out", str(out),
-               "--seed", str(seed), "--set", f"data.encoder={ENCODER}", "--set", f"train.num_threads={threads}"]
-        cmd += ["--config", str(config)] if config.is_file() else ["--model", model]
+               "--seed", str(seed), "--set", f"data.encoder={ENCODER}", "--set", f"train.num_threads={threads}",
+               *model_config_args(model)]
         for override in overrides:
             cmd += ["--set", override]
         start = time.perf_counter()
@@ -70,9 +78,7 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "runs" / "sparse-bench"))
     ap.add_argument("--out", default=str(HERE / "results" / "sparse_bags"))
     args = ap.parse_args()
-    for pair in args.compare:
-        if pair.count(":") != 1 or not set(pair.split(":")) <= set(args.models):
-            ap.error(f"--compare {pair!r}: expected BASE:OTHER with both in --models {args.models}")
+    check_pairs(ap, args.compare, args.models)
     work = Path(args.work)
     data = work / "data"
     if not (data / "sites.yaml").is_file():
@@ -85,8 +91,7 @@ def main() -> None:
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(lambda job: train_one(*job, site, work, args.threads, args.overrides), jobs))
     command = f"python benchmarks/sparse_bags.py {' '.join(sys.argv[1:])}".rstrip()
-    with open(site / "patients.csv") as fh:
-        splits = [line.rstrip("\n").split(",")[2] for line in fh.readlines()[1:]]
+    splits = [p.split for p in load_site(site).patients]
     counts = {s: splits.count(s) for s in ("train", "val", "test")}
     lines = [
         "# MIL models on large sparse bags (fashion-sparse)",

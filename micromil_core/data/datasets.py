@@ -583,6 +583,7 @@ def prepare_dataset(
     _check_out(out, overwrite)
 
     rng = np.random.default_rng(seed)
+    data_dir = Path(fashion_mnist_dir) if fashion_mnist_dir else FASHION_MNIST_DIR  # image datasets
     images: dict[str, np.ndarray] = {}
     source: dict[str, Any]
     classes: tuple[str, ...] = CLASSES
@@ -609,7 +610,6 @@ def prepare_dataset(
                 pools.append([pool[i] for i in keep])
             train, test = pools
         bags = train + test
-        data_dir = Path(fashion_mnist_dir) if fashion_mnist_dir else FASHION_MNIST_DIR
         images = {pool: read_fashion_mnist(pool, data_dir) for pool in ("train", "test")}
         for b in bags:
             limit = len(images[b.pool or "train"])
@@ -627,7 +627,6 @@ def prepare_dataset(
         }
         modality = "images"
     elif name == HIER_NAME:
-        data_dir = Path(fashion_mnist_dir) if fashion_mnist_dir else FASHION_MNIST_DIR
         images, mnist_labels = _labelled_fashion_images(data_dir)
         bags = make_fashion_hier_bags(max_bags or HIER_DEFAULT_BAGS, mnist_labels, rng)
         classes, fine_classes = HIER_CLASSES, HIER_FINE_CLASSES
@@ -645,7 +644,6 @@ def prepare_dataset(
         modality = "images"
     elif name == SPARSE_NAME or name.startswith(SPARSE_NAME + ":"):
         target = parse_sparse_target(name)
-        data_dir = Path(fashion_mnist_dir) if fashion_mnist_dir else FASHION_MNIST_DIR
         images, mnist_labels = _labelled_fashion_images(data_dir)
         bags = make_fashion_sparse_bags(max_bags or SPARSE_DEFAULT_BAGS, mnist_labels, rng, target)
         source = {
