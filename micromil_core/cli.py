@@ -194,24 +194,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def _run_checkpoint(args: argparse.Namespace, run: Any, **options: Any) -> dict[str, Any]:
+    """``run`` (evaluate_checkpoint or predict_checkpoint) with the shared CLI arguments."""
     from micromil_core.runtime import resolve_device
-    from micromil_core.training.pipeline import evaluate_checkpoint
 
     sites = _site_paths(args, holdout=True)
-    metrics = evaluate_checkpoint(
-        args.model,
-        sites,
-        args.out,
-        split=args.split,
-        explain=args.explain,
-        device=str(resolve_device(args.device or "auto")),
-        progress=True,
+    device = str(resolve_device(args.device or "auto"))
+    return run(
+        args.model, sites, args.out, explain=args.explain, device=device, progress=True, **options
     )
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from micromil_core.training.pipeline import evaluate_checkpoint
+
+    metrics = _run_checkpoint(args, evaluate_checkpoint, split=args.split)
     for name, m in metrics["per_site"].items():
         print(f"{name}: {_brief(m)}  (n={m['n']})")
     print(f"all: {_brief(metrics)}")
     print(f"results: {Path(args.out) / 'metrics.json'}  ROC: {Path(args.out) / 'roc.png'}")
+    if args.explain:
+        print(f"explanations (stay on this site): {Path(args.out) / 'explain'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from micromil_core.training.pipeline import predict_checkpoint
+
+    summary = _run_checkpoint(args, predict_checkpoint)
+    for name, s in summary["per_site"].items():
+        counts = ", ".join(f"{c} {n}" for c, n in s["predicted"].items())
+        print(f"{name}: {s['n']} patients scored; predicted {counts}")
+    print(f"predictions (stay on this site): {Path(args.out) / 'predictions.csv'}")
     if args.explain:
         print(f"explanations (stay on this site): {Path(args.out) / 'explain'}")
     return 0
@@ -321,7 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     ds = sub.add_parser("datasets", help="bundled real datasets")
     ds_sub = ds.add_subparsers(dest="datasets_command", required=True)
     p = ds_sub.add_parser("prepare", help="write a real dataset in the site folder format")
-    p.add_argument("name", help="musk1, musk2, ucsb-breast, mil:<csv>, fashion-bags:<kind>/<task>, fashion-hier, fashion-sparse[:<class>]")
+    p.add_argument(
+        "name",
+        help="musk1, musk2, ucsb-breast, mil:<csv>, fashion-bags:<kind>/<task>, fashion-hier, fashion-sparse[:<class>]",
+    )
     p.add_argument("--out", required=True, help="data root to create")
     p.add_argument("--sites", type=int, default=1, help="training sites")
     p.add_argument("--holdout-sites", type=int, default=0, help="held-out sites (never train)")
@@ -374,6 +391,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "predict",
+        help="score patients without a diagnosis (patients.csv needs only patient_id)",
+    )
+    p.add_argument("--model", required=True, help="checkpoint (model.pt)")
+    _add_data_args(p, holdout=True)
+    p.add_argument("--explain", action="store_true", help="per-patient galleries (stay on site)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("cv", help="stratified k-fold cross-validation on one site")
     p.add_argument("--data", required=True, metavar="SITE")

@@ -32,12 +32,18 @@ log = logging.getLogger(__name__)
 TOP_INSTANCES = 12  # shown for attention models
 
 
-def instance_images(site_dir: Path, feature_dir: Path, patient_id: str, n: int) -> list[Path] | None:
+def instance_images(
+    site_dir: Path, feature_dir: Path, patient_id: str, n: int
+) -> list[Path] | None:
     """Image file of each of the patient's n instances, or None when unknown."""
     ff = find_feature_file(feature_dir, patient_id)
     if ff is not None and ff.suffix == ".pt":
         obj = torch.load(ff, map_location="cpu", weights_only=True)
-        if isinstance(obj, dict) and isinstance(obj.get("images"), list) and len(obj["images"]) == n:
+        if (
+            isinstance(obj, dict)
+            and isinstance(obj.get("images"), list)
+            and len(obj["images"]) == n
+        ):
             paths = []
             for rel in obj["images"]:
                 for base in (site_dir, site_dir / "images" / patient_id):
@@ -136,7 +142,7 @@ def write_explanations(
             Path(site_bags.site.path), site_bags.feature_dir, raw.patient_id, raw.num_instances
         )
         pred = ckpt.classes[int(np.argmax(probs))]
-        true = ckpt.classes[bag.label]
+        true = ckpt.classes[bag.label] if bag.label >= 0 else "unknown"
         title = f"patient {raw.patient_id}: true {true}, predicted {pred} (p={probs.max():.2f})"
         png = out / f"{raw.patient_id}.png"
         _draw(png, title, idx, adj, scores, images)

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+# The label of a patient scored without a diagnosis (``micromil predict``).
+UNLABELLED = -1
+
 
 @dataclass
 class Bag:

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from micromil_core.data.bag import Bag
+from micromil_core.data.bag import UNLABELLED, Bag
 from micromil_core.data.features import read_feature_file, read_features_and_scales
 from micromil_core.data.layout import (
     FEATURE_EXTENSIONS,
@@ -94,7 +94,9 @@ class SiteData:
         return any(p.split is not None for p in self.patients)
 
     def label_index(self, record: PatientRecord) -> int:
-        """Class index of a patient's label in ``classes``."""
+        """Class index of a patient's label in ``classes``; ``UNLABELLED`` when it has none."""
+        if not record.label:  # only sites loaded with labels_required=False have these
+            return UNLABELLED
         return self._index_in(self.classes, record.label, "label", record.row)
 
     def fine_label_index(self, record: PatientRecord) -> int | None:
@@ -197,9 +199,12 @@ def _parse_patients_csv(
     classes: tuple[str, ...] | None,
     fine_classes: tuple[str, ...] | None,
     problems: list[str],
+    labels_required: bool = True,
 ) -> _Parsed | None:
     """Parse ``patients.csv``, appending every problem found to ``problems``.
 
+    With ``labels_required`` False (scoring new patients) the label column may be absent
+    and a label cell empty: such patients get the label ``""`` (unknown).
     Returns None when the file cannot be parsed at all (missing, empty, bad header).
     """
     csv_path = site_dir / PATIENTS_CSV
@@ -230,11 +235,17 @@ def _parse_patients_csv(
     if dupes:
         problems.append(f"{csv_path} row {header_row}: duplicate column(s) {dupes} in header")
         return None
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    required = REQUIRED_COLUMNS if labels_required else ("patient_id",)
+    missing = [c for c in required if c not in header]
     if missing:
         problems.append(
             f"{csv_path} row {header_row}: missing required column(s) {missing}; header is "
             f"{header}, expected 'patient_id,label[,split][,fine_label]'"
+            + (
+                "; to score patients without a diagnosis use `micromil predict`"
+                if "label" in missing
+                else ""
+            )
         )
         return None
     known = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS)
@@ -257,7 +268,7 @@ def _parse_patients_csv(
             continue
         cells = [c.strip() for c in raw]
         pid = cells[col["patient_id"]]
-        label = cells[col["label"]]
+        label = cells[col["label"]] if "label" in col else ""
         split = cells[col["split"]] if "split" in col else None
         fine = cells[col["fine_label"]] if "fine_label" in col else None
         ok = True
@@ -280,11 +291,17 @@ def _parse_patients_csv(
                 ok = False
             else:
                 first_row[pid] = row
-        if not label:
-            problems.append(f"{csv_path} row {row}: empty label for patient {pid!r}")
+        if not label and labels_required:
+            problems.append(
+                f"{csv_path} row {row}: empty label for patient {pid!r}; fill it in, or score "
+                f"patients without a diagnosis with `micromil predict`"
+            )
             ok = False
-        elif classes is not None and label not in classes:
-            problems.append(f"{csv_path} row {row}: label {label!r} not in {_fmt_set(classes)}")
+        elif label and classes is not None and label not in classes:
+            unknown_hint = "" if labels_required else "; leave it empty when not known"
+            problems.append(
+                f"{csv_path} row {row}: label {label!r} not in {_fmt_set(classes)}{unknown_hint}"
+            )
             ok = False
         if split is not None and split not in SPLITS:
             shown = "empty split" if not split else f"split {split!r}"
@@ -305,7 +322,9 @@ def _parse_patients_csv(
 
     if n_rows == 0:
         problems.append(f"{csv_path} has a header but no patient rows; {_CSV_HELP}")
-    out_classes = classes if classes is not None else class_order(r.label for r in records)
+    out_classes = (
+        classes if classes is not None else class_order(r.label for r in records if r.label)
+    )
     if fine_classes is not None:
         out_fine = fine_classes
     else:
@@ -327,6 +346,7 @@ def load_site(
     path: str | Path,
     classes: Sequence[str] | None = None,
     fine_classes: Sequence[str] | None = None,
+    labels_required: bool = True,
 ) -> SiteData:
     """Parse a site folder's ``patients.csv`` strictly.
 
@@ -336,6 +356,8 @@ def load_site(
             sorted unique labels (numerically sorted when all labels are integers); pass the
             data root's classes so that every site maps labels to the same indices.
         fine_classes: the same for the optional ``fine_label`` column.
+        labels_required: False to score new patients (``micromil predict``): the label
+            column may then be missing or empty, and such bags get ``UNLABELLED``.
 
     Row numbers in errors are line numbers of the file: header = row 1, first patient = 2.
     Blank lines are skipped; surrounding whitespace in cells is ignored; columns other than
@@ -352,7 +374,7 @@ def load_site(
     classes_t = _check_vocabulary("classes", classes)
     fine_t = _check_vocabulary("fine_classes", fine_classes)
     problems: list[str] = []
-    parsed = _parse_patients_csv(site_dir, classes_t, fine_t, problems)
+    parsed = _parse_patients_csv(site_dir, classes_t, fine_t, problems, labels_required)
     if parsed is None or problems:
         raise _problems_error(problems)
     return SiteData(

@@ -71,8 +71,13 @@ def feature_dir_for(
 
     enc = get_encoder(spec, device=str(device), **data_cfg.encoder_options())
     result = extract_site_features(
-        site_path, list(patient_ids), enc, batch_size=data_cfg.batch_size, progress=progress,
-        crop_scales=data_cfg.crop_scales or None, scale_names=data_cfg.scales or None,
+        site_path,
+        list(patient_ids),
+        enc,
+        batch_size=data_cfg.batch_size,
+        progress=progress,
+        crop_scales=data_cfg.crop_scales or None,
+        scale_names=data_cfg.scales or None,
     )
     return result.feature_dir
 
@@ -85,6 +90,7 @@ def load_sites(
     expected_dim: int | None = None,
     progress: bool = False,
     fine_classes: Sequence[str] | None = None,
+    labels_required: bool = True,
 ) -> list[SiteBags]:
     """Load several sites with one shared class list and one feature dimension.
 
@@ -96,7 +102,7 @@ def load_sites(
     if not paths:
         raise SiteDataError("no site folder given; pass at least one --data SITE")
     if classes is None or fine_classes is None:
-        sites = [load_site(p) for p in paths]
+        sites = [load_site(p, labels_required=labels_required) for p in paths]
         if classes is None:
             classes = list(class_order(c for s in sites for c in s.classes))
         if fine_classes is None:
@@ -104,7 +110,9 @@ def load_sites(
             fine_classes = list(class_order(fines)) if fines else None
     out: list[SiteBags] = []
     for path in paths:
-        site = load_site(path, classes=classes, fine_classes=fine_classes)
+        site = load_site(
+            path, classes=classes, fine_classes=fine_classes, labels_required=labels_required
+        )
         ids = [p.patient_id for p in site.patients]
         fdir = feature_dir_for(path, ids, data_cfg, device, progress)
         bags = load_bags(site, feature_dir=fdir, expected_dim=expected_dim)
@@ -214,14 +222,19 @@ def with_fine_to_coarse(
 
 @torch.no_grad()
 def predict_fine(
-    model: Any, bags: list[Bag], device: torch.device, batch_size: int = 1
+    model: Any,
+    bags: list[Bag],
+    device: torch.device,
+    batch_size: int = 1,
+    labelled_only: bool = True,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Fine labels (n,) (-1 unknown) and fine probabilities (n, F) of a hierarchical model.
 
-    None when no bag has a fine label or the model gives no ``extras["fine_probs"]``.
+    None when the model gives no ``extras["fine_probs"]``, or (``labelled_only``, the
+    default, for metrics) when no bag has a fine label.
     """
     y_fine = np.array([-1 if b.fine_label is None else b.fine_label for b in bags], dtype=int)
-    if not bags or (y_fine < 0).all():
+    if not bags or (labelled_only and (y_fine < 0).all()):
         return None
     model.eval()
     probs = []
@@ -284,8 +297,16 @@ def _fit_fresh(
     init_model_from_bags(model, train_bags, cfg.train.seed)
     update, bar = _progress_printer(progress_label or "train", progress_label is not None)
     try:
-        result = fit(model, train_bags, val_bags, cfg.train, device, progress=update, epochs=epochs,
-                     baseline_stage=True)
+        result = fit(
+            model,
+            train_bags,
+            val_bags,
+            cfg.train,
+            device,
+            progress=update,
+            epochs=epochs,
+            baseline_stage=True,
+        )
     finally:
         if bar is not None:
             bar.close()
@@ -404,6 +425,67 @@ def model_params(model: Any, cfg: ExperimentConfig) -> dict[str, Any]:
     return params_to_dict(params) if params is not None else dict(cfg.model.params)
 
 
+@dataclass
+class _LoadedCheckpoint:
+    """A checkpoint's model on its device, and the sites to run it on."""
+
+    ckpt: Checkpoint
+    model: Any
+    device: torch.device
+    sites: list[SiteBags]
+
+    def model_inputs(self, sb: SiteBags, bags: list[Bag]) -> list[Bag]:
+        """``bags`` of site ``sb`` standardised the way the model was trained."""
+        scaler = self.ckpt.scaler
+        if self.ckpt.provenance.get("scaler") == "site":  # trained with per-site statistics
+            scaler = FeatureScaler.fit(sb.bags)
+        return scaler.transform_all(bags) if scaler else bags
+
+
+def _load_checkpoint_and_sites(
+    checkpoint: str | Path,
+    site_paths: Sequence[str | Path],
+    device: str,
+    data_cfg: DataConfig | None,
+    progress: bool,
+    labels_required: bool,
+) -> _LoadedCheckpoint:
+    ckpt = load_checkpoint(checkpoint)
+    dev = resolve_device(device)
+    model = ckpt.build_model().to(dev)
+    if data_cfg is None:  # the encoder's options travel with the checkpoint's config
+        data_cfg = build_config({"data": dict(ckpt.config.get("data", {}))}).data
+    # Features must come from the encoder the model was trained on, whatever is asked.
+    data_cfg = replace(data_cfg, encoder=ckpt.encoder)
+    sites = load_sites(
+        site_paths,
+        data_cfg,
+        dev,
+        classes=ckpt.classes,
+        expected_dim=ckpt.in_dim,
+        progress=progress,
+        # A hierarchical model's fine outputs follow the fine classes it was trained with.
+        fine_classes=ckpt.fine_classes if ckpt.params.get("fine_to_coarse") else None,
+        labels_required=labels_required,
+    )
+    return _LoadedCheckpoint(ckpt, model, dev, sites)
+
+
+def _write_explanations(run: _LoadedCheckpoint, sb: SiteBags, bags: list[Bag], out: Path) -> None:
+    from micromil_core.explain import write_explanations
+
+    scaled = run.model_inputs(sb, bags)
+    write_explanations(run.model, run.ckpt, sb, bags, scaled, run.device, out / sb.site.name)
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     site_paths: Sequence[str | Path],
@@ -421,35 +503,17 @@ def evaluate_checkpoint(
     ``explain`` also OUT/explain/ galleries.
     """
     out = Path(out)
-    ckpt = load_checkpoint(checkpoint)
-    dev = resolve_device(device)
-    model = ckpt.build_model().to(dev)
-    if data_cfg is None:  # the encoder's options travel with the checkpoint's config
-        data_cfg = build_config({"data": dict(ckpt.config.get("data", {}))}).data
-    # Features must come from the encoder the model was trained on, whatever is asked.
-    data_cfg = replace(data_cfg, encoder=ckpt.encoder)
-    sites = load_sites(
-        site_paths,
-        data_cfg,
-        dev,
-        classes=ckpt.classes,
-        expected_dim=ckpt.in_dim,
-        progress=progress,
-        # A hierarchical model's fine outputs follow the fine classes it was trained with.
-        fine_classes=ckpt.fine_classes if ckpt.params.get("fine_to_coarse") else None,
-    )
+    run = _load_checkpoint_and_sites(checkpoint, site_paths, device, data_cfg, progress, True)
+    ckpt, model, dev = run.ckpt, run.model, run.device
     per_site: dict[str, Any] = {}
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     all_y, all_p, rows = [], [], []
     all_fine: list[tuple[np.ndarray, np.ndarray]] = []
-    for sb in sites:
+    for sb in run.sites:
         bags = sb.by_split(split) if split else sb.bags
         if not bags:
             raise SiteDataError(f"site {sb.site.path}: no patients in split {split!r}")
-        scaler = ckpt.scaler
-        if ckpt.provenance.get("scaler") == "site":  # trained with per-site statistics
-            scaler = FeatureScaler.fit(sb.bags)
-        scaled = scaler.transform_all(bags) if scaler else bags
+        scaled = run.model_inputs(sb, bags)
         y, probs = predict_bags(model, scaled, dev)
         per_site[sb.site.name] = classification_metrics(y, probs)
         fine = predict_fine(model, scaled, dev)
@@ -466,9 +530,7 @@ def evaluate_checkpoint(
                 row += [fine_name, *map(float, fine[1][i])]
             rows.append(row)
         if explain:
-            from micromil_core.explain import write_explanations
-
-            write_explanations(model, ckpt, sb, bags, scaled, dev, out / "explain" / sb.site.name)
+            _write_explanations(run, sb, bags, out / "explain")
     y_all, p_all = np.concatenate(all_y), np.concatenate(all_p)
     metrics: dict[str, Any] = classification_metrics(y_all, p_all)
     if all_fine:
@@ -477,20 +539,77 @@ def evaluate_checkpoint(
     metrics["checkpoint"] = str(checkpoint)
     metrics["split"] = split or "all"
     write_json_atomic(out / "metrics.json", metrics)
-    buf = io.StringIO()
-    writer = csv.writer(buf)
     header = ["site", "patient_id", "label", *[f"prob_{c}" for c in ckpt.classes]]
     if all_fine:
         header += ["fine_label", *[f"prob_fine_{c}" for c in ckpt.fine_classes]]
         # A site without fine outputs leaves those columns empty.
         rows = [r + [""] * (len(header) - len(r)) for r in rows]
-    writer.writerow(header)
-    writer.writerows(rows)
-    write_text_atomic(out / "predictions.csv", buf.getvalue())
+    _write_csv(out / "predictions.csv", header, rows)
     if len(curves) > 1:
         curves["all sites"] = (y_all, p_all)
     plot_roc(curves, out / "roc.png", title=f"{ckpt.model_name}: evaluation")
     return metrics
+
+
+def predict_checkpoint(
+    checkpoint: str | Path,
+    site_paths: Sequence[str | Path],
+    out: str | Path,
+    explain: bool = False,
+    device: str = "auto",
+    data_cfg: DataConfig | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Score patients whose diagnosis is not known (yet): the clinical use of a model.
+
+    The sites' ``patients.csv`` need only a ``patient_id`` column; a label, where given,
+    is copied to the output but never required. Writes OUT/predictions.csv (per patient:
+    the predicted class and every class probability, plus the fine class of a
+    hierarchical model) and OUT/summary.json (patients per predicted class and site: counts
+    only); with ``explain`` also OUT/explain/ galleries. All of it stays on this site.
+    """
+    out = Path(out)
+    run = _load_checkpoint_and_sites(checkpoint, site_paths, device, data_cfg, progress, False)
+    ckpt = run.ckpt
+    fine_names = ckpt.fine_classes if ckpt.params.get("fine_to_coarse") else None
+    header = ["site", "patient_id", "predicted", *[f"prob_{c}" for c in ckpt.classes]]
+    if fine_names:
+        header += ["predicted_fine", *[f"prob_fine_{c}" for c in fine_names]]
+    header.append("label")
+    rows: list[list[Any]] = []
+    per_site: dict[str, Any] = {}
+    for sb in run.sites:
+        scaled = run.model_inputs(sb, sb.bags)
+        _, probs = predict_bags(run.model, scaled, run.device)
+        fine = predict_fine(run.model, scaled, run.device, labelled_only=False)
+        predicted = probs.argmax(axis=1)
+        for i, bag in enumerate(sb.bags):
+            row = [sb.site.name, bag.patient_id, ckpt.classes[predicted[i]], *map(float, probs[i])]
+            if fine_names:
+                fine_probs = fine[1][i] if fine is not None else None
+                row += (
+                    [fine_names[int(fine_probs.argmax())], *map(float, fine_probs)]
+                    if fine_probs is not None
+                    else [""] * (len(fine_names) + 1)
+                )
+            row.append(ckpt.classes[bag.label] if bag.label >= 0 else "")
+            rows.append(row)
+        per_site[sb.site.name] = {
+            "n": len(sb.bags),
+            "predicted": {c: int((predicted == k).sum()) for k, c in enumerate(ckpt.classes)},
+        }
+        if explain:
+            _write_explanations(run, sb, sb.bags, out / "explain")
+    _write_csv(out / "predictions.csv", header, rows)
+    summary = {
+        "n": len(rows),
+        "per_site": per_site,
+        "classes": list(ckpt.classes),
+        "checkpoint": str(checkpoint),
+        "decision": "the class of highest probability",
+    }
+    write_json_atomic(out / "summary.json", summary)
+    return summary
 
 
 def cross_validate(
@@ -552,7 +671,13 @@ def cross_validate(
             done["folds"][str(k)]["fine_probs"] = fine[1].tolist()
             oof_fine = _store_fine(oof_fine, len(sb.bags), test_idx, fine[1])
         write_json_atomic(state_path, done)
-        log.info("fold %d/%d: auc=%.3f acc=%.3f", k + 1, folds, fold_metrics["auc"], fold_metrics["accuracy"])
+        log.info(
+            "fold %d/%d: auc=%.3f acc=%.3f",
+            k + 1,
+            folds,
+            fold_metrics["auc"],
+            fold_metrics["accuracy"],
+        )
     per_fold = [done["folds"][str(k)]["metrics"] for k in range(folds)]
     summary: dict[str, Any] = summarize_folds(per_fold)
     summary["pooled_out_of_fold"] = classification_metrics(labels, oof)
@@ -564,7 +689,11 @@ def cross_validate(
     summary["model"] = cfg.model.name
     summary["site"] = sb.site.name
     write_json_atomic(out / "metrics.json", summary)
-    plot_roc({f"{cfg.model.name} (out-of-fold)": (labels, oof)}, out / "roc.png", title=f"{folds}-fold CV")
+    plot_roc(
+        {f"{cfg.model.name} (out-of-fold)": (labels, oof)},
+        out / "roc.png",
+        title=f"{folds}-fold CV",
+    )
     return summary
 
 

@@ -59,6 +59,32 @@ def test_prepare_train_evaluate_explain(ucsb, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "site-3" in printed and "metrics.json" in printed
 
+    # The same held-out patients, scored as new patients whose diagnosis is not known:
+    # patients.csv lists ids only. Same probabilities as evaluate, decision = argmax.
+    new = tmp_path / "new-patients"
+    new.mkdir()
+    (new / "features").symlink_to((ucsb / "site-3" / "features").resolve())
+    ids = [r["patient_id"] for r in rows]
+    (new / "patients.csv").write_text("patient_id\n" + "\n".join(ids) + "\n")
+    assert main(["evaluate", "--model", str(run / "model.pt"), "--data", str(new),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "micromil predict" in capsys.readouterr().err
+    pred = tmp_path / "pred"
+    assert main(["predict", "--model", str(run / "model.pt"), "--data", str(new),
+                 "--explain", "--out", str(pred)]) == 0
+    with open(pred / "predictions.csv") as fh:
+        scored = list(csv.DictReader(fh))
+    assert [r["patient_id"] for r in scored] == ids
+    for s, e in zip(scored, rows, strict=True):
+        probs = {c: float(s[f"prob_{c}"]) for c in ("negative", "positive")}
+        assert probs["positive"] == pytest.approx(float(e["prob_positive"]), abs=1e-6)
+        assert s["predicted"] == max(probs, key=probs.get) and s["label"] == ""
+    summary = json.loads((pred / "summary.json").read_text())
+    assert sum(summary["per_site"]["new-patients"]["predicted"].values()) == len(ids)
+    assert not any(pid in json.dumps(summary) for pid in ids)  # counts only, no ids
+    assert len(list((pred / "explain" / "new-patients").glob("*.png"))) == len(ids)
+    assert f"new-patients: {len(ids)} patients scored" in capsys.readouterr().out
+
 
 def test_cv_same_folds_and_resume(tmp_path, monkeypatch):
     data = tmp_path / "musk1"

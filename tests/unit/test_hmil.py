@@ -36,6 +36,7 @@ from micromil_core.training.metrics import METRIC_KEYS, fine_metrics, summarize_
 from micromil_core.training.pipeline import (
     evaluate_checkpoint,
     load_sites,
+    predict_checkpoint,
     train_pooled,
     with_fine_to_coarse,
 )
@@ -289,6 +290,21 @@ def test_train_and_evaluate_write_fine_metrics(tmp_path: Path) -> None:
     for r in rows:
         assert r["fine_label"] in COARSE_OF
         assert sum(float(r[c]) for c in fine_cols) == pytest.approx(1.0, abs=1e-4)
+    # Scoring the same patients without any label gives the same fine probabilities and
+    # names the most probable fine class.
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "features").symlink_to(site / "features")
+    ids = [r["patient_id"] for r in rows]
+    (tmp_path / "new" / "patients.csv").write_text("patient_id\n" + "\n".join(ids) + "\n")
+    predict_checkpoint(tmp_path / "run" / "model.pt", [tmp_path / "new"], tmp_path / "pred")
+    with open(tmp_path / "pred" / "predictions.csv") as fh:
+        scored = list(csv.DictReader(fh))
+    assert [r["patient_id"] for r in scored] == ids
+    for r, e in zip(scored, rows, strict=True):
+        probs = [float(r[c]) for c in fine_cols]
+        assert probs == pytest.approx([float(e[c]) for c in fine_cols], abs=1e-6)
+        assert r["predicted_fine"] == ("adh", "dcis", "fea", "ic")[int(np.argmax(probs))]
+        assert r["label"] == ""
     # A flat model gets no fine metrics.
     flat = train_pooled([site], _cfg("abmil", embed_dims="8", attn_dim=4), tmp_path / "flat")
     assert "fine_accuracy" not in flat["test"]

@@ -16,6 +16,7 @@ import torch
 import yaml
 from PIL import Image
 
+from micromil_core.data.bag import UNLABELLED
 from micromil_core.data.features import read_feature_file, write_feature_file
 from micromil_core.data.site import (
     DataRoot,
@@ -254,6 +255,24 @@ def test_load_bags_maps_labels_and_fine_labels(tmp_path: Path) -> None:
     assert [b.num_instances for b in bags] == [2, 3, 4, 5]
     subset = load_bags(data, patient_ids=data.split_ids("train")[::-1])
     assert [b.patient_id for b in subset] == ["p2", "p1"]
+
+
+def test_unlabelled_patients_only_when_scoring(tmp_path: Path) -> None:
+    ids_only = make_site(tmp_path / "a", "patient_id\np1\np2\n", {"p1": feats(2), "p2": feats(3)})
+    with pytest.raises(SiteDataError, match="missing required column.*micromil predict"):
+        load_site(ids_only)
+    data = load_site(ids_only, classes=["benign", "malignant"], labels_required=False)
+    assert [b.label for b in load_bags(data)] == [UNLABELLED, UNLABELLED]
+    # Some labels known: those map as usual, the empty ones are unlabelled.
+    mixed = make_site(tmp_path / "b", "patient_id,label\np1,malignant\np2,\n")
+    with pytest.raises(SiteDataError, match="row 3: empty label.*micromil predict"):
+        load_site(mixed)
+    data = load_site(mixed, classes=["benign", "malignant"], labels_required=False)
+    assert [data.label_index(r) for r in data.patients] == [1, UNLABELLED]
+    # A label that is given must still be one of the model's classes.
+    typo = make_site(tmp_path / "c", "patient_id,label\np1,malignent\n")
+    with pytest.raises(SiteDataError, match="row 2: label 'malignent'.*leave it empty"):
+        load_site(typo, classes=["benign", "malignant"], labels_required=False)
 
 
 def test_load_bags_feature_dir_override(tmp_path: Path) -> None:
