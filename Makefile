@@ -7,7 +7,7 @@ MICROMIL := $(VENV)/bin/micromil
 TORCH_SPEC ?= torch==2.13.0
 FASHION := /usr/share/datasets/fashion-mnist
 
-.PHONY: install test demo lint clean-demo system-data
+.PHONY: install test demo lint clean-demo system-data system-tools
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,7 +25,12 @@ system-data:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
 	  else echo "run: sudo apt-get install dataset-fashion-mnist" >&2; exit 1; fi; fi
 
-test: install system-data
+# systemd-analyze checks the service units in deploy/systemd (its test skips without it).
+system-tools:
+	@if ! command -v systemd-analyze >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends systemd; fi
+
+test: install system-data system-tools
 	$(PY) -m pytest -q
 
 lint: install

@@ -8,6 +8,8 @@ import fnmatch
 import posixpath
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -383,3 +385,33 @@ def test_systemd_unit(role):
     assert "/var/lib/micromil" in writable
     if role == "site":
         assert svc.get("PrivateDevices", ["no"])[-1] != "yes", "GPU hospitals need /dev/nvidia*"
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None,
+    reason="systemd-analyze not installed (`make test` installs it when run as root)",
+)
+@pytest.mark.parametrize("role", sorted(UNITS))
+def test_systemd_accepts_unit(role, tmp_path):
+    """systemd's own parser reads the unit without a single complaint (unknown keys or
+    sections, bad values, a relative ExecStart...). The venv paths are pointed at stub
+    programs, since this machine has no /opt/micromil install."""
+    path, program, _ = UNITS[role]
+    stub = tmp_path / "bin" / program
+    stub.parent.mkdir()
+    stub.write_text("#!/bin/sh\n")
+    stub.chmod(0o755)
+    unit = tmp_path / path.name
+    unit.write_text(path.read_text().replace("/opt/micromil/venv/bin/", f"{stub.parent}/"))
+    done = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(unit)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0 and done.stderr.strip() == "", done.stderr
+    # The check itself must be able to fail: a misspelt key is reported.
+    unit.write_text(unit.read_text().replace("RestartSec=", "RestartSek="))
+    done = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(unit)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert "Unknown key 'RestartSek'" in done.stderr
