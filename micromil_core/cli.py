@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -97,7 +98,11 @@ def _print_json(obj: object) -> None:
 
 def _brief(metrics: dict) -> str:
     keys = ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity")
-    return "  ".join(f"{k}={metrics[k]:.3f}" for k in keys if k in metrics)
+    text = "  ".join(f"{k}={metrics[k]:.3f}" for k in keys if k in metrics)
+    ci = metrics.get("ci95", {}).get("auc")
+    if ci and all(math.isfinite(v) for v in ci):
+        text += f"  (auc 95% CI {ci[0]:.3f}-{ci[1]:.3f}, bootstrap)"
+    return text
 
 
 # ---------------------------------------------------------------- commands
@@ -269,12 +274,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from micromil_core.report import comparison_rows, format_table
+    from micromil_core.report import comparison_keys, comparison_rows, format_table
     from server.simulation import compare
 
     cfg = _experiment_config(args)
     table = compare(cfg, args.out)
-    print(format_table(comparison_rows(table)))
+    rows = comparison_rows(table)
+    print(format_table(rows, comparison_keys(rows)))
     out = Path(args.out)
     print(f"\ntable: {out / 'metrics.json'}  report: {out / 'federated' / 'report.html'}")
     return 0

@@ -78,6 +78,9 @@ def _nan(value: Any) -> float:
 
 
 def _fmt_metric(key: str, value: Any) -> str:
+    if isinstance(value, (list, tuple)) and len(value) == 2:  # an interval [low, high]
+        low, high = (_num(v) for v in value)
+        return "n/a" if low is None or high is None else f"{low:.3f}–{high:.3f}"
     v = _num(value)
     if v is None:
         return "n/a"
@@ -147,11 +150,19 @@ def format_table(
     return "\n".join(lines)
 
 
+def comparison_keys(rows: Mapping[str, Mapping[str, Any]]) -> tuple[str, ...]:
+    """Columns of a comparison table: ``CORE_KEYS``, with the AUC interval when known."""
+    if any("auc_ci95" in m for m in rows.values()):
+        return ("auc", "auc_ci95", *CORE_KEYS[1:])
+    return CORE_KEYS
+
+
 def comparison_rows(comparison: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Flatten compare.json into table rows: federated, pooled, local_mean, local/<site>.
 
     A nested ``{"local": {site: metrics}}`` becomes ``local/<site>`` rows; rows already
     flattened (``"local/site-0"``) and any other named approach are kept as they are.
+    A row's bootstrap interval (``ci95``) adds its ``auc_ci95`` column.
     """
     rows: dict[str, dict[str, Any]] = {}
     for name in _COMPARE_ORDER:
@@ -166,6 +177,10 @@ def comparison_rows(comparison: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
                     rows[f"local/{site}"] = dict(site_metrics)
         else:
             rows[name] = dict(metrics)
+    for metrics in rows.values():
+        ci = metrics.get("ci95")
+        if isinstance(ci, Mapping) and "auc" in ci:
+            metrics["auc_ci95"] = ci["auc"]
     return rows
 
 
@@ -703,7 +718,7 @@ def _comparison_section(comparison: Mapping[str, Any] | None) -> str:
     uri = _bars_figure(
         names, {"AUC": auc}, "AUC", "held-out AUC by training setup", (0, 1.05), colors
     )
-    body = _metric_table(rows, CORE_KEYS, "setup") + _img(uri, "AUC by training setup")
+    body = _metric_table(rows, comparison_keys(rows), "setup") + _img(uri, "AUC by training setup")
     return _section("comparison", "Federated vs pooled vs local", body)
 
 

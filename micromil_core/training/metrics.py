@@ -60,6 +60,79 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, f
     }
 
 
+def bootstrap_intervals(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    n_resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, list[float]]:
+    """Percentile intervals of ``METRIC_KEYS`` from a stratified bootstrap over patients.
+
+    Each resample draws, with replacement, as many patients of each class as there are, so
+    every resample has the class mix of the data and AUC stays defined. A held-out hospital
+    of 19 patients gives an AUC interval about 0.4 wide: the intervals say how far a figure
+    can be trusted. Metrics undefined on the data (AUC with one class) get [nan, nan].
+    """
+    y_true = np.asarray(y_true, dtype=int)
+    probs = np.asarray(probs, dtype=float)
+    rng = np.random.default_rng(seed)
+    if probs.shape[1] == 2 and set(np.unique(y_true)) == {0, 1}:
+        draws = _binary_bootstrap(y_true, probs, n_resamples, rng)
+    else:  # multi-class or one class only: the general (slower) path, fewer resamples
+        by_class = [np.flatnonzero(y_true == c) for c in np.unique(y_true)]
+        rows = []
+        for _ in range(min(n_resamples, 500)):
+            idx = np.concatenate([rng.choice(members, size=members.size) for members in by_class])
+            rows.append(classification_metrics(y_true[idx], probs[idx]))
+        draws = {key: np.array([r[key] for r in rows], dtype=float) for key in METRIC_KEYS}
+    tail = 100 * (1 - confidence) / 2
+    out: dict[str, list[float]] = {}
+    for key in METRIC_KEYS:
+        v = draws[key][np.isfinite(draws[key])]
+        out[key] = (
+            [float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))]
+            if v.size
+            else [math.nan, math.nan]
+        )
+    return out
+
+
+def _binary_bootstrap(
+    y_true: np.ndarray, probs: np.ndarray, n_resamples: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """``METRIC_KEYS`` of every stratified resample at once (both classes present).
+
+    Same definitions as :func:`classification_metrics`: argmax decision (a tie goes to
+    class 0), AUC as the probability that a positive outranks a negative (ties count 1/2).
+    """
+    from scipy.stats import rankdata
+
+    pos, neg = np.flatnonzero(y_true == 1), np.flatnonzero(y_true == 0)
+    n1, n0 = pos.size, neg.size
+    draw = np.concatenate(
+        [rng.choice(neg, size=(n_resamples, n0)), rng.choice(pos, size=(n_resamples, n1))],
+        axis=1,
+    )  # (R, n): negatives first, then positives
+    score = probs[draw, 1]
+    ranks = rankdata(score, axis=1)  # average ranks for ties
+    auc = (ranks[:, n0:].sum(axis=1) - n1 * (n1 + 1) / 2) / (n1 * n0)
+    called = probs[draw, 1] > probs[draw, 0]
+    tp = called[:, n0:].sum(axis=1)
+    fp = called[:, :n0].sum(axis=1)
+    sens, spec = tp / n1, (n0 - fp) / n0
+    denom = 2 * tp + fp + (n1 - tp)
+    f1 = np.divide(2 * tp, denom, out=np.zeros(n_resamples), where=denom > 0)
+    return {
+        "auc": auc,
+        "accuracy": (tp + n0 - fp) / (n0 + n1),
+        "balanced_accuracy": (sens + spec) / 2,
+        "f1": f1,
+        "sensitivity": sens,
+        "specificity": spec,
+    }
+
+
 def roc_auc(y_true: np.ndarray, probs: np.ndarray) -> float:
     y_true = np.asarray(y_true, dtype=int)
     present = np.unique(y_true)

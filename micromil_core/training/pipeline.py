@@ -29,7 +29,12 @@ from micromil_core.io import write_json_atomic, write_text_atomic
 from micromil_core.models.registry import build_model, params_from_dict
 from micromil_core.runtime import resolve_device, seed_everything, set_threads
 from micromil_core.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from micromil_core.training.metrics import classification_metrics, fine_metrics, summarize_folds
+from micromil_core.training.metrics import (
+    bootstrap_intervals,
+    classification_metrics,
+    fine_metrics,
+    summarize_folds,
+)
 from micromil_core.training.plots import plot_curves, plot_roc
 from micromil_core.training.trainer import (
     EpochLog,
@@ -498,7 +503,8 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on every patient (or one split) of each site.
 
-    Writes OUT/metrics.json (core keys over all sites pooled, plus ``per_site``),
+    Writes OUT/metrics.json (core keys over all sites pooled, plus ``per_site``; each with
+    ``ci95``, bootstrap intervals over patients),
     OUT/predictions.csv (per patient: stays on this site's disk) and OUT/roc.png; with
     ``explain`` also OUT/explain/ galleries.
     """
@@ -516,6 +522,7 @@ def evaluate_checkpoint(
         scaled = run.model_inputs(sb, bags)
         y, probs = predict_bags(model, scaled, dev)
         per_site[sb.site.name] = classification_metrics(y, probs)
+        per_site[sb.site.name]["ci95"] = bootstrap_intervals(y, probs)
         fine = predict_fine(model, scaled, dev)
         if fine is not None:
             per_site[sb.site.name].update(fine_metrics(*fine))
@@ -533,6 +540,7 @@ def evaluate_checkpoint(
             _write_explanations(run, sb, bags, out / "explain")
     y_all, p_all = np.concatenate(all_y), np.concatenate(all_p)
     metrics: dict[str, Any] = classification_metrics(y_all, p_all)
+    metrics["ci95"] = bootstrap_intervals(y_all, p_all)
     if all_fine:
         metrics.update(fine_metrics(*(np.concatenate(a) for a in zip(*all_fine, strict=True))))
     metrics["per_site"] = per_site

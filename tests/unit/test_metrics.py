@@ -72,3 +72,60 @@ def test_corrected_ttest_inflates_the_variance_by_the_test_train_ratio() -> None
     assert out["p"] > corrected_paired_ttest(d, 0.0)["p"]
     with pytest.raises(ValueError, match="at least 2"):
         corrected_paired_ttest(np.array([0.1, math.nan]), 0.1)
+
+
+def _scores(n: int, seed: int = 0, ties: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    s = np.clip(0.3 * y + 0.7 * rng.random(n), 0, 1)
+    s[:ties] = 0.5  # exact ties with the decision boundary and with each other
+    return y, np.stack([1 - s, s], axis=1)
+
+
+def test_bootstrap_fast_path_matches_the_metric_definitions():
+    """Every resample of the vectorised binary path equals classification_metrics on
+    the same patients, ties included."""
+    from micromil_core.training.metrics import _binary_bootstrap
+
+    y, probs = _scores(60, ties=8)
+    fast = _binary_bootstrap(y, probs, 20, np.random.default_rng(3))
+    rng = np.random.default_rng(3)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    draw = np.concatenate(
+        [rng.choice(neg, size=(20, neg.size)), rng.choice(pos, size=(20, pos.size))], axis=1
+    )
+    for r in range(20):
+        slow = classification_metrics(y[draw[r]], probs[draw[r]])
+        for key in METRIC_KEYS:
+            assert fast[key][r] == pytest.approx(slow[key], abs=1e-12), key
+
+
+def test_bootstrap_intervals_cover_the_estimate_and_shrink_with_patients():
+    from micromil_core.training.metrics import bootstrap_intervals
+
+    widths = []
+    for n in (20, 500):
+        y, probs = _scores(n, seed=1)
+        point = classification_metrics(y, probs)
+        ci = bootstrap_intervals(y, probs)
+        assert set(ci) == set(METRIC_KEYS)
+        for key in METRIC_KEYS:
+            assert ci[key][0] <= point[key] <= ci[key][1], key
+        widths.append(ci["auc"][1] - ci["auc"][0])
+    assert widths[1] < widths[0] / 2  # about 1/sqrt(n)
+    assert bootstrap_intervals(y, probs) == bootstrap_intervals(y, probs)  # seeded
+
+
+def test_bootstrap_intervals_one_class_and_multiclass():
+    from micromil_core.training.metrics import bootstrap_intervals
+
+    one = bootstrap_intervals(np.ones(6, dtype=int), np.tile([[0.3, 0.7]], (6, 1)))
+    assert all(math.isnan(v) for v in one["auc"]) and one["sensitivity"] == [1.0, 1.0]
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 10)
+    probs = rng.dirichlet(np.ones(3), 30)
+    probs[np.arange(30), y] += 1.0
+    probs /= probs.sum(axis=1, keepdims=True)
+    ci = bootstrap_intervals(y, probs, n_resamples=200)
+    point = classification_metrics(y, probs)
+    assert ci["auc"][0] <= point["auc"] <= ci["auc"][1] <= 1.0

@@ -12,6 +12,7 @@ import pytest
 from micromil_core.report import (
     CORE_KEYS,
     ReportError,
+    comparison_keys,
     comparison_rows,
     format_table,
     render_report,
@@ -227,3 +228,17 @@ def test_format_table_markdown():
         r"| local/a\|b | n/a | n/a | n/a |",
     ]
     assert format_table({}, CORE_KEYS).count("\n") == 1
+
+
+def test_comparison_table_shows_the_auc_interval_when_known():
+    table = _comparison()
+    assert comparison_keys(comparison_rows(table)) == CORE_KEYS  # no intervals: no column
+    table["federated"]["ci95"] = {"auc": [0.61, 0.93], "accuracy": [0.5, 0.8]}
+    rows = comparison_rows(table)
+    keys = comparison_keys(rows)
+    assert keys[:2] == ("auc", "auc_ci95")
+    lines = format_table(rows, keys).splitlines()
+    federated = next(line for line in lines if line.startswith("| federated "))
+    assert "| 0.610–0.930 |" in federated
+    pooled = next(line for line in lines if line.startswith("| pooled "))
+    assert pooled.split("|")[3].strip() == "n/a"
