@@ -148,7 +148,7 @@ def cmd_datasets_list(args: argparse.Namespace) -> int:
 def cmd_check_site(args: argparse.Namespace) -> int:
     from micromil_core.data.site import check_site
 
-    report = check_site(args.site)
+    report = check_site(args.site, labels_required=not args.unlabelled)
     if args.json:
         _print_json(report.to_dict())
     else:
@@ -167,7 +167,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         options["input_size"] = args.input_size
     encoder = get_encoder(args.encoder, device=str(device), **options)
     for site_path in args.data:
-        site = load_site(site_path)
+        site = load_site(site_path, labels_required=False)  # extraction needs no labels
         result = extract_site_features(
             site_path,
             [p.patient_id for p in site.patients],
@@ -274,13 +274,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from micromil_core.report import comparison_keys, comparison_rows, format_table
+    from micromil_core.report import (
+        comparison_keys,
+        comparison_rows,
+        format_paired_difference,
+        format_table,
+    )
     from server.simulation import compare
 
     cfg = _experiment_config(args)
     table = compare(cfg, args.out)
     rows = comparison_rows(table)
     print(format_table(rows, comparison_keys(rows)))
+    paired = format_paired_difference(table)
+    if paired:
+        print(f"\n{paired}")
     out = Path(args.out)
     print(f"\ntable: {out / 'metrics.json'}  report: {out / 'federated' / 'report.html'}")
     return 0
@@ -360,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-site", help="validate a site folder and print a report")
     p.add_argument("site")
     p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.add_argument(
+        "--unlabelled",
+        action="store_true",
+        help="a folder of patients to score with `micromil predict`: labels may be missing",
+    )
     p.set_defaults(func=cmd_check_site)
 
     p = sub.add_parser("extract", help="images -> cached instance features")

@@ -51,6 +51,8 @@ REPORT_FILE = "report.html"
 _DPI = 100
 # Comparison rows that are not per-site baselines, in display order.
 _COMPARE_ORDER = ("federated", "pooled", "local_mean")
+# compare.json's paired difference (not a row): federated minus pooled, same patients.
+PAIRED_KEY = "federated_minus_pooled"
 
 
 class ReportError(MicroMILError, ValueError):
@@ -169,7 +171,7 @@ def comparison_rows(comparison: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         if isinstance(comparison.get(name), Mapping):
             rows[name] = dict(comparison[name])
     for name, metrics in comparison.items():
-        if name in rows or not isinstance(metrics, Mapping):
+        if name in rows or name == PAIRED_KEY or not isinstance(metrics, Mapping):
             continue
         if name == "local":
             for site, site_metrics in metrics.items():
@@ -182,6 +184,26 @@ def comparison_rows(comparison: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         if isinstance(ci, Mapping) and "auc" in ci:
             metrics["auc_ci95"] = ci["auc"]
     return rows
+
+
+def format_paired_difference(comparison: Mapping[str, Any]) -> str:
+    """One sentence on federated minus pooled (AUC and accuracy), or "" when not known."""
+    paired = comparison.get(PAIRED_KEY)
+    if not isinstance(paired, Mapping):
+        return ""
+    parts = []
+    for key in ("auc", "accuracy"):
+        d = paired.get(key)
+        if isinstance(d, Mapping) and all(_num(d.get(k)) is not None for k in ("difference", "low", "high")):
+            parts.append(
+                f"{key} {d['difference']:+.3f} (95% CI {d['low']:+.3f} to {d['high']:+.3f})"
+            )
+    if not parts:
+        return ""
+    return (
+        "federated minus pooled, on the same held-out patients (paired bootstrap): "
+        + "; ".join(parts)
+    )
 
 
 # ----------------------------------------------------------------------------- history access
@@ -718,7 +740,12 @@ def _comparison_section(comparison: Mapping[str, Any] | None) -> str:
     uri = _bars_figure(
         names, {"AUC": auc}, "AUC", "held-out AUC by training setup", (0, 1.05), colors
     )
-    body = _metric_table(rows, comparison_keys(rows), "setup") + _img(uri, "AUC by training setup")
+    paired = format_paired_difference(comparison)
+    body = (
+        _metric_table(rows, comparison_keys(rows), "setup")
+        + (f"<p>{_esc(paired)}</p>" if paired else "")
+        + _img(uri, "AUC by training setup")
+    )
     return _section("comparison", "Federated vs pooled vs local", body)
 
 

@@ -17,6 +17,7 @@ from micromil_core.config import ExperimentConfig
 from micromil_core.data.site import read_sites_yaml
 from micromil_core.errors import ConfigError, SiteDataError
 from micromil_core.federated.site_task import SiteSettings
+from micromil_core.report import PAIRED_KEY
 
 log = logging.getLogger("micromil.simulate")
 
@@ -134,11 +135,25 @@ def simulate(
     return results[0].metrics
 
 
+def _paired_difference(run_a: Path, run_b: Path) -> dict[str, Any] | None:
+    """Held-out metrics of run A minus run B on the same patients, paired bootstrap."""
+    from micromil_core.training.metrics import paired_bootstrap_difference
+    from micromil_core.training.pipeline import read_predictions
+
+    keys_a, y, probs_a = read_predictions(run_a / "heldout" / "predictions.csv")
+    keys_b, _, probs_b = read_predictions(run_b / "heldout" / "predictions.csv")
+    if keys_a != keys_b:  # both evaluate the same held-out sites in the same order
+        raise ValueError(f"{run_a} and {run_b} were judged on different patients")
+    return paired_bootstrap_difference(y, probs_a, probs_b)
+
+
 def compare(cfg: ExperimentConfig, out: str | Path) -> dict[str, Any]:
     """Local-only (each site), pooled and federated models, all judged on the held-out sites.
 
     Local and pooled models train for rounds x local_epochs epochs (the same passes over
-    the data as the federation), with the usual validation-based selection.
+    the data as the federation), with the usual validation-based selection. The table also
+    holds ``federated_minus_pooled``: each metric's difference on the same held-out
+    patients with its paired bootstrap interval (binary tasks).
     """
     from micromil_core.io import write_json_atomic
     from micromil_core.report import write_report
@@ -181,6 +196,9 @@ def compare(cfg: ExperimentConfig, out: str | Path) -> dict[str, Any]:
     table["local_mean"] = {
         k: sum(m[k] for m in table["local"].values()) / len(table["local"]) for k in keys
     }
+    paired = _paired_difference(out / "federated", out / "pooled")
+    if paired is not None:
+        table[PAIRED_KEY] = paired
     write_json_atomic(out / "metrics.json", table)
     write_json_atomic(out / "timing.json", timing)
     write_json_atomic(out / "federated" / "compare.json", table)

@@ -478,19 +478,20 @@ class SiteReport:
         lines = [f"site {self.path}: {'OK' if self.ok else 'PROBLEMS FOUND'}"]
         if "n_patients" in s:
             lines.append(f"  patients: {s['n_patients']}")
-            lines.append(
-                "  per class: "
-                + ", ".join(f"{k}={v}" for k, v in s.get("patients_per_class", {}).items())
-            )
+            counts = [f"{k}={v}" for k, v in s.get("patients_per_class", {}).items()]
+            if "unlabelled" in s:  # a folder of patients to score
+                counts.append(f"unlabelled={s['unlabelled']}")
+            lines.append("  per class: " + ", ".join(counts))
             per_split = s.get("patients_per_split")
-            lines.append(
-                "  per split: "
-                + (
-                    ", ".join(f"{k}={v}" for k, v in per_split.items())
-                    if per_split
-                    else "none (no split column: cross-validation)"
+            if per_split or "unlabelled" not in s:
+                lines.append(
+                    "  per split: "
+                    + (
+                        ", ".join(f"{k}={v}" for k, v in per_split.items())
+                        if per_split
+                        else "none (no split column: cross-validation)"
+                    )
                 )
-            )
             inst = s.get("instances")
             if inst:
                 lines.append(
@@ -543,8 +544,12 @@ def check_site(
     classes: Sequence[str] | None = None,
     feature_dir: str | Path | None = None,
     expected_dim: int | None = None,
+    labels_required: bool = True,
 ) -> SiteReport:
     """Check a site folder and collect every problem instead of stopping at the first.
+
+    ``labels_required`` False checks a folder of patients to score (``micromil predict``):
+    labels may then be missing, and the class-balance warnings are left out.
 
     Never raises for data problems (only for a malformed ``classes`` argument). Errors:
     anything that makes :func:`load_site`/:func:`load_bags` or image extraction fail.
@@ -554,7 +559,7 @@ def check_site(
     site_dir = Path(path)
     report = SiteReport(path=site_dir)
     classes_t = _check_vocabulary("classes", classes)
-    parsed = _parse_patients_csv(site_dir, classes_t, None, report.errors)
+    parsed = _parse_patients_csv(site_dir, classes_t, None, report.errors, labels_required)
     if parsed is None:
         return report
     records = parsed.records
@@ -568,6 +573,8 @@ def check_site(
         "patients_per_class": {c: per_class.get(c, 0) for c in parsed.classes},
         "patients_per_split": None,
     }
+    if not labels_required:
+        stats["unlabelled"] = sum(1 for r in records if not r.label)
     has_splits = any(r.split is not None for r in records)
     if has_splits:
         per_split = Counter(r.split for r in records)
@@ -584,18 +591,18 @@ def check_site(
     if parsed.extra_columns:
         report.warnings.append(f"{csv_path}: ignoring unknown column(s) {parsed.extra_columns}")
     present = [c for c in parsed.classes if per_class.get(c, 0) > 0]
-    if records and len(present) < 2:
+    if records and len(present) < 2 and labels_required:
         report.warnings.append(
             f"{csv_path}: single-class site (only {present}); it can train in a federation "
             f"but local AUC and balanced accuracy are undefined"
         )
-    for c in parsed.classes:
+    for c in parsed.classes if labels_required else ():
         if 0 < per_class.get(c, 0) < 2:
             report.warnings.append(
                 f"{csv_path}: class {c!r} has only {per_class[c]} patient; stratified splits "
                 f"need at least 2"
             )
-    if 0 < len(records) < TINY_SITE_PATIENTS:
+    if 0 < len(records) < TINY_SITE_PATIENTS and labels_required:
         report.warnings.append(
             f"{csv_path}: tiny site ({len(records)} patients < {TINY_SITE_PATIENTS}); local "
             f"validation metrics will be very noisy"

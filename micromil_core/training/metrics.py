@@ -98,31 +98,34 @@ def bootstrap_intervals(
     return out
 
 
-def _binary_bootstrap(
-    y_true: np.ndarray, probs: np.ndarray, n_resamples: int, rng: np.random.Generator
+def _stratified_draws(y_true: np.ndarray, n_resamples: int, rng: np.random.Generator):
+    """(R, n) patient indices, negatives first: each row resamples each class in full."""
+    pos, neg = np.flatnonzero(y_true == 1), np.flatnonzero(y_true == 0)
+    draw = np.concatenate(
+        [rng.choice(neg, size=(n_resamples, neg.size)), rng.choice(pos, size=(n_resamples, pos.size))],
+        axis=1,
+    )
+    return draw, neg.size, pos.size
+
+
+def _binary_metrics_of_draws(
+    probs: np.ndarray, draw: np.ndarray, n0: int, n1: int
 ) -> dict[str, np.ndarray]:
-    """``METRIC_KEYS`` of every stratified resample at once (both classes present).
+    """``METRIC_KEYS`` of every resample in ``draw`` (from :func:`_stratified_draws`).
 
     Same definitions as :func:`classification_metrics`: argmax decision (a tie goes to
     class 0), AUC as the probability that a positive outranks a negative (ties count 1/2).
     """
     from scipy.stats import rankdata
 
-    pos, neg = np.flatnonzero(y_true == 1), np.flatnonzero(y_true == 0)
-    n1, n0 = pos.size, neg.size
-    draw = np.concatenate(
-        [rng.choice(neg, size=(n_resamples, n0)), rng.choice(pos, size=(n_resamples, n1))],
-        axis=1,
-    )  # (R, n): negatives first, then positives
-    score = probs[draw, 1]
-    ranks = rankdata(score, axis=1)  # average ranks for ties
+    ranks = rankdata(probs[draw, 1], axis=1)  # average ranks for ties
     auc = (ranks[:, n0:].sum(axis=1) - n1 * (n1 + 1) / 2) / (n1 * n0)
     called = probs[draw, 1] > probs[draw, 0]
     tp = called[:, n0:].sum(axis=1)
     fp = called[:, :n0].sum(axis=1)
     sens, spec = tp / n1, (n0 - fp) / n0
     denom = 2 * tp + fp + (n1 - tp)
-    f1 = np.divide(2 * tp, denom, out=np.zeros(n_resamples), where=denom > 0)
+    f1 = np.divide(2 * tp, denom, out=np.zeros(len(draw)), where=denom > 0)
     return {
         "auc": auc,
         "accuracy": (tp + n0 - fp) / (n0 + n1),
@@ -130,6 +133,50 @@ def _binary_bootstrap(
         "f1": f1,
         "sensitivity": sens,
         "specificity": spec,
+    }
+
+
+def _binary_bootstrap(
+    y_true: np.ndarray, probs: np.ndarray, n_resamples: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """``METRIC_KEYS`` of ``n_resamples`` stratified resamples at once (both classes present)."""
+    draw, n0, n1 = _stratified_draws(y_true, n_resamples, rng)
+    return _binary_metrics_of_draws(probs, draw, n0, n1)
+
+
+def paired_bootstrap_difference(
+    y_true: np.ndarray,
+    probs_a: np.ndarray,
+    probs_b: np.ndarray,
+    n_resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, dict[str, float]] | None:
+    """Metric of model A minus model B on the same patients, with a paired interval.
+
+    Both models are scored on every resample of the same stratified bootstrap, so what the
+    two share (which patients happen to be easy) cancels out: the interval is the one to
+    read when asking whether A beats B on these patients. Binary tasks with both classes
+    present; None otherwise. Per key: ``difference`` (on all patients), ``low``, ``high``.
+    """
+    y_true = np.asarray(y_true, dtype=int)
+    probs_a, probs_b = np.asarray(probs_a, dtype=float), np.asarray(probs_b, dtype=float)
+    if probs_a.shape != probs_b.shape or len(probs_a) != len(y_true):
+        raise ValueError(f"predictions of different shapes: {probs_a.shape} vs {probs_b.shape}")
+    if probs_a.shape[1] != 2 or set(np.unique(y_true)) != {0, 1}:
+        return None
+    draw, n0, n1 = _stratified_draws(y_true, n_resamples, np.random.default_rng(seed))
+    a = _binary_metrics_of_draws(probs_a, draw, n0, n1)
+    b = _binary_metrics_of_draws(probs_b, draw, n0, n1)
+    point_a, point_b = classification_metrics(y_true, probs_a), classification_metrics(y_true, probs_b)
+    tail = 100 * (1 - confidence) / 2
+    return {
+        key: {
+            "difference": float(point_a[key] - point_b[key]),
+            "low": float(np.percentile(a[key] - b[key], tail)),
+            "high": float(np.percentile(a[key] - b[key], 100 - tail)),
+        }
+        for key in METRIC_KEYS
     }
 
 

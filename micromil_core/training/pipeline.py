@@ -559,6 +559,22 @@ def evaluate_checkpoint(
     return metrics
 
 
+def read_predictions(path: str | Path) -> tuple[list[tuple[str, str]], np.ndarray, np.ndarray]:
+    """An ``evaluate`` predictions.csv: (site, patient_id) keys, labels (n,), probs (n, C).
+
+    Classes are the ``prob_<class>`` columns in file order (the checkpoint's order).
+    """
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        raise SiteDataError(f"{path}: no predictions; re-run `micromil evaluate`")
+    classes = [c[len("prob_") :] for c in rows[0] if c.startswith("prob_") and "fine_" not in c]
+    keys = [(r["site"], r["patient_id"]) for r in rows]
+    y = np.array([classes.index(r["label"]) for r in rows], dtype=int)
+    probs = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows])
+    return keys, y, probs
+
+
 def predict_checkpoint(
     checkpoint: str | Path,
     site_paths: Sequence[str | Path],

@@ -129,3 +129,26 @@ def test_bootstrap_intervals_one_class_and_multiclass():
     ci = bootstrap_intervals(y, probs, n_resamples=200)
     point = classification_metrics(y, probs)
     assert ci["auc"][0] <= point["auc"] <= ci["auc"][1] <= 1.0
+
+
+def test_paired_difference_cancels_what_two_models_share():
+    """Two models that make the same ranking errors: the paired interval of their AUC
+    difference is narrower than either model's own interval, and it is centred on the
+    difference; the same model against itself gives exactly zero."""
+    from micromil_core.training.metrics import bootstrap_intervals, paired_bootstrap_difference
+
+    y, probs = _scores(80, seed=2)
+    better = probs.copy()
+    better[y == 1, 1] = np.minimum(1.0, better[y == 1, 1] + 0.05)  # a small, real gain
+    better[:, 0] = 1 - better[:, 1]
+    d = paired_bootstrap_difference(y, better, probs)
+    own = bootstrap_intervals(y, probs)["auc"]
+    auc_gain = classification_metrics(y, better)["auc"] - classification_metrics(y, probs)["auc"]
+    assert d["auc"]["difference"] == pytest.approx(auc_gain) and auc_gain > 0
+    assert d["auc"]["low"] <= auc_gain <= d["auc"]["high"]
+    assert d["auc"]["high"] - d["auc"]["low"] < (own[1] - own[0]) / 2
+    same = paired_bootstrap_difference(y, probs, probs)
+    assert all(v == 0.0 for key in METRIC_KEYS for v in same[key].values())
+    assert paired_bootstrap_difference(np.ones(4, dtype=int), probs[:4], probs[:4]) is None
+    with pytest.raises(ValueError, match="different shapes"):
+        paired_bootstrap_difference(y, probs, probs[:10])

@@ -269,6 +269,11 @@ def test_unlabelled_patients_only_when_scoring(tmp_path: Path) -> None:
         load_site(mixed)
     data = load_site(mixed, classes=["benign", "malignant"], labels_required=False)
     assert [data.label_index(r) for r in data.patients] == [1, UNLABELLED]
+    # check_site of a folder to score: no errors, no class-balance warnings, a count.
+    assert not check_site(ids_only).ok
+    report = check_site(ids_only, labels_required=False)
+    assert report.ok and report.warnings == [] and report.stats["unlabelled"] == 2
+    assert "unlabelled=2" in report.format()
     # A label that is given must still be one of the model's classes.
     typo = make_site(tmp_path / "c", "patient_id,label\np1,malignent\n")
     with pytest.raises(SiteDataError, match="row 2: label 'malignent'.*leave it empty"):
