@@ -267,6 +267,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = _experiment_config(args)
     metrics = simulate(cfg, args.out, resume=args.resume)
     print(f"held-out sites, round {metrics['round']}: {_brief(metrics)}  (n={metrics['n']})")
+    for site, m in metrics.get("per_site", {}).items():
+        if "auc_ci_low" in m:
+            print(
+                f"  {site}: auc {m['auc']:.3f} (95% CI {m['auc_ci_low']:.3f}-"
+                f"{m['auc_ci_high']:.3f}, bootstrap over its {m.get('num-examples', '?')} patients)"
+            )
     out = Path(args.out)
     print(f"model: {out / 'model.pt'}  history: {out / 'history.json'}")
     print(f"report: {out / 'report.html'}")
@@ -275,17 +281,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from micromil_core.report import (
-        comparison_keys,
         comparison_rows,
         format_paired_difference,
         format_table,
+        table_keys,
     )
     from server.simulation import compare
 
     cfg = _experiment_config(args)
     table = compare(cfg, args.out)
     rows = comparison_rows(table)
-    print(format_table(rows, comparison_keys(rows)))
+    print(format_table(rows, table_keys(rows)))
     paired = format_paired_difference(table)
     if paired:
         print(f"\n{paired}")

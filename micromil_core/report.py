@@ -152,8 +152,12 @@ def format_table(
     return "\n".join(lines)
 
 
-def comparison_keys(rows: Mapping[str, Mapping[str, Any]]) -> tuple[str, ...]:
-    """Columns of a comparison table: ``CORE_KEYS``, with the AUC interval when known."""
+def table_keys(rows: Mapping[str, Mapping[str, Any]]) -> tuple[str, ...]:
+    """Columns of a metric table: ``CORE_KEYS``, with the AUC interval when a row has one.
+
+    A row's interval is ``auc_ci95`` ([low, high]) or a site's ``auc_ci_low``/``auc_ci_high``
+    pair as the federation reports it (:func:`with_auc_interval` turns the one into the other).
+    """
     if any("auc_ci95" in m for m in rows.values()):
         return ("auc", "auc_ci95", *CORE_KEYS[1:])
     return CORE_KEYS
@@ -184,6 +188,14 @@ def comparison_rows(comparison: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         if isinstance(ci, Mapping) and "auc" in ci:
             metrics["auc_ci95"] = ci["auc"]
     return rows
+
+
+def with_auc_interval(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """``metrics`` plus ``auc_ci95`` when it carries a site's ``auc_ci_low``/``auc_ci_high``."""
+    out = dict(metrics)
+    if "auc_ci_low" in out and "auc_ci_high" in out:
+        out["auc_ci95"] = [out["auc_ci_low"], out["auc_ci_high"]]
+    return out
 
 
 def format_paired_difference(comparison: Mapping[str, Any]) -> str:
@@ -547,7 +559,6 @@ def _final_holdout(
 
 
 def _holdout_section(metrics: Mapping[str, Any] | None, rounds: list[dict[str, Any]]) -> str:
-    keys = list(CORE_KEYS)
     if metrics:
         rows: dict[str, Mapping[str, Any]] = {"all held-out sites": metrics}
         rows.update({str(s): _dict(m) for s, m in _dict(metrics.get("per_site")).items()})
@@ -564,7 +575,8 @@ def _holdout_section(metrics: Mapping[str, Any] | None, rounds: list[dict[str, A
         for site, m in per_site.items():
             rows[site] = {**m, "n": m.get("n", m.get("num-examples"))}
         source = f"From the history, round {number} ({METRICS_FILE} not found)."
-    body = f'<p class="note">{_esc(source)}</p>' + _metric_table(rows, keys, "held-out")
+    rows = {name: with_auc_interval(m) for name, m in rows.items()}
+    body = f'<p class="note">{_esc(source)}</p>' + _metric_table(rows, table_keys(rows), "held-out")
     return _section("holdout", "Held-out metrics", body)
 
 
@@ -742,7 +754,7 @@ def _comparison_section(comparison: Mapping[str, Any] | None) -> str:
     )
     paired = format_paired_difference(comparison)
     body = (
-        _metric_table(rows, comparison_keys(rows), "setup")
+        _metric_table(rows, table_keys(rows), "setup")
         + (f"<p>{_esc(paired)}</p>" if paired else "")
         + _img(uri, "AUC by training setup")
     )

@@ -57,8 +57,10 @@ ALLOWED_TRAIN_METRICS = frozenset(
     | CENTRAL_DP_METRICS
     | {f"val_{k}" for k in CORE_METRICS}
 )
+# A site's AUC interval (bootstrap over its evaluation patients): two numbers, like the AUC.
+AUC_INTERVAL = ("auc_ci_low", "auc_ci_high")
 ALLOWED_EVAL_METRICS = frozenset(
-    {NUM_EXAMPLES, "loss", "roc_fpr", "roc_tpr"} | set(CORE_METRICS)
+    {NUM_EXAMPLES, "loss", "roc_fpr", "roc_tpr"} | set(CORE_METRICS) | set(AUC_INTERVAL)
 )
 ALLOWED_SITE_METRICS = frozenset(
     {NUM_EXAMPLES, "feature_dim", "num_train", "num_val", "num_test", "num_instances",

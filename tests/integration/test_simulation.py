@@ -80,6 +80,8 @@ def test_outputs(full_run):
     assert set(first["train"]) == {"site-0", "site-1", "site-2"} and set(first["holdout"]) == {"site-3"}
     assert first["bytes_sent"] > 0 and first["bytes_received"] > 0 and first["failures"] == []
     assert set(METRIC_KEYS) <= set(metrics) and metrics["round"] == 2
+    site3 = metrics["per_site"]["site-3"]
+    assert site3["auc_ci_low"] <= site3["auc"] <= site3["auc_ci_high"]
     assert (out / "report.html").stat().st_size > 10_000
     assert (out / "flower.log").is_file()
 

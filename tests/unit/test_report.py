@@ -12,10 +12,10 @@ import pytest
 from micromil_core.report import (
     CORE_KEYS,
     ReportError,
-    comparison_keys,
     comparison_rows,
     format_table,
     render_report,
+    table_keys,
     write_report,
 )
 
@@ -232,10 +232,10 @@ def test_format_table_markdown():
 
 def test_comparison_table_shows_the_auc_interval_when_known():
     table = _comparison()
-    assert comparison_keys(comparison_rows(table)) == CORE_KEYS  # no intervals: no column
+    assert table_keys(comparison_rows(table)) == CORE_KEYS  # no intervals: no column
     table["federated"]["ci95"] = {"auc": [0.61, 0.93], "accuracy": [0.5, 0.8]}
     rows = comparison_rows(table)
-    keys = comparison_keys(rows)
+    keys = table_keys(rows)
     assert keys[:2] == ("auc", "auc_ci95")
     lines = format_table(rows, keys).splitlines()
     federated = next(line for line in lines if line.startswith("| federated "))

@@ -75,6 +75,8 @@ def test_evaluate_round_shares_roc_on_fixed_grid_only(tmp_path):
     assert metrics[wire.NUM_EXAMPLES] == 16  # held-out sites are judged on every patient
     assert metrics["roc_fpr"] == pytest.approx(list(wire.ROC_GRID))
     assert len(metrics["roc_tpr"]) == len(wire.ROC_GRID) != 16
+    # The AUC travels with its bootstrap interval over the same 16 patients: two numbers.
+    assert 0.0 <= metrics["auc_ci_low"] <= metrics["auc"] <= metrics["auc_ci_high"] <= 1.0
 
 
 def test_proximal_term_is_zero_at_reference_and_grows():
