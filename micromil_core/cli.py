@@ -236,6 +236,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from micromil_core.training.checkpoint import describe_checkpoint, format_description
+
+    info = describe_checkpoint(args.model)
+    if args.json:
+        _print_json(info)
+    else:
+        print(format_description(info))
+    return 0
+
+
 def cmd_cv(args: argparse.Namespace) -> int:
     from micromil_core.training.pipeline import cross_validate
 
@@ -274,7 +285,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 f"{m['auc_ci_high']:.3f}, bootstrap over its {m.get('num-examples', '?')} patients)"
             )
     out = Path(args.out)
-    print(f"model: {out / 'model.pt'}  history: {out / 'history.json'}")
+    print(f"model: {out / 'model.pt'} (sha256 {metrics.get('model_sha256', '?')})")
+    print(f"history: {out / 'history.json'}")
     print(f"report: {out / 'report.html'}")
     return 0
 
@@ -427,6 +439,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "inspect", help="what a model.pt is: model, classes, inputs, training, sha256"
+    )
+    p.add_argument("model", help="checkpoint (model.pt)")
+    p.add_argument("--json", action="store_true", help="machine-readable")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("cv", help="stratified k-fold cross-validation on one site")
     p.add_argument("--data", required=True, metavar="SITE")

@@ -101,6 +101,8 @@ def _print_summary(out: Path, status: str) -> None:
         m = json.loads(metrics.read_text())
         print(f"held-out sites: AUC {m.get('auc', float('nan')):.3f}, accuracy "
               f"{m.get('accuracy', float('nan')):.3f} (n={m.get('n')}); model {out / 'model.pt'}")
+        if m.get("model_sha256"):  # hospitals check the copy they receive against this
+            print(f"model sha256: {m['model_sha256']} (check a copy with `micromil inspect`)")
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -37,7 +37,12 @@ from micromil_core.models.mhim import base_checkpoint_fits, state_from_base
 from micromil_core.models.registry import full_params, params_from_dict
 from micromil_core.privacy.report import budget_stops
 from micromil_core.runtime import seed_everything
-from micromil_core.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from micromil_core.training.checkpoint import (
+    Checkpoint,
+    file_sha256,
+    load_checkpoint,
+    save_checkpoint,
+)
 from server.privacy import central_dp_entry, clipping_norm, fresh_noise
 from server.strategies import build_strategy, load_strategy_state, save_strategy_state
 
@@ -655,6 +660,9 @@ def run_federation(
         ),
         out / "model.pt",
     )
+    # Hospitals that receive model.pt check it against this (`micromil inspect model.pt`).
+    metrics["model_sha256"] = file_sha256(out / "model.pt")
+    log.info("global model %s (round %d), sha256 %s", out / "model.pt", chosen, metrics["model_sha256"])
     write_json_atomic(out / "metrics.json", metrics)
     return FederationResult(state.round, state.history, metrics, out, sites)
 

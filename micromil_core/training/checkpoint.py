@@ -4,6 +4,7 @@ feature scaler, feature source (encoder) and provenance (config, metrics, code v
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,13 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or foreign file
-        raise CheckpointError(f"checkpoint {path} could not be read ({exc}); is it a micromil model.pt?") from None
+        # Not PyTorch's own advice (load with weights_only=False): that would run any code
+        # a tampered file carries. A model.pt is data only.
+        raise CheckpointError(
+            f"checkpoint {path} could not be read ({type(exc).__name__}): it is not a micromil "
+            f"model.pt, is damaged, or holds code rather than data, which micromil never "
+            f"loads; pass the model.pt a training run wrote"
+        ) from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not a micromil checkpoint (format {raw.get('format') if isinstance(raw, dict) else None!r}, expected {FORMAT!r})"
@@ -98,3 +105,84 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         config=raw.get("config", {}),
         provenance=raw.get("provenance", {}),
     )
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file: how a hospital checks the model.pt it received is the one the
+    coordinator wrote (the coordinator logs it at the end of a run)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_checkpoint(path: str | Path) -> dict[str, Any]:
+    """What a model.pt is, for a person deciding whether to use it (``micromil inspect``).
+
+    Loads the file the safe way (weights only, never code) and summarises the model, its
+    inputs, how it was trained and the privacy settings it records. No weights are shown.
+    """
+    ckpt = load_checkpoint(path)
+    prov = dict(ckpt.provenance)
+    privacy = ckpt.config.get("privacy") or {}
+    central = privacy.get("central") or {}
+    training: dict[str, Any] = {
+        "federated": bool(prov.get("federated")),
+        "trained_on": prov.get("trained_on"),
+    }
+    if training["federated"]:
+        training.update(round=prov.get("round"), strategy=prov.get("strategy"))
+    else:
+        training.update(best_epoch=prov.get("best_epoch"), validation=prov.get("validation"))
+    return {
+        "file": str(path),
+        "sha256": file_sha256(path),
+        "bytes": Path(path).stat().st_size,
+        "code_version": prov.get("code_version"),
+        "created": prov.get("created"),
+        "model": ckpt.model_name,
+        "parameters": int(sum(t.numel() for t in ckpt.state_dict.values())),
+        "params": dict(ckpt.params),
+        "classes": list(ckpt.classes),
+        "fine_classes": ckpt.fine_classes,
+        "input": {
+            "encoder": ckpt.encoder,
+            "feature_dim": ckpt.in_dim,
+            "scaler": prov.get("scaler", "global" if ckpt.scaler is not None else "none"),
+        },
+        "training": training,
+        "privacy_in_config": {
+            "local": privacy.get("mode", "none"),
+            "target_epsilon": privacy.get("target_epsilon"),
+            "central": central.get("mode", "none"),
+            "secure_aggregation": bool(privacy.get("secure_aggregation")),
+        },
+    }
+
+
+def format_description(info: dict[str, Any]) -> str:
+    """``describe_checkpoint`` as a few readable lines."""
+    inp, tr, dp = info["input"], info["training"], info["privacy_in_config"]
+    source = f"images encoded with {inp['encoder']}" if inp["encoder"] else "precomputed features"
+    lines = [
+        f"{info['file']}: {info['model']} ({info['parameters']:,} parameters)",
+        f"  sha256  {info['sha256']}  ({info['bytes']:,} bytes)",
+        f"  classes {', '.join(info['classes'])}"
+        + (f"; fine classes {', '.join(info['fine_classes'])}" if info["fine_classes"] else ""),
+        f"  input   {source}, dimension {inp['feature_dim']}, standardised: {inp['scaler']}",
+    ]
+    sites = ", ".join(tr["trained_on"] or []) or "unknown"
+    if tr["federated"]:
+        lines.append(f"  trained federated ({tr['strategy']}, round {tr['round']}) on {sites}")
+    else:
+        lines.append(f"  trained on {sites}, best epoch {tr['best_epoch']}")
+    local = dp["local"]
+    if local != "none" and dp["target_epsilon"]:
+        local += f", epsilon budget {dp['target_epsilon']}"
+    lines.append(
+        f"  privacy (experiment config) local {local}; central {dp['central']}; "
+        f"secure aggregation {'on' if dp['secure_aggregation'] else 'off'}"
+    )
+    lines.append(f"  written {info['created']} by micromil-fl {info['code_version']}")
+    return "\n".join(lines)

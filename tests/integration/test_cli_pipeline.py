@@ -3,6 +3,7 @@ real data (UCSB breast-cancer TMA features, MUSK1). Few epochs: this checks plum
 outputs; accuracy claims live in benchmarks/."""
 
 import csv
+import hashlib
 import json
 
 import pytest
@@ -38,6 +39,15 @@ def test_prepare_train_evaluate_explain(ucsb, tmp_path, capsys):
     assert set(ckpt.provenance["trained_on"]) == {"site-0", "site-1", "site-2"}
     history = json.loads((run / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3]
+    capsys.readouterr()
+    assert main(["inspect", str(run / "model.pt"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["sha256"] == hashlib.sha256((run / "model.pt").read_bytes()).hexdigest()
+    assert info["model"] == "micromil" and info["classes"] == ["negative", "positive"]
+    assert info["training"]["trained_on"] == ["site-0", "site-1", "site-2"]
+    assert info["parameters"] == sum(t.numel() for t in ckpt.state_dict.values())
+    assert main(["inspect", str(run / "model.pt")]) == 0
+    assert "trained on site-0, site-1, site-2" in capsys.readouterr().out
     assert (run / "curves.png").stat().st_size > 0
 
     out = tmp_path / "eval"

@@ -12,7 +12,7 @@ from micromil_core.cli import main
 from micromil_core.config import build_config
 from micromil_core.errors import ConfigError, SiteDataError
 from micromil_core.federated import wire
-from micromil_core.training.checkpoint import load_checkpoint
+from micromil_core.training.checkpoint import file_sha256, load_checkpoint
 from micromil_core.training.metrics import METRIC_KEYS
 from server.simulation import simulate
 from tests.conftest import patient_ids
@@ -80,6 +80,7 @@ def test_outputs(full_run):
     assert set(first["train"]) == {"site-0", "site-1", "site-2"} and set(first["holdout"]) == {"site-3"}
     assert first["bytes_sent"] > 0 and first["bytes_received"] > 0 and first["failures"] == []
     assert set(METRIC_KEYS) <= set(metrics) and metrics["round"] == 2
+    assert metrics["model_sha256"] == file_sha256(out / "model.pt")
     site3 = metrics["per_site"]["site-3"]
     assert site3["auc_ci_low"] <= site3["auc"] <= site3["auc_ci_high"]
     assert (out / "report.html").stat().st_size > 10_000

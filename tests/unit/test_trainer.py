@@ -104,6 +104,12 @@ def test_checkpoint_errors(tmp_path):
     torch.save({"weights": 1}, tmp_path / "foreign.pt")
     with pytest.raises(CheckpointError, match="not a micromil checkpoint"):
         load_checkpoint(tmp_path / "foreign.pt")
+    # A file that pickles code is refused, and the message does not pass on PyTorch's
+    # advice to load it with weights_only=False (which would run that code).
+    torch.save({"format": "micromil-checkpoint/1", "hook": print}, tmp_path / "code.pt")
+    with pytest.raises(CheckpointError, match="holds code rather than data") as info:
+        load_checkpoint(tmp_path / "code.pt")
+    assert "weights_only" not in str(info.value)
 
 
 def test_refit_retrains_on_all_patients_for_the_selected_epochs(tmp_path, monkeypatch):
