@@ -92,6 +92,13 @@ def _site_paths(args: argparse.Namespace, holdout: bool) -> list[Path]:
     raise MicroMILError("no data given: pass --data SITE [SITE ...] or --data-root ROOT")
 
 
+THRESHOLD_HELP = (
+    "two-class models: call a patient positive when P(second class) >= this (default: the "
+    "most probable class); pick it on validation patients (`evaluate --split val` lists "
+    "the thresholds for 90%%/95%% sensitivity)"
+)
+
+
 def _print_json(obj: object) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
@@ -213,10 +220,19 @@ def _run_checkpoint(args: argparse.Namespace, run: Any, **options: Any) -> dict[
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from micromil_core.training.pipeline import evaluate_checkpoint
 
-    metrics = _run_checkpoint(args, evaluate_checkpoint, split=args.split)
+    metrics = _run_checkpoint(
+        args, evaluate_checkpoint, split=args.split, threshold=args.threshold
+    )
     for name, m in metrics["per_site"].items():
         print(f"{name}: {_brief(m)}  (n={m['n']})")
     print(f"all: {_brief(metrics)}")
+    if metrics.get("operating_points"):
+        points = "; ".join(
+            f"sensitivity >= {o['target']:.2f} at threshold {o['threshold']:.3f} "
+            f"(specificity {o['specificity']:.3f})"
+            for o in metrics["operating_points"]
+        )
+        print(f"operating points on these patients: {points}")
     print(f"results: {Path(args.out) / 'metrics.json'}  ROC: {Path(args.out) / 'roc.png'}")
     if args.explain:
         print(f"explanations (stay on this site): {Path(args.out) / 'explain'}")
@@ -226,7 +242,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from micromil_core.training.pipeline import predict_checkpoint
 
-    summary = _run_checkpoint(args, predict_checkpoint)
+    summary = _run_checkpoint(args, predict_checkpoint, threshold=args.threshold)
     for name, s in summary["per_site"].items():
         counts = ", ".join(f"{c} {n}" for c, n in s["predicted"].items())
         print(f"{name}: {s['n']} patients scored; predicted {counts}")
@@ -426,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "val", "test"], help="default: all patients")
     p.add_argument("--explain", action="store_true", help="per-patient galleries (stay on site)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threshold", type=float, help=THRESHOLD_HELP)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_evaluate)
 
@@ -437,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p, holdout=True)
     p.add_argument("--explain", action="store_true", help="per-patient galleries (stay on site)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threshold", type=float, help=THRESHOLD_HELP)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_predict)
 

@@ -1,12 +1,15 @@
 """Patient-level classification metrics, one definition for every command.
 
-Binary tasks use the positive class = class index 1 and the argmax decision (no threshold
-is tuned on any split). Multi-class tasks report one-vs-rest macro AUC and macro averages.
+Binary tasks use the positive class = class index 1 and, by default, the argmax decision.
+A user may fix another operating point (``threshold``: positive when P(class 1) >= it),
+chosen on validation patients with :func:`operating_points`; nothing here tunes one.
+Multi-class tasks report one-vs-rest macro AUC and macro averages.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 from sklearn.metrics import (
@@ -23,15 +26,38 @@ METRIC_KEYS = ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "spe
 FINE_METRIC_KEYS = ("fine_accuracy", "fine_balanced_accuracy", "fine_macro_f1", "fine_auc")
 
 
-def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+def decide(probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
+    """Predicted class per patient: argmax, or for a binary task with ``threshold``, class 1
+    when its probability is at least the threshold.
+
+    Raises:
+        ValueError: a threshold outside [0, 1] or for a task that is not binary.
+    """
+    probs = np.asarray(probs, dtype=float)
+    if threshold is None:
+        return probs.argmax(axis=1)
+    if probs.shape[1] != 2:
+        raise ValueError(
+            f"a decision threshold applies to two-class models only; this one has "
+            f"{probs.shape[1]} classes (leave the threshold out: the most probable class)"
+        )
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"decision threshold {threshold} is not a probability in [0, 1]")
+    return (probs[:, 1] >= threshold).astype(int)
+
+
+def classification_metrics(
+    y_true: np.ndarray, probs: np.ndarray, threshold: float | None = None
+) -> dict[str, float]:
     """Core metrics from labels (n,) and class probabilities (n, C).
 
-    AUC is NaN when only one class is present (it is undefined there, not 0.5).
+    AUC is NaN when only one class is present (it is undefined there, not 0.5). The
+    decision is :func:`decide`'s (argmax unless a binary ``threshold`` is given).
     """
     y_true = np.asarray(y_true, dtype=int)
     probs = np.asarray(probs, dtype=float)
     n_classes = probs.shape[1]
-    y_pred = probs.argmax(axis=1)
+    y_pred = decide(probs, threshold)
     labels = list(range(n_classes))
     cm = confusion_matrix(y_true, y_pred, labels=labels)
     tp = np.diag(cm).astype(float)
@@ -66,6 +92,7 @@ def bootstrap_intervals(
     n_resamples: int = 2000,
     confidence: float = 0.95,
     seed: int = 0,
+    threshold: float | None = None,
 ) -> dict[str, list[float]]:
     """Percentile intervals of ``METRIC_KEYS`` from a stratified bootstrap over patients.
 
@@ -78,13 +105,14 @@ def bootstrap_intervals(
     probs = np.asarray(probs, dtype=float)
     rng = np.random.default_rng(seed)
     if probs.shape[1] == 2 and set(np.unique(y_true)) == {0, 1}:
-        draws = _binary_bootstrap(y_true, probs, n_resamples, rng)
+        draw, n0, n1 = _stratified_draws(y_true, n_resamples, rng)
+        draws = _binary_metrics_of_draws(probs, draw, n0, n1, threshold)
     else:  # multi-class or one class only: the general (slower) path, fewer resamples
         by_class = [np.flatnonzero(y_true == c) for c in np.unique(y_true)]
         rows = []
         for _ in range(min(n_resamples, 500)):
             idx = np.concatenate([rng.choice(members, size=members.size) for members in by_class])
-            rows.append(classification_metrics(y_true[idx], probs[idx]))
+            rows.append(classification_metrics(y_true[idx], probs[idx], threshold))
         draws = {key: np.array([r[key] for r in rows], dtype=float) for key in METRIC_KEYS}
     tail = 100 * (1 - confidence) / 2
     out: dict[str, list[float]] = {}
@@ -109,7 +137,7 @@ def _stratified_draws(y_true: np.ndarray, n_resamples: int, rng: np.random.Gener
 
 
 def _binary_metrics_of_draws(
-    probs: np.ndarray, draw: np.ndarray, n0: int, n1: int
+    probs: np.ndarray, draw: np.ndarray, n0: int, n1: int, threshold: float | None = None
 ) -> dict[str, np.ndarray]:
     """``METRIC_KEYS`` of every resample in ``draw`` (from :func:`_stratified_draws`).
 
@@ -120,7 +148,7 @@ def _binary_metrics_of_draws(
 
     ranks = rankdata(probs[draw, 1], axis=1)  # average ranks for ties
     auc = (ranks[:, n0:].sum(axis=1) - n1 * (n1 + 1) / 2) / (n1 * n0)
-    called = probs[draw, 1] > probs[draw, 0]
+    called = decide(probs, threshold)[draw].astype(bool)
     tp = called[:, n0:].sum(axis=1)
     fp = called[:, :n0].sum(axis=1)
     sens, spec = tp / n1, (n0 - fp) / n0
@@ -134,14 +162,6 @@ def _binary_metrics_of_draws(
         "sensitivity": sens,
         "specificity": spec,
     }
-
-
-def _binary_bootstrap(
-    y_true: np.ndarray, probs: np.ndarray, n_resamples: int, rng: np.random.Generator
-) -> dict[str, np.ndarray]:
-    """``METRIC_KEYS`` of ``n_resamples`` stratified resamples at once (both classes present)."""
-    draw, n0, n1 = _stratified_draws(y_true, n_resamples, rng)
-    return _binary_metrics_of_draws(probs, draw, n0, n1)
 
 
 def paired_bootstrap_difference(
@@ -178,6 +198,37 @@ def paired_bootstrap_difference(
         }
         for key in METRIC_KEYS
     }
+
+
+def operating_points(
+    y_true: np.ndarray, probs: np.ndarray, sensitivities: Sequence[float] = (0.90, 0.95)
+) -> list[dict[str, float]]:
+    """For each target sensitivity, the highest threshold that reaches it on these patients.
+
+    The clinical way to pick a decision threshold: on VALIDATION patients, find where the
+    model flags e.g. 95 % of the positive patients and what specificity that costs, then
+    fix that threshold for new patients (``micromil predict --threshold``). Each entry:
+    ``target``, ``threshold``, ``sensitivity`` and ``specificity`` at that threshold.
+    Binary tasks with both classes present; empty otherwise.
+    """
+    y_true = np.asarray(y_true, dtype=int)
+    probs = np.asarray(probs, dtype=float)
+    if probs.shape[1] != 2 or set(np.unique(y_true)) != {0, 1}:
+        return []
+    fpr, tpr, thresholds = roc_curve(y_true, probs[:, 1])
+    out = []
+    for target in sensitivities:
+        i = int(np.argmax(tpr >= target - 1e-12))  # first (highest) threshold reaching it
+        threshold = float(min(thresholds[i], 1.0))  # sklearn's first threshold is inf
+        out.append(
+            {
+                "target": float(target),
+                "threshold": threshold,
+                "sensitivity": float(tpr[i]),
+                "specificity": float(1.0 - fpr[i]),
+            }
+        )
+    return out
 
 
 def roc_auc(y_true: np.ndarray, probs: np.ndarray) -> float:

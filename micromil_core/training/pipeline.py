@@ -32,7 +32,9 @@ from micromil_core.training.checkpoint import Checkpoint, load_checkpoint, save_
 from micromil_core.training.metrics import (
     bootstrap_intervals,
     classification_metrics,
+    decide,
     fine_metrics,
+    operating_points,
     summarize_folds,
 )
 from micromil_core.training.plots import plot_curves, plot_roc
@@ -454,8 +456,15 @@ def _load_checkpoint_and_sites(
     data_cfg: DataConfig | None,
     progress: bool,
     labels_required: bool,
+    threshold: float | None = None,
 ) -> _LoadedCheckpoint:
     ckpt = load_checkpoint(checkpoint)
+    if threshold is not None and (ckpt.n_classes != 2 or not 0.0 <= threshold <= 1.0):
+        raise ConfigError(
+            f"--threshold {threshold}: a decision threshold is a probability in [0, 1] for a "
+            f"two-class model; {checkpoint} has {ckpt.n_classes} classes"
+            + ("" if ckpt.n_classes == 2 else " (leave it out: the most probable class)")
+        )
     dev = resolve_device(device)
     model = ckpt.build_model().to(dev)
     if data_cfg is None:  # the encoder's options travel with the checkpoint's config
@@ -500,8 +509,14 @@ def evaluate_checkpoint(
     device: str = "auto",
     data_cfg: DataConfig | None = None,
     progress: bool = False,
+    threshold: float | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on every patient (or one split) of each site.
+
+    ``threshold`` (binary models): call a patient positive when P(class 1) >= it instead
+    of the most probable class; AUC does not depend on it. ``operating_points`` in the
+    output lists the thresholds that reach 90 % and 95 % sensitivity on these patients:
+    read them on validation patients (``split="val"``), never on the test split.
 
     Writes OUT/metrics.json (core keys over all sites pooled, plus ``per_site``; each with
     ``ci95``, bootstrap intervals over patients),
@@ -509,7 +524,9 @@ def evaluate_checkpoint(
     ``explain`` also OUT/explain/ galleries.
     """
     out = Path(out)
-    run = _load_checkpoint_and_sites(checkpoint, site_paths, device, data_cfg, progress, True)
+    run = _load_checkpoint_and_sites(
+        checkpoint, site_paths, device, data_cfg, progress, True, threshold
+    )
     ckpt, model, dev = run.ckpt, run.model, run.device
     per_site: dict[str, Any] = {}
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -521,8 +538,8 @@ def evaluate_checkpoint(
             raise SiteDataError(f"site {sb.site.path}: no patients in split {split!r}")
         scaled = run.model_inputs(sb, bags)
         y, probs = predict_bags(model, scaled, dev)
-        per_site[sb.site.name] = classification_metrics(y, probs)
-        per_site[sb.site.name]["ci95"] = bootstrap_intervals(y, probs)
+        per_site[sb.site.name] = classification_metrics(y, probs, threshold)
+        per_site[sb.site.name]["ci95"] = bootstrap_intervals(y, probs, threshold=threshold)
         fine = predict_fine(model, scaled, dev)
         if fine is not None:
             per_site[sb.site.name].update(fine_metrics(*fine))
@@ -539,8 +556,10 @@ def evaluate_checkpoint(
         if explain:
             _write_explanations(run, sb, bags, out / "explain")
     y_all, p_all = np.concatenate(all_y), np.concatenate(all_p)
-    metrics: dict[str, Any] = classification_metrics(y_all, p_all)
-    metrics["ci95"] = bootstrap_intervals(y_all, p_all)
+    metrics: dict[str, Any] = classification_metrics(y_all, p_all, threshold)
+    metrics["ci95"] = bootstrap_intervals(y_all, p_all, threshold=threshold)
+    metrics["decision"] = "argmax" if threshold is None else f"P({ckpt.classes[1]}) >= {threshold}"
+    metrics["operating_points"] = operating_points(y_all, p_all)
     if all_fine:
         metrics.update(fine_metrics(*(np.concatenate(a) for a in zip(*all_fine, strict=True))))
     metrics["per_site"] = per_site
@@ -583,8 +602,13 @@ def predict_checkpoint(
     device: str = "auto",
     data_cfg: DataConfig | None = None,
     progress: bool = False,
+    threshold: float | None = None,
 ) -> dict[str, Any]:
     """Score patients whose diagnosis is not known (yet): the clinical use of a model.
+
+    ``threshold`` (binary models): predict the second class when its probability is at
+    least this, e.g. one chosen for 95 % sensitivity on validation patients
+    (``evaluate``'s ``operating_points``); default: the most probable class.
 
     The sites' ``patients.csv`` need only a ``patient_id`` column; a label, where given,
     is copied to the output but never required. Writes OUT/predictions.csv (per patient:
@@ -593,7 +617,9 @@ def predict_checkpoint(
     only); with ``explain`` also OUT/explain/ galleries. All of it stays on this site.
     """
     out = Path(out)
-    run = _load_checkpoint_and_sites(checkpoint, site_paths, device, data_cfg, progress, False)
+    run = _load_checkpoint_and_sites(
+        checkpoint, site_paths, device, data_cfg, progress, False, threshold
+    )
     ckpt = run.ckpt
     fine_names = ckpt.fine_classes if ckpt.params.get("fine_to_coarse") else None
     header = ["site", "patient_id", "predicted", *[f"prob_{c}" for c in ckpt.classes]]
@@ -606,7 +632,7 @@ def predict_checkpoint(
         scaled = run.model_inputs(sb, sb.bags)
         _, probs = predict_bags(run.model, scaled, run.device)
         fine = predict_fine(run.model, scaled, run.device, labelled_only=False)
-        predicted = probs.argmax(axis=1)
+        predicted = decide(probs, threshold)
         for i, bag in enumerate(sb.bags):
             row = [sb.site.name, bag.patient_id, ckpt.classes[predicted[i]], *map(float, probs[i])]
             if fine_names:
@@ -630,7 +656,11 @@ def predict_checkpoint(
         "per_site": per_site,
         "classes": list(ckpt.classes),
         "checkpoint": str(checkpoint),
-        "decision": "the class of highest probability",
+        "decision": (
+            "the class of highest probability"
+            if threshold is None
+            else f"{ckpt.classes[1]} when its probability >= {threshold}"
+        ),
     }
     write_json_atomic(out / "summary.json", summary)
     return summary

@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 
+import numpy as np
 import pytest
 
 from micromil_core.cli import main
@@ -96,6 +97,30 @@ def test_prepare_train_evaluate_explain(ucsb, tmp_path, capsys):
     assert not any(pid in json.dumps(summary) for pid in ids)  # counts only, no ids
     assert len(list((pred / "explain" / "new-patients").glob("*.png"))) == len(ids)
     assert f"new-patients: {len(ids)} patients scored" in capsys.readouterr().out
+
+    # A fixed operating point: every decision and metric follows P(positive) >= threshold.
+    p_pos = np.array([float(e["prob_positive"]) for e in rows])
+    y = np.array([e["label"] == "positive" for e in rows], dtype=int)
+    threshold = float(np.median(p_pos))
+    assert main(["evaluate", "--model", str(run / "model.pt"), "--data-root", str(ucsb),
+                 "--threshold", str(threshold), "--out", str(tmp_path / "at")]) == 0
+    at = json.loads((tmp_path / "at" / "metrics.json").read_text())
+    called = p_pos >= threshold
+    assert at["sensitivity"] == pytest.approx(called[y == 1].mean())
+    assert at["specificity"] == pytest.approx(1 - called[y == 0].mean())
+    assert at["auc"] == pytest.approx(metrics["auc"]) and "P(positive) >=" in at["decision"]
+    assert [o["target"] for o in metrics["operating_points"]] == [0.90, 0.95]
+    for point in metrics["operating_points"]:  # the threshold that reaches each target
+        assert point["sensitivity"] >= point["target"]
+        assert point["sensitivity"] == pytest.approx((p_pos[y == 1] >= point["threshold"]).mean())
+    assert main(["predict", "--model", str(run / "model.pt"), "--data", str(new),
+                 "--threshold", str(threshold), "--out", str(tmp_path / "pred-at")]) == 0
+    with open(tmp_path / "pred-at" / "predictions.csv") as fh:
+        decided = [r["predicted"] == "positive" for r in csv.DictReader(fh)]
+    assert decided == called.tolist()
+    assert main(["predict", "--model", str(run / "model.pt"), "--data", str(new),
+                 "--threshold", "1.5", "--out", str(tmp_path / "bad")]) == 2
+    assert "a probability in [0, 1]" in capsys.readouterr().err
 
 
 def test_cv_same_folds_and_resume(tmp_path, monkeypatch):

@@ -82,22 +82,36 @@ def _scores(n: int, seed: int = 0, ties: int = 0) -> tuple[np.ndarray, np.ndarra
     return y, np.stack([1 - s, s], axis=1)
 
 
-def test_bootstrap_fast_path_matches_the_metric_definitions():
+@pytest.mark.parametrize("threshold", [None, 0.5, 0.3])
+def test_bootstrap_fast_path_matches_the_metric_definitions(threshold):
     """Every resample of the vectorised binary path equals classification_metrics on
-    the same patients, ties included."""
-    from micromil_core.training.metrics import _binary_bootstrap
+    the same patients, ties (at 0.5) included, at the default and at fixed thresholds."""
+    from micromil_core.training.metrics import _binary_metrics_of_draws, _stratified_draws
 
     y, probs = _scores(60, ties=8)
-    fast = _binary_bootstrap(y, probs, 20, np.random.default_rng(3))
-    rng = np.random.default_rng(3)
-    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-    draw = np.concatenate(
-        [rng.choice(neg, size=(20, neg.size)), rng.choice(pos, size=(20, pos.size))], axis=1
-    )
+    draw, n0, n1 = _stratified_draws(y, 20, np.random.default_rng(3))
+    assert (y[draw[:, :n0]] == 0).all() and (y[draw[:, n0:]] == 1).all()
+    fast = _binary_metrics_of_draws(probs, draw, n0, n1, threshold)
     for r in range(20):
-        slow = classification_metrics(y[draw[r]], probs[draw[r]])
+        slow = classification_metrics(y[draw[r]], probs[draw[r]], threshold)
         for key in METRIC_KEYS:
             assert fast[key][r] == pytest.approx(slow[key], abs=1e-12), key
+
+
+def test_decision_threshold():
+    from micromil_core.training.metrics import decide
+
+    probs = np.array([[0.5, 0.5], [0.8, 0.2], [0.35, 0.65], [0.1, 0.9]])
+    assert decide(probs).tolist() == [0, 0, 1, 1]  # argmax; a tie goes to class 0
+    assert decide(probs, 0.5).tolist() == [1, 0, 1, 1]  # P(class 1) >= 0.5
+    assert decide(probs, 0.7).tolist() == [0, 0, 0, 1]
+    y = np.array([0, 0, 1, 1])
+    assert classification_metrics(y, probs, 0.7)["sensitivity"] == 0.5
+    assert classification_metrics(y, probs, 0.7)["auc"] == classification_metrics(y, probs)["auc"]
+    with pytest.raises(ValueError, match="two-class models only"):
+        decide(np.full((2, 3), 1 / 3), 0.5)
+    with pytest.raises(ValueError, match="not a probability"):
+        decide(probs, 1.5)
 
 
 def test_bootstrap_intervals_cover_the_estimate_and_shrink_with_patients():
