@@ -22,6 +22,7 @@ from micromil_core.data.bag import Bag, collate_bags
 from micromil_core.data.layout import find_feature_file, list_patient_images
 from micromil_core.io import atomic_path, write_text_atomic
 from micromil_core.models.base import MILModel
+from micromil_core.training.metrics import decide
 
 if TYPE_CHECKING:
     from micromil_core.training.checkpoint import Checkpoint
@@ -127,8 +128,12 @@ def write_explanations(
     scaled_bags: list[Bag],
     device: torch.device,
     out: Path,
+    threshold: float | None = None,
 ) -> Path:
     """One PNG per patient plus an index.html; returns the index path.
+
+    "predicted" follows the same decision as the predictions (``threshold``, see
+    :func:`micromil_core.training.metrics.decide`).
 
     ``raw_bags`` (as read from disk) and ``scaled_bags`` (as the model sees them) are the
     same patients in the same order.
@@ -141,7 +146,7 @@ def write_explanations(
         images = instance_images(
             Path(site_bags.site.path), site_bags.feature_dir, raw.patient_id, raw.num_instances
         )
-        pred = ckpt.classes[int(np.argmax(probs))]
+        pred = ckpt.classes[int(decide(probs[None, :], threshold)[0])]
         true = ckpt.classes[bag.label] if bag.label >= 0 else "unknown"
         title = f"patient {raw.patient_id}: true {true}, predicted {pred} (p={probs.max():.2f})"
         png = out / f"{raw.patient_id}.png"

@@ -485,11 +485,15 @@ def _load_checkpoint_and_sites(
     return _LoadedCheckpoint(ckpt, model, dev, sites)
 
 
-def _write_explanations(run: _LoadedCheckpoint, sb: SiteBags, bags: list[Bag], out: Path) -> None:
+def _write_explanations(
+    run: _LoadedCheckpoint, sb: SiteBags, bags: list[Bag], out: Path, threshold: float | None
+) -> None:
     from micromil_core.explain import write_explanations
 
     scaled = run.model_inputs(sb, bags)
-    write_explanations(run.model, run.ckpt, sb, bags, scaled, run.device, out / sb.site.name)
+    write_explanations(
+        run.model, run.ckpt, sb, bags, scaled, run.device, out / sb.site.name, threshold
+    )
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
@@ -554,7 +558,7 @@ def evaluate_checkpoint(
                 row += [fine_name, *map(float, fine[1][i])]
             rows.append(row)
         if explain:
-            _write_explanations(run, sb, bags, out / "explain")
+            _write_explanations(run, sb, bags, out / "explain", threshold)
     y_all, p_all = np.concatenate(all_y), np.concatenate(all_p)
     metrics: dict[str, Any] = classification_metrics(y_all, p_all, threshold)
     metrics["ci95"] = bootstrap_intervals(y_all, p_all, threshold=threshold)
@@ -649,7 +653,7 @@ def predict_checkpoint(
             "predicted": {c: int((predicted == k).sum()) for k, c in enumerate(ckpt.classes)},
         }
         if explain:
-            _write_explanations(run, sb, sb.bags, out / "explain")
+            _write_explanations(run, sb, sb.bags, out / "explain", threshold)
     _write_csv(out / "predictions.csv", header, rows)
     summary = {
         "n": len(rows),
