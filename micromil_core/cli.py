@@ -233,6 +233,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             for o in metrics["operating_points"]
         )
         print(f"operating points on these patients: {points}")
+    cal = metrics.get("calibration", {})
+    if "ece" in cal:
+        print(
+            f"calibration: Brier {cal['brier']:.3f}, ECE {cal['ece']:.3f} "
+            f"({Path(args.out) / 'calibration.png'})"
+        )
     print(f"results: {Path(args.out) / 'metrics.json'}  ROC: {Path(args.out) / 'roc.png'}")
     if args.explain:
         print(f"explanations (stay on this site): {Path(args.out) / 'explain'}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import (
@@ -228,6 +229,37 @@ def operating_points(
                 "specificity": float(1.0 - fpr[i]),
             }
         )
+    return out
+
+
+def calibration(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> dict[str, Any]:
+    """How far the predicted probabilities can be taken at face value.
+
+    ``brier``: binary tasks, the mean of (P(class 1) - label)^2 (0 is perfect, 0.25 a
+    constant 50/50 guess); more classes, Brier's sum over classes of the squared gap to
+    the one-hot label. For binary tasks also the reliability ``bins`` (equal-width bins of
+    P(class 1): mean predicted probability, observed fraction of class 1, patients) and
+    ``ece``, the patient-weighted mean gap between the two. Calibration matters when a
+    probability is read as a risk, and it shifts when a hospital's prevalence differs
+    from the training patients'.
+    """
+    y_true = np.asarray(y_true, dtype=int)
+    probs = np.asarray(probs, dtype=float)
+    if probs.shape[1] != 2:
+        onehot = np.eye(probs.shape[1])[y_true]
+        return {"brier": float(((probs - onehot) ** 2).sum(axis=1).mean())}
+    out: dict[str, Any] = {"brier": float(((probs[:, 1] - y_true) ** 2).mean())}
+    p1 = probs[:, 1]
+    which = np.minimum((p1 * n_bins).astype(int), n_bins - 1)
+    bins, ece = [], 0.0
+    for b in range(n_bins):
+        members = which == b
+        if not members.any():
+            continue
+        mean_p, observed = float(p1[members].mean()), float((y_true[members] == 1).mean())
+        bins.append({"mean_predicted": mean_p, "observed": observed, "n": int(members.sum())})
+        ece += members.mean() * abs(mean_p - observed)
+    out.update(ece=float(ece), bins=bins)
     return out
 
 

@@ -31,13 +31,14 @@ from micromil_core.runtime import resolve_device, seed_everything, set_threads
 from micromil_core.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from micromil_core.training.metrics import (
     bootstrap_intervals,
+    calibration,
     classification_metrics,
     decide,
     fine_metrics,
     operating_points,
     summarize_folds,
 )
-from micromil_core.training.plots import plot_curves, plot_roc
+from micromil_core.training.plots import plot_curves, plot_reliability, plot_roc
 from micromil_core.training.trainer import (
     EpochLog,
     TrainResult,
@@ -523,9 +524,10 @@ def evaluate_checkpoint(
     read them on validation patients (``split="val"``), never on the test split.
 
     Writes OUT/metrics.json (core keys over all sites pooled, plus ``per_site``; each with
-    ``ci95``, bootstrap intervals over patients),
-    OUT/predictions.csv (per patient: stays on this site's disk) and OUT/roc.png; with
-    ``explain`` also OUT/explain/ galleries.
+    ``ci95``, bootstrap intervals over patients; ``calibration``: Brier score, ECE and
+    reliability bins), OUT/predictions.csv (per patient: stays on this site's disk),
+    OUT/roc.png and, for two-class models, OUT/calibration.png; with ``explain`` also
+    OUT/explain/ galleries.
     """
     out = Path(out)
     run = _load_checkpoint_and_sites(
@@ -564,6 +566,7 @@ def evaluate_checkpoint(
     metrics["ci95"] = bootstrap_intervals(y_all, p_all, threshold=threshold)
     metrics["decision"] = "argmax" if threshold is None else f"P({ckpt.classes[1]}) >= {threshold}"
     metrics["operating_points"] = operating_points(y_all, p_all)
+    metrics["calibration"] = calibration(y_all, p_all)
     if all_fine:
         metrics.update(fine_metrics(*(np.concatenate(a) for a in zip(*all_fine, strict=True))))
     metrics["per_site"] = per_site
@@ -579,6 +582,11 @@ def evaluate_checkpoint(
     if len(curves) > 1:
         curves["all sites"] = (y_all, p_all)
     plot_roc(curves, out / "roc.png", title=f"{ckpt.model_name}: evaluation")
+    if "bins" in metrics["calibration"]:
+        plot_reliability(
+            metrics["calibration"]["bins"], out / "calibration.png",
+            title=f"{ckpt.model_name}: calibration (ECE {metrics['calibration']['ece']:.3f})",
+        )
     return metrics
 
 

@@ -66,3 +66,23 @@ def plot_curves(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def plot_reliability(bins: Sequence[Mapping[str, float]], path: str | Path, title: str) -> Path:
+    """Reliability diagram: observed fraction of class 1 against mean predicted probability
+    per bin (marker area ~ patients); the diagonal is perfect calibration."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8, label="perfectly calibrated")
+    if bins:
+        x = [b["mean_predicted"] for b in bins]
+        y = [b["observed"] for b in bins]
+        n = np.array([b["n"] for b in bins], dtype=float)
+        ax.plot(x, y, c="C0", lw=1)
+        ax.scatter(x, y, s=20 + 180 * n / n.max(), c="C0", zorder=3, label="bins (area ~ patients)")
+    ax.set(
+        xlabel="mean predicted probability", ylabel="observed fraction",
+        title=title, xlim=(0, 1), ylim=(0, 1.01),
+    )
+    ax.legend(loc="upper left", fontsize=7)
+    return _save(fig, path)

@@ -57,6 +57,7 @@ def test_prepare_train_evaluate_explain(ucsb, tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(METRIC_KEYS) <= set(metrics)
     assert 0.0 <= metrics["accuracy"] <= 1.0
+    assert 0 <= metrics["calibration"]["brier"] <= 1 and (out / "calibration.png").is_file()
     low, high = metrics["ci95"]["auc"]  # bootstrap over the held-out patients
     assert low <= metrics["auc"] <= high and "ci95" in metrics["per_site"]["site-3"]
     assert list(metrics["per_site"]) == ["site-3"]

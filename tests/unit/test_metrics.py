@@ -166,3 +166,24 @@ def test_paired_difference_cancels_what_two_models_share():
     assert paired_bootstrap_difference(np.ones(4, dtype=int), probs[:4], probs[:4]) is None
     with pytest.raises(ValueError, match="different shapes"):
         paired_bootstrap_difference(y, probs, probs[:10])
+
+
+def test_calibration_brier_and_reliability():
+    from micromil_core.training.metrics import calibration
+
+    y = np.array([0, 1, 1, 0])
+    probs = np.array([[0.8, 0.2], [0.4, 0.6], [0.1, 0.9], [0.5, 0.5]])
+    c = calibration(y, probs)
+    assert c["brier"] == pytest.approx((0.04 + 0.16 + 0.01 + 0.25) / 4)
+    assert sum(b["n"] for b in c["bins"]) == 4
+    # Probabilities that are risks: drawn labels match them, so the gap is small.
+    rng = np.random.default_rng(0)
+    p1 = rng.random(20_000)
+    y = (rng.random(20_000) < p1).astype(int)
+    honest = calibration(y, np.stack([1 - p1, p1], axis=1))
+    assert honest["ece"] < 0.02 and honest["brier"] == pytest.approx(1 / 6, abs=0.01)
+    # The same scores where only a fifth of patients are positive: overconfident.
+    y_rare = (rng.random(20_000) < p1 / 5).astype(int)
+    assert calibration(y_rare, np.stack([1 - p1, p1], axis=1))["ece"] > 0.3
+    three = calibration(np.array([0, 2]), np.array([[1.0, 0, 0], [0.5, 0, 0.5]]))
+    assert three == {"brier": pytest.approx((0 + 0.5) / 2)}
