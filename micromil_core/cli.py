@@ -258,6 +258,29 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from micromil_core.runtime import resolve_device
+    from micromil_core.training.pipeline import calibrate_checkpoint
+
+    result = calibrate_checkpoint(
+        args.model,
+        _site_paths(args, holdout=True),
+        args.out,
+        method=args.method,
+        split=args.split,
+        device=str(resolve_device(args.device or "auto")),
+        progress=True,
+    )
+    params = ", ".join(f"{v:.4g}" for v in result["params"])
+    print(f"{result['method']} calibration ({params}) fitted on {result['n']} patients")
+    for when in ("before", "after"):
+        c = result[when]
+        ece = f", ECE {c['ece']:.3f}" if "ece" in c else ""
+        print(f"  {when}: Brier {c['brier']:.3f}{ece}")
+    print(f"recalibrated model: {result['checkpoint']} (evaluate/predict apply it; AUC unchanged)")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from micromil_core.training.checkpoint import describe_checkpoint, format_description
 
@@ -463,6 +486,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help=THRESHOLD_HELP)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "calibrate",
+        help="refit a model's probabilities to this hospital's patients (no retraining)",
+    )
+    p.add_argument("--model", required=True, help="checkpoint (model.pt)")
+    _add_data_args(p, holdout=True)
+    p.add_argument("--method", choices=["platt", "temperature"], default="platt")
+    p.add_argument(
+        "--split",
+        choices=["train", "val", "test"],  # test: refused with the reason, not by argparse
+        help="default: val where a site has splits, else all (never test)",
+    )
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", required=True, help="where to write the recalibrated model.pt")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser(
         "inspect", help="what a model.pt is: model, classes, inputs, training, sha256"

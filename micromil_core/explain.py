@@ -23,6 +23,7 @@ from micromil_core.data.layout import find_feature_file, list_patient_images
 from micromil_core.io import atomic_path, write_text_atomic
 from micromil_core.models.base import MILModel
 from micromil_core.training.metrics import decide
+from micromil_core.training.recalibration import apply_calibration
 
 if TYPE_CHECKING:
     from micromil_core.training.checkpoint import Checkpoint
@@ -143,6 +144,7 @@ def write_explanations(
     rows = []
     for raw, bag in zip(raw_bags, scaled_bags, strict=True):
         probs, idx, adj, scores = _explained_instances(model, bag, device)
+        probs = apply_calibration(probs[None, :], ckpt.calibration)[0]
         images = instance_images(
             Path(site_bags.site.path), site_bags.feature_dir, raw.patient_id, raw.num_instances
         )

@@ -34,6 +34,8 @@ class Checkpoint:
     fine_classes: list[str] | None = None
     config: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    # A hospital's recalibration of the probabilities (training/recalibration.py), or None.
+    calibration: dict[str, Any] | None = None
 
     def build_model(self) -> MILModel:
         model = build_model(self.model_name, self.in_dim, self.n_classes, self.params)
@@ -60,6 +62,7 @@ class Checkpoint:
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict.items()},
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "encoder": self.encoder,
+            "calibration": self.calibration,
             "config": self.config,
             "provenance": {
                 "code_version": __version__,
@@ -104,6 +107,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         fine_classes=raw.get("fine_classes"),
         config=raw.get("config", {}),
         provenance=raw.get("provenance", {}),
+        calibration=raw.get("calibration"),
     )
 
 
@@ -152,6 +156,8 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
             "scaler": prov.get("scaler", "global" if ckpt.scaler is not None else "none"),
         },
         "training": training,
+        "calibration": ckpt.calibration,
+        "calibrated_on": prov.get("calibrated_on"),
         "privacy_in_config": {
             "local": privacy.get("mode", "none"),
             "target_epsilon": privacy.get("target_epsilon"),
@@ -180,6 +186,13 @@ def format_description(info: dict[str, Any]) -> str:
     local = dp["local"]
     if local != "none" and dp["target_epsilon"]:
         local += f", epsilon budget {dp['target_epsilon']}"
+    cal = info["calibration"]
+    if cal:
+        where = info["calibrated_on"] or {}
+        lines.append(
+            f"  recalibrated ({cal['method']} {', '.join(f'{v:.3g}' for v in cal['params'])}) "
+            f"on {where.get('n', '?')} patients of {', '.join(where.get('sites', [])) or '?'}"
+        )
     lines.append(
         f"  privacy (experiment config) local {local}; central {dp['central']}; "
         f"secure aggregation {'on' if dp['secure_aggregation'] else 'off'}"

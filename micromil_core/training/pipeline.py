@@ -7,6 +7,7 @@ namespace, so notebooks, tests and the Flower client call the same code.
 from __future__ import annotations
 
 import csv
+import datetime as _dt
 import io
 import logging
 import math
@@ -39,6 +40,7 @@ from micromil_core.training.metrics import (
     summarize_folds,
 )
 from micromil_core.training.plots import plot_curves, plot_reliability, plot_roc
+from micromil_core.training.recalibration import apply_calibration, fit_calibration
 from micromil_core.training.trainer import (
     EpochLog,
     TrainResult,
@@ -449,6 +451,11 @@ class _LoadedCheckpoint:
             scaler = FeatureScaler.fit(sb.bags)
         return scaler.transform_all(bags) if scaler else bags
 
+    def predict(self, scaled: list[Bag], calibrated: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Labels (n,) and probabilities (n, C), recalibrated when the checkpoint says so."""
+        y, probs = predict_bags(self.model, scaled, self.device)
+        return y, apply_calibration(probs, self.ckpt.calibration) if calibrated else probs
+
 
 def _load_checkpoint_and_sites(
     checkpoint: str | Path,
@@ -543,7 +550,7 @@ def evaluate_checkpoint(
         if not bags:
             raise SiteDataError(f"site {sb.site.path}: no patients in split {split!r}")
         scaled = run.model_inputs(sb, bags)
-        y, probs = predict_bags(model, scaled, dev)
+        y, probs = run.predict(scaled)
         per_site[sb.site.name] = classification_metrics(y, probs, threshold)
         per_site[sb.site.name]["ci95"] = bootstrap_intervals(y, probs, threshold=threshold)
         fine = predict_fine(model, scaled, dev)
@@ -588,6 +595,68 @@ def evaluate_checkpoint(
             title=f"{ckpt.model_name}: calibration (ECE {metrics['calibration']['ece']:.3f})",
         )
     return metrics
+
+
+def calibrate_checkpoint(
+    checkpoint: str | Path,
+    site_paths: Sequence[str | Path],
+    out: str | Path,
+    method: str = "platt",
+    split: str | None = None,
+    device: str = "auto",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Fit a recalibration of ``checkpoint``'s probabilities on these sites' patients and
+    write the recalibrated copy to ``out`` (see ``training/recalibration.py``).
+
+    Patients: ``split`` of each site; by default its ``val`` split when it has a split
+    column, else all its patients. The test split is refused: results reported on it
+    would no longer be independent of the calibration. Any earlier calibration is refitted
+    from the raw probabilities. Returns the fit and the Brier score / ECE before and after
+    on the fitting patients.
+    """
+    out = Path(out)
+    if out.resolve() == Path(checkpoint).resolve():
+        raise ConfigError(f"--out {out} is the input checkpoint; write the recalibrated model to a new file")
+    if split == "test":
+        raise ConfigError(
+            "calibrating on the test split would make the results reported on it optimistic; "
+            "use the val split or a separate set of patients"
+        )
+    run = _load_checkpoint_and_sites(checkpoint, site_paths, device, None, progress, True)
+    ys, raw = [], []
+    for sb in run.sites:
+        chosen = split or ("val" if sb.site.has_splits else None)
+        bags = sb.by_split(chosen) if chosen else sb.bags
+        if not bags:
+            raise SiteDataError(f"site {sb.site.path}: no patients in split {chosen!r} to calibrate on")
+        y, probs = run.predict(run.model_inputs(sb, bags), calibrated=False)
+        ys.append(y)
+        raw.append(probs)
+    y, probs = np.concatenate(ys), np.concatenate(raw)
+    fit_info = fit_calibration(y, probs, method)
+    after = apply_calibration(probs, fit_info)
+    ckpt = replace(
+        run.ckpt,
+        calibration=fit_info,
+        provenance={
+            **run.ckpt.provenance,
+            "calibrated_on": {
+                "sites": [sb.site.name for sb in run.sites],
+                "split": split or "val (or all patients where a site has no split column)",
+                "n": int(len(y)),
+                "date": _dt.date.today().isoformat(),
+            },
+        },
+    )
+    save_checkpoint(ckpt, out)
+    return {
+        **fit_info,
+        "n": int(len(y)),
+        "before": calibration(y, probs),
+        "after": calibration(y, after),
+        "checkpoint": str(out),
+    }
 
 
 def read_predictions(path: str | Path) -> tuple[list[tuple[str, str]], np.ndarray, np.ndarray]:
@@ -642,7 +711,7 @@ def predict_checkpoint(
     per_site: dict[str, Any] = {}
     for sb in run.sites:
         scaled = run.model_inputs(sb, sb.bags)
-        _, probs = predict_bags(run.model, scaled, run.device)
+        _, probs = run.predict(scaled)
         fine = predict_fine(run.model, scaled, run.device, labelled_only=False)
         predicted = decide(probs, threshold)
         for i, bag in enumerate(sb.bags):

@@ -123,6 +123,31 @@ def test_prepare_train_evaluate_explain(ucsb, tmp_path, capsys):
                  "--threshold", "1.5", "--out", str(tmp_path / "bad")]) == 2
     assert "a probability in [0, 1]" in capsys.readouterr().err
 
+    # Recalibration on the training hospitals' validation patients: a new model.pt whose
+    # probabilities evaluate and predict use; same ranking, so the same AUC.
+    val_sites = [str(ucsb / f"site-{i}") for i in range(3)]
+    calibrated = tmp_path / "calibrated.pt"
+    assert main(["calibrate", "--model", str(run / "model.pt"), "--data", *val_sites,
+                 "--out", str(run / "model.pt")]) == 2  # never overwrites the original
+    assert main(["calibrate", "--model", str(run / "model.pt"), "--data", *val_sites,
+                 "--split", "test", "--out", str(calibrated)]) == 2
+    assert "test split" in capsys.readouterr().err
+    assert main(["calibrate", "--model", str(run / "model.pt"), "--data", *val_sites,
+                 "--out", str(calibrated)]) == 0
+    assert "platt calibration" in capsys.readouterr().out
+    recal = load_checkpoint(calibrated)
+    assert recal.calibration["method"] == "platt" and len(recal.calibration["params"]) == 2
+    assert recal.provenance["calibrated_on"]["sites"] == ["site-0", "site-1", "site-2"]
+    assert main(["evaluate", "--model", str(calibrated), "--data-root", str(ucsb),
+                 "--out", str(tmp_path / "ev-cal")]) == 0
+    after = json.loads((tmp_path / "ev-cal" / "metrics.json").read_text())
+    assert after["auc"] == pytest.approx(metrics["auc"])
+    with open(tmp_path / "ev-cal" / "predictions.csv") as fh:
+        p_after = np.array([float(r["prob_positive"]) for r in csv.DictReader(fh)])
+    assert not np.allclose(p_after, p_pos)
+    assert main(["inspect", str(calibrated)]) == 0
+    assert "recalibrated (platt" in capsys.readouterr().out
+
 
 def test_cv_same_folds_and_resume(tmp_path, monkeypatch):
     data = tmp_path / "musk1"
