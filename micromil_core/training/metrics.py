@@ -99,7 +99,7 @@ def bootstrap_intervals(
 
     Each resample draws, with replacement, as many patients of each class as there are, so
     every resample has the class mix of the data and AUC stays defined. A held-out hospital
-    of 19 patients gives an AUC interval about 0.4 wide: the intervals say how far a figure
+    of 19 patients gives an AUC interval about 0.5 wide: the intervals say how far a figure
     can be trusted. Metrics undefined on the data (AUC with one class) get [nan, nan].
     """
     y_true = np.asarray(y_true, dtype=int)
@@ -142,8 +142,9 @@ def _binary_metrics_of_draws(
 ) -> dict[str, np.ndarray]:
     """``METRIC_KEYS`` of every resample in ``draw`` (from :func:`_stratified_draws`).
 
-    Same definitions as :func:`classification_metrics`: argmax decision (a tie goes to
-    class 0), AUC as the probability that a positive outranks a negative (ties count 1/2).
+    Same definitions as :func:`classification_metrics`: :func:`decide`'s decision (argmax,
+    a tie going to class 0, unless a ``threshold`` is given), AUC as the probability that a
+    positive outranks a negative (ties count 1/2).
     """
     from scipy.stats import rankdata
 
