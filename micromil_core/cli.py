@@ -223,9 +223,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = _run_checkpoint(
         args, evaluate_checkpoint, split=args.split, threshold=args.threshold
     )
+    if args.against:
+        from micromil_core.training.pipeline import add_paired_comparison
+
+        add_paired_comparison(
+            metrics, args.against, _site_paths(args, holdout=True), args.out,
+            split=args.split, device=args.device or "auto", threshold=args.threshold,
+        )
     for name, m in metrics["per_site"].items():
         print(f"{name}: {_brief(m)}  (n={m['n']})")
     print(f"all: {_brief(metrics)}")
+    diff = (metrics.get("against") or {}).get("difference")
+    if diff:
+        print(
+            f"minus {args.against} on the same patients (paired bootstrap): "
+            + "; ".join(
+                f"{k} {diff[k]['difference']:+.3f} (95% CI {diff[k]['low']:+.3f} to "
+                f"{diff[k]['high']:+.3f})"
+                for k in ("auc", "accuracy")
+            )
+        )
     if metrics.get("operating_points"):
         points = "; ".join(
             f"sensitivity >= {o['target']:.2f} at threshold {o['threshold']:.3f} "
@@ -472,6 +489,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", action="store_true", help="per-patient galleries (stay on site)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threshold", type=float, help=THRESHOLD_HELP)
+    p.add_argument(
+        "--against",
+        metavar="MODEL",
+        help="a second checkpoint judged on the same patients: reports this model minus it, "
+        "with paired bootstrap intervals (two-class models)",
+    )
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_evaluate)
 

@@ -135,18 +135,6 @@ def simulate(
     return results[0].metrics
 
 
-def _paired_difference(run_a: Path, run_b: Path) -> dict[str, Any] | None:
-    """Held-out metrics of run A minus run B on the same patients, paired bootstrap."""
-    from micromil_core.training.metrics import paired_bootstrap_difference
-    from micromil_core.training.pipeline import read_predictions
-
-    keys_a, y, probs_a = read_predictions(run_a / "heldout" / "predictions.csv")
-    keys_b, _, probs_b = read_predictions(run_b / "heldout" / "predictions.csv")
-    if keys_a != keys_b:  # both evaluate the same held-out sites in the same order
-        raise ValueError(f"{run_a} and {run_b} were judged on different patients")
-    return paired_bootstrap_difference(y, probs_a, probs_b)
-
-
 def compare(cfg: ExperimentConfig, out: str | Path) -> dict[str, Any]:
     """Local-only (each site), pooled and federated models, all judged on the held-out sites.
 
@@ -157,7 +145,11 @@ def compare(cfg: ExperimentConfig, out: str | Path) -> dict[str, Any]:
     """
     from micromil_core.io import write_json_atomic
     from micromil_core.report import write_report
-    from micromil_core.training.pipeline import evaluate_checkpoint, train_pooled
+    from micromil_core.training.pipeline import (
+        evaluate_checkpoint,
+        paired_difference,
+        train_pooled,
+    )
 
     out = Path(out)
     sites = resolve_sites(cfg)
@@ -196,7 +188,9 @@ def compare(cfg: ExperimentConfig, out: str | Path) -> dict[str, Any]:
     table["local_mean"] = {
         k: sum(m[k] for m in table["local"].values()) / len(table["local"]) for k in keys
     }
-    paired = _paired_difference(out / "federated", out / "pooled")
+    paired = paired_difference(
+        out / "federated" / "heldout" / "predictions.csv", out / "pooled" / "heldout" / "predictions.csv"
+    )
     if paired is not None:
         table[PAIRED_KEY] = paired
     write_json_atomic(out / "metrics.json", table)

@@ -148,6 +148,19 @@ def test_prepare_train_evaluate_explain(ucsb, tmp_path, capsys):
     assert main(["inspect", str(calibrated)]) == 0
     assert "recalibrated (platt" in capsys.readouterr().out
 
+    # Two models on the same patients, paired: recalibration keeps the ranking, so the
+    # AUC difference is exactly 0 while accuracy may move.
+    assert main(["evaluate", "--model", str(calibrated), "--against", str(run / "model.pt"),
+                 "--data-root", str(ucsb), "--out", str(tmp_path / "vs")]) == 0
+    vs = json.loads((tmp_path / "vs" / "metrics.json").read_text())["against"]
+    for value in vs["difference"]["auc"].values():
+        assert value == pytest.approx(0.0, abs=1e-9)
+    assert vs["difference"]["accuracy"]["difference"] == pytest.approx(
+        after["accuracy"] - metrics["accuracy"]
+    )
+    assert vs["metrics"]["auc"] == pytest.approx(metrics["auc"])
+    assert "on the same patients (paired bootstrap)" in capsys.readouterr().out
+
 
 def test_cv_same_folds_and_resume(tmp_path, monkeypatch):
     data = tmp_path / "musk1"
