@@ -47,6 +47,22 @@ def _add_data_args(p: argparse.ArgumentParser, holdout: bool) -> None:
     )
 
 
+THRESHOLD_HELP = (
+    "two-class models: call a patient positive when P(second class) >= this (default: the "
+    "most probable class); pick it on validation patients (`evaluate --split val` lists "
+    "the thresholds for 90%%/95%% sensitivity)"
+)
+
+
+def _add_scoring_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of the commands that run a checkpoint on sites (evaluate, predict)."""
+    p.add_argument("--model", required=True, help="checkpoint (model.pt)")
+    _add_data_args(p, holdout=True)
+    p.add_argument("--explain", action="store_true", help="per-patient galleries (stay on site)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threshold", type=float, help=THRESHOLD_HELP)
+
+
 def _experiment_config(args: argparse.Namespace):
     from micromil_core.config import load_config
 
@@ -90,13 +106,6 @@ def _site_paths(args: argparse.Namespace, holdout: bool) -> list[Path]:
             raise MicroMILError(f"{args.data_root}/sites.yaml lists no {kind} sites")
         return list(sites)
     raise MicroMILError("no data given: pass --data SITE [SITE ...] or --data-root ROOT")
-
-
-THRESHOLD_HELP = (
-    "two-class models: call a patient positive when P(second class) >= this (default: the "
-    "most probable class); pick it on validation patients (`evaluate --split val` lists "
-    "the thresholds for 90%%/95%% sensitivity)"
-)
 
 
 def _print_json(obj: object) -> None:
@@ -207,21 +216,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _run_checkpoint(args: argparse.Namespace, run: Any, **options: Any) -> dict[str, Any]:
-    """``run`` (evaluate_checkpoint or predict_checkpoint) with the shared CLI arguments."""
+    """``run`` (evaluate/predict/calibrate_checkpoint) with the shared CLI arguments."""
     from micromil_core.runtime import resolve_device
 
     sites = _site_paths(args, holdout=True)
     device = str(resolve_device(args.device or "auto"))
-    return run(
-        args.model, sites, args.out, explain=args.explain, device=device, progress=True, **options
-    )
+    return run(args.model, sites, args.out, device=device, progress=True, **options)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from micromil_core.report import format_differences
     from micromil_core.training.pipeline import evaluate_checkpoint
 
     metrics = _run_checkpoint(
-        args, evaluate_checkpoint, split=args.split, threshold=args.threshold
+        args, evaluate_checkpoint, split=args.split, threshold=args.threshold, explain=args.explain
     )
     if args.against:
         from micromil_core.training.pipeline import add_paired_comparison
@@ -233,16 +241,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for name, m in metrics["per_site"].items():
         print(f"{name}: {_brief(m)}  (n={m['n']})")
     print(f"all: {_brief(metrics)}")
-    diff = (metrics.get("against") or {}).get("difference")
+    diff = format_differences((metrics.get("against") or {}).get("difference"))
     if diff:
-        print(
-            f"minus {args.against} on the same patients (paired bootstrap): "
-            + "; ".join(
-                f"{k} {diff[k]['difference']:+.3f} (95% CI {diff[k]['low']:+.3f} to "
-                f"{diff[k]['high']:+.3f})"
-                for k in ("auc", "accuracy")
-            )
-        )
+        print(f"minus {args.against} on the same patients (paired bootstrap): {diff}")
     if metrics.get("operating_points"):
         points = "; ".join(
             f"sensitivity >= {o['target']:.2f} at threshold {o['threshold']:.3f} "
@@ -265,7 +266,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from micromil_core.training.pipeline import predict_checkpoint
 
-    summary = _run_checkpoint(args, predict_checkpoint, threshold=args.threshold)
+    summary = _run_checkpoint(
+        args, predict_checkpoint, threshold=args.threshold, explain=args.explain
+    )
     for name, s in summary["per_site"].items():
         counts = ", ".join(f"{c} {n}" for c, n in s["predicted"].items())
         print(f"{name}: {s['n']} patients scored; predicted {counts}")
@@ -276,18 +279,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from micromil_core.runtime import resolve_device
     from micromil_core.training.pipeline import calibrate_checkpoint
 
-    result = calibrate_checkpoint(
-        args.model,
-        _site_paths(args, holdout=True),
-        args.out,
-        method=args.method,
-        split=args.split,
-        device=str(resolve_device(args.device or "auto")),
-        progress=True,
-    )
+    result = _run_checkpoint(args, calibrate_checkpoint, method=args.method, split=args.split)
     params = ", ".join(f"{v:.4g}" for v in result["params"])
     print(f"{result['method']} calibration ({params}) fitted on {result['n']} patients")
     for when in ("before", "after"):
@@ -483,12 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on sites")
-    p.add_argument("--model", required=True, help="checkpoint (model.pt)")
-    _add_data_args(p, holdout=True)
+    _add_scoring_args(p)
     p.add_argument("--split", choices=["train", "val", "test"], help="default: all patients")
-    p.add_argument("--explain", action="store_true", help="per-patient galleries (stay on site)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threshold", type=float, help=THRESHOLD_HELP)
     p.add_argument(
         "--against",
         metavar="MODEL",
@@ -502,11 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
         "predict",
         help="score patients without a diagnosis (patients.csv needs only patient_id)",
     )
-    p.add_argument("--model", required=True, help="checkpoint (model.pt)")
-    _add_data_args(p, holdout=True)
-    p.add_argument("--explain", action="store_true", help="per-patient galleries (stay on site)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threshold", type=float, help=THRESHOLD_HELP)
+    _add_scoring_args(p)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_predict)
 

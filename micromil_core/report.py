@@ -198,24 +198,27 @@ def with_auc_interval(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def format_paired_difference(comparison: Mapping[str, Any]) -> str:
-    """One sentence on federated minus pooled (AUC and accuracy), or "" when not known."""
-    paired = comparison.get(PAIRED_KEY)
+def format_differences(paired: Any, keys: Sequence[str] = ("auc", "accuracy")) -> str:
+    """``paired_bootstrap_difference``'s AUC and accuracy as "auc +0.010 (95% CI ... to
+    ...); accuracy ...", or "" when there is none."""
     if not isinstance(paired, Mapping):
         return ""
     parts = []
-    for key in ("auc", "accuracy"):
+    for key in keys:
         d = paired.get(key)
         if isinstance(d, Mapping) and all(_num(d.get(k)) is not None for k in ("difference", "low", "high")):
             parts.append(
                 f"{key} {d['difference']:+.3f} (95% CI {d['low']:+.3f} to {d['high']:+.3f})"
             )
-    if not parts:
+    return "; ".join(parts)
+
+
+def format_paired_difference(comparison: Mapping[str, Any]) -> str:
+    """One sentence on federated minus pooled (AUC and accuracy), or "" when not known."""
+    text = format_differences(comparison.get(PAIRED_KEY))
+    if not text:
         return ""
-    return (
-        "federated minus pooled, on the same held-out patients (paired bootstrap): "
-        + "; ".join(parts)
-    )
+    return f"federated minus pooled, on the same held-out patients (paired bootstrap): {text}"
 
 
 # ----------------------------------------------------------------------------- history access

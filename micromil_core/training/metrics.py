@@ -22,28 +22,37 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from micromil_core.errors import ConfigError
+
 METRIC_KEYS = ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity")
 # Fine-level metrics of hierarchical models (HMIL), next to the core keys when available.
 FINE_METRIC_KEYS = ("fine_accuracy", "fine_balanced_accuracy", "fine_macro_f1", "fine_auc")
 
 
-def decide(probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
-    """Predicted class per patient: argmax, or for a binary task with ``threshold``, class 1
-    when its probability is at least the threshold.
+def check_threshold(threshold: float | None, n_classes: int) -> None:
+    """Refuse a decision threshold that cannot apply (None, the argmax, always can).
 
     Raises:
-        ValueError: a threshold outside [0, 1] or for a task that is not binary.
+        ConfigError: a threshold outside [0, 1] or for a model that is not two-class.
     """
-    probs = np.asarray(probs, dtype=float)
     if threshold is None:
-        return probs.argmax(axis=1)
-    if probs.shape[1] != 2:
-        raise ValueError(
+        return
+    if n_classes != 2:
+        raise ConfigError(
             f"a decision threshold applies to two-class models only; this one has "
-            f"{probs.shape[1]} classes (leave the threshold out: the most probable class)"
+            f"{n_classes} classes (leave the threshold out: the most probable class)"
         )
     if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"decision threshold {threshold} is not a probability in [0, 1]")
+        raise ConfigError(f"decision threshold {threshold} is not a probability in [0, 1]")
+
+
+def decide(probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
+    """Predicted class per patient: argmax, or for a binary task with ``threshold``, class 1
+    when its probability is at least the threshold (see :func:`check_threshold`)."""
+    probs = np.asarray(probs, dtype=float)
+    check_threshold(threshold, probs.shape[1])
+    if threshold is None:
+        return probs.argmax(axis=1)
     return (probs[:, 1] >= threshold).astype(int)
 
 

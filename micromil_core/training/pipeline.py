@@ -33,6 +33,7 @@ from micromil_core.training.checkpoint import Checkpoint, load_checkpoint, save_
 from micromil_core.training.metrics import (
     bootstrap_intervals,
     calibration,
+    check_threshold,
     classification_metrics,
     decide,
     fine_metrics,
@@ -457,6 +458,16 @@ class _LoadedCheckpoint:
         y, probs = predict_bags(self.model, scaled, self.device)
         return y, apply_calibration(probs, self.ckpt.calibration) if calibrated else probs
 
+    def explain(
+        self, sb: SiteBags, bags: list[Bag], scaled: list[Bag], out: Path, threshold: float | None
+    ) -> None:
+        """Galleries of ``bags`` (raw) / ``scaled`` (model inputs) under OUT/<site>."""
+        from micromil_core.explain import write_explanations
+
+        write_explanations(
+            self.model, self.ckpt, sb, bags, scaled, self.device, out / sb.site.name, threshold
+        )
+
 
 def _load_checkpoint_and_sites(
     checkpoint: str | Path,
@@ -468,12 +479,7 @@ def _load_checkpoint_and_sites(
     threshold: float | None = None,
 ) -> _LoadedCheckpoint:
     ckpt = load_checkpoint(checkpoint)
-    if threshold is not None and (ckpt.n_classes != 2 or not 0.0 <= threshold <= 1.0):
-        raise ConfigError(
-            f"--threshold {threshold}: a decision threshold is a probability in [0, 1] for a "
-            f"two-class model; {checkpoint} has {ckpt.n_classes} classes"
-            + ("" if ckpt.n_classes == 2 else " (leave it out: the most probable class)")
-        )
+    check_threshold(threshold, ckpt.n_classes)  # before any site data is read
     dev = resolve_device(device)
     model = ckpt.build_model().to(dev)
     if data_cfg is None:  # the encoder's options travel with the checkpoint's config
@@ -492,17 +498,6 @@ def _load_checkpoint_and_sites(
         labels_required=labels_required,
     )
     return _LoadedCheckpoint(ckpt, model, dev, sites)
-
-
-def _write_explanations(
-    run: _LoadedCheckpoint, sb: SiteBags, bags: list[Bag], out: Path, threshold: float | None
-) -> None:
-    from micromil_core.explain import write_explanations
-
-    scaled = run.model_inputs(sb, bags)
-    write_explanations(
-        run.model, run.ckpt, sb, bags, scaled, run.device, out / sb.site.name, threshold
-    )
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
@@ -568,7 +563,7 @@ def evaluate_checkpoint(
                 row += [fine_name, *map(float, fine[1][i])]
             rows.append(row)
         if explain:
-            _write_explanations(run, sb, bags, out / "explain", threshold)
+            run.explain(sb, bags, scaled, out / "explain", threshold)
     y_all, p_all = np.concatenate(all_y), np.concatenate(all_p)
     metrics: dict[str, Any] = classification_metrics(y_all, p_all, threshold)
     metrics["ci95"] = bootstrap_intervals(y_all, p_all, threshold=threshold)
@@ -772,7 +767,7 @@ def predict_checkpoint(
             "predicted": {c: int((predicted == k).sum()) for k, c in enumerate(ckpt.classes)},
         }
         if explain:
-            _write_explanations(run, sb, sb.bags, out / "explain", threshold)
+            run.explain(sb, sb.bags, scaled, out / "explain", threshold)
     _write_csv(out / "predictions.csv", header, rows)
     summary = {
         "n": len(rows),
