@@ -114,6 +114,25 @@ class MILModel(nn.Module):
             "scores (MILModel.encode), so it cannot be wrapped by MHIM"
         )
 
+    def encode_loss(
+        self,
+        x: Tensor,
+        mask: Tensor,
+        target: Tensor,
+        class_weight: Tensor | None = None,
+    ) -> tuple[Encoding, Tensor, dict[str, float]]:
+        """``encode`` and the model's full training loss from one forward pass.
+
+        A wrapper (MHIM) trains its base with this on masked bags, so a base with more than
+        a bag cross-entropy (DSMIL's instance stream, CLAM's clustering loss, MRAN's scale
+        terms) keeps all of its loss. Models whose ``loss`` adds terms must override it.
+
+        Shapes: x (B, N, D), mask (B, N), target (B,) -> Encoding, scalar, parts
+        """
+        enc = self.encode(x, mask)
+        ce = F.cross_entropy(enc.logits, target, weight=class_weight)
+        return enc, ce, {"ce": float(ce.detach())}
+
     # --- what trainers call --------------------------------------------------------------
 
     def loss_batch(

@@ -223,12 +223,22 @@ class CLAMSB(MILModel):
 
         parts: ``ce`` (bag) and ``instance``.
         """
+        return self.encode_loss(x, mask, target, class_weight)[1:]
+
+    def encode_loss(
+        self,
+        x: Tensor,
+        mask: Tensor,
+        target: Tensor,
+        class_weight: Tensor | None = None,
+    ) -> tuple[Encoding, Tensor, dict[str, float]]:
+        """The bag and clustering loss (see ``loss``) with the encoding behind it."""
         enc, h = self._attend(x, mask)
         ce = F.cross_entropy(enc.logits, target, weight=class_weight)
         inst = self.instance_loss(h, enc.scores, mask, target)
         w = self.params.bag_weight
         loss = w * ce + (1.0 - w) * inst
-        return loss, {"ce": float(ce.detach()), "instance": float(inst.detach())}
+        return enc, loss, {"ce": float(ce.detach()), "instance": float(inst.detach())}
 
     @torch.no_grad()
     def predict(self, x: Tensor, mask: Tensor) -> Prediction:

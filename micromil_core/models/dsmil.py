@@ -131,17 +131,26 @@ class DSMIL(MILModel):
 
         parts: ``ce`` (bag stream) and ``max_ce`` (max-instance stream).
         """
+        return self.encode_loss(x, mask, target, class_weight)[1:]
+
+    def encode(self, x: Tensor, mask: Tensor) -> Encoding:
+        """Shapes: x (B, N, D), mask (B, N) -> logits (B, C), bag (B, C*W), scores (B, N)"""
+        return _encoding(self.run(x, mask))
+
+    def encode_loss(
+        self,
+        x: Tensor,
+        mask: Tensor,
+        target: Tensor,
+        class_weight: Tensor | None = None,
+    ) -> tuple[Encoding, Tensor, dict[str, float]]:
+        """Both streams' loss (see ``loss``) with the encoding behind it."""
         out = self.run(x, mask)
         ce = F.cross_entropy(out.logits, target, weight=class_weight)
         max_ce = F.cross_entropy(out.max_logits, target, weight=class_weight)
         w = self.params.bag_weight
         loss = w * ce + (1.0 - w) * max_ce
-        return loss, {"ce": float(ce.detach()), "max_ce": float(max_ce.detach())}
-
-    def encode(self, x: Tensor, mask: Tensor) -> Encoding:
-        """Shapes: x (B, N, D), mask (B, N) -> logits (B, C), bag (B, C*W), scores (B, N)"""
-        out = self.run(x, mask)
-        return Encoding(out.logits, out.bag, _predicted_class_attention(out))
+        return _encoding(out), loss, {"ce": float(ce.detach()), "max_ce": float(max_ce.detach())}
 
     @torch.no_grad()
     def predict(self, x: Tensor, mask: Tensor) -> Prediction:
@@ -154,6 +163,10 @@ class DSMIL(MILModel):
             instance_scores=_predicted_class_attention(out),
             extras={"critical": out.critical, "max_logits": out.max_logits},
         )
+
+
+def _encoding(out: DSMILOutput) -> Encoding:
+    return Encoding(out.logits, out.bag, _predicted_class_attention(out))
 
 
 def _predicted_class_attention(out: DSMILOutput) -> Tensor:

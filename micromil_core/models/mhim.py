@@ -15,8 +15,9 @@ The registered model ``mhim`` wraps any registered model that implements ``encod
    the rest; at least one instance per bag is always kept;
 3. optionally (v2) ``recycle_tokens`` global query tokens cross-attend to the randomly
    dropped instances and are appended to the kept ones as extra instances;
-4. loss = CE(student logits on the masked bag) + ``consistency_weight`` * KL(softmax(teacher
-   bag / t_teacher) || softmax(student bag / t_student)).
+4. loss = the base's own loss on the masked bag (its bag cross-entropy plus any auxiliary
+   terms it has, e.g. DSMIL's max-instance stream) + ``consistency_weight`` *
+   KL(softmax(teacher bag / t_teacher) || softmax(student bag / t_student)).
 
 Inference (``forward``/``predict``/``encode`` and ``loss`` in eval mode) is the student
 alone on the full bag. Only the student (and the recycle network, when on) are submodules,
@@ -526,15 +527,15 @@ class MHIM(MILModel):
             tokens, has = self.recycle(x, dropped)  # (B, k, D), (B,)
             xs = torch.cat([x, tokens.to(x.dtype)], dim=1)  # (B, N + k, D)
             ms = torch.cat([keep, has[:, None].expand(-1, tokens.shape[1])], dim=1)
-        student = self.student.encode(xs, ms)
-        ce = F.cross_entropy(student.logits, target, weight=class_weight)
+        # The base's own full loss on the masked bag (not only a bag cross-entropy), so
+        # e.g. DSMIL's instance stream and CLAM's clustering head keep training.
+        student, base_loss, parts = self.student.encode_loss(xs, ms, target, class_weight)
         cons = consistency_loss(
             student.bag, teacher.bag, prm.student_temperature, prm.teacher_temperature
         )
-        total = ce + prm.consistency_weight * cons
+        total = base_loss + prm.consistency_weight * cons
         masked = 1.0 - float(keep.sum()) / max(float(mask.sum()), 1.0)
-        return total, {"ce": float(ce.detach()), "consistency": float(cons.detach()),
-                       "masked": masked}
+        return total, {**parts, "consistency": float(cons.detach()), "masked": masked}
 
 
 def _with_mhim_parts(

@@ -286,6 +286,16 @@ class MicroMIL(MILModel):
 
         Shapes: x (B, N, D), mask (B, N), target (B,) -> scalar
         """
+        return self.encode_loss(x, mask, target, class_weight)[1:]
+
+    def encode_loss(
+        self,
+        x: Tensor,
+        mask: Tensor,
+        target: Tensor,
+        class_weight: Tensor | None = None,
+    ) -> tuple[Encoding, Tensor, dict[str, float]]:
+        """The loss of ``loss`` with the encoding behind it (one forward pass)."""
         out = self.run(x, mask)
         ce = F.cross_entropy(out.logits, target, weight=class_weight)
         if self.params.kl_weight > 0:
@@ -295,7 +305,8 @@ class MicroMIL(MILModel):
             with torch.no_grad():  # monitoring only
                 kl = dec_kl(out.q, mask)
             total = ce
-        return total, {"ce": float(ce.detach()), "kl": float(kl.detach())}
+        enc = Encoding(out.logits, out.bag, selection_scores(out.scores, mask))
+        return enc, total, {"ce": float(ce.detach()), "kl": float(kl.detach())}
 
     @torch.no_grad()
     def predict(self, x: Tensor, mask: Tensor) -> Prediction:

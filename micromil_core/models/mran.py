@@ -254,6 +254,14 @@ class MRAN(MILModel):
     ) -> tuple[Tensor, dict[str, float]]:
         return self._loss(self.run(x, mask), mask, target, class_weight)
 
+    def encode_loss(
+        self, x: Tensor, mask: Tensor, target: Tensor, class_weight: Tensor | None = None
+    ) -> tuple[Encoding, Tensor, dict[str, float]]:
+        """Case, scale and instance terms (scale 0 only) with the encoding behind them."""
+        out = self.run(x, mask)
+        enc = Encoding(logits=out.logits, bag=out.bag, scores=out.scores)
+        return (enc, *self._loss(out, mask, target, class_weight))
+
     def loss_batch(
         self, batch: BagBatch, class_weight: Tensor | None = None
     ) -> tuple[Tensor, dict[str, float]]:

@@ -191,6 +191,32 @@ def test_consistency_is_zero_when_teacher_equals_student_without_masking() -> No
     assert loss.item() == pytest.approx(parts["ce"], abs=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("base", "base_params", "aux"),
+    [
+        ("dsmil", {"embed_dims": "8", "q_dim": 8, "dropout": 0.0}, "max_ce"),
+        ("clam-sb", {"embed_dim": 8, "attn_dim": 8, "k_sample": 2, "dropout": 0.0}, "instance"),
+        ("micromil", {**MICROMIL, "kl_weight": 0.5}, "kl"),
+    ],
+)
+def test_masked_loss_keeps_the_base_models_auxiliary_terms(base, base_params, aux) -> None:
+    # With nothing masked and teacher == student, MHIM's training loss is the base's own
+    # full loss (instance stream, clustering or KL term included), not a bare CE.
+    torch.manual_seed(0)
+    model = build_model("mhim", D, C, {"base": base, "base_params": base_params, "warmup": 0.0,
+                                       "mask_ratio_high": 0.0, "mask_ratio_random": 0.0,
+                                       "teacher_temperature": 1.0})
+    model.eval()  # deterministic forward passes for both (MicroMIL: no Gumbel noise)
+    model.start_training()
+    x, mask = batch([5, 3, 7])
+    y = torch.tensor([0, 1, 1])
+    own, own_parts = model.student.loss(x, mask, y)
+    masked, parts = model.mhim_loss(x, mask, y)
+    assert aux in parts and parts[aux] == pytest.approx(own_parts[aux], rel=1e-5)
+    assert own.item() != pytest.approx(own_parts["ce"], rel=1e-3)  # the term is not 0
+    assert masked.item() == pytest.approx(own.item(), rel=1e-5)
+
+
 def test_default_loss_is_finite_and_reports_its_parts() -> None:
     model = make(warmup=0.0, recycle_tokens=2).train()
     x, mask = batch([5, 3, 7])
