@@ -421,12 +421,23 @@ def load_bags(
     for rec in site.records(patient_ids):
         fpath = find_feature_file(fdir, rec.patient_id)
         if fpath is None:
-            raise SiteDataError(
+            where = (
                 f"patient {rec.patient_id!r} ({site.path / PATIENTS_CSV} row {rec.row}) has no "
-                f"feature file {fdir / rec.patient_id}{{{','.join(FEATURE_EXTENSIONS)}}}; "
-                f"either add features/{rec.patient_id}.pt with its (N, D) instance features, "
-                f"or put its images under {IMAGES_DIR}/{rec.patient_id}/ and run "
-                f"`micromil extract`"
+                f"feature file {fdir / rec.patient_id}{{{','.join(FEATURE_EXTENSIONS)}}}"
+            )
+            if feature_dir is None and (site.path / IMAGES_DIR / rec.patient_id).is_dir():
+                # An image site read without an encoder: the images are there, only the
+                # encoder was not named (extract alone fills a cache this call does not read).
+                raise SiteDataError(
+                    f"{where}, but it has images under {IMAGES_DIR}/{rec.patient_id}/; pass "
+                    f"`--encoder NAME` (e.g. `--encoder histo-texture`; `micromil encoders` "
+                    f"lists them) or set data.encoder in the config, so that its images are "
+                    f"encoded and cached"
+                )
+            raise SiteDataError(
+                f"{where}; either add features/{rec.patient_id}.pt with its (N, D) instance "
+                f"features, or put its images under {IMAGES_DIR}/{rec.patient_id}/ and pass "
+                f"`--encoder NAME` to encode them"
             )
         feats, scales = read_features_and_scales(fpath, expected_dim=dim)
         dim = int(feats.shape[1])

@@ -58,7 +58,16 @@ def test_unknown_label_against_checkpoint(tmp_path, capsys):
 def test_patient_without_features_or_images(tiny_site, tmp_path, capsys):
     (tiny_site / "features" / "p004.pt").unlink()
     code, err = run(train_args(tiny_site, out=tmp_path / "r"), capsys)
-    assert code == 2 and "p004" in err and "micromil extract" in err
+    assert code == 2 and "p004" in err and "--encoder NAME" in err
+
+
+def test_image_site_without_encoder_names_the_flag(tmp_path, capsys):
+    # Images are there but no encoder was named: the fix is the flag, not `extract` (whose
+    # cache a run without --encoder does not read).
+    site = _image_site(tmp_path / "img")
+    code, err = run(train_args(site, out=tmp_path / "r"), capsys)
+    assert code == 2 and "images/p0/" in err and "--encoder" in err
+    assert main([str(a) for a in train_args(site, out=tmp_path / "r")] + ["--encoder", "histo-texture"]) == 0
 
 
 @pytest.mark.parametrize(
