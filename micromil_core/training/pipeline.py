@@ -46,9 +46,9 @@ from micromil_core.training.recalibration import apply_calibration, fit_calibrat
 from micromil_core.training.trainer import (
     EpochLog,
     TrainResult,
-    evaluate_bags,
     fit,
     iter_batches,
+    metrics_from_predictions,
     predict_bags,
 )
 
@@ -365,7 +365,8 @@ def train_pooled(
     """Train one model on the pooled train/val patients of several sites.
 
     Writes OUT/model.pt, OUT/metrics.json (validation, and the sites' test splits when
-    present -- reported, never used for selection), OUT/history.json and OUT/curves.png.
+    present -- reported, never used for selection), OUT/history.json, OUT/curves.png and
+    OUT/roc.png (validation and test patients).
     """
     out = Path(out)
     device = _prepare_run(cfg)
@@ -382,9 +383,11 @@ def train_pooled(
         cfg, train, val, len(classes), device, progress_label="train" if progress else None
     )
     validation = dict(result.val_metrics)
+    roc_curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if val and not cfg.train.refit:  # a refit model was not the one validated
         scaled_val = scaler.transform_all(val) if scaler else val
         validation.update(fine_metrics_of(model, scaled_val, device))
+        roc_curves["validation"] = predict_bags(model, scaled_val, device)
     metrics: dict[str, Any] = {
         "validation": validation,
         "best_epoch": result.best_epoch,
@@ -393,7 +396,8 @@ def train_pooled(
     }
     if test:
         scaled = scaler.transform_all(test) if scaler else test
-        metrics["test"] = evaluate_bags(model, scaled, device)
+        roc_curves["test"] = predict_bags(model, scaled, device)
+        metrics["test"] = metrics_from_predictions(*roc_curves["test"])
         metrics["test"].update(fine_metrics_of(model, scaled, device))
     ckpt = Checkpoint(
         model_name=cfg.model.name,
@@ -426,6 +430,8 @@ def train_pooled(
         xlabel="epoch",
         title=f"{cfg.model.name}: training",
     )
+    if roc_curves:  # none when a refit run has no test split: nothing left unseen to plot
+        plot_roc(roc_curves, out / "roc.png", title=f"{cfg.model.name}: trained model")
     return metrics
 
 

@@ -49,7 +49,7 @@ def test_prepare_train_evaluate_explain(ucsb, tmp_path, capsys):
     assert info["parameters"] == sum(t.numel() for t in ckpt.state_dict.values())
     assert main(["inspect", str(run / "model.pt")]) == 0
     assert "trained on site-0, site-1, site-2" in capsys.readouterr().out
-    assert (run / "curves.png").stat().st_size > 0
+    assert (run / "curves.png").stat().st_size > 0 and (run / "roc.png").stat().st_size > 0
 
     out = tmp_path / "eval"
     assert main(["evaluate", "--model", str(run / "model.pt"), "--data-root", str(ucsb),
