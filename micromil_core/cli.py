@@ -118,6 +118,11 @@ def _brief(metrics: dict) -> str:
     ci = metrics.get("ci95", {}).get("auc")
     if ci and all(math.isfinite(v) for v in ci):
         text += f"  (auc 95% CI {ci[0]:.3f}-{ci[1]:.3f}, bootstrap)"
+    fine = [k for k in ("fine_accuracy", "fine_balanced_accuracy", "fine_auc") if k in metrics]
+    if fine:  # a hierarchical model: the fine level too
+        text += "\n  fine level: " + "  ".join(
+            f"{k.removeprefix('fine_')}={metrics[k]:.3f}" for k in fine
+        )
     return text
 
 

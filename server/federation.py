@@ -329,12 +329,16 @@ def initial_model_state(spec: ModelSpec, seed: int) -> dict[str, torch.Tensor]:
 
 
 def _weighted(per_site: dict[str, dict[str, Any]], keys: Iterable[str]) -> dict[str, float]:
-    """Patient-weighted mean of per-site metrics (NaNs skipped)."""
+    """Patient-weighted mean of per-site metrics (NaNs skipped); a hierarchical model's
+    fine metrics are weighted by each site's patients with a known fine label."""
     out: dict[str, float] = {}
+    if any(wire.FINE_COUNT in m for m in per_site.values()):
+        keys = (*keys, *wire.FINE_METRIC_KEYS)
     for key in keys:
         num = den = 0.0
+        weight = wire.FINE_COUNT if key in wire.FINE_METRIC_KEYS else wire.NUM_EXAMPLES
         for m in per_site.values():
-            v, w = m.get(key), m.get(wire.NUM_EXAMPLES, 0)
+            v, w = m.get(key), m.get(weight, 0)
             if isinstance(v, (int, float)) and math.isfinite(v) and w:
                 num += v * w
                 den += w

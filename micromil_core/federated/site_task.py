@@ -32,6 +32,7 @@ from micromil_core.training.metrics import binary_roc, bootstrap_intervals
 from micromil_core.training.pipeline import (
     SiteBags,
     feature_dir_for,
+    fine_metrics_of,
     load_sites,
     split_train_val_test,
 )
@@ -295,6 +296,7 @@ def evaluate_round(
 
     The ROC curve is shared only as TPR at the fixed FPR grid ``wire.ROC_GRID``; the AUC
     comes with its 95 % bootstrap interval over these patients (``wire.AUC_INTERVAL``).
+    A hierarchical model adds its fine-level metrics (``FINE_METRIC_KEYS``, ``fine_n``).
     """
     bags = runtime.evaluation_bags
     if not bags:
@@ -315,5 +317,6 @@ def evaluate_round(
         low, high = bootstrap_intervals(y, probs, n_resamples=1000)["auc"]
         if math.isfinite(low) and math.isfinite(high):
             out.update(zip(wire.AUC_INTERVAL, (low, high), strict=True))
+    out.update({k: float(v) for k, v in fine_metrics_of(model, scaled, device).items()})
     return out
 

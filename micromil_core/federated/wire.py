@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from micromil_core.training.metrics import FINE_METRIC_KEYS
+
 # RecordDict keys
 ARRAYS = "arrays"  # the global/local model weights (Flower's default key)
 CONFIG = "config"  # per-message settings from the server
@@ -59,8 +61,12 @@ ALLOWED_TRAIN_METRICS = frozenset(
 )
 # A site's AUC interval (bootstrap over its evaluation patients): two numbers, like the AUC.
 AUC_INTERVAL = ("auc_ci_low", "auc_ci_high")
+# Hierarchical (HMIL) models: fine-level metrics over the site's patients with a known
+# fine label, and how many those are (the weight of the site's fine metrics).
+FINE_COUNT = "fine_n"
 ALLOWED_EVAL_METRICS = frozenset(
-    {NUM_EXAMPLES, "loss", "roc_fpr", "roc_tpr"} | set(CORE_METRICS) | set(AUC_INTERVAL)
+    {NUM_EXAMPLES, "loss", "roc_fpr", "roc_tpr", FINE_COUNT}
+    | set(CORE_METRICS) | set(AUC_INTERVAL) | set(FINE_METRIC_KEYS)
 )
 ALLOWED_SITE_METRICS = frozenset(
     {NUM_EXAMPLES, "feature_dim", "num_train", "num_val", "num_test", "num_instances",

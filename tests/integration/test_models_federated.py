@@ -93,3 +93,10 @@ def test_hmil_federation_needs_and_uses_the_configured_hierarchy(tmp_path):
     assert list(ckpt.params["fine_to_coarse"]) == fine_to_coarse
     assert 0.0 <= metrics["auc"] <= 1.0
     _assert_trained(cfg, ckpt)
+    # Metrics at both levels in the federation: each held-out site reports its fine-level
+    # metrics (aggregates only) and the server weights them by the fine-labelled patients.
+    (site, per_site), = metrics["per_site"].items()
+    assert per_site["fine_n"] == per_site["num-examples"] > 0
+    assert 0.0 <= per_site["fine_accuracy"] <= 1.0
+    assert metrics["fine_accuracy"] == pytest.approx(per_site["fine_accuracy"])
+    assert 0.0 <= metrics["fine_balanced_accuracy"] <= 1.0
