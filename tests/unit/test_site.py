@@ -296,7 +296,7 @@ def test_load_bags_missing_features_says_how_to_fix(tmp_path: Path) -> None:
         load_bags(load_site(site))
     msg = str(info.value)
     assert "patient 'p2'" in msg and "row 3" in msg
-    assert "features/p2.pt" in msg and "images/p2/" in msg and "micromil extract" in msg
+    assert "features/p2.pt" in msg and "images/p2/" in msg and "--encoder NAME" in msg
 
 
 def test_load_bags_inconsistent_dims(tmp_path: Path) -> None:
