@@ -272,7 +272,10 @@ class MicroMIL(MILModel):
 
         Shapes: x (B, N, D), mask (B, N) -> logits (B, C), bag (B, G), scores (B, N)
         """
-        out = self.run(x, mask)
+        return self._encoding(self.run(x, mask), mask)
+
+    @staticmethod
+    def _encoding(out: MicroMILOutput, mask: Tensor) -> Encoding:
         return Encoding(out.logits, out.bag, selection_scores(out.scores, mask))
 
     def loss(
@@ -305,8 +308,7 @@ class MicroMIL(MILModel):
             with torch.no_grad():  # monitoring only
                 kl = dec_kl(out.q, mask)
             total = ce
-        enc = Encoding(out.logits, out.bag, selection_scores(out.scores, mask))
-        return enc, total, {"ce": float(ce.detach()), "kl": float(kl.detach())}
+        return self._encoding(out, mask), total, {"ce": float(ce.detach()), "kl": float(kl.detach())}
 
     @torch.no_grad()
     def predict(self, x: Tensor, mask: Tensor) -> Prediction:

@@ -226,7 +226,10 @@ class MRAN(MILModel):
 
         Shapes: x (B, N, D), mask (B, N) -> logits (B, C), bag (B, L), scores (B, N)
         """
-        out = self.run(x, mask)
+        return self._encoding(self.run(x, mask))
+
+    @staticmethod
+    def _encoding(out: MRANOutput) -> Encoding:
         return Encoding(logits=out.logits, bag=out.bag, scores=out.scores)
 
     # --- predictions and losses ---------------------------------------------------------
@@ -259,8 +262,7 @@ class MRAN(MILModel):
     ) -> tuple[Encoding, Tensor, dict[str, float]]:
         """Case, scale and instance terms (scale 0 only) with the encoding behind them."""
         out = self.run(x, mask)
-        enc = Encoding(logits=out.logits, bag=out.bag, scores=out.scores)
-        return (enc, *self._loss(out, mask, target, class_weight))
+        return (self._encoding(out), *self._loss(out, mask, target, class_weight))
 
     def loss_batch(
         self, batch: BagBatch, class_weight: Tensor | None = None

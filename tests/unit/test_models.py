@@ -190,16 +190,12 @@ def musk1_subset():
     """16 real MUSK1 bags (8 per class; 166-d molecule features), standardised on themselves."""
     from micromil_core.data.bag import Bag, collate_bags
     from micromil_core.data.datasets import load_mil_csv
+    from micromil_core.data.scaler import FeatureScaler
 
     raw = load_mil_csv("musk1")
     picked = [b for b in raw if b.label == 0][:8] + [b for b in raw if b.label == 1][:8]
-    feats = torch.cat([torch.as_tensor(b.features) for b in picked])
-    mean, std = feats.mean(0), feats.std(0).clamp_min(1e-6)
-    batch = collate_bags([
-        Bag(patient_id=b.pid, features=(torch.as_tensor(b.features) - mean) / std,
-            label=b.label)
-        for b in picked
-    ])
+    bags = [Bag(b.pid, torch.as_tensor(b.features), b.label) for b in picked]
+    batch = collate_bags(FeatureScaler.fit(bags).transform_all(bags))
     return batch.x, batch.mask, batch.y
 
 
