@@ -31,6 +31,7 @@ from micromil_core.federated.site_task import (
     redact,
     train_round,
 )
+from micromil_core.privacy.disclosure import effective_min_patients
 from micromil_core.privacy.node_config import from_node_config as privacy_from_node_config
 from micromil_core.runtime import resolve_device, set_threads
 
@@ -151,6 +152,7 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
             device=_device(settings),
             run_id=str(cfg.get(wire.FEDERATION_ID, "")),
             planned_rounds=settings.experiment.federation.rounds,
+            min_patients=effective_min_patients(site.privacy, settings.experiment.privacy),
         )
         content = RecordDict(
             {wire.ARRAYS: ArrayRecord(new_state), wire.METRICS: MetricRecord(metrics)}
@@ -165,7 +167,10 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
         runtime = load_runtime(site, settings.experiment.data, settings.experiment.train, settings.classes)
         state = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
         scaler = runtime.scaler_for(settings.scaler, settings.site_scaler)
-        metrics = evaluate_round(runtime, settings.spec, state, scaler, _device(settings))
+        metrics = evaluate_round(
+            runtime, settings.spec, state, scaler, _device(settings),
+            min_patients=effective_min_patients(site.privacy, settings.experiment.privacy),
+        )
         return Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
     return app

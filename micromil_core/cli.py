@@ -113,8 +113,13 @@ def _print_json(obj: object) -> None:
 
 
 def _brief(metrics: dict) -> str:
+    from micromil_core.report import metric_text
+
     keys = ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity")
-    text = "  ".join(f"{k}={metrics[k]:.3f}" for k in keys if k in metrics)
+    withheld = metrics.get("suppressed") or []
+    text = "  ".join(
+        f"{k}={metric_text(metrics, k)}" for k in keys if k in metrics or k in withheld
+    )
     ci = metrics.get("ci95", {}).get("auc")
     if ci and all(math.isfinite(v) for v in ci):
         text += f"  (auc 95% CI {ci[0]:.3f}-{ci[1]:.3f}, bootstrap)"
@@ -334,12 +339,15 @@ def _add_federation_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from micromil_core.report import metric_text
     from server.simulation import simulate
 
     cfg = _experiment_config(args)
     metrics = simulate(cfg, args.out, resume=args.resume)
     print(f"held-out sites, round {metrics['round']}: {_brief(metrics)}  (n={metrics['n']})")
     for site, m in metrics.get("per_site", {}).items():
+        if m.get("suppressed"):
+            print(f"  {site}: {', '.join(m['suppressed'])} {metric_text(m, m['suppressed'][0])}")
         if "auc_ci_low" in m:
             print(
                 f"  {site}: auc {m['auc']:.3f} (95% CI {m['auc_ci_low']:.3f}-"

@@ -156,6 +156,9 @@ class FederationConfig:
     strategy_params: Mapping[str, Any] = field(default_factory=dict)
     min_train_sites: int = 0  # sites that must reply for a round to count; 0 = all of them
     round_timeout: float = 600.0  # seconds to wait for replies in one round
+    # A site's update is refused when ||w_site - w_global|| exceeds this many times
+    # ||w_global|| (a scaled or exploded update); 0 = no bound. See docs/security.md.
+    max_update_ratio: float = 10.0
     select: str = "last"  # final model: last round, or best aggregated validation loss
     # Feature standardisation (with train.standardize): "global" = statistics summed over
     # the training sites; "site" = every site (held-out ones too) uses its own, which then
@@ -181,6 +184,10 @@ class FederationConfig:
         )
         _require(self.min_train_sites >= 0, "federation.min_train_sites", self.min_train_sites, ">= 0")
         _require(self.round_timeout > 0, "federation.round_timeout", self.round_timeout, "> 0 seconds")
+        _require(
+            self.max_update_ratio >= 0 and math.isfinite(self.max_update_ratio),
+            "federation.max_update_ratio", self.max_update_ratio, ">= 0 (0 = no bound)",
+        )
         _require(self.select in SELECT_ROUND, "federation.select", self.select, f"one of {SELECT_ROUND}")
         _require(self.scaler in SCALER_MODES, "federation.scaler", self.scaler, f"one of {SCALER_MODES}")
 
@@ -199,6 +206,9 @@ class SimulationConfig:
 
 
 LOCAL_DP_MODES = ("none", "dp-sgd")
+# Statistical disclosure control: the fewest patients a reported metric may be computed
+# over, unless a federation explicitly accepts less (privacy.allow_small_counts).
+MIN_PATIENTS_FLOOR = 5
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 CENTRAL_DP_MODES = ("none", "fixed-clipping", "adaptive-clipping")
 CLIPPING_SIDES = ("server", "client")
@@ -222,8 +232,19 @@ class LocalPrivacyConfig:
     noise_multiplier: float = 0.0  # sigma (noise std = sigma * C); 0 = from target_epsilon
     sample_rate: float = 0.0  # Poisson rate per step; 0 = train.batch_size / training patients
     accountant: str = "rdp"  # Opacus accountant: rdp | prv | gdp
+    # Small-count guard (privacy.disclosure): no metric over fewer patients leaves a site.
+    # It applies whether or not DP-SGD is on; the stricter of coordinator and site wins.
+    min_patients: int = MIN_PATIENTS_FLOOR
+    allow_small_counts: bool = False  # must be true to set min_patients below the floor
 
     def __post_init__(self) -> None:
+        _require(self.min_patients >= 1, "privacy.min_patients", self.min_patients, ">= 1")
+        if self.min_patients < MIN_PATIENTS_FLOOR and not self.allow_small_counts:
+            raise ConfigError(
+                f"privacy.min_patients={self.min_patients} is below {MIN_PATIENTS_FLOOR}: metrics "
+                "over so few patients can reveal one patient's outcome. Keep the default, or "
+                "confirm with privacy.allow_small_counts: true"
+            )
         _require(self.mode in LOCAL_DP_MODES, "privacy.mode", self.mode, f"one of {LOCAL_DP_MODES}")
         _require(
             self.accountant in ACCOUNTANTS, "privacy.accountant", self.accountant, f"one of {ACCOUNTANTS}"

@@ -26,12 +26,15 @@ from typing import Any
 
 import numpy as np
 
+from micromil_core.config import MIN_PATIENTS_FLOOR
 from micromil_core.errors import MicroMILError
 from micromil_core.io import write_text_atomic
+from micromil_core.privacy.disclosure import suppressed_note
 from micromil_core.training.metrics import METRIC_KEYS
 from micromil_core.training.plots import _pyplot
 
 __all__ = [
+    "metric_text",
     "CORE_KEYS",
     "ReportError",
     "comparison_rows",
@@ -91,6 +94,15 @@ def _fmt_metric(key: str, value: Any) -> str:
     return f"{v:.3f}"
 
 
+def metric_text(metrics: Mapping[str, Any], key: str) -> str:
+    """A metric as a person reads it: its value, "n/a", or "suppressed (n < 5)" when the
+    site withheld it under the small-count guard (``privacy.disclosure``)."""
+    withheld = metrics.get("suppressed")
+    if isinstance(withheld, (list, tuple)) and key in withheld:
+        return suppressed_note(int(_num(metrics.get("min_patients")) or MIN_PATIENTS_FLOOR))
+    return _fmt_metric(key, metrics.get(key))
+
+
 def _fmt_bytes(value: Any) -> str:
     v = _num(value)
     if v is None:
@@ -147,7 +159,7 @@ def format_table(
     ]
     for name, metrics in rows.items():
         metrics = metrics if isinstance(metrics, Mapping) else {}
-        values = [_fmt_metric(k, metrics.get(k)) for k in keys]
+        values = [metric_text(metrics, k) for k in keys]
         lines.append("| " + " | ".join([cell(name), *values]) + " |")
     return "\n".join(lines)
 
@@ -468,8 +480,8 @@ footer { margin-top: 3em; color: #888; font-size: .85em; }
 
 
 def _td(text: str, numeric: bool = True) -> str:
-    if text == "n/a":
-        return '<td class="na">n/a</td>'
+    if text == "n/a" or text.startswith("suppressed"):
+        return f'<td class="na">{_esc(text)}</td>'
     return f'<td class="num">{_esc(text)}</td>' if numeric else f"<td>{_esc(text)}</td>"
 
 
@@ -485,7 +497,7 @@ def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric_fr
 def _metric_table(rows: Mapping[str, Mapping[str, Any]], keys: Sequence[str], first: str) -> str:
     return _html_table(
         [first, *keys],
-        [[str(name), *(_fmt_metric(k, _dict(m).get(k)) for k in keys)] for name, m in rows.items()],
+        [[str(name), *(metric_text(_dict(m), k) for k in keys)] for name, m in rows.items()],
     )
 
 
@@ -682,22 +694,20 @@ def _sites_section(rounds: list[dict[str, Any]]) -> str:
         sites = list(dict.fromkeys([*train, *evaluate]))
         if sites:
 
-            def val_auc(site: str) -> float | None:
-                v = _num(evaluate.get(site, {}).get("auc"))
-                return v if v is not None else _num(train.get(site, {}).get("val_auc"))
-
+            # A training site's validation metrics are its evaluation reply's.
             loss = [_nan(train.get(s, {}).get("train_loss")) for s in sites]
-            auc = [_nan(val_auc(s)) for s in sites]
+            auc = [_nan(evaluate.get(s, {}).get("auc")) for s in sites]
             table_rows = []
             for s in sites:
-                t = train.get(s, {})
+                t, e = train.get(s, {}), evaluate.get(s, {})
                 table_rows.append(
                     [
                         s,
                         _fmt_metric("n", t.get("num-examples")),
-                        _fmt_metric("train_loss", t.get("train_loss")),
-                        _fmt_metric("val_loss", t.get("val_loss")),
-                        _fmt_metric("auc", val_auc(s)),
+                        metric_text(t, "train_loss"),
+                        _fmt_metric("n", e.get("num-examples")),
+                        metric_text(e, "loss"),
+                        metric_text(e, "auc"),
                         _fmt_metric("epsilon", t.get("epsilon")),
                     ]
                 )
@@ -705,7 +715,8 @@ def _sites_section(rounds: list[dict[str, Any]]) -> str:
                 f"<h3>Training sites, round {number}</h3>",
                 _img(_train_sites_figure(sites, loss, auc, number), "training sites"),
                 _html_table(
-                    ["site", "examples", "train loss", "val loss", "val AUC", "DP epsilon"],
+                    ["site", "train patients", "train loss", "val patients", "val loss", "val AUC",
+                     "DP epsilon"],
                     table_rows,
                 ),
             ]

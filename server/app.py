@@ -3,11 +3,14 @@
 Run config keys (``[tool.flwr.app.config]`` or ``flwr run --run-config``):
 ``config`` (path of the experiment YAML on the coordinator), ``out-dir``,
 ``expected-sites`` (sites to wait for before round 1), ``connect-timeout`` (seconds to
-wait for them) and ``resume`` (true/false). ``flower-server start`` writes these.
+wait for them), ``resume`` (true/false) and, with node authentication, ``site-nodes`` (a
+JSON object: node id -> the site name its registered key is bound to). ``flower-server
+start`` writes these.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +20,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from micromil_core.config import ExperimentConfig, load_config
+from micromil_core.errors import ConfigError
 from server.federation import FederationResult, run_federation
 
 log = logging.getLogger("micromil.server")
@@ -29,6 +33,9 @@ class ServerSettings:
     expected_sites: int
     resume: bool = False
     connect_timeout: float = 300.0
+    # node id -> site name bound to its key at registration; None = names are self-declared
+    # (simulation, or a coordinator without node authentication)
+    site_nodes: dict[int, str] | None = None
 
 
 SettingsSource = Callable[[Context], ServerSettings]
@@ -42,7 +49,22 @@ def settings_from_run_config(context: Context) -> ServerSettings:
         expected_sites=int(rc.get("expected-sites", 2)),
         resume=bool(rc.get("resume", False)),
         connect_timeout=float(rc.get("connect-timeout", 300.0)),
+        site_nodes=parse_site_nodes(rc.get("site-nodes")),
     )
+
+
+def parse_site_nodes(value: object) -> dict[int, str] | None:
+    """The run config's ``site-nodes`` JSON text as {node id: site name}; None if absent."""
+    if value in (None, ""):
+        return None
+    try:
+        raw = json.loads(str(value))
+        return {int(node): str(name) for node, name in raw.items()}
+    except (ValueError, TypeError, AttributeError):
+        raise ConfigError(
+            f"run config site-nodes={value!r} is not a JSON object of node id -> site name; "
+            "restart the run with `flower-server start`, which writes it"
+        ) from None
 
 
 def log_progress(out: Path) -> None:
@@ -75,7 +97,7 @@ def build_server_app(
             grid = grid_tap(grid)
         result: FederationResult = run_federation(
             grid, s.experiment, s.out, s.expected_sites, resume=s.resume,
-            connect_timeout=s.connect_timeout,
+            connect_timeout=s.connect_timeout, site_nodes=s.site_nodes,
         )
         if results is not None:
             results.append(result)

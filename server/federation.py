@@ -14,11 +14,12 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
@@ -29,13 +30,18 @@ from micromil_core.data.scaler import FeatureScaler
 from micromil_core.data.site import class_order
 from micromil_core.errors import CheckpointError, ConfigError, SiteDataError
 from micromil_core.federated import wire
+from micromil_core.federated.aggregate import scalar_keys as aggregate_keys
+from micromil_core.federated.aggregate import weighted_means
 from micromil_core.federated.messages import RoundSettings
 from micromil_core.federated.site_task import ModelSpec
+from micromil_core.federated.validation import metrics_problem, update_problem
 from micromil_core.io import torch_save_atomic, write_json_atomic
 from micromil_core.models.mhim import NAME as MHIM_NAME
 from micromil_core.models.mhim import base_checkpoint_fits, state_from_base
 from micromil_core.models.registry import full_params, params_from_dict
+from micromil_core.privacy.disclosure import withheld_names
 from micromil_core.privacy.report import budget_stops
+from micromil_core.report import metric_text
 from micromil_core.runtime import seed_everything
 from micromil_core.training.checkpoint import (
     Checkpoint,
@@ -49,7 +55,7 @@ from server.strategies import build_strategy, load_strategy_state, save_strategy
 log = logging.getLogger("micromil.server")
 
 STATE_FILE = "federation-state.pt"
-STRATEGY_FILE = "strategy-state.pkl"
+STRATEGY_FILE = "strategy-state.npz"  # arrays + JSON manifest, never pickle
 WAIT_POLL_SECONDS = 1.0
 
 
@@ -167,6 +173,34 @@ def discover_sites(grid: Grid, settings: RoundSettings, expected: int, timeout: 
     if failed:
         raise SiteDataError("sites failed their pre-flight check: " + "; ".join(failed))
     return sorted(sites, key=lambda s: s.name)
+
+
+def check_identities(sites: list[SiteInfo], site_nodes: dict[int, str] | None) -> None:
+    """Refuse any node whose self-declared site name is not the one its registered key is
+    bound to (``site_nodes``: node id -> name, from node authentication). A name in a
+    node's config is only a claim; the key is what the SuperLink verified."""
+    if site_nodes is None:
+        return
+    refused = []
+    for s in sites:
+        bound = site_nodes.get(s.node_id)
+        if bound is None:
+            refused.append(
+                f"node {s.node_id} (calling itself '{s.name}') holds no key registered at this "
+                "coordinator"
+            )
+        elif bound != s.name:
+            refused.append(
+                f"node {s.node_id} holds the key registered for '{bound}' but calls itself "
+                f"'{s.name}'"
+            )
+    if refused:
+        raise SiteDataError(
+            "refused before round 1, no model was sent: " + "; ".join(refused)
+            + ". A hospital's site.name must equal the name its key was registered under; if "
+            "it does, that hospital's private key is in someone else's hands: unregister it "
+            "(`flwr supernode unregister`) and issue a new one"
+        )
 
 
 def validate_sites(sites: list[SiteInfo], cfg: ExperimentConfig) -> tuple[list[str], int]:
@@ -328,33 +362,46 @@ def initial_model_state(spec: ModelSpec, seed: int) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------ rounds
 
 
-def _weighted(per_site: dict[str, dict[str, Any]], keys: Iterable[str]) -> dict[str, float]:
-    """Patient-weighted mean of per-site metrics (NaNs skipped); a hierarchical model's
-    fine metrics are weighted by each site's patients with a known fine label."""
-    out: dict[str, float] = {}
+def _weighted(per_site: dict[str, dict[str, Any]], keys: Iterable[str]) -> dict[str, Any]:
+    """Patient-weighted mean of per-site metrics (``weighted_means``), with a hierarchical
+    model's fine metrics added when the sites report them.
+
+    A metric that no site reports because the sites withheld it (small-count guard) is
+    listed under ``suppressed`` (with the strictest ``min_patients``) instead of a NaN.
+    """
     if any(wire.FINE_COUNT in m for m in per_site.values()):
         keys = (*keys, *wire.FINE_METRIC_KEYS)
-    for key in keys:
-        num = den = 0.0
-        weight = wire.FINE_COUNT if key in wire.FINE_METRIC_KEYS else wire.NUM_EXAMPLES
-        for m in per_site.values():
-            v, w = m.get(key), m.get(weight, 0)
-            if isinstance(v, (int, float)) and math.isfinite(v) and w:
-                num += v * w
-                den += w
-        out[key] = num / den if den else math.nan
+    out: dict[str, Any] = weighted_means(per_site.values(), keys)
+    withheld = sorted(
+        k for k, v in out.items()
+        if math.isnan(v) and any(k in m.get(wire.SUPPRESSED, []) for m in per_site.values())
+    )
+    if withheld:
+        for k in withheld:
+            del out[k]
+        out[wire.SUPPRESSED] = withheld
+        out[wire.MIN_PATIENTS] = max(int(m.get(wire.MIN_PATIENTS, 0)) for m in per_site.values())
     return out
 
 
 def _metric_dict(record: MetricRecord) -> dict[str, Any]:
-    return {k: (list(v) if isinstance(v, list) else float(v)) for k, v in record.items()}
+    """A site's MetricRecord as plain values; the small-count guard's ``suppressed``
+    indices become the names of the withheld metrics."""
+    out = {k: (list(v) if isinstance(v, list) else float(v)) for k, v in record.items()}
+    if wire.SUPPRESSED in out:
+        out[wire.SUPPRESSED] = withheld_names(out[wire.SUPPRESSED])
+    for count in (wire.NUM_EXAMPLES, wire.FINE_COUNT, wire.MIN_PATIENTS):  # patient counts
+        if isinstance(out.get(count), float) and out[count].is_integer():
+            out[count] = int(out[count])
+    return out
 
 
 def evaluate_all(
     grid: Grid, sites: list[SiteInfo], arrays: ArrayRecord, config: ConfigRecord,
-    server_round: int, timeout: float,
-) -> tuple[dict[str, dict[str, Any]], list[str], int, int]:
-    """Send the global model to every site; returns per-site metrics, failures, bytes."""
+    server_round: int, timeout: float, checks: ReplyChecks,
+) -> tuple[dict[str, dict[str, Any]], list[str], int, int, dict[str, str]]:
+    """Send the global model to every site; returns per-site metrics, failures, bytes
+    sent and received, and the sites whose replies failed ``checks`` (with why)."""
     live = set(grid.get_node_ids())
     messages = [
         Message(
@@ -370,10 +417,11 @@ def evaluate_all(
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     names = {s.node_id: s.name for s in sites}
     answered, lost = match_replies(messages, replies, names, "evaluation", timeout)
-    failures += lost
     received = sum(payload_bytes(r.content) for _, r in answered)
-    results = {name: _metric_dict(r.content.metric_records[wire.METRICS]) for name, r in answered}
-    return dict(sorted(results.items())), failures, sent, received
+    usable, rejected, refused = screen_replies(answered, checks.evaluate_problem, "evaluation")
+    failures += lost + refused
+    results = {name: _metric_dict(r.content.metric_records[wire.METRICS]) for name, r in usable}
+    return dict(sorted(results.items())), failures, sent, received, rejected
 
 
 def match_replies(
@@ -414,6 +462,48 @@ def limit_sampling(strategy: Any, n: int) -> None:
                 setattr(s, attr, n)
 
 
+@dataclass(frozen=True)
+class ReplyChecks:
+    """What a site's reply must satisfy before the coordinator uses it (``validation``)."""
+
+    max_update_ratio: float  # federation.max_update_ratio; 0 = no bound on the update norm
+    declared: dict[str, int]  # site name -> patients it declared before round 1
+
+    def train_problem(self, site: str, reply: Message, reference: dict[str, np.ndarray]) -> str | None:
+        content = reply.content
+        if wire.ARRAYS not in content.array_records or wire.METRICS not in content.metric_records:
+            return "the reply lacks the model arrays or the metrics record"
+        try:
+            update = {k: v.numpy() for k, v in content.array_records[wire.ARRAYS].items()}
+        except Exception as exc:  # bytes that do not decode as arrays
+            return f"model arrays are unreadable ({type(exc).__name__})"
+        return update_problem(reference, update, self.max_update_ratio) or metrics_problem(
+            content.metric_records[wire.METRICS], wire.ALLOWED_TRAIN_METRICS, self.declared.get(site)
+        )
+
+    def evaluate_problem(self, site: str, reply: Message) -> str | None:
+        if wire.METRICS not in reply.content.metric_records:
+            return "the reply lacks the metrics record"
+        return metrics_problem(
+            reply.content.metric_records[wire.METRICS], wire.ALLOWED_EVAL_METRICS, self.declared.get(site)
+        )
+
+
+def screen_replies(
+    answered: list[tuple[str, Message]], problem: Callable[[str, Message], str | None], task: str,
+) -> tuple[list[tuple[str, Message]], dict[str, str], list[str]]:
+    """Split replies into (usable, {site: why refused}, failures naming each refused site)."""
+    usable, rejected = [], {}
+    for site, reply in answered:
+        why = problem(site, reply)
+        if why is None:
+            usable.append((site, reply))
+        else:
+            rejected[site] = why
+    failures = [f"{site}: {task} reply rejected ({why})" for site, why in rejected.items()]
+    return usable, rejected, failures
+
+
 @dataclass
 class TrainStep:
     """The training half of a round: what the sites sent back and its aggregate."""
@@ -425,27 +515,35 @@ class TrainStep:
     failures: list[str]
     sent: int = 0  # payload bytes
     received: int = 0
+    rejected: dict[str, str] = field(default_factory=dict)  # site -> why its reply was refused
 
 
 def plain_train_step(
     grid: Grid, strategy: Any, rnd: int, arrays: ArrayRecord, config: ConfigRecord,
     train_view: NodeSubset, name_of: dict[int, str], timeout: float, min_sites: int,
+    checks: ReplyChecks,
 ) -> TrainStep:
-    """Send the model to the training sites, then let the strategy aggregate the replies."""
+    """Send the model to the training sites, then let the strategy aggregate the replies
+    that pass ``checks`` (a refused reply is left out of this round and named)."""
     messages = list(strategy.configure_train(rnd, arrays, config, train_view))
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     # Sorted by site name: a fixed aggregation order makes float sums reproducible.
     answered, failures = match_replies(messages, replies, name_of, "training", timeout)
-    ok = [r for _, r in answered]
+    reference = {k: v.numpy() for k, v in arrays.items()}
+    usable, rejected, refused = screen_replies(
+        answered, lambda site, r: checks.train_problem(site, r, reference), "training"
+    )
+    ok = [r for _, r in usable]
     new_arrays, metrics = strategy.aggregate_train(rnd, ok) if len(ok) >= min_sites else (None, None)
     return TrainStep(
         new_arrays,
         metrics,
-        {name: _metric_dict(r.content.metric_records[wire.METRICS]) for name, r in answered},
+        {name: _metric_dict(r.content.metric_records[wire.METRICS]) for name, r in usable},
         {name_of[m.metadata.dst_node_id] for m in messages},
-        failures,
+        failures + refused,
         sent=sum(payload_bytes(m.content) for m in messages),
         received=sum(payload_bytes(r.content) for r in ok),
+        rejected=rejected,
     )
 
 
@@ -514,13 +612,19 @@ def run_federation(
     expected_sites: int,
     resume: bool = False,
     connect_timeout: float = 300.0,
+    site_nodes: dict[int, str] | None = None,
 ) -> FederationResult:
-    """Run (or resume) the whole federation; writes model.pt, history.json, metrics.json."""
+    """Run (or resume) the whole federation; writes model.pt, history.json, metrics.json.
+
+    ``site_nodes`` (node id -> registered site name) binds each node to the site its key
+    was registered for; without it (simulation, no node authentication) names are trusted.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fed = cfg.federation
     settings = RoundSettings(cfg, classes=[])
     sites = discover_sites(grid, settings, expected_sites, connect_timeout)
+    check_identities(sites, site_nodes)
     classes, dim = validate_sites(sites, cfg)
     train_sites = [s for s in sites if s.role == "train"]
     holdout = [s for s in sites if s.role == "holdout"]
@@ -549,6 +653,9 @@ def run_federation(
         log.info("resuming after round %d", state.round)
     arrays = ArrayRecord(state.arrays)
     name_of = {s.node_id: s.name for s in sites}
+    checks = ReplyChecks(
+        fed.max_update_ratio, {s.name: int(s.counts.get(wire.NUM_EXAMPLES, 0)) for s in sites}
+    )
     extra = {"experiment": cfg.to_dict(), "spec": [spec.name, spec.in_dim, spec.n_classes]}
 
     missing: set[str] = set()  # training sites that failed a round and have not replied since
@@ -573,7 +680,8 @@ def run_federation(
         if central.enabled:
             fresh_noise()
             norm_clipped = clipping_norm(strategy)  # adaptive clipping moves it in aggregation
-        args = (grid, strategy, rnd, arrays, round_config, train_view, name_of, fed.round_timeout, min_sites)
+        args = (grid, strategy, rnd, arrays, round_config, train_view, name_of, fed.round_timeout,
+                min_sites, checks)
         step = (
             secure_train_step(*args, cfg.privacy.secagg, max_weight=max(patients, 1))
             if cfg.privacy.secure_aggregation
@@ -596,9 +704,11 @@ def run_federation(
             )
         for f in failures:
             log.warning("round %d: %s", rnd, f)
-        eval_results, eval_failures, eval_sent, eval_received = evaluate_all(
-            grid, sites, arrays, round_config, rnd, fed.round_timeout
+        eval_results, eval_failures, eval_sent, eval_received, eval_rejected = evaluate_all(
+            grid, sites, arrays, round_config, rnd, fed.round_timeout, checks
         )
+        for f in eval_failures:  # the evaluation phase's own failures, named like training's
+            log.warning("round %d: %s", rnd, f)
         failures += eval_failures
         train_eval = {k: v for k, v in eval_results.items() if k in {s.name for s in train_sites}}
         holdout_eval = {k: v for k, v in eval_results.items() if k in {s.name for s in holdout}}
@@ -608,12 +718,14 @@ def run_federation(
             "bytes_sent": step.sent + eval_sent,
             "bytes_received": step.received + eval_received,
             "train": step.per_site,
-            "train_aggregated": _metric_dict(step.metrics) if step.metrics is not None else {},
+            "train_aggregated": _weighted(step.per_site, aggregate_keys(step.per_site.values())),
             "evaluate": train_eval,
             "evaluate_aggregated": _weighted(train_eval, (*wire.CORE_METRICS, "loss")),
             "holdout": holdout_eval,
             "holdout_aggregated": _weighted(holdout_eval, (*wire.CORE_METRICS, "loss")),
             "failures": failures,
+            # replies refused before use: {"train"|"evaluate": {site: why}}
+            "rejected": {"train": step.rejected, "evaluate": eval_rejected},
             "stopped_for_privacy": sorted(stopped),
         }
         if central.enabled:
@@ -630,11 +742,11 @@ def run_federation(
         state.save(state_path, extra)
         write_json_atomic(out / "history.json", {"run": _run_info(cfg, sites), "rounds": state.history})
         log.info(
-            "round %d/%d: train loss %.4f | val AUC %.3f | held-out AUC %.3f | %.1f s",
+            "round %d/%d: train loss %s | val AUC %s | held-out AUC %s | %.1f s",
             rnd, fed.rounds,
-            entry["train_aggregated"].get("train_loss", math.nan),
-            entry["evaluate_aggregated"].get("auc", math.nan),
-            entry["holdout_aggregated"].get("auc", math.nan),
+            metric_text(entry["train_aggregated"], "train_loss"),
+            metric_text(entry["evaluate_aggregated"], "auc"),
+            metric_text(entry["holdout_aggregated"], "auc"),
             entry["wall_seconds"],
         )
 

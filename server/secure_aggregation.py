@@ -37,7 +37,15 @@ from flwr.serverapp import Grid
 
 from micromil_core.config import SecureAggregationConfig
 from micromil_core.federated import wire
-from server.federation import NodeSubset, TrainStep, _metric_dict, match_replies, payload_bytes
+from micromil_core.federated.validation import metrics_problem, update_problem
+from server.federation import (
+    NodeSubset,
+    ReplyChecks,
+    TrainStep,
+    _metric_dict,
+    match_replies,
+    payload_bytes,
+)
 from server.privacy import secagg_workflow
 
 FITRES_METRICS = "fitres.metrics"  # Flower's legacy record name
@@ -101,11 +109,13 @@ class _StageLog:
 def secure_train_step(
     grid: Grid, strategy: Any, rnd: int, arrays: ArrayRecord, config: ConfigRecord,
     train_view: NodeSubset, name_of: dict[int, str], timeout: float, min_sites: int,
-    secagg: SecureAggregationConfig, max_weight: float,
+    checks: ReplyChecks, secagg: SecureAggregationConfig, max_weight: float,
 ) -> TrainStep:
     """``plain_train_step`` through SecAgg+: the same TrainStep, from masked updates.
 
-    ``max_weight``: about the training sites' total patient count (see module doc).
+    ``max_weight``: about the training sites' total patient count (see module doc). The
+    server never sees one site's update, so ``checks`` apply to the unmasked mean (and to
+    each site's metrics): a bad mean keeps the previous global model for this round.
     """
     planned = list(strategy.configure_train(rnd, arrays, config, train_view))
     legacy = _ConfiguredFit(grid, {m.metadata.dst_node_id: to_fitins(m.content) for m in planned})
@@ -125,14 +135,30 @@ def secure_train_step(
         if stage == COLLECT_STAGE:
             trained = answered
     per_site = {name: _metric_dict(r.content.config_records[FITRES_METRICS]) for name, r in trained}
+    rejected = {
+        name: why for name, m in per_site.items()
+        if (why := metrics_problem(m, wire.ALLOWED_TRAIN_METRICS, checks.declared.get(name)))
+    }
+    failures += [f"{name}: training reply rejected ({why})" for name, why in rejected.items()]
+    per_site = {name: m for name, m in per_site.items() if name not in rejected}
 
     new_arrays = metrics = None
-    if legacy.results and len(per_site) >= min_sites:
+    record = None
+    if rejected:  # its masked update is inside the sum and cannot be taken out again
+        failures.append("a site's reply was rejected, so this round's secure sum is; global model kept")
+    elif legacy.results and len(per_site) >= min_sites:
         mean = parameters_to_ndarrays(legacy.results[0][1].parameters)  # every result carries it
-        record = ArrayRecord({
-            k: Array(np.asarray(v, dtype=arrays[k].numpy().dtype))
+        reference = {k: v.numpy() for k, v in arrays.items()}
+        unmasked = {
+            k: np.asarray(v, dtype=reference[k].dtype)
             for k, v in zip(arrays.keys(), mean, strict=True)
-        })
+        }
+        why = update_problem(reference, unmasked, checks.max_update_ratio)
+        if why is None:
+            record = ArrayRecord({k: Array(v) for k, v in unmasked.items()})
+        else:
+            failures.append(f"the securely aggregated mean was rejected ({why}); global model kept")
+    if record is not None:
         node_of = {name: nid for nid, name in name_of.items()}
         standins = [
             Message(
@@ -153,4 +179,5 @@ def secure_train_step(
         failures,
         sent=sum(payload_bytes(m.content) for _, ms, _ in log.stages for m in ms),
         received=sum(payload_bytes(r.content) for _, _, rs in log.stages for r in rs if not r.has_error()),
+        rejected=rejected,
     )

@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from micromil_core.config import ExperimentConfig
+from micromil_core.config import ExperimentConfig, LocalPrivacyConfig
 from micromil_core.data.site import read_sites_yaml
 from micromil_core.errors import ConfigError, SiteDataError
 from micromil_core.federated.site_task import SiteSettings
@@ -52,13 +52,17 @@ def resolve_sites(cfg: ExperimentConfig) -> list[SiteSettings]:
 
 
 def with_local_privacy(sites: list[SiteSettings], cfg: ExperimentConfig, out: Path) -> list[SiteSettings]:
-    """Simulated training sites take the experiment's DP-SGD settings, each with its own
-    ledger folder under ``<out>/site-state/`` (in a deployment: the site's site.yaml)."""
-    if not cfg.privacy.enabled:
-        return sites
+    """Simulated sites take the experiment's privacy settings: every site its small-count
+    guard, training sites its DP-SGD too, each with its own ledger folder under
+    ``<out>/site-state/`` (in a deployment: each hospital's own site.yaml)."""
     local = cfg.privacy.local
+    guard_only = LocalPrivacyConfig(
+        min_patients=local.min_patients, allow_small_counts=local.allow_small_counts
+    )
     return [
-        replace(s, privacy=local, state_dir=out / "site-state" / s.name) if s.role == "train" else s
+        replace(s, privacy=local, state_dir=out / "site-state" / s.name)
+        if local.enabled and s.role == "train"
+        else replace(s, privacy=guard_only)
         for s in sites
     ]
 

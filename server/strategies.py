@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import pickle
+import io
+import json
+import math
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
     FedAdagrad,
     FedAdam,
@@ -21,8 +24,9 @@ from flwr.serverapp.strategy import (
 )
 
 from micromil_core.config import FederationConfig, PrivacyConfig
-from micromil_core.errors import ConfigError
+from micromil_core.errors import CheckpointError, ConfigError
 from micromil_core.federated import wire
+from micromil_core.federated.aggregate import scalar_keys, weighted_means
 from micromil_core.io import write_bytes_atomic
 from server.privacy import check_privacy_fits, wrap_central_dp
 
@@ -49,6 +53,7 @@ STRATEGY_DEFAULTS: dict[str, dict[str, Any]] = {
 # clipping_norm: an adaptive-clipping DP wrapper's current norm.
 STATEFUL_ATTRIBUTES = ("current_arrays", "m_t", "v_t", "momentum_vector", "clipping_norm")
 WRAPPED = "strategy."  # state-file prefix of the strategy inside a DP wrapper
+MANIFEST = "manifest.json"  # the state file's entry that describes the others
 
 
 def min_sites_for(name: str, params: dict[str, Any]) -> int:
@@ -86,6 +91,7 @@ def build_strategy(cfg: FederationConfig, n_train_sites: int, privacy: PrivacyCo
         min_train_nodes=min_sites,
         min_available_nodes=min_sites,
         weighted_by_key=wire.NUM_EXAMPLES,
+        train_metrics_aggr_fn=train_metric_means,
     )
     privacy = privacy or PrivacyConfig()
     check_privacy_fits(cfg, privacy, n_train_sites)
@@ -98,17 +104,13 @@ def build_strategy(cfg: FederationConfig, n_train_sites: int, privacy: PrivacyCo
     return wrap_central_dp(strategy, privacy.central, n_train_sites)
 
 
-def _plain(value: Any) -> Any:
-    """ArrayRecords become dicts of numpy arrays so the state pickles without flwr objects."""
-    if isinstance(value, ArrayRecord):
-        return {"__arrayrecord__": {k: v.numpy() for k, v in value.items()}}
-    return value
-
-
-def _restore(value: Any) -> Any:
-    if isinstance(value, dict) and "__arrayrecord__" in value:
-        return ArrayRecord({k: Array(np.asarray(v)) for k, v in value["__arrayrecord__"].items()})
-    return value
+def train_metric_means(contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """The round's train metrics: each the patient-weighted mean over the sites that
+    report it. Flower's default divides by every site's weight, so a metric one site
+    withheld (small-count guard) would come out too small; lists are not averaged."""
+    per_site = [dict(next(iter(c.metric_records.values()))) for c in contents]
+    means = weighted_means(per_site, scalar_keys(per_site))
+    return MetricRecord({k: v for k, v in means.items() if math.isfinite(v)})
 
 
 def _layers(strategy) -> list[tuple[str, object]]:
@@ -118,21 +120,77 @@ def _layers(strategy) -> list[tuple[str, object]]:
 
 
 def save_strategy_state(strategy, path: Path) -> None:
-    state = {
-        prefix + a: _plain(getattr(s, a))
-        for prefix, s in _layers(strategy)
-        for a in STATEFUL_ATTRIBUTES
-        if hasattr(s, a)
-    }
-    write_bytes_atomic(path, pickle.dumps(state))
+    """The strategy's memory as arrays plus a JSON manifest in one ``.npz`` (no pickle)."""
+    arrays: dict[str, np.ndarray] = {}
+    manifest: dict[str, Any] = {}
+    for prefix, s in _layers(strategy):
+        for attr in STATEFUL_ATTRIBUTES:
+            if hasattr(s, attr):
+                manifest[prefix + attr] = _pack(getattr(s, attr), arrays)
+    arrays[MANIFEST] = np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def load_strategy_state(strategy, path: Path) -> None:
+    """Restore what ``save_strategy_state`` wrote. Data only: numpy refuses object arrays
+    (``allow_pickle=False``), so a tampered file can fail to load but never runs code."""
     if not path.is_file():
         return
-    # Our own file, written by this coordinator in this run folder.
-    state = pickle.loads(path.read_bytes())
-    layers = dict(_layers(strategy))
-    for name, value in state.items():
-        prefix = WRAPPED if name.startswith(WRAPPED) and WRAPPED in layers else ""
-        setattr(layers[prefix], name.removeprefix(prefix), _restore(value))
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        manifest = json.loads(arrays.pop(MANIFEST).tobytes().decode())
+        layers = dict(_layers(strategy))
+        restored = []
+        for name, entry in manifest.items():
+            prefix = WRAPPED if name.startswith(WRAPPED) and WRAPPED in layers else ""
+            attr = name.removeprefix(prefix)
+            if attr not in STATEFUL_ATTRIBUTES:
+                raise ValueError(f"unexpected attribute {name!r}")
+            restored.append((layers[prefix], attr, _unpack(entry, arrays)))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(
+            f"{path} is damaged or was not written by this coordinator ({type(exc).__name__}: "
+            f"{exc}); nothing in it was run. Restore it from a backup, or remove it to resume "
+            "with the strategy's memory (server momentum/moments) reset"
+        ) from None
+    for layer, attr, value in restored:  # all or nothing: set only once every entry parsed
+        setattr(layer, attr, value)
+
+
+def _pack(value: Any, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """One attribute as a JSON entry; its arrays go into ``arrays`` under fresh names."""
+
+    def put(array: Any) -> str:
+        name = f"a{len(arrays)}"
+        arrays[name] = np.asarray(array)
+        return name
+
+    if value is None:
+        return {"kind": "none"}
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return {"kind": "number", "value": float(value)}
+    if isinstance(value, ArrayRecord):
+        return {"kind": "arrayrecord", "arrays": {k: put(v.numpy()) for k, v in value.items()}}
+    if isinstance(value, dict):
+        return {"kind": "dict", "arrays": {str(k): put(v) for k, v in value.items()}}
+    if isinstance(value, (list, tuple)):
+        return {"kind": "list", "arrays": [put(v) for v in value]}
+    raise TypeError(f"cannot save strategy state of type {type(value).__name__}")
+
+
+def _unpack(entry: dict[str, Any], arrays: dict[str, np.ndarray]) -> Any:
+    kind = entry["kind"]
+    if kind == "none":
+        return None
+    if kind == "number":
+        return float(entry["value"])
+    if kind == "arrayrecord":
+        return ArrayRecord({k: Array(arrays[a]) for k, a in entry["arrays"].items()})
+    if kind == "dict":
+        return {k: arrays[a] for k, a in entry["arrays"].items()}
+    if kind == "list":
+        return [arrays[a] for a in entry["arrays"]]
+    raise ValueError(f"unknown entry kind {kind!r}")

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from micromil_core.config import DataConfig, LocalPrivacyConfig, TrainConfig
+from micromil_core.config import MIN_PATIENTS_FLOOR, DataConfig, LocalPrivacyConfig, TrainConfig
 from micromil_core.data.bag import Bag
 from micromil_core.data.scaler import FeatureScaler
 from micromil_core.data.site import ROLES, check_site, load_site
@@ -27,6 +27,7 @@ from micromil_core.errors import ConfigError, SiteDataError
 from micromil_core.federated import wire
 from micromil_core.models.base import MILModel
 from micromil_core.models.registry import build_model
+from micromil_core.privacy.disclosure import guard, withheld
 from micromil_core.runtime import seed_everything
 from micromil_core.training.metrics import binary_roc, bootstrap_intervals
 from micromil_core.training.pipeline import (
@@ -245,11 +246,13 @@ def train_round(
     device: torch.device | None = None,
     run_id: str = "",
     planned_rounds: int = 1,
+    min_patients: int = MIN_PATIENTS_FLOOR,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Train the global model locally for ``local_epochs``; return new weights + metrics.
 
     With the site's DP-SGD on, training is private (``privacy.site_round``) and the
-    metrics carry the epsilon spent in this run (``run_id``) so far.
+    metrics carry the epsilon spent in this run (``run_id``) so far. The training loss
+    is withheld when fewer than ``min_patients`` patients trained (``privacy.disclosure``).
     """
     settings = runtime.settings
     if settings.role != "train":
@@ -282,7 +285,7 @@ def train_round(
         metrics = {"train_loss": float(result.history[-1].train_loss)}
     metrics[wire.NUM_EXAMPLES] = len(runtime.train)
     metrics["seconds"] = time.perf_counter() - start
-    return new_state, metrics
+    return new_state, guard(metrics, ("train_loss",), min_patients, len(runtime.train))
 
 
 def evaluate_round(
@@ -291,16 +294,20 @@ def evaluate_round(
     state: dict[str, torch.Tensor],
     scaler: FeatureScaler | None,
     device: torch.device | None = None,
+    min_patients: int = MIN_PATIENTS_FLOOR,
 ) -> dict[str, Any]:
     """Aggregate metrics of the global model on this site's evaluation patients.
 
     The ROC curve is shared only as TPR at the fixed FPR grid ``wire.ROC_GRID``; the AUC
     comes with its 95 % bootstrap interval over these patients (``wire.AUC_INTERVAL``).
     A hierarchical model adds its fine-level metrics (``FINE_METRIC_KEYS``, ``fine_n``).
+    A metric computed over fewer than ``min_patients`` patients is withheld and counted
+    (``privacy.disclosure``); with too few patients none is computed at all.
     """
     bags = runtime.evaluation_bags
-    if not bags:
-        return {wire.NUM_EXAMPLES: 0}
+    if len(bags) < min_patients:  # nothing is computed, so nothing can slip through
+        return {wire.NUM_EXAMPLES: len(bags),
+                **withheld((*wire.CORE_METRICS, "loss") if bags else (), min_patients)}
     device = device or torch.device("cpu")
     model = spec.build(state).to(device)
     scaled = scaler.transform_all(bags) if scaler is not None else bags
@@ -318,5 +325,6 @@ def evaluate_round(
         if math.isfinite(low) and math.isfinite(high):
             out.update(zip(wire.AUC_INTERVAL, (low, high), strict=True))
     out.update({k: float(v) for k, v in fine_metrics_of(model, scaled, device).items()})
-    return out
+    fine = [-1 if b.fine_label is None else b.fine_label for b in bags]
+    return guard(out, wire.EVAL_METRIC_KEYS, min_patients, len(bags), y, spec.n_classes, fine)
 

@@ -53,8 +53,15 @@ DP_METRICS = frozenset(
 # Central DP with client-side adaptive clipping: 1 if this round's update was clipped
 # (Flower's KEY_NORM_BIT); the server adapts the clipping norm to the clipped fraction.
 CENTRAL_DP_METRICS = frozenset({"norm_bit"})
+# Small-count guard (privacy.disclosure): "suppressed" lists the metrics a site withheld,
+# computed over fewer patients than the threshold, as indices into GUARDED_METRICS (a
+# MetricRecord holds numbers only); "min_patients" is that threshold.
+SUPPRESSED = "suppressed"
+MIN_PATIENTS = "min_patients"
+DISCLOSURE_METRICS = frozenset({SUPPRESSED, MIN_PATIENTS})
 ALLOWED_TRAIN_METRICS = frozenset(
     {NUM_EXAMPLES, "train_loss", "val_loss", "num_val", "seconds"}
+    | DISCLOSURE_METRICS
     | DP_METRICS
     | CENTRAL_DP_METRICS
     | {f"val_{k}" for k in CORE_METRICS}
@@ -64,10 +71,10 @@ AUC_INTERVAL = ("auc_ci_low", "auc_ci_high")
 # Hierarchical (HMIL) models: fine-level metrics over the site's patients with a known
 # fine label, and how many those are (the weight of the site's fine metrics).
 FINE_COUNT = "fine_n"
-ALLOWED_EVAL_METRICS = frozenset(
-    {NUM_EXAMPLES, "loss", "roc_fpr", "roc_tpr", FINE_COUNT}
-    | set(CORE_METRICS) | set(AUC_INTERVAL) | set(FINE_METRIC_KEYS)
-)
+# Every metric an evaluation reply may carry (each one subject to the small-count guard).
+EVAL_METRIC_KEYS = (*CORE_METRICS, "loss", *AUC_INTERVAL, "roc_fpr", "roc_tpr", *FINE_METRIC_KEYS)
+GUARDED_METRICS = (*EVAL_METRIC_KEYS, "train_loss")  # append only: indices travel on the wire
+ALLOWED_EVAL_METRICS = frozenset({NUM_EXAMPLES, FINE_COUNT, *EVAL_METRIC_KEYS} | DISCLOSURE_METRICS)
 ALLOWED_SITE_METRICS = frozenset(
     {NUM_EXAMPLES, "feature_dim", "num_train", "num_val", "num_test", "num_instances",
      "num_errors", "num_warnings"}

@@ -15,11 +15,20 @@ from micromil_core.config import LocalPrivacyConfig, build_section
 PREFIX = "privacy-"
 
 
+# Not DP-SGD settings: the small-count guard applies with DP off too.
+DISCLOSURE_FIELDS = ("min_patients", "allow_small_counts")
+
+
 def to_node_config(privacy: LocalPrivacyConfig) -> dict[str, Any]:
-    """Node-config entries for ``privacy`` (nothing when DP is off)."""
-    if not privacy.enabled:
-        return {}
-    return {PREFIX + f.name.replace("_", "-"): getattr(privacy, f.name) for f in fields(privacy)}
+    """Node-config entries for ``privacy``: the DP-SGD keys when DP is on, the small-count
+    guard's whenever they differ from the defaults."""
+    default = LocalPrivacyConfig()
+    return {
+        PREFIX + f.name.replace("_", "-"): getattr(privacy, f.name)
+        for f in fields(privacy)
+        if privacy.enabled
+        or (f.name in DISCLOSURE_FIELDS and getattr(privacy, f.name) != getattr(default, f.name))
+    }
 
 
 def from_node_config(node_config: Mapping[str, Any]) -> LocalPrivacyConfig:

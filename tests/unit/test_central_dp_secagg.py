@@ -149,9 +149,9 @@ def test_wrapped_strategy_state_round_trips(tmp_path):
     s = build_strategy(FederationConfig(strategy="fedprox"), 3, privacy)
     s.clipping_norm = 0.37
     s.strategy.current_arrays = ArrayRecord({"w": Array(np.arange(3.0))})
-    save_strategy_state(s, tmp_path / "state.pkl")
+    save_strategy_state(s, tmp_path / "state.npz")
     fresh = build_strategy(FederationConfig(strategy="fedprox"), 3, privacy)
-    load_strategy_state(fresh, tmp_path / "state.pkl")
+    load_strategy_state(fresh, tmp_path / "state.npz")
     assert fresh.clipping_norm == 0.37
     assert np.array_equal(fresh.strategy.current_arrays["w"].numpy(), np.arange(3.0))
 

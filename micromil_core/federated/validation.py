@@ -1,0 +1,108 @@
+"""Checks on what a site sends back, before the coordinator uses any of it.
+
+A reply is aggregated only if its weights are the global model's arrays (same names,
+shapes and dtypes), every value is finite, and the update is not implausibly large
+against the global model; its metrics must be known keys with sane values. Each check
+returns the reason a reply is refused (``None`` when it passes), worded for the
+coordinator's log, so one broken or hostile site is named and left out of the round
+instead of poisoning the global model.
+
+These checks catch malformed and grossly scaled updates. A subtle, well-scaled poisoned
+update passes them: that is what the robust strategies (``fedmedian``,
+``fedtrimmedavg``, ``krum``) are for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from micromil_core.federated import wire
+
+# Metric keys whose values are fractions (AUC, accuracy, ...): anything outside [0, 1] is
+# garbage, and would drag the patient-weighted mean over sites with it.
+_FRACTION_SUFFIXES = (*wire.CORE_METRICS, "auc_ci_low", "auc_ci_high")
+
+
+def _names(keys: list[str], limit: int = 3) -> str:
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def update_problem(
+    reference: Mapping[str, np.ndarray],
+    update: Mapping[str, np.ndarray],
+    max_update_ratio: float,
+) -> str | None:
+    """Why ``update`` (a site's returned weights) must not be aggregated, or None.
+
+    ``max_update_ratio``: the largest allowed ||update - reference|| / ||reference|| over
+    the floating-point arrays (0 = no bound).
+    """
+    missing = sorted(set(reference) - set(update))
+    if missing:
+        return f"missing model arrays {_names(missing)}"
+    extra = sorted(set(update) - set(reference))
+    if extra:
+        return f"unexpected model arrays {_names(extra)}"
+    diff_sq = ref_sq = 0.0
+    for name, ref in reference.items():
+        arr = update[name]
+        if arr.shape != ref.shape:
+            return f"array {name!r} has shape {tuple(arr.shape)}, the global model's is {tuple(ref.shape)}"
+        if arr.dtype != ref.dtype:
+            return f"array {name!r} has dtype {arr.dtype}, the global model's is {ref.dtype}"
+        if not np.issubdtype(arr.dtype, np.floating):
+            continue
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            return f"array {name!r} holds {bad} non-finite value(s) (NaN or Inf)"
+        delta = arr.astype(np.float64) - ref.astype(np.float64)
+        diff_sq += float(np.dot(delta.ravel(), delta.ravel()))
+        ref_sq += float(np.dot(ref.ravel().astype(np.float64), ref.ravel().astype(np.float64)))
+    if max_update_ratio > 0:
+        ratio = update_ratio(diff_sq, ref_sq)
+        if not math.isfinite(ratio) or ratio > max_update_ratio:
+            return (
+                f"update norm is {ratio:.3g}x the global model's norm, above the bound "
+                f"federation.max_update_ratio={max_update_ratio:g}"
+            )
+    return None
+
+
+def update_ratio(diff_sq: float, ref_sq: float) -> float:
+    """||update - reference|| / ||reference||, with an all-zero reference counted as norm 1."""
+    return math.sqrt(diff_sq) / math.sqrt(ref_sq if ref_sq > 0 else 1.0)
+
+
+def metrics_problem(
+    metrics: Mapping[str, Any], allowed: frozenset[str], max_examples: int | None = None
+) -> str | None:
+    """Why a site's MetricRecord must not be used, or None.
+
+    ``allowed``: the wire allow-list for this kind of reply; ``max_examples``: the patients
+    the site declared before round 1 (it cannot weigh more than that in a weighted mean).
+    """
+    unknown = sorted(set(metrics) - allowed)
+    if unknown:
+        return f"unexpected metric keys {_names(unknown)}"
+    n = metrics.get(wire.NUM_EXAMPLES)
+    if not isinstance(n, (int, float)) or not math.isfinite(n) or n < 0 or n != int(n):
+        return f"{wire.NUM_EXAMPLES}={n!r} is not a patient count"
+    if max_examples is not None and n > max_examples:
+        return f"{wire.NUM_EXAMPLES}={int(n)} exceeds the {max_examples} patients the site declared"
+    for key, value in metrics.items():
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, (int, float)) for v in values):
+            return f"metric {key!r} is not numeric"
+        if any(math.isinf(v) for v in values):
+            return f"metric {key!r} is infinite"
+        if key.endswith(_FRACTION_SUFFIXES) or key in ("roc_fpr", "roc_tpr"):
+            if any(not 0.0 <= v <= 1.0 for v in values if not math.isnan(v)):
+                return f"metric {key!r}={value!r} is outside [0, 1]"
+        elif key.endswith("loss") and any(v < 0 for v in values if not math.isnan(v)):
+            return f"metric {key!r}={value!r} is negative"
+    return None
