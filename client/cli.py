@@ -1,7 +1,7 @@
 """``flower-client``: a hospital's command.
 
     flower-client check  --config deploy/site.yaml   # the site data, as the federation will read it
-    flower-client run    --config deploy/site.yaml   # check, then join as a SuperNode
+    flower-client run    --config deploy/site.yaml   # check, then join as a SuperNode (retries refusals)
     flower-client keygen --name hospital-1 --out keys  # own key pair; send only the .pub
 """
 
@@ -30,7 +30,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from micromil_core.deploy.site import INSECURE_WARNING, check_site_data, exec_supernode
+    from micromil_core.deploy.site import INSECURE_WARNING, check_site_data, run_supernode
 
     cfg = _config(args)
     report = check_site_data(cfg)
@@ -38,8 +38,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
     print(f"joining {cfg.superlink.address} as {cfg.site.name} ({cfg.site.role})", flush=True)
-    exec_supernode(cfg, insecure=args.insecure)
-    return 0  # pragma: no cover - exec does not return
+    return run_supernode(cfg, insecure=args.insecure)
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:

@@ -15,7 +15,8 @@ Hospital (``flower-client run --config deploy/site.yaml``)::
 
     site: {name: hospital-1, data_path: /data/hospital-1, role: train}
     superlink: {address: coordinator.example.org:9092, ca_cert: ..., private_key: ...}
-    supernode: {port: 9094, state_dir: state}
+    supernode: {port: 9094, state_dir: state, retry_backoff: 60, retry_backoff_max: 600,
+                max_activation_retries: 0}
 """
 
 from __future__ import annotations
@@ -115,13 +116,39 @@ class SuperLinkClientConfig:
             )
 
 
+# Flower 1.41's SuperLink refuses a node that reconnects within about 50 s of being killed
+# hard (two missed 30 s heartbeats), so the first retry after a refusal waits longer than that.
+REFUSAL_WINDOW_S = 50.0
+
+
 @dataclass(frozen=True)
 class SuperNodeSettings:
     port: int = 9094  # local runtime API port; unique per SuperNode on one host
     state_dir: str = "state"  # Flower's app cache and this site's logs
+    # After the coordinator refuses this node (Flower's "[code: 2004] Failed to activate
+    # SuperNode"): wait retry_backoff s, doubling per refusal up to retry_backoff_max s.
+    retry_backoff: float = 60.0
+    retry_backoff_max: float = 600.0
+    max_activation_retries: int = 0  # refusals in a row before giving up; 0 = retry forever
 
     def __post_init__(self) -> None:
         _check_port("supernode.port", self.port)
+        if not self.retry_backoff > 0:
+            raise ConfigError(
+                f"supernode.retry_backoff={self.retry_backoff} is invalid: expected seconds > 0 "
+                f"(default 60; the coordinator refuses a hard-killed node for about "
+                f"{REFUSAL_WINDOW_S:.0f} s, so a shorter wait is usually refused again)"
+            )
+        if self.retry_backoff_max < self.retry_backoff:
+            raise ConfigError(
+                f"supernode.retry_backoff_max={self.retry_backoff_max} is invalid: expected "
+                f">= supernode.retry_backoff ({self.retry_backoff})"
+            )
+        if self.max_activation_retries < 0:
+            raise ConfigError(
+                f"supernode.max_activation_retries={self.max_activation_retries} is invalid: "
+                "expected 0 (retry forever) or a number of retries >= 1"
+            )
 
 
 @dataclass(frozen=True)

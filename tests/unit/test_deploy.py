@@ -235,3 +235,22 @@ def test_flower_client_check_reports_a_good_site(tmp_path, pki, capsys):
     (site / "features" / "p000.pt").unlink()
     assert flower_client(["check", "--config", str(_site_yaml(tmp_path, pki))]) == 2
     assert "fix them before joining" in capsys.readouterr().err
+
+
+def test_supernode_retry_settings(tmp_path, pki):
+    cfg = load_site_config(_site_yaml(tmp_path, pki))
+    sn = cfg.supernode
+    assert (sn.retry_backoff, sn.retry_backoff_max, sn.max_activation_retries) == (60.0, 600.0, 0)
+    for values, error in (
+        ({"retry_backoff": 0}, r"supernode.retry_backoff=0.0 is invalid: expected seconds > 0 .*about 50 s"),
+        ({"retry_backoff": 120, "retry_backoff_max": 60},
+         r"supernode.retry_backoff_max=60.0 is invalid: expected >= supernode.retry_backoff \(120"),
+        ({"max_activation_retries": -1}, r"supernode.max_activation_retries=-1 is invalid: expected 0"),
+        ({"max_activation_retries": "often"}, r"supernode.max_activation_retries='often' is invalid"),
+    ):
+        path = _site_yaml(tmp_path, pki)
+        raw = yaml.safe_load(path.read_text())
+        raw["supernode"].update(values)
+        path.write_text(yaml.safe_dump(raw))
+        with pytest.raises(ConfigError, match=error):
+            load_site_config(path)
