@@ -114,12 +114,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     sl = info["superlink"]
     state = f"running (pid {sl['pid']})" if sl["running"] else "not running"
     print(f"SuperLink: {state}; log {sl['log']}")
+    for line in _security_lines(info.get("security")):
+        print(line)
     for site in info.get("sites", []):
         print(f"  {site['site']:<24} {site['status']}")
     if "run" in info:
         r = info["run"]
         print(f"run {r['run_id']}: {r['status']} ({r['elapsed_s'] or 0:.0f} s); results in {r['out_dir']}")
     return 0
+
+
+def _security_lines(security: dict | None) -> list[str]:
+    """What the running SuperLink enforces, with a warning for anything switched off."""
+    if security is None:
+        return []
+    tls, auth = security.get("tls"), security.get("node_auth")
+    if tls is None:
+        return ["security: unknown (cannot read the SuperLink's command line on this system)"]
+    on = {True: "on", False: "OFF"}
+    lines = [f"security: TLS {on[tls]}, node authentication {on[bool(auth)]}"]
+    if not tls:
+        lines.append("WARNING: the SuperLink runs --insecure: model updates travel in clear text "
+                     "and any machine that reaches its port can join. Closed test networks only; "
+                     "restart it without --insecure")
+    elif not auth:
+        lines.append("WARNING: node authentication is off (superlink.node_auth: false): any machine "
+                     "that reaches its port can join as a hospital")
+    return lines
 
 
 def cmd_stop(args: argparse.Namespace) -> int:

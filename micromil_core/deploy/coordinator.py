@@ -96,7 +96,7 @@ class Coordinator:
             "--host", sl.host, "--port", str(sl.port),
             "--database", str(self.paths.database),
             # The coordinator runs the app from the installed packages: never `uv sync`
-            # torch and friends for each run (FLOWER_NOTES).
+            # torch and friends for each run (flower-superlink 1.41 --help).
             "--disable-runtime-dependency-installation",
         ]
         if self.insecure:
@@ -188,6 +188,31 @@ class Coordinator:
         except (OSError, ValueError):
             return {}
 
+    def site_nodes(self) -> dict[str, str]:
+        """Node id -> the site name its key was registered under: the ServerApp refuses a
+        node that calls itself by another name (a SuperNode's site-name is self-declared)."""
+        sites = self.known_sites()
+        if not sites:
+            raise ConfigError(
+                f"no registered hospitals in {self.paths.sites}: `flower-server start` registers "
+                f"the keys in {self.cfg.path(self.cfg.superlink.registered_keys)} before it "
+                "submits the run"
+            )
+        unknown = sorted(name for name, node in sites.items() if not node)
+        if unknown:
+            raise ConfigError(
+                f"the node id of {', '.join(unknown)} is unknown: the SuperLink database "
+                f"{self.paths.database} already holds their keys (registered in an earlier start) "
+                f"but {self.paths.sites}, which binds each key's node to its site name, was lost. "
+                f"Stop the SuperLink (`flower-server stop --config {self.cfg.source}`), delete "
+                f"{self.paths.database} and {self.paths.sites}, and start again to register "
+                "every hospital afresh (checkpoints in run.out_dir are kept)"
+            )
+        ids = {node: name for name, node in sites.items()}
+        if len(ids) < len(sites):
+            raise ConfigError(f"{self.paths.sites} binds one node id to several sites: {sites}")
+        return ids
+
     # ------------------------------------------------------------ the run
     def stage_app(self, resume: bool) -> Path:
         """A minimal Flower app project: the installed packages plus this run's config.
@@ -213,6 +238,8 @@ class Coordinator:
             "connect-timeout": float(run.wait_for_sites),
             "resume": resume,
         }
+        if self.node_auth:
+            values["site-nodes"] = json.dumps(self.site_nodes(), sort_keys=True)
         config_lines = [f"{k} = {json.dumps(v)}" for k, v in values.items()]
         (tmp / "pyproject.toml").write_text(
             "\n".join([
@@ -273,6 +300,7 @@ class Coordinator:
                                               "log": str(self.paths.log)}}
         if pid is None:
             return info
+        info["security"] = superlink_security(_cmdline(pid))
         names = {v: k for k, v in self.known_sites().items() if v}
         nodes = flwr_json(["supernode", "ls", CONNECTION], self.env).get("nodes", [])
         info["sites"] = [
@@ -309,6 +337,25 @@ class Coordinator:
         self.paths.pid.unlink(missing_ok=True)
         done.append(f"SuperLink (pid {pid}) stopped")
         return done
+
+
+def superlink_security(cmdline: list[str] | None) -> dict[str, bool | None]:
+    """TLS and node authentication of a SuperLink, from the flags it was started with
+    (flower-superlink 1.41: ``--insecure`` turns TLS off, ``--enable-supernode-auth``
+    admits only registered keys). None where the command line cannot be read."""
+    if cmdline is None:
+        return {"tls": None, "node_auth": None}
+    return {"tls": "--insecure" not in cmdline, "node_auth": "--enable-supernode-auth" in cmdline}
+
+
+def _cmdline(pid: int) -> list[str] | None:
+    """The arguments the process was started with: what the running SuperLink does, even if
+    the config file was edited since."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
 
 
 def _is_superlink(pid: int) -> bool:

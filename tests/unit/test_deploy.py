@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import stat
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from micromil_core.deploy.config import load_coordinator_config, load_site_config
-from micromil_core.deploy.coordinator import Coordinator
+from micromil_core.deploy.coordinator import Coordinator, superlink_security
 from micromil_core.deploy.pki import certificate_names, make_site_key, provision, read_public_key
 from micromil_core.deploy.site import check_site_data, node_config, supernode_command
 from micromil_core.errors import ConfigError, SiteDataError
@@ -157,12 +158,19 @@ def test_start_insecure_warns_before_anything_starts(tmp_path, capsys, monkeypat
     assert "WARNING: --insecure" in err and "stop here" in err
 
 
+def _staged_config(app: Path) -> dict:
+    return tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+
 def test_staged_app_run_config_matches_the_project(tmp_path):
     coord = Coordinator(load_coordinator_config(_coordinator_yaml(tmp_path)))
+    coord.paths.root.mkdir(parents=True)
+    coord.paths.sites.write_text('{"h1": "123"}')
     app = coord.stage_app(resume=True)
     staged = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
-    assert set(staged["config"]) == set(project["config"])  # the ServerApp reads these keys
+    # The ServerApp reads these keys; site-nodes exists only in a deployment with node auth.
+    assert set(staged["config"]) | {"site-nodes"} == set(project["config"]) | {"site-nodes"}
     assert staged["components"] == project["components"]
     assert staged["config"]["resume"] is True
     assert staged["config"]["config"] == str(tmp_path / "exp.yaml")
@@ -235,6 +243,70 @@ def test_flower_client_check_reports_a_good_site(tmp_path, pki, capsys):
     (site / "features" / "p000.pt").unlink()
     assert flower_client(["check", "--config", str(_site_yaml(tmp_path, pki))]) == 2
     assert "fix them before joining" in capsys.readouterr().err
+
+
+def test_staged_app_binds_each_node_id_to_its_registered_site(tmp_path):
+    coord = Coordinator(load_coordinator_config(_coordinator_yaml(tmp_path)))
+    coord.paths.root.mkdir(parents=True)
+    coord.paths.sites.write_text('{"hospital-1": "123", "hospital-2": "6690383732161276304"}')
+    text = (coord.stage_app(resume=False) / "pyproject.toml").read_text()
+    # A JSON object in a TOML string, quoted like the other values.
+    assert 'site-nodes = "{\\"123\\": \\"hospital-1\\", \\"6690383732161276304\\": \\"hospital-2\\"}"' in text
+    value = _staged_config(coord.paths.app)["site-nodes"]
+    assert json.loads(value) == {"123": "hospital-1", "6690383732161276304": "hospital-2"}
+
+    # No node authentication: names cannot be bound to keys, so there is no binding.
+    insecure = Coordinator(load_coordinator_config(_coordinator_yaml(tmp_path)), insecure=True)
+    assert "site-nodes" not in _staged_config(insecure.stage_app(resume=False))
+    no_auth = tmp_path / "no-auth"
+    no_auth.mkdir()
+    cfg = load_coordinator_config(_coordinator_yaml(no_auth, superlink={"node_auth": False}))
+    assert "site-nodes" not in _staged_config(Coordinator(cfg).stage_app(resume=False))
+
+
+def test_staged_app_refuses_a_site_whose_node_id_was_lost(tmp_path):
+    # register_sites keeps "" for a key the SuperLink database already holds ("Public key
+    # already in use") when sites.json no longer knows its node id.
+    coord = Coordinator(load_coordinator_config(_coordinator_yaml(tmp_path)))
+    coord.paths.root.mkdir(parents=True)
+    coord.paths.sites.write_text('{"hospital-1": "123", "hospital-2": ""}')
+    with pytest.raises(ConfigError, match=(
+        r"node id of hospital-2 is unknown: .*superlink.db already holds their keys .*"
+        r"`flower-server stop .*delete .*superlink.db and .*sites.json.*register every hospital afresh"
+    )):
+        coord.stage_app(resume=False)
+    coord.paths.sites.unlink()
+    with pytest.raises(ConfigError, match="no registered hospitals in .*sites.json"):
+        coord.stage_app(resume=False)
+
+
+def test_security_is_read_from_the_running_superlinks_command_line(tmp_path, monkeypatch, capsys):
+    secure = ["python", "flower-superlink", "--ssl-ca-certfile", "ca.pem", "--enable-supernode-auth"]
+    assert superlink_security(secure) == {"tls": True, "node_auth": True}
+    assert superlink_security(["flower-superlink", "--ssl-certfile", "s.pem"]) == {"tls": True, "node_auth": False}
+    assert superlink_security(["flower-superlink", "--insecure"]) == {"tls": False, "node_auth": False}
+    assert superlink_security(None) == {"tls": None, "node_auth": None}
+
+    import micromil_core.deploy.coordinator as coordinator
+
+    config = _coordinator_yaml(tmp_path)  # says TLS + node auth; the process is what counts
+    cmdline = [str(a) for a in Coordinator(load_coordinator_config(config), insecure=True).superlink_command()]
+    monkeypatch.setattr(Coordinator, "running_pid", lambda self: 4242)
+    monkeypatch.setattr(coordinator, "_cmdline", lambda pid: cmdline if pid == 4242 else None)
+    monkeypatch.setattr(coordinator, "flwr_json", lambda args, env, timeout=60: {"nodes": []})
+    status = Coordinator(load_coordinator_config(config)).status()
+    assert status["security"] == {"tls": False, "node_auth": False}
+
+    assert flower_server(["status", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "security: TLS OFF, node authentication OFF" in out
+    assert "WARNING: the SuperLink runs --insecure" in out
+    cmdline = [str(a) for a in Coordinator(load_coordinator_config(config)).superlink_command()]
+    assert flower_server(["status", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "security: TLS on, node authentication on" in out and "WARNING" not in out
+    assert flower_server(["status", "--config", str(config), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["security"] == {"tls": True, "node_auth": True}
 
 
 def test_supernode_retry_settings(tmp_path, pki):
