@@ -504,6 +504,29 @@ def screen_replies(
     return usable, rejected, failures
 
 
+def for_strategy(replies: list[Message]) -> list[Message]:
+    """The replies as the strategy aggregates them: arrays plus the metrics every site sent.
+
+    Flower 1.41's strategies refuse replies whose MetricRecords differ in keys, and a site
+    may withhold its training loss (small-count guard); the round's train metrics are
+    averaged by the round loop instead (``_weighted``). Keys all sites share stay, so the
+    weighting key and central DP's ``norm_bit`` reach the strategy.
+    """
+    records = [r.content.metric_records[wire.METRICS] for r in replies]
+    common = set.intersection(*(set(m) for m in records)) if records else set()
+    return [
+        Message(
+            RecordDict({
+                wire.ARRAYS: r.content.array_records[wire.ARRAYS],
+                wire.METRICS: MetricRecord({k: m[k] for k in sorted(common)}),
+            }),
+            dst_node_id=r.metadata.src_node_id,
+            message_type=MessageType.TRAIN,
+        )
+        for r, m in zip(replies, records, strict=True)
+    ]
+
+
 @dataclass
 class TrainStep:
     """The training half of a round: what the sites sent back and its aggregate."""
@@ -534,7 +557,9 @@ def plain_train_step(
         answered, lambda site, r: checks.train_problem(site, r, reference), "training"
     )
     ok = [r for _, r in usable]
-    new_arrays, metrics = strategy.aggregate_train(rnd, ok) if len(ok) >= min_sites else (None, None)
+    new_arrays, metrics = (
+        strategy.aggregate_train(rnd, for_strategy(ok)) if len(ok) >= min_sites else (None, None)
+    )
     return TrainStep(
         new_arrays,
         metrics,
@@ -753,6 +778,12 @@ def run_federation(
     if fed.select == "best-val" and state.best_round:
         chosen, final_arrays = state.best_round, state.best_arrays
     else:
+        if fed.select == "best-val":
+            log.warning(
+                "federation.select=best-val found no aggregated validation loss in any round "
+                "(the training sites' validation sets are smaller than the small-count guard's "
+                "threshold, or none replied); the last round's model is kept"
+            )
         chosen, final_arrays = state.round, state.arrays
     entry = next((h for h in state.history if h["round"] == chosen), {})
     holdout = entry.get("holdout", {})

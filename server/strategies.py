@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import (
     FedAdagrad,
     FedAdam,
@@ -26,7 +25,6 @@ from flwr.serverapp.strategy import (
 from micromil_core.config import FederationConfig, PrivacyConfig
 from micromil_core.errors import CheckpointError, ConfigError
 from micromil_core.federated import wire
-from micromil_core.federated.aggregate import scalar_keys, weighted_means
 from micromil_core.io import write_bytes_atomic
 from server.privacy import check_privacy_fits, wrap_central_dp
 
@@ -91,7 +89,6 @@ def build_strategy(cfg: FederationConfig, n_train_sites: int, privacy: PrivacyCo
         min_train_nodes=min_sites,
         min_available_nodes=min_sites,
         weighted_by_key=wire.NUM_EXAMPLES,
-        train_metrics_aggr_fn=train_metric_means,
     )
     privacy = privacy or PrivacyConfig()
     check_privacy_fits(cfg, privacy, n_train_sites)
@@ -102,15 +99,6 @@ def build_strategy(cfg: FederationConfig, n_train_sites: int, privacy: PrivacyCo
             f"federation.strategy_params {params} do not fit {cfg.strategy}: {exc}"
         ) from None
     return wrap_central_dp(strategy, privacy.central, n_train_sites)
-
-
-def train_metric_means(contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:
-    """The round's train metrics: each the patient-weighted mean over the sites that
-    report it. Flower's default divides by every site's weight, so a metric one site
-    withheld (small-count guard) would come out too small; lists are not averaged."""
-    per_site = [dict(next(iter(c.metric_records.values()))) for c in contents]
-    means = weighted_means(per_site, scalar_keys(per_site))
-    return MetricRecord({k: v for k, v in means.items() if math.isfinite(v)})
 
 
 def _layers(strategy) -> list[tuple[str, object]]:

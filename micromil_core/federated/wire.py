@@ -53,9 +53,10 @@ DP_METRICS = frozenset(
 # Central DP with client-side adaptive clipping: 1 if this round's update was clipped
 # (Flower's KEY_NORM_BIT); the server adapts the clipping norm to the clipped fraction.
 CENTRAL_DP_METRICS = frozenset({"norm_bit"})
-# Small-count guard (privacy.disclosure): "suppressed" lists the metrics a site withheld,
-# computed over fewer patients than the threshold, as indices into GUARDED_METRICS (a
-# MetricRecord holds numbers only); "min_patients" is that threshold.
+# Small-count guard (privacy.disclosure): "suppressed" names the metrics a site withheld,
+# computed over fewer patients than the threshold, as a bit mask over GUARDED_METRICS (one
+# integer: records hold numbers only, and Flower's legacy SecAgg+ path no lists);
+# "min_patients" is that threshold.
 SUPPRESSED = "suppressed"
 MIN_PATIENTS = "min_patients"
 DISCLOSURE_METRICS = frozenset({SUPPRESSED, MIN_PATIENTS})

@@ -14,8 +14,8 @@ the patients it is actually computed over:
 - HMIL's ``fine_accuracy``: the patients with a fine label; the other fine metrics: the
   smallest fine class among them.
 
-What is withheld is named on the wire by ``suppressed`` (the indices of the withheld
-metrics in ``wire.GUARDED_METRICS``) beside ``min_patients`` (the threshold in force) and
+What is withheld is named on the wire by ``suppressed`` (a bit mask: bit i set = metric
+``wire.GUARDED_METRICS[i]`` withheld; one integer, which every Flower record type carries) beside ``min_patients`` (the threshold in force) and
 the patient count ``num-examples`` that every reply carries anyway. The threshold is the stricter of the
 coordinator's and the site's (``privacy.min_patients``), so a hospital can raise it but the
 coordinator cannot lower it for the hospital.
@@ -100,14 +100,17 @@ def guard(
 
 def withheld(keys: Iterable[str], min_patients: int) -> dict[str, Any]:
     """The wire markers for ``keys`` withheld under threshold ``min_patients``."""
-    indices = [GUARDED_METRICS.index(k) for k in keys]
-    return {MIN_PATIENTS: int(min_patients), **({SUPPRESSED: indices} if indices else {})}
+    mask = sum(1 << GUARDED_METRICS.index(k) for k in set(keys))
+    return {MIN_PATIENTS: int(min_patients), **({SUPPRESSED: mask} if mask else {})}
 
 
 def withheld_names(value: Any) -> list[str]:
-    """The metric names a reply's ``suppressed`` indices stand for (unknown ones dropped)."""
-    values = value if isinstance(value, list) else []
-    return [GUARDED_METRICS[int(i)] for i in values if 0 <= int(i) < len(GUARDED_METRICS)]
+    """The metric names a reply's ``suppressed`` bit mask stands for (unknown bits dropped)."""
+    try:
+        mask = int(value)
+    except (TypeError, ValueError):
+        return []
+    return [key for i, key in enumerate(GUARDED_METRICS) if mask >> i & 1]
 
 
 def suppressed_note(min_patients: int) -> str:

@@ -38,9 +38,11 @@ class RecordingGrid:
 
 @pytest.fixture(scope="module")
 def ucsb(tmp_path_factory):
+    # README's demo split: its held-out site has 19 patients (7 positive), enough for every
+    # metric to pass the small-count guard; the training sites' 1-3 validation patients not.
     root = tmp_path_factory.mktemp("data") / "ucsb"
     assert main(["datasets", "prepare", "ucsb-breast", "--out", str(root), "--sites", "3",
-                 "--holdout-sites", "1", "--partition", "dirichlet:0.5", "--seed", "0"]) == 0
+                 "--holdout-sites", "1", "--partition", "dirichlet:0.5", "--seed", "1"]) == 0
     return root
 
 
