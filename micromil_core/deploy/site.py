@@ -180,8 +180,8 @@ class SuperNodeSupervisor:
             refusals += 1
             limit = self.max_activation_retries
             if limit and refusals > limit:
-                log.error("%s; giving up after %d retries (supernode.max_activation_retries)",
-                          self.refusal_reason(), limit)
+                log.error("%s; giving up after %d %s (supernode.max_activation_retries)",
+                          self.refusal_reason(), limit, "retry" if limit == 1 else "retries")
                 return code or 1
             wait = self.retry_wait(refusals)
             count = f" (retry {refusals} of {limit})" if limit else ""

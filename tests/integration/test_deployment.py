@@ -39,7 +39,8 @@ def _free_port() -> int:
 class Federation:
     """One coordinator folder + four hospital folders under ``root``; owns the processes."""
 
-    def __init__(self, root: Path, data: Path, pki: Path, name: str, experiment: dict) -> None:
+    def __init__(self, root: Path, data: Path, pki: Path, name: str, experiment: dict,
+                 expected_sites: int = len(SITES)) -> None:
         self.root, self.data, self.pki = root / name, data, pki
         self.root.mkdir(parents=True)
         self.port = _free_port()
@@ -56,23 +57,27 @@ class Federation:
                 "key": str(pki / "coordinator" / "server.key"),
                 "registered_keys": str(pki / "coordinator" / "registered"),
             },
-            "run": {"out_dir": "runs/fed", "expected_sites": 4, "wait_for_sites": 240},
+            "run": {"out_dir": "runs/fed", "expected_sites": expected_sites, "wait_for_sites": 240},
         }))
 
     @property
     def out(self) -> Path:
         return self.root / "runs" / "fed"
 
-    def site_config(self, site: str, key: Path | None = None, ca: Path | None = None) -> Path:
-        path = self.root / f"{site}-{'x' if key or ca else 'ok'}.yaml"
+    def site_config(self, site: str, key: Path | None = None, ca: Path | None = None,
+                    name: str | None = None, tag: str = "", **supernode) -> Path:
+        """site.yaml of hospital ``site`` (its data and, unless given, its key and CA);
+        ``name`` overrides the site name it claims, ``supernode`` adds settings there."""
+        path = self.root / f"{site}-{tag or ('x' if key or ca else 'ok')}.yaml"
         folder = self.pki / "sites" / site
         path.write_text(yaml.safe_dump({
-            "site": {"name": site, "data_path": str(self.data / site),
+            "site": {"name": name or site, "data_path": str(self.data / site),
                      "role": "holdout" if site == "site-3" else "train"},
             "superlink": {"address": f"localhost:{self.port}",
                           "ca_cert": str(ca or folder / "ca.pem"),
                           "private_key": str(key or folder / f"{site}.key")},
-            "supernode": {"port": _free_port(), "state_dir": str(self.root / f"state-{site}")},
+            "supernode": {"port": _free_port(), "state_dir": str(self.root / f"state-{site}{tag}"),
+                          **supernode},
         }))
         return path
 
@@ -83,13 +88,17 @@ class Federation:
         )
         return self.procs["server"]
 
-    def launch(self) -> subprocess.Popen:
-        """``flower-server start``, then every hospital once the run is submitted."""
+    def launch(self, sites: tuple[str, ...] = SITES) -> subprocess.Popen:
+        """``flower-server start``, then these hospitals once the run is submitted."""
         server = self.start_server()
         self.wait_for(lambda: "submitted" in self.server_output(), 120, "the run to be submitted")
-        for site in SITES:
+        for site in sites:
             self.start_site(site)
         return server
+
+    def site_output(self, name: str) -> str:
+        path = self.root / f"{name}.out"
+        return path.read_text(errors="replace") if path.exists() else ""
 
     def start_site(self, site: str, config: Path | None = None, tag: str = "") -> subprocess.Popen:
         config = config or self.site_config(site)
@@ -130,6 +139,22 @@ class Federation:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def _kill_hard(site: subprocess.Popen) -> None:
+    """SIGKILL a hospital as a power cut would: flower-client and the SuperNode it runs in
+    a process group of its own (with the SuperExec and ClientApps under it)."""
+    groups = {site.pid}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == site.pid:  # a child of flower-client: the SuperNode
+            groups.add(int(fields[2]))
+    assert len(groups) == 2, "flower-client should have started its SuperNode by now"
+    for group in groups:
+        os.killpg(group, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +203,7 @@ def test_tls_node_auth_federation_two_rounds_and_refusals(setup):
 
         status = json.loads(fed.server("status", "--json").stdout)
         assert status["run"]["status"] == "finished:completed"
+        assert status["security"] == {"tls": True, "node_auth": True}  # as the SuperLink runs
         assert sorted(s["site"] for s in status["sites"] if s["status"] == "online") == list(SITES)
 
         # No patient id reaches the coordinator: not in its console, logs or results.
@@ -188,13 +214,26 @@ def test_tls_node_auth_federation_two_rounds_and_refusals(setup):
         leaked = [pid for pid in patient_ids(data) if pid in coordinator_text]
         assert leaked == []
 
-        # A hospital whose key was never registered is refused.
+        # A hospital whose key was never registered is refused, told why, and (with one
+        # retry allowed here instead of retrying forever) gives up.
         stranger = root / "stranger"
         done = subprocess.run([BIN / "flower-client", "keygen", "--name", "site-0", "--out", str(stranger)],
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
-        proc = fed.start_site("site-0", fed.site_config("site-0", key=stranger / "site-0.key"), tag="-stranger")
-        assert proc.wait(timeout=90) != 0
+        config = fed.site_config("site-0", key=stranger / "site-0.key", tag="stranger",
+                                 retry_backoff=1, max_activation_retries=1)
+        proc = fed.start_site("site-0", config, tag="-stranger")
+        assert proc.wait(timeout=120) == 1
+        said = fed.site_output("site-0-stranger")
+        assert said.count("[code: 2004] Failed to activate SuperNode") == 2  # Flower's own line, twice
+        explanation = (
+            f"the coordinator refused this hospital's node: either its public key "
+            f"{stranger / 'site-0.pub'} is not registered at the coordinator (ask them to put "
+            "site-0.pub in superlink.registered_keys and restart), or this node restarted within "
+            "~50 s of being killed"
+        )
+        assert f"{explanation}; retrying in 1 s (retry 1 of 1)" in said, said
+        assert f"{explanation}; giving up after 1 retry (supernode.max_activation_retries)" in said
         # A hospital that does not trust the federation's CA (another CA) is refused.
         other = root / "other-pki"
         subprocess.run([BIN / "flower-server", "provision", "--out", str(other), "--server-name",
@@ -202,7 +241,9 @@ def test_tls_node_auth_federation_two_rounds_and_refusals(setup):
         proc = fed.start_site("site-1", fed.site_config("site-1", ca=other / "coordinator" / "ca.pem"),
                               tag="-wrong-ca")
         assert proc.wait(timeout=90) != 0
-        assert "CERTIFICATE_VERIFY_FAILED" in (fed.root / "site-1-wrong-ca.out").read_text()
+        said = fed.site_output("site-1-wrong-ca")
+        assert "CERTIFICATE_VERIFY_FAILED" in said
+        assert "presented a certificate that superlink.ca_cert" in said
     finally:
         fed.close()
 
@@ -214,17 +255,18 @@ def test_site_killed_mid_round_run_continues_and_site_rejoins(setup):
     try:
         server = fed.launch()
         fed.wait_for(lambda: "sites: train" in fed.server_output(), 240, "the pre-flight check")
-        # Round 1 has just been sent: the hospital's machine dies (SuperNode + ClientApps).
-        os.killpg(fed.procs["site-1"].pid, signal.SIGKILL)
+        # Round 1 has just been sent: the hospital's machine dies (flower-client, SuperNode
+        # and ClientApps) and comes straight back. Flower 1.41's SuperLink refuses the node
+        # until it has noticed the death (~50 s); flower-client says so and retries after 60 s.
+        _kill_hard(fed.procs["site-1"])
+        fed.start_site("site-1", tag="-restarted")
         fed.wait_for(lambda: "round 1/6" in fed.server_output(), 240, "round 1 to end")
-        # The hospital comes back. The SuperLink refuses a hard-killed node for ~50 s
-        # (FLOWER_NOTES), so retry the way a service manager with back-off would.
-        for attempt in range(8):
-            proc = fed.start_site("site-1", tag=f"-restarted{attempt}")
-            time.sleep(10)
-            if proc.poll() is None:
-                break
         assert server.wait(timeout=600) == 0, fed.server_output()
+        restarted = fed.site_output("site-1-restarted")
+        assert "the coordinator refused this hospital's node" in restarted, restarted
+        refused = restarted.index("the coordinator refused this hospital's node")
+        assert "or this node restarted within ~50 s of being killed; retrying in 60 s" in restarted
+        assert "SuperNode ID:" in restarted[refused:], restarted  # admitted on the retry
 
         out = fed.server_output()
         history = json.loads((fed.out / "history.json").read_text())["rounds"]
@@ -261,5 +303,23 @@ def test_coordinator_restart_continues_from_last_checkpoint(setup):
         assert history[: len(saved)] == saved  # checkpointed rounds are kept, not re-run
         assert f"resuming after round {len(saved)}" in (fed.out / "server.log").read_text()
         assert json.loads((fed.out / "metrics.json").read_text())["round"] == 4
+    finally:
+        fed.close()
+
+
+def test_impostor_with_a_registered_key_and_another_name_is_refused(setup):
+    """Hospital site-0's key, but site.yaml claims to be site-9: the SuperLink admits the key,
+    the coordinator refuses the name before round 1, and nothing is trained."""
+    root, data, pki = setup
+    fed = Federation(root, data, pki, "impostor", _experiment(rounds=1), expected_sites=2)
+    try:
+        server = fed.launch(sites=("site-1",))
+        fed.start_site("site-0", fed.site_config("site-0", name="site-9", tag="impostor"),
+                       tag="-impostor")
+        assert server.wait(timeout=300) != 0, fed.server_output()
+        out = fed.server_output()
+        assert "holds the key registered for 'site-0' but calls itself 'site-9'" in out, out
+        assert "round 1/1" not in out
+        assert not (fed.out / "model.pt").exists()
     finally:
         fed.close()
