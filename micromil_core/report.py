@@ -103,6 +103,17 @@ def metric_text(metrics: Mapping[str, Any], key: str) -> str:
     return _fmt_metric(key, metrics.get(key))
 
 
+def _all_withheld(rounds: list[dict[str, Any]], phase: str, key: str) -> bool:
+    """True if some site reported ``phase`` metrics and every one withheld ``key``."""
+    reports = [_dict(m) for r in rounds for m in _dict(r.get(phase)).values()]
+    return bool(reports) and all(key in (m.get("suppressed") or []) for m in reports)
+
+
+def _withheld_note(rounds: list[dict[str, Any]], phase: str) -> str:
+    limits = [_num(_dict(m).get("min_patients")) for r in rounds for m in _dict(r.get(phase)).values()]
+    return suppressed_note(int(max((v for v in limits if v is not None), default=MIN_PATIENTS_FLOOR)))
+
+
 def _fmt_bytes(value: Any) -> str:
     v = _num(value)
     if v is None:
@@ -640,7 +651,11 @@ def _curves_section(rounds: list[dict[str, Any]]) -> str:
             _img(
                 _curves_figure(x, val, "AUC", "validation AUC per round", (0, 1.02)),
                 "validation AUC per round",
-            ),
+            )
+            if not _all_withheld(rounds, "evaluate", "auc")
+            else '<p class="note">validation AUC per round: '
+            + _esc(_withheld_note(rounds, "evaluate"))
+            + " at every training site (small-count guard: the validation sets are smaller).</p>",
             "<h3>Held-out sites</h3>",
             _img(
                 _curves_figure(x, held, "metric", "held-out AUC and accuracy per round", (0, 1.02)),

@@ -242,3 +242,20 @@ def test_comparison_table_shows_the_auc_interval_when_known():
     assert "| 0.610–0.930 |" in federated
     pooled = next(line for line in lines if line.startswith("| pooled "))
     assert pooled.split("|")[3].strip() == "n/a"
+
+
+def test_withheld_metrics_read_as_suppressed_not_missing():
+    """Small-count guard: a metric a site withheld shows why, in the report and the CLI table."""
+    small = {"num-examples": 2, "min_patients": 5, "suppressed": ["auc", "loss"]}
+    history = {"run": {}, "rounds": [{
+        "round": 1,
+        "train": {"h1": {"num-examples": 12, "train_loss": 0.4, "min_patients": 5}},
+        "evaluate": {"h1": small},
+        "evaluate_aggregated": {"min_patients": 5, "suppressed": ["auc", "loss"]},
+        "holdout": {}, "holdout_aggregated": {},
+    }]}
+    page = render_report(history, comparison=None)
+    assert page.count("suppressed (n &lt; 5)") >= 3  # val loss and val AUC cells, the AUC-curve note
+    assert format_table({"h1": {**small, "accuracy": 0.5}}, ["auc", "accuracy"]).splitlines()[-1] == (
+        "| h1 | suppressed (n < 5) | 0.500 |"
+    )
