@@ -18,35 +18,16 @@ import pytest
 import torch
 from flwr.app.message_type import MessageType
 
-from micromil_core.cli import main
 from micromil_core.config import build_config
 from micromil_core.federated import wire
 from micromil_core.training.checkpoint import load_checkpoint
 from server.simulation import simulate
 from tests.hostile import EXPECTED_REASON, FAULTS, HostileGrid
-from tests.integration.test_simulation import RecordingGrid
+from tests.integration.test_simulation import RecordingGrid, _cfg
 
 pytestmark = pytest.mark.slow
 
 HOSTILE = "site-1"
-
-
-@pytest.fixture(scope="module")
-def demo_split(tmp_path_factory):
-    """Exactly README's `make demo` split."""
-    root = tmp_path_factory.mktemp("demo") / "ucsb"
-    assert main(["datasets", "prepare", "ucsb-breast", "--out", str(root), "--sites", "3",
-                 "--holdout-sites", "1", "--partition", "dirichlet:0.5", "--seed", "1"]) == 0
-    return root
-
-
-def _cfg(root, rounds):
-    return build_config({
-        "model": {"name": "micromil", "params": {"n_clusters": 8}},
-        "train": {"lr": 5e-4, "seed": 3, "num_threads": 1},
-        "federation": {"rounds": rounds, "local_epochs": 1},
-        "simulation": {"data_root": str(root)},
-    })
 
 
 def _evaluation_labels(root) -> dict[str, Counter]:
@@ -60,10 +41,10 @@ def _evaluation_labels(root) -> dict[str, Counter]:
     return out
 
 
-def test_no_metric_over_fewer_than_5_patients_leaves_a_site(demo_split, tmp_path):
+def test_no_metric_over_fewer_than_5_patients_leaves_a_site(demo_ucsb, tmp_path):
     log = []
-    simulate(_cfg(demo_split, 2), tmp_path / "fed", grid_tap=lambda g: RecordingGrid(g, log))
-    judged = _evaluation_labels(demo_split)
+    simulate(_cfg(demo_ucsb, 2), tmp_path / "fed", grid_tap=lambda g: RecordingGrid(g, log))
+    judged = _evaluation_labels(demo_ucsb)
     assert sorted(sum(c.values()) for c in judged.values())[:3] == [1, 2, 3]  # the demo's val sets
     name_of = {}
     checked = Counter()
@@ -108,7 +89,7 @@ def test_no_metric_over_fewer_than_5_patients_leaves_a_site(demo_split, tmp_path
 
 
 @pytest.fixture(scope="module")
-def hostile_run(demo_split, tmp_path_factory, request):
+def hostile_run(demo_ucsb, tmp_path_factory, request):
     out = tmp_path_factory.mktemp("hostile") / "fed"
     grids = []
     rounds = len(FAULTS) + 1
@@ -123,7 +104,7 @@ def hostile_run(demo_split, tmp_path_factory, request):
     logger = logging.getLogger("micromil.server")
     logger.addHandler(handler)
     try:
-        metrics = simulate(_cfg(demo_split, rounds), out, grid_tap=tap)
+        metrics = simulate(_cfg(demo_ucsb, rounds), out, grid_tap=tap)
     finally:
         logger.removeHandler(handler)
     lines = [r.getMessage() for r in records if r.levelno >= logging.WARNING]

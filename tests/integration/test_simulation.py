@@ -36,16 +36,6 @@ class RecordingGrid:
         return getattr(self._grid, name)
 
 
-@pytest.fixture(scope="module")
-def ucsb(tmp_path_factory):
-    # README's demo split: its held-out site has 19 patients (7 positive), enough for every
-    # metric to pass the small-count guard; the training sites' 1-3 validation patients not.
-    root = tmp_path_factory.mktemp("data") / "ucsb"
-    assert main(["datasets", "prepare", "ucsb-breast", "--out", str(root), "--sites", "3",
-                 "--holdout-sites", "1", "--partition", "dirichlet:0.5", "--seed", "1"]) == 0
-    return root
-
-
 def _cfg(root, rounds, **fed):
     return build_config({
         "model": {"name": "micromil", "params": {"n_clusters": 8}},
@@ -63,10 +53,10 @@ def _strings(record) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def full_run(ucsb, tmp_path_factory):
+def full_run(demo_ucsb, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "fed"
     log = []
-    metrics = simulate(_cfg(ucsb, 2), out, grid_tap=lambda g: RecordingGrid(g, log))
+    metrics = simulate(_cfg(demo_ucsb, 2), out, grid_tap=lambda g: RecordingGrid(g, log))
     return out, metrics, log
 
 
@@ -89,9 +79,9 @@ def test_outputs(full_run):
     assert (out / "flower.log").is_file()
 
 
-def test_no_patient_data_leaves_a_site(full_run, ucsb):
+def test_no_patient_data_leaves_a_site(full_run, demo_ucsb):
     out, _, log = full_run
-    ids = patient_ids(ucsb)
+    ids = patient_ids(demo_ucsb)
     state_keys = set(load_checkpoint(out / "model.pt").state_dict)
     n_replies = 0
     for _, replies in log:
@@ -119,13 +109,13 @@ def test_no_patient_data_leaves_a_site(full_run, ucsb):
         assert not any(pid in text for pid in ids), name
 
 
-def test_resume_gives_the_same_model(full_run, ucsb, tmp_path):
+def test_resume_gives_the_same_model(full_run, demo_ucsb, tmp_path):
     out, _, _ = full_run
     part = tmp_path / "interrupted"
-    simulate(_cfg(ucsb, 1), part)  # "interrupted" after round 1
+    simulate(_cfg(demo_ucsb, 1), part)  # "interrupted" after round 1
     with pytest.raises(ConfigError, match="--resume"):
-        simulate(_cfg(ucsb, 2), part)
-    simulate(_cfg(ucsb, 2), part, resume=True)
+        simulate(_cfg(demo_ucsb, 2), part)
+    simulate(_cfg(demo_ucsb, 2), part, resume=True)
     a, b = load_checkpoint(out / "model.pt"), load_checkpoint(part / "model.pt")
     for key in a.state_dict:
         assert torch.allclose(a.state_dict[key], b.state_dict[key], atol=1e-6), key
@@ -133,13 +123,13 @@ def test_resume_gives_the_same_model(full_run, ucsb, tmp_path):
     assert rounds == [1, 2]  # no round lost or repeated
 
 
-def test_bad_federations_fail_before_round_one(ucsb, tmp_path):
+def test_bad_federations_fail_before_round_one(demo_ucsb, tmp_path):
     import shutil
 
     with pytest.raises(ConfigError, match="krum needs at least 5 training sites"):
-        simulate(_cfg(ucsb, 1, strategy="krum", strategy_params={"num_malicious_nodes": 1}), tmp_path / "k")
+        simulate(_cfg(demo_ucsb, 1, strategy="krum", strategy_params={"num_malicious_nodes": 1}), tmp_path / "k")
     root = tmp_path / "mixed"
-    shutil.copytree(ucsb, root)
+    shutil.copytree(demo_ucsb, root)
     for f in (root / "site-1" / "features").glob("*.pt"):
         torch.save(torch.randn(3, 5), f)
     with pytest.raises(SiteDataError, match="different feature dimensions.*site-1 has 5"):
@@ -162,9 +152,9 @@ class LosingGrid(RecordingGrid):
         return replies
 
 
-def test_a_round_without_replies_keeps_the_global_model(ucsb, tmp_path):
+def test_a_round_without_replies_keeps_the_global_model(demo_ucsb, tmp_path):
     out = tmp_path / "lossy"
-    simulate(_cfg(ucsb, 2), out, grid_tap=lambda g: LosingGrid(g, []))
+    simulate(_cfg(demo_ucsb, 2), out, grid_tap=lambda g: LosingGrid(g, []))
     rounds = json.loads((out / "history.json").read_text())["rounds"]
     failures = " ".join(rounds[1]["failures"])
     for site in ("site-0", "site-1", "site-2"):
@@ -175,7 +165,7 @@ def test_a_round_without_replies_keeps_the_global_model(ucsb, tmp_path):
     assert rounds[1]["train"] == {}
 
 
-def test_local_dp_sites_spend_their_budget_then_stop(ucsb, tmp_path):
+def test_local_dp_sites_spend_their_budget_then_stop(demo_ucsb, tmp_path):
     from dataclasses import replace
 
     from micromil_core.config import PrivacyConfig
@@ -184,7 +174,7 @@ def test_local_dp_sites_spend_their_budget_then_stop(ucsb, tmp_path):
 
     privacy = PrivacyConfig(mode="dp-sgd", target_epsilon=3.0, delta=1e-3)
     out, log = tmp_path / "dp", []
-    simulate(replace(_cfg(ucsb, 2), privacy=privacy), out, grid_tap=lambda g: RecordingGrid(g, log))
+    simulate(replace(_cfg(demo_ucsb, 2), privacy=privacy), out, grid_tap=lambda g: RecordingGrid(g, log))
     rounds = json.loads((out / "history.json").read_text())["rounds"]
     for site in ("site-0", "site-1", "site-2"):
         eps = [r["train"][site]["epsilon"] for r in rounds]
@@ -201,24 +191,24 @@ def test_local_dp_sites_spend_their_budget_then_stop(ucsb, tmp_path):
                 assert set(r.content.metric_records[wire.METRICS]) <= allowed
     ckpt = load_checkpoint(out / "model.pt")
     assert ckpt.scaler is None and ckpt.provenance["scaler"] == "site"
-    held_out = evaluate_checkpoint(out / "model.pt", [ucsb / "site-3"], tmp_path / "eval")
+    held_out = evaluate_checkpoint(out / "model.pt", [demo_ucsb / "site-3"], tmp_path / "eval")
     assert held_out["auc"] == pytest.approx(rounds[-1]["holdout_aggregated"]["auc"])
     # Extending the run: every site is out of budget, so no further round trains.
-    simulate(replace(_cfg(ucsb, 4), privacy=privacy), out, resume=True)
+    simulate(replace(_cfg(demo_ucsb, 4), privacy=privacy), out, resume=True)
     assert [r["round"] for r in json.loads((out / "history.json").read_text())["rounds"]] == [1, 2]
     assert set(privacy_report(out)["stops"]) == {"site-0", "site-1", "site-2"}
 
 
-def test_compare_judges_every_setup_on_the_held_out_hospital(ucsb, tmp_path, capsys):
+def test_compare_judges_every_setup_on_the_held_out_hospital(demo_ucsb, tmp_path, capsys):
     """`micromil compare` (the demo's command): local-only, pooled and federated models on
     the same held-out patients, with bootstrap intervals and the paired difference."""
     out = tmp_path / "cmp"
-    assert main(["compare", "--data-root", str(ucsb), "--model", "micromil", "--rounds", "2",
+    assert main(["compare", "--data-root", str(demo_ucsb), "--model", "micromil", "--rounds", "2",
                  "--local-epochs", "1", "--set", "model.params.n_clusters=8",
                  "--set", "train.num_threads=1", "--out", str(out)]) == 0
     table = json.loads((out / "metrics.json").read_text())
     assert set(table["local"]) == {"site-0", "site-1", "site-2"}
-    n_holdout = len((ucsb / "site-3" / "patients.csv").read_text().split()) - 1
+    n_holdout = len((demo_ucsb / "site-3" / "patients.csv").read_text().split()) - 1
     for row in (table["pooled"], table["federated"], *table["local"].values()):
         assert row["n"] == n_holdout
         low, high = row["ci95"]["auc"]
