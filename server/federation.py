@@ -532,7 +532,6 @@ class TrainStep:
     """The training half of a round: what the sites sent back and its aggregate."""
 
     arrays: ArrayRecord | None  # the new global model; None = nothing was aggregated
-    metrics: MetricRecord | None  # the strategy's aggregate of the sites' train metrics
     per_site: dict[str, dict[str, Any]]  # site name -> its train metrics (aggregate numbers)
     asked: set[str]  # sites that were sent a training message
     failures: list[str]
@@ -557,12 +556,10 @@ def plain_train_step(
         answered, lambda site, r: checks.train_problem(site, r, reference), "training"
     )
     ok = [r for _, r in usable]
-    new_arrays, metrics = (
-        strategy.aggregate_train(rnd, for_strategy(ok)) if len(ok) >= min_sites else (None, None)
-    )
+    # The strategy's metric aggregate is not used: the round loop averages per site.
+    new_arrays = strategy.aggregate_train(rnd, for_strategy(ok))[0] if len(ok) >= min_sites else None
     return TrainStep(
         new_arrays,
-        metrics,
         {name: _metric_dict(r.content.metric_records[wire.METRICS]) for name, r in usable},
         {name_of[m.metadata.dst_node_id] for m in messages},
         failures + refused,

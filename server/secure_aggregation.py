@@ -43,6 +43,7 @@ from server.federation import (
     ReplyChecks,
     TrainStep,
     _metric_dict,
+    for_strategy,
     match_replies,
     payload_bytes,
 )
@@ -142,7 +143,7 @@ def secure_train_step(
     failures += [f"{name}: training reply rejected ({why})" for name, why in rejected.items()]
     per_site = {name: m for name, m in per_site.items() if name not in rejected}
 
-    new_arrays = metrics = None
+    new_arrays = None
     record = None
     if rejected:  # its masked update is inside the sum and cannot be taken out again
         failures.append("a site's reply was rejected, so this round's secure sum is; global model kept")
@@ -168,12 +169,11 @@ def secure_train_step(
             )
             for name in sorted(per_site)
         ]
-        new_arrays, metrics = strategy.aggregate_train(rnd, standins)
+        new_arrays = strategy.aggregate_train(rnd, for_strategy(standins))[0]
     elif not failures:
         failures.append("secure aggregation halted (too few sites for the reconstruction threshold)")
     return TrainStep(
         new_arrays,
-        metrics,
         per_site,
         {name_of[nid] for nid in legacy.fitins},
         failures,

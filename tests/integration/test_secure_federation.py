@@ -18,7 +18,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from micromil_core.federated import wire
 from server.simulation import simulate
-from tests.integration.test_simulation import RecordingGrid, _cfg, ucsb  # noqa: F401 (fixture)
+from tests.integration.test_simulation import RecordingGrid, _cfg
 
 pytestmark = pytest.mark.slow
 TRAIN_SITES = ("site-0", "site-1", "site-2")
@@ -55,8 +55,8 @@ def _patients(root, site):
 
 
 @pytest.fixture(scope="module")
-def plain(ucsb, tmp_path_factory):  # noqa: F811
-    log, rounds = _run(ucsb, tmp_path_factory.mktemp("plain") / "run", 1)
+def plain(demo_ucsb, tmp_path_factory):
+    log, rounds = _run(demo_ucsb, tmp_path_factory.mktemp("plain") / "run", 1)
     messages, replies = _of_type(log, MessageType.TRAIN)[0]
     start = {k: v.numpy() for k, v in messages[0].content.array_records[wire.ARRAYS].items()}
     site_of = {r.metadata.src_node_id: str(r.content.config_records[wire.SITE][wire.SITE_NAME]) for r in log[0][1]}
@@ -69,12 +69,12 @@ def plain(ucsb, tmp_path_factory):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def secure(ucsb, tmp_path_factory):  # noqa: F811
-    log, rounds = _run(ucsb, tmp_path_factory.mktemp("secagg") / "run", 1, {"secure_aggregation": True})
+def secure(demo_ucsb, tmp_path_factory):
+    log, rounds = _run(demo_ucsb, tmp_path_factory.mktemp("secagg") / "run", 1, {"secure_aggregation": True})
     return {"log": log, "rounds": rounds}
 
 
-def test_secure_aggregation_gives_the_plain_model(plain, secure, ucsb):  # noqa: F811
+def test_secure_aggregation_gives_the_plain_model(plain, secure, demo_ucsb):
     from micromil_core.config import SecureAggregationConfig
 
     sa = SecureAggregationConfig()
@@ -84,7 +84,7 @@ def test_secure_aggregation_gives_the_plain_model(plain, secure, ucsb):  # noqa:
     # sites' total patients) and step = 2 * clipping_range / quantization_range; the
     # server divides the sum by sum(w_i): error <= n * step / sum(w_i), twice for margin.
     trained = sum(m[wire.NUM_EXAMPLES] for m in secure["rounds"][0]["train"].values())
-    sum_w = trained / sum(_patients(ucsb, s) for s in TRAIN_SITES)
+    sum_w = trained / sum(_patients(demo_ucsb, s) for s in TRAIN_SITES)
     step = 2 * sa.clipping_range / sa.quantization_range
     tol = 2 * len(TRAIN_SITES) * step / sum_w
     worst = max(float(np.abs(got[k] - plain["global"][k]).max()) for k in got)
@@ -96,12 +96,12 @@ def test_secure_aggregation_gives_the_plain_model(plain, secure, ucsb):  # noqa:
         assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
 
 
-def test_server_never_receives_a_site_update(plain, secure, ucsb):  # noqa: F811
+def test_server_never_receives_a_site_update(plain, secure, demo_ucsb):
     exchanges = _of_type(secure["log"], MessageType.TRAIN)
     stages = [str(m[0].content.config_records[RECORD_KEY_CONFIGS][Key.STAGE]) for m, _ in exchanges]
     assert stages == ["setup", "share_keys", "collect_masked_vectors", "unmask"]
     keys = list(plain["start"])
-    max_weight = sum(_patients(ucsb, s) for s in TRAIN_SITES)
+    max_weight = sum(_patients(demo_ucsb, s) for s in TRAIN_SITES)
     masked_seen = 0
     for _, replies in exchanges:
         for r in replies:
@@ -126,11 +126,11 @@ def test_server_never_receives_a_site_update(plain, secure, ucsb):  # noqa: F811
     assert masked_seen == 3
 
 
-def test_central_dp_adds_calibrated_noise_and_accounts_epsilon(plain, ucsb, tmp_path):  # noqa: F811
+def test_central_dp_adds_calibrated_noise_and_accounts_epsilon(plain, demo_ucsb, tmp_path):
     from opacus.accountants import RDPAccountant
 
     sigma, clip = 0.3, 3.0
-    log, rounds = _run(ucsb, tmp_path / "dp", 2, {
+    log, rounds = _run(demo_ucsb, tmp_path / "dp", 2, {
         "central": {"mode": "fixed-clipping", "clipping": "server", "clipping_norm": clip,
                     "noise_multiplier": sigma, "delta": 1e-5},
     })
