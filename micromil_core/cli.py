@@ -267,6 +267,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"calibration: Brier {cal['brier']:.3f}, ECE {cal['ece']:.3f} "
             f"({Path(args.out) / 'calibration.png'})"
         )
+    div = metrics.get("representative_diversity")
+    if div:  # MicroMIL: a graph of copies shows here, not in the AUC
+        print(
+            f"representatives: distinct / min(N, K) mean {div['mean']:.2f}, median "
+            f"{div['median']:.2f}; all K picks one instance in {div['single_fraction']:.0%} of bags"
+        )
     print(f"results: {Path(args.out) / 'metrics.json'}  ROC: {Path(args.out) / 'roc.png'}")
     if args.explain:
         print(f"explanations (stay on this site): {Path(args.out) / 'explain'}")

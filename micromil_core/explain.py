@@ -22,6 +22,7 @@ from micromil_core.data.bag import Bag, collate_bags
 from micromil_core.data.layout import find_feature_file, list_patient_images
 from micromil_core.io import atomic_path, write_text_atomic
 from micromil_core.models.base import MILModel
+from micromil_core.training.mechanism import bag_picks
 from micromil_core.training.metrics import decide
 from micromil_core.training.recalibration import apply_calibration
 
@@ -142,6 +143,7 @@ def write_explanations(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
+    distinct_column = False
     for raw, bag in zip(raw_bags, scaled_bags, strict=True):
         probs, idx, adj, scores = _explained_instances(model, bag, device)
         probs = apply_calibration(probs[None, :], ckpt.calibration)[0]
@@ -151,11 +153,19 @@ def write_explanations(
         pred = ckpt.classes[int(decide(probs[None, :], threshold)[0])]
         true = ckpt.classes[bag.label] if bag.label >= 0 else "unknown"
         title = f"patient {raw.patient_id}: true {true}, predicted {pred} (p={probs.max():.2f})"
+        distinct = ""
+        if adj is not None:  # MicroMIL: how many of its K picks are different instances
+            d, room = bag_picks(idx.tolist(), raw.num_instances)
+            distinct = f"{d} of {room} ({d / room:.2f})" if room else "n/a"
+            title += f"\ndistinct representatives: {distinct}"
+            distinct_column = True
         png = out / f"{raw.patient_id}.png"
         _draw(png, title, idx, adj, scores, images)
         rows.append(
             f"<tr><td>{html.escape(raw.patient_id)}</td><td>{html.escape(true)}</td>"
             f"<td>{html.escape(pred)}</td><td>{probs.max():.3f}</td>"
+            + (f"<td>{html.escape(distinct)}</td>" if adj is not None else "")
+            +
             f'<td><a href="{html.escape(png.name)}"><img src="{html.escape(png.name)}" height="120"></a></td></tr>'
         )
     index = out / "index.html"
@@ -166,6 +176,8 @@ def write_explanations(
         "<p>Selected representative instances per patient (MicroMIL) or top-attention "
         "instances, with their scores. These files stay on this site.</p>"
         "<table border=1 cellpadding=4><tr><th>patient</th><th>true</th><th>predicted</th>"
-        "<th>confidence</th><th>instances</th></tr>" + "".join(rows) + "</table>",
+        "<th>confidence</th>"
+        + ("<th>distinct representatives / min(N, K)</th>" if distinct_column else "")
+        + "<th>instances</th></tr>" + "".join(rows) + "</table>",
     )
     return index

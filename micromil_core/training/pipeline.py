@@ -30,6 +30,7 @@ from micromil_core.io import write_json_atomic, write_text_atomic
 from micromil_core.models.registry import build_model, params_from_dict
 from micromil_core.runtime import resolve_device, seed_everything, set_threads
 from micromil_core.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from micromil_core.training.mechanism import Picks, representative_diversity, representative_picks
 from micromil_core.training.metrics import (
     bootstrap_intervals,
     calibration,
@@ -547,6 +548,7 @@ def evaluate_checkpoint(
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     all_y, all_p, rows = [], [], []
     all_fine: list[tuple[np.ndarray, np.ndarray]] = []
+    all_picks: list[Picks] = []
     for sb in run.sites:
         bags = sb.by_split(split) if split else sb.bags
         if not bags:
@@ -559,6 +561,10 @@ def evaluate_checkpoint(
         if fine is not None:
             per_site[sb.site.name].update(fine_metrics(*fine))
             all_fine.append(fine)
+        picks = representative_picks(model, scaled, dev)
+        if picks is not None:  # MicroMIL: are its representatives distinct instances?
+            per_site[sb.site.name]["representative_diversity"] = representative_diversity(picks)
+            all_picks += picks
         curves[sb.site.name] = (y, probs)
         all_y.append(y)
         all_p.append(probs)
@@ -578,6 +584,8 @@ def evaluate_checkpoint(
     metrics["calibration"] = calibration(y_all, p_all)
     if all_fine:
         metrics.update(fine_metrics(*(np.concatenate(a) for a in zip(*all_fine, strict=True))))
+    if all_picks:
+        metrics["representative_diversity"] = representative_diversity(all_picks)
     metrics["per_site"] = per_site
     metrics["checkpoint"] = str(checkpoint)
     metrics["split"] = split or "all"
@@ -843,6 +851,10 @@ def cross_validate(
             "best_epoch": result.best_epoch,
             "probs": probs.tolist(),
         }
+        picks = representative_picks(model, test, device)
+        if picks is not None:  # MicroMIL: kept per fold so the summary pools every test bag
+            fold_metrics["representative_diversity"] = representative_diversity(picks)
+            done["folds"][str(k)]["picks"] = [list(p) for p in picks]
         fine = predict_fine(model, test, device)
         if fine is not None:
             fold_metrics.update(fine_metrics(*fine))
@@ -859,6 +871,11 @@ def cross_validate(
     per_fold = [done["folds"][str(k)]["metrics"] for k in range(folds)]
     summary: dict[str, Any] = summarize_folds(per_fold)
     summary["pooled_out_of_fold"] = classification_metrics(labels, oof)
+    fold_picks = [done["folds"][str(k)].get("picks") for k in range(folds)]
+    if all(p is not None for p in fold_picks):
+        summary["representative_diversity"] = representative_diversity(
+            [tuple(p) for fold in fold_picks for p in fold]
+        )
     if oof_fine is not None:
         y_fine = np.array([-1 if b.fine_label is None else b.fine_label for b in sb.bags])
         summary["pooled_out_of_fold"].update(fine_metrics(y_fine, oof_fine))
