@@ -12,13 +12,12 @@ relative to the global model, so the bound can be compared with honest updates.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord
 from flwr.app.message_type import MessageType
 
 from micromil_core.federated import wire
+from micromil_core.federated.validation import update_ratio
 
 
 def _first_float(arrays: dict[str, np.ndarray]) -> str:
@@ -146,8 +145,4 @@ class HostileGrid:
 
 
 def _ratio(reply, ref) -> float:
-    new = {k: v.numpy() for k, v in reply.content.array_records[wire.ARRAYS].items()}
-    floats = [k for k in ref if np.issubdtype(ref[k].dtype, np.floating)]
-    diff = sum(float(((new[k].astype(np.float64) - ref[k]) ** 2).sum()) for k in floats)
-    base = sum(float((ref[k].astype(np.float64) ** 2).sum()) for k in floats)
-    return math.sqrt(diff / base) if base else math.inf
+    return update_ratio(ref, {k: v.numpy() for k, v in reply.content.array_records[wire.ARRAYS].items()})

@@ -48,23 +48,18 @@ def update_problem(
     extra = sorted(set(update) - set(reference))
     if extra:
         return f"unexpected model arrays {_names(extra)}"
-    diff_sq = ref_sq = 0.0
     for name, ref in reference.items():
         arr = update[name]
         if arr.shape != ref.shape:
             return f"array {name!r} has shape {tuple(arr.shape)}, the global model's is {tuple(ref.shape)}"
         if arr.dtype != ref.dtype:
             return f"array {name!r} has dtype {arr.dtype}, the global model's is {ref.dtype}"
-        if not np.issubdtype(arr.dtype, np.floating):
-            continue
-        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-        if bad:
-            return f"array {name!r} holds {bad} non-finite value(s) (NaN or Inf)"
-        delta = arr.astype(np.float64) - ref.astype(np.float64)
-        diff_sq += float(np.dot(delta.ravel(), delta.ravel()))
-        ref_sq += float(np.dot(ref.ravel().astype(np.float64), ref.ravel().astype(np.float64)))
+        if np.issubdtype(arr.dtype, np.floating):
+            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            if bad:
+                return f"array {name!r} holds {bad} non-finite value(s) (NaN or Inf)"
     if max_update_ratio > 0:
-        ratio = update_ratio(diff_sq, ref_sq)
+        ratio = update_ratio(reference, update)
         if not math.isfinite(ratio) or ratio > max_update_ratio:
             return (
                 f"update norm is {ratio:.3g}x the global model's norm, above the bound "
@@ -73,8 +68,16 @@ def update_problem(
     return None
 
 
-def update_ratio(diff_sq: float, ref_sq: float) -> float:
-    """||update - reference|| / ||reference||, with an all-zero reference counted as norm 1."""
+def update_ratio(reference: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray]) -> float:
+    """||update - reference|| / ||reference|| over the floating-point arrays (same names
+    and shapes), an all-zero reference counted as norm 1."""
+    diff_sq = ref_sq = 0.0
+    for name, ref in reference.items():
+        if np.issubdtype(ref.dtype, np.floating):
+            r = ref.astype(np.float64).ravel()
+            d = update[name].astype(np.float64).ravel() - r
+            diff_sq += float(d @ d)
+            ref_sq += float(r @ r)
     return math.sqrt(diff_sq) / math.sqrt(ref_sq if ref_sq > 0 else 1.0)
 
 
