@@ -30,8 +30,7 @@ from micromil_core.data.scaler import FeatureScaler
 from micromil_core.data.site import class_order
 from micromil_core.errors import CheckpointError, ConfigError, SiteDataError
 from micromil_core.federated import wire
-from micromil_core.federated.aggregate import scalar_keys as aggregate_keys
-from micromil_core.federated.aggregate import weighted_means
+from micromil_core.federated.aggregate import scalar_keys, weighted_means
 from micromil_core.federated.messages import RoundSettings
 from micromil_core.federated.site_task import ModelSpec
 from micromil_core.federated.validation import metrics_problem, update_problem
@@ -386,7 +385,7 @@ def _weighted(per_site: dict[str, dict[str, Any]], keys: Iterable[str]) -> dict[
 
 def _metric_dict(record: MetricRecord) -> dict[str, Any]:
     """A site's MetricRecord as plain values; the small-count guard's ``suppressed``
-    indices become the names of the withheld metrics."""
+    bit mask becomes the names of the withheld metrics."""
     out = {k: (list(v) if isinstance(v, list) else float(v)) for k, v in record.items()}
     if wire.SUPPRESSED in out:
         out[wire.SUPPRESSED] = withheld_names(out[wire.SUPPRESSED])
@@ -740,7 +739,7 @@ def run_federation(
             "bytes_sent": step.sent + eval_sent,
             "bytes_received": step.received + eval_received,
             "train": step.per_site,
-            "train_aggregated": _weighted(step.per_site, aggregate_keys(step.per_site.values())),
+            "train_aggregated": _weighted(step.per_site, scalar_keys(step.per_site.values())),
             "evaluate": train_eval,
             "evaluate_aggregated": _weighted(train_eval, (*wire.CORE_METRICS, "loss")),
             "holdout": holdout_eval,

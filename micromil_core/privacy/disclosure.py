@@ -14,11 +14,12 @@ the patients it is actually computed over:
 - HMIL's ``fine_accuracy``: the patients with a fine label; the other fine metrics: the
   smallest fine class among them.
 
-What is withheld is named on the wire by ``suppressed`` (a bit mask: bit i set = metric
-``wire.GUARDED_METRICS[i]`` withheld; one integer, which every Flower record type carries) beside ``min_patients`` (the threshold in force) and
-the patient count ``num-examples`` that every reply carries anyway. The threshold is the stricter of the
-coordinator's and the site's (``privacy.min_patients``), so a hospital can raise it but the
-coordinator cannot lower it for the hospital.
+What is withheld is named on the wire by ``suppressed``, a bit mask (bit i set: metric
+``wire.GUARDED_METRICS[i]`` withheld; one integer, which every Flower record type carries),
+beside ``min_patients`` (the threshold in force) and the patient count ``num-examples``
+that every reply carries anyway. The threshold is the stricter of the coordinator's and
+the site's (``privacy.min_patients``), so a hospital can raise it but the coordinator
+cannot lower it for the hospital.
 """
 
 from __future__ import annotations
