@@ -33,7 +33,7 @@ LITERATURE = {"musk1": 0.892, "musk2": 0.858}  # Ilse et al. 2018, Table 1 (accu
 def run_one(dataset: str, model: str, seed: int, args: argparse.Namespace) -> dict:
     data = Path(args.work) / "data" / dataset
     tag = f"-{args.tag}" if args.tag else ""
-    out = Path(args.work) / "runs" / f"{dataset}-{model}{tag}-seed{seed}"
+    out = Path(args.work) / "runs" / f"{dataset}-{model.replace('/', '_')}{tag}-seed{seed}"
     cmd = [sys.executable, "-m", "micromil_core.cli", "cv", "--data", str(data / "site-0"),
            "--folds", str(args.folds), "--seed", str(seed),
            "--out", str(out), "--set", f"train.num_threads={args.threads}", *model_config_args(model)]

@@ -90,8 +90,12 @@ def spread(values: list[float]) -> str:
 
 def model_config_args(name: str) -> list[str]:
     """`micromil` arguments for a configuration name: configs/cv/<name>.yaml when it exists
-    (e.g. mhim-abmil builds `mhim` around ABMIL), else the registry model of that name."""
-    config = ROOT / "configs" / "cv" / f"{name}.yaml"
+    (e.g. mhim-abmil builds `mhim` around ABMIL), configs/<name>.yaml for a name with a
+    folder (e.g. micromil/distinct, a variant of issue 19), else the registry model."""
+    folder = "" if "/" in name else "cv"
+    config = ROOT / "configs" / folder / f"{name}.yaml"
+    if "/" in name and not config.is_file():
+        raise SystemExit(f"configuration {name!r}: {config} does not exist")
     return ["--config", str(config)] if config.is_file() else ["--model", name]
 
 

@@ -68,7 +68,10 @@ def _explained_instances(model: MILModel, bag: Bag, device: torch.device):
     probs = pred.probs[0].float().cpu().numpy()
     if pred.selected is not None:
         idx = pred.selected[0].cpu().numpy()
+        real = idx >= 0  # -1: a cluster without a node (bag smaller than K)
+        idx = idx[real]
         adj = pred.adjacency[0].float().cpu().numpy() if pred.adjacency is not None else None
+        adj = adj[np.ix_(real, real)] if adj is not None else None
         scores = (
             pred.instance_scores[0].float().cpu().numpy()[idx]
             if pred.instance_scores is not None

@@ -4,10 +4,15 @@ Pipeline per bag of N instance features (see ``shared/METHODS.md``):
 
 1. projection ``H = LeakyReLU(Linear(D, P)(x))``;
 2. deep cluster embedding: K learnable centroids, Student-t (alpha=1) soft assignment q;
-3. representative extractor: per cluster, a hard Gumbel-Softmax over the N instances of
-   ``s_k = Linear(P, 1)(H * q[:, k])`` picks one instance (argmax at eval) -> R (K, P);
+3. representative extractor: per cluster, a hard Gumbel-Softmax over the N instances picks
+   one instance (argmax at eval) -> R (K, P). ``selection`` chooses the score and the rule:
+   ``"released"``: ``s_k = Linear(P, 1)(H * q[:, k])`` as the authors' code, duplicates
+   allowed; ``"affinity"``: ``a_n + log q_nk / assign_tau`` (the instance's relevance plus its
+   membership of cluster k); ``"distinct"``: the affinity score with a one-to-one draw, so no
+   instance is picked twice and a bag of N < K instances gives N nodes
+   (docs/micromil_collapse.md explains why the released score collapses);
 4. graph from the cosine similarity of the representatives (no slide coordinates);
-5. two GAT layers, mean readout over the K nodes, linear head.
+5. two GAT layers, mean readout over the graph's nodes, linear head.
 
 Everything works on a batch of B bags of different sizes ``x (B, N, D)`` with ``mask (B, N)``;
 padded rows never influence the output. Parameter-owning submodules take one tensor, so the
@@ -35,6 +40,8 @@ from micromil_core.models.registry import (
 )
 
 EDGE_MODES = ("paper", "gumbel-neighbour")
+SELECTIONS = ("released", "affinity", "distinct")
+CENTROID_INITS = ("instances", "kmeans")
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,15 @@ class MicroMILParams:
     # (benchmarks/results/dp_init.md). Without DP it makes no measured difference.
     gnn_att_init: str = "glorot"
     kl_weight: float = 0.0  # weight of the optional DEC KL(P||Q) loss; 0 = off (released code)
+    # How each cluster scores and draws its representative (module docstring, step 3).
+    selection: str = "released"
+    # Sharpening of q in the affinity score: log q / assign_tau, i.e. q^(1/tau). Unused by
+    # "released". In P ~ 700 dimensions the Student-t q is nearly flat (entropy ~0.99 of
+    # log K), so tau < 1 lets membership, not only relevance, decide the pick.
+    assign_tau: float = 1.0
+    # Centroid seeding before training: "instances" = K random projected instances;
+    # "kmeans" = k-means++ then Lloyd iterations on the projected sample (DEC's choice).
+    centroid_init: str = "instances"
 
     def __post_init__(self) -> None:
         check_int("micromil", "proj_dim", self.proj_dim, 0)
@@ -76,6 +92,9 @@ class MicroMILParams:
         check_choice("micromil", "gnn_backend", self.gnn_backend, GNN_BACKENDS)
         check_choice("micromil", "gnn_att_init", self.gnn_att_init, GAT_ATT_INITS)
         check_float("micromil", "kl_weight", self.kl_weight, 0.0, float("inf"))
+        check_choice("micromil", "selection", self.selection, SELECTIONS)
+        check_float("micromil", "assign_tau", self.assign_tau, 1e-6, float("inf"))
+        check_choice("micromil", "centroid_init", self.centroid_init, CENTROID_INITS)
 
 
 class StudentTKernel(nn.Module):
@@ -125,13 +144,57 @@ def select_representatives(
     return index, hard - soft.detach() + soft
 
 
-def similarity_graph(r: Tensor, mode: str, top_k: int, training: bool) -> Tensor:
+def select_distinct(
+    s: Tensor, mask: Tensor, tau: float, training: bool
+) -> tuple[Tensor, Tensor | None]:
+    """One representative per cluster, never the same instance twice.
+
+    A greedy one-to-one draw on the (Gumbel-perturbed in training) scores: the best
+    remaining (instance, cluster) pair is taken, its instance and cluster leave the pool,
+    min(N, K) times. Clusters left over when N < K get no node (index -1). In training the
+    straight-through weights of cluster k are a softmax over the instances still free when
+    k drew, so the gradient reaches the scores as in ``select_representatives``.
+    Cost: min(N, K) passes over (N, K) scores, small beside the (N, D) projection.
+
+    Shapes: s (B, N, K), mask (B, N) -> index (B, K) (-1 = no node), weights (B, N, K) or None
+    """
+    b, n, k = s.shape
+    logits = s + gumbel_noise(s) if training else s  # (B, N, K)
+    with torch.no_grad():
+        free = logits.detach().masked_fill(~mask.unsqueeze(-1), float("-inf"))  # (B, N, K)
+        index = torch.full((b, k), -1, dtype=torch.long, device=s.device)  # (B, K)
+        pool = torch.zeros(b, n, k, dtype=torch.bool, device=s.device)  # free when k drew
+        rows = torch.arange(b, device=s.device)
+        for _ in range(min(n, k)):
+            best, flat = free.flatten(1).max(dim=1)  # (B,)
+            ok = best > float("-inf")
+            if not ok.any():
+                break
+            inst, clus = flat // k, flat % k  # (B,)
+            r_ok, i_ok, c_ok = rows[ok], inst[ok], clus[ok]
+            index[r_ok, c_ok] = i_ok
+            pool[r_ok, :, c_ok] = free[r_ok, :, c_ok] > float("-inf")
+            free[r_ok, i_ok, :] = float("-inf")  # the instance is taken
+            free[r_ok, :, c_ok] = float("-inf")  # the cluster has its representative
+    if not training:
+        return index, None
+    soft = masked_softmax(logits / tau, pool, dim=1)  # (B, N, K), 0 for clusters without a node
+    hard = torch.zeros_like(soft)
+    has = index >= 0  # (B, K)
+    hard.scatter_(1, index.clamp_min(0).unsqueeze(1), has.unsqueeze(1).to(soft.dtype))
+    return index, hard - soft.detach() + soft
+
+
+def similarity_graph(
+    r: Tensor, mode: str, top_k: int, training: bool, nodes: Tensor | None = None
+) -> Tensor:
     """Undirected 0/1 adjacency with self-loops from the cosine similarity of nodes.
 
     ``"paper"``: each node is linked to its ``top_k`` most similar other nodes.
     ``"gumbel-neighbour"``: each node links to one other node drawn by hard Gumbel-Softmax
     over its similarities (argmax at eval), as in the released code. Edges are symmetrised
     in both modes. The graph is a discrete structure: no parameters, no gradient.
+    ``nodes`` (B, K) marks the real nodes; the others keep only their self-loop.
 
     Shapes: r (B, K, P) -> adj (B, K, K) float
     """
@@ -143,6 +206,8 @@ def similarity_graph(r: Tensor, mode: str, top_k: int, training: bool) -> Tensor
         adj = torch.zeros_like(sim)  # (B, K, K)
         if k > 1:
             sim = sim.masked_fill(eye, float("-inf"))  # never pick yourself
+            if nodes is not None:
+                sim = sim.masked_fill(~nodes.unsqueeze(1), float("-inf"))  # nor a missing node
             if mode == "paper":
                 nbr = sim.topk(min(top_k, k - 1), dim=-1).indices  # (B, K, k')
             else:
@@ -151,6 +216,8 @@ def similarity_graph(r: Tensor, mode: str, top_k: int, training: bool) -> Tensor
                 logits = sim + gumbel_noise(sim) if training else sim
                 nbr = logits.argmax(dim=-1, keepdim=True)  # (B, K, 1)
             adj.scatter_(-1, nbr, 1.0)
+            if nodes is not None:  # a short row's top-k may name missing nodes: drop them
+                adj = adj * (nodes.unsqueeze(1) & nodes.unsqueeze(2)) * ~eye
             adj = torch.maximum(adj, adj.transpose(1, 2))
         return adj + eye  # diagonal was 0: result stays 0/1
 
@@ -189,7 +256,8 @@ class MicroMILOutput:
     """Intermediate results of one MicroMIL pass.
 
     Shapes: logits (B, C), bag (B, G) the GAT readout the head reads, q (B, N, K),
-        scores (B, N, K), selected (B, K), adjacency (B, K, K)
+        scores (B, N, K), selected (B, K) (-1: the cluster has no node, "distinct" with
+        N < K), adjacency (B, K, K)
     """
 
     logits: Tensor
@@ -252,16 +320,32 @@ class MicroMIL(MILModel):
         prm = self.params
         h = self.project(x)  # (B, N, P)
         q = self.assignments(h, mask)  # (B, N, K)
-        s = q * self.score(h)  # (B, N, K)
-        index, weights = select_representatives(s, mask, prm.tau, self.training)  # (B, K)
+        s = self.selection_logits(h, q)  # (B, N, K)
+        draw = select_distinct if prm.selection == "distinct" else select_representatives
+        index, weights = draw(s, mask, prm.tau, self.training)  # (B, K), -1 = no node
+        real = index >= 0  # (B, K)
         if weights is None:  # eval: plain gather, exact and cheap
-            r = h.gather(1, index.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # (B, K, P)
+            gather = index.clamp_min(0).unsqueeze(-1).expand(-1, -1, h.shape[-1])
+            r = h.gather(1, gather) * real.unsqueeze(-1)  # (B, K, P)
         else:  # training: one-hot^T H carries the straight-through gradient to s
             r = weights.transpose(1, 2) @ h  # (B, K, P)
-        adj = similarity_graph(r, prm.edge_mode, prm.top_k, self.training)  # (B, K, K)
+        adj = similarity_graph(r, prm.edge_mode, prm.top_k, self.training, real)  # (B, K, K)
         nodes = self.gnn(r, adj)  # (B, K, G)
-        bag = nodes.mean(dim=1)  # (B, G)
+        # Mean over the real nodes; with "released" / "affinity" every node is real.
+        w = real.unsqueeze(-1).to(nodes.dtype)  # (B, K, 1)
+        bag = (nodes * w).sum(1) / w.sum(1).clamp_min(1.0)  # (B, G)
         return MicroMILOutput(self.head(bag), bag, q, s, index, adj)
+
+    def selection_logits(self, h: Tensor, q: Tensor) -> Tensor:
+        """Per (instance, cluster) score of the representative draw (``params.selection``).
+
+        Shapes: h (B, N, P), q (B, N, K) -> (B, N, K)
+        """
+        a = self.score(h)  # (B, N, 1)
+        if self.params.selection == "released":
+            return q * a
+        # log q is -inf at padding; the draw masks padding anyway, so keep it finite.
+        return a + q.clamp_min(1e-30).log() / self.params.assign_tau
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         """Shapes: x (B, N, D), mask (B, N) -> (B, C)"""
@@ -344,13 +428,64 @@ class MicroMIL(MILModel):
         self.dce.centroids.copy_(h[pick.to(h.device)])
         return self
 
+    @torch.no_grad()
+    def init_centroids_kmeans_(
+        self, x: Tensor, mask: Tensor, generator: torch.Generator | None = None
+    ) -> MicroMIL:
+        """Seed the centroids by k-means on the projected real instances (DEC's init).
+
+        Shapes: x (B, N, D), mask (B, N)
+        """
+        check_batch(x, mask, self.in_dim)
+        h = self.project(x)[mask]  # (M, P)
+        self.dce.centroids.copy_(kmeans(h, self.params.n_clusters, generator))
+        return self
+
 
     @torch.no_grad()
     def init_from_data(
         self, x: Tensor, mask: Tensor, generator: torch.Generator | None = None
     ) -> None:
         # Random centroids give near-uniform q, so every cluster would pick the same image.
-        self.init_centroids_(x, mask, generator)
+        if self.params.centroid_init == "kmeans":
+            self.init_centroids_kmeans_(x, mask, generator)
+        else:
+            self.init_centroids_(x, mask, generator)
+
+
+def kmeans(
+    h: Tensor, k: int, generator: torch.Generator | None = None, iters: int = 25
+) -> Tensor:
+    """K centres of the rows of ``h``: k-means++ seeding, then Lloyd iterations.
+
+    Seeded by ``generator`` (CPU), so a run is reproducible. A centre left without points
+    keeps its place. With fewer rows than K, rows repeat (as ``init_centroids_``).
+
+    Shapes: h (M, P) -> (K, P)
+    """
+    m = h.shape[0]
+    if m <= k:
+        return h[torch.arange(k, device=h.device) % m].clone()
+
+    def draw(weights: Tensor) -> int:
+        return int(torch.multinomial(weights.cpu(), 1, generator=generator))
+
+    centres = [h[draw(torch.ones(m))]]
+    d2 = ((h - centres[0]) ** 2).sum(-1)  # (M,) squared distance to the nearest centre
+    for _ in range(1, k):
+        nxt = h[draw(d2.clamp_min(0) + 1e-12)]
+        centres.append(nxt)
+        d2 = torch.minimum(d2, ((h - nxt) ** 2).sum(-1))
+    mu = torch.stack(centres)  # (K, P)
+    for _ in range(iters):
+        owner = torch.cdist(h, mu).argmin(-1)  # (M,)
+        total = torch.zeros_like(mu).index_add_(0, owner, h)  # (K, P)
+        count = torch.bincount(owner, minlength=k).unsqueeze(-1).to(h.dtype)  # (K, 1)
+        new = torch.where(count > 0, total / count.clamp_min(1), mu)
+        if torch.allclose(new, mu):
+            break
+        mu = new
+    return mu
 
 
 def switch_gnn_backend(model: MicroMIL, backend: str) -> MicroMIL:
@@ -374,6 +509,8 @@ __all__ = [
     "MicroMILParams",
     "StudentTKernel",
     "dec_kl",
+    "kmeans",
+    "select_distinct",
     "select_representatives",
     "selection_scores",
     "similarity_graph",

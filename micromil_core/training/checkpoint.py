@@ -21,6 +21,21 @@ from micromil_core.models.registry import build_model
 FORMAT = "micromil-checkpoint/1"
 
 
+def upgrade_params(model_name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Model parameters of an older checkpoint, with the values it was trained under.
+
+    MicroMIL's ``selection`` option came later (issue 19); a checkpoint without it was
+    trained with the authors' score, so it loads as ``"released"``, not as today's default.
+    MHIM around MicroMIL carries the same in ``base_params``.
+    """
+    out = dict(params)
+    if model_name == "micromil" and "selection" not in out:
+        out["selection"] = "released"
+    if model_name == "mhim" and out.get("base") == "micromil":
+        out["base_params"] = upgrade_params("micromil", dict(out.get("base_params") or {}))
+    return out
+
+
 @dataclass
 class Checkpoint:
     model_name: str
@@ -99,7 +114,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         model_name=m["name"],
         in_dim=int(m["in_dim"]),
         n_classes=int(m["n_classes"]),
-        params=dict(m["params"]),
+        params=upgrade_params(m["name"], dict(m["params"])),
         classes=list(raw["classes"]),
         state_dict=raw["state_dict"],
         scaler=FeatureScaler.from_state_dict(raw["scaler"]) if raw.get("scaler") else None,

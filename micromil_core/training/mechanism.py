@@ -22,8 +22,12 @@ Picks = tuple[int, int]
 
 
 def bag_picks(selected: Sequence[int], n_instances: int) -> Picks:
-    """(distinct instances among ``selected``, the most there could be: min(N, K))."""
-    return len({int(i) for i in selected}), min(n_instances, len(selected))
+    """(distinct instances among ``selected``, the most there could be: min(N, K)).
+
+    An index of -1 is a cluster without a node (MicroMIL's "distinct" draw on a bag
+    smaller than K); it is not an instance.
+    """
+    return len({int(i) for i in selected if int(i) >= 0}), min(n_instances, len(selected))
 
 
 def representative_picks(model: Any, bags: Sequence[Bag], device: torch.device) -> list[Picks] | None:

@@ -32,6 +32,7 @@ from micromil_core.runtime import resolve_device, seed_everything, set_threads
 from micromil_core.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from micromil_core.training.mechanism import Picks, representative_diversity, representative_picks
 from micromil_core.training.metrics import (
+    METRIC_KEYS,
     bootstrap_intervals,
     calibration,
     check_threshold,
@@ -848,6 +849,13 @@ def cross_validate(
         fold_metrics = classification_metrics(y, probs)
         done["folds"][str(k)] = {
             "metrics": fold_metrics,
+            # The selection split's figures at the chosen epoch: what a choice between
+            # configurations may be made on (the test fold's may not).
+            "validation": (
+                {m: float(result.val_metrics.get(m, math.nan)) for m in METRIC_KEYS}
+                if result.val_metrics
+                else None
+            ),
             "best_epoch": result.best_epoch,
             "probs": probs.tolist(),
         }
@@ -855,6 +863,9 @@ def cross_validate(
         if picks is not None:  # MicroMIL: kept per fold so the summary pools every test bag
             fold_metrics["representative_diversity"] = representative_diversity(picks)
             done["folds"][str(k)]["picks"] = [list(p) for p in picks]
+            val = [sb.bags[i] for i in va]
+            val_picks = representative_picks(model, scaler.transform_all(val) if scaler else val, device)
+            done["folds"][str(k)]["validation_picks"] = [list(p) for p in val_picks or []]
         fine = predict_fine(model, test, device)
         if fine is not None:
             fold_metrics.update(fine_metrics(*fine))
@@ -876,6 +887,14 @@ def cross_validate(
         summary["representative_diversity"] = representative_diversity(
             [tuple(p) for fold in fold_picks for p in fold]
         )
+    val_folds = [done["folds"][str(k)].get("validation") for k in range(folds)]
+    if all(v for v in val_folds):
+        summary["validation"] = summarize_folds(val_folds)
+        val_picks = [done["folds"][str(k)].get("validation_picks") for k in range(folds)]
+        if all(v for v in val_picks):
+            summary["validation"]["representative_diversity"] = representative_diversity(
+                [tuple(p) for fold in val_picks for p in fold]
+            )
     if oof_fine is not None:
         y_fine = np.array([-1 if b.fine_label is None else b.fine_label for b in sb.bags])
         summary["pooled_out_of_fold"].update(fine_metrics(y_fine, oof_fine))
