@@ -25,10 +25,14 @@ system-data:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
 	  else echo "run: sudo apt-get install dataset-fashion-mnist" >&2; exit 1; fi; fi
 
-# systemd-analyze checks the service units in deploy/systemd (its test skips without it).
+# systemd-analyze checks the service units in deploy/systemd (its test skips without it);
+# headless Chromium opens the reports and galleries as a person would (tests/browser.py).
 system-tools:
 	@if ! command -v systemd-analyze >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends systemd; fi
+	@if ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; \
+	  else echo "run: sudo apt-get install chromium" >&2; exit 1; fi; fi
 
 test: install system-data system-tools
 	$(PY) -m pytest -q

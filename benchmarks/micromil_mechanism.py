@@ -56,7 +56,8 @@ def cv_runs(work: Path, dataset: str, model: str) -> list[dict]:
 def diversity_cell(div: dict | None) -> str:
     if not div:
         return "-"
-    return f"{div['mean']:.2f} / {div['median']:.2f} / {div['single_fraction']:.2f}"
+    cell = f"{div['mean']:.2f} / {div['median']:.2f} / {div['single_fraction']:.2f}"
+    return cell + (f" / {div['cluster_coverage']:.2f}" if div.get("cluster_coverage") is not None else "")
 
 
 def pooled_diversity(divs: list[dict]) -> dict | None:
@@ -64,7 +65,10 @@ def pooled_diversity(divs: list[dict]) -> dict | None:
     divs = [d for d in divs if d]
     if not divs:
         return None
-    return {k: float(np.mean([d[k] for d in divs])) for k in ("mean", "median", "single_fraction")}
+    keys = ["mean", "median", "single_fraction"]
+    if all("cluster_coverage" in d for d in divs):
+        keys.append("cluster_coverage")
+    return {k: float(np.mean([d[k] for d in divs])) for k in keys}
 
 
 def sparse_witnesses(site: Path, max_bags: int, data_seed: int) -> dict[str, np.ndarray]:
@@ -93,36 +97,69 @@ def sparse_witnesses(site: Path, max_bags: int, data_seed: int) -> dict[str, np.
     return out
 
 
-def sparse_mechanism(run: Path, site: Path, witnesses: dict[str, np.ndarray], top_k: int) -> dict:
-    """Diversity (val, test) and witness recall (test) of one trained fashion-sparse model."""
-    from micromil_core.data.site import load_site
-    from micromil_core.training.mechanism import representative_diversity, representative_picks
+def chance_recall(n: int, witnesses: int, shown: int) -> float:
+    """P(at least one witness among ``shown`` distinct instances drawn at random from ``n``)."""
+    from math import comb
+
+    return 1.0 - comb(n - witnesses, shown) / comb(n, shown)
+
+
+def _loaded(run: Path, site: Path):
+    """(loaded checkpoint and site, the model in eval mode, the site's bags) of one run."""
     from micromil_core.training.pipeline import _load_checkpoint_and_sites
 
-    split = {p.patient_id: p.split for p in load_site(site).patients}
     loaded = _load_checkpoint_and_sites(run / "model.pt", [site], "cpu", None, False, True)
-    model = loaded.model.eval()
     (sb,) = loaded.sites
-    out: dict = {}
-    for part in ("val", "test"):
-        bags = [b for b in sb.bags if split[b.patient_id] == part]
-        picks = representative_picks(model, loaded.model_inputs(sb, bags), loaded.device)
-        out[f"{part}_diversity"] = representative_diversity(picks) if picks else None
-    hits = []
-    test = [b for b in sb.bags if split[b.patient_id] == "test" and b.label == 1]
-    from micromil_core.data.bag import collate_bags
+    return loaded, loaded.model.eval(), sb
 
+
+def _split_diversity(loaded, model, sb, site: Path, part: str) -> dict | None:
+    """Representative diversity of the model on one split (val | test) of the site."""
+    from micromil_core.data.site import load_site
+    from micromil_core.training.mechanism import representative_diversity, representative_picks
+
+    split = {p.patient_id: p.split for p in load_site(site).patients}
+    bags = [b for b in sb.bags if split[b.patient_id] == part]
+    picks = representative_picks(model, loaded.model_inputs(sb, bags), loaded.device)
+    return representative_diversity(picks) if picks else None
+
+
+def sparse_validation_diversity(run: Path, site: Path) -> dict | None:
+    """Diversity on the validation bags only: what the choice of default may read."""
+    loaded, model, sb = _loaded(run, site)
+    return _split_diversity(loaded, model, sb, site, "val")
+
+
+def sparse_mechanism(run: Path, site: Path, witnesses: dict[str, np.ndarray], top_k: int) -> dict:
+    """Diversity (val, test) and, on positive test bags, where the witnesses are: recall
+    (a witness among the shown instances), the chance of that for as many distinct
+    instances drawn at random, and the top-1 hit rate (the highest-scored shown instance
+    is a witness). Shown = MicroMIL's distinct representatives, or the top-``top_k``
+    attention instances of an attention model."""
+    from micromil_core.data.bag import collate_bags
+    from micromil_core.data.site import load_site
+
+    loaded, model, sb = _loaded(run, site)
+    out: dict = {f"{part}_diversity": _split_diversity(loaded, model, sb, site, part) for part in ("val", "test")}
+    split = {p.patient_id: p.split for p in load_site(site).patients}
+    hits, chance, top1 = [], [], []
+    test = [b for b in sb.bags if split[b.patient_id] == "test" and b.label == 1]
     for bag in loaded.model_inputs(sb, test):
         pred = model.predict_batch(collate_bags([bag]))
-        if pred.selected is not None:
-            shown = [int(i) for i in pred.selected[0] if int(i) >= 0]
-        elif pred.instance_scores is not None:
-            scores = pred.instance_scores[0, : bag.num_instances]
-            shown = scores.argsort(descending=True)[:top_k].tolist()
-        else:
+        if pred.instance_scores is None:
             return out
-        hits.append(bool(witnesses[bag.patient_id][shown].any()))
+        scores = pred.instance_scores[0, : bag.num_instances]
+        if pred.selected is not None:
+            shown = sorted({int(i) for i in pred.selected[0] if int(i) >= 0}, key=lambda i: -float(scores[i]))
+        else:
+            shown = scores.argsort(descending=True)[:top_k].tolist()
+        wit = witnesses[bag.patient_id]
+        hits.append(bool(wit[shown].any()))
+        chance.append(chance_recall(len(wit), int(wit.sum()), len(shown)))
+        top1.append(bool(wit[shown[0]]))
     out["witness_recall"] = float(np.mean(hits)) if hits else float("nan")
+    out["witness_recall_chance"] = float(np.mean(chance)) if chance else float("nan")
+    out["witness_top1"] = float(np.mean(top1)) if top1 else float("nan")
     out["witness_bags"] = len(hits)
     return out
 
@@ -130,8 +167,9 @@ def sparse_mechanism(run: Path, site: Path, witnesses: dict[str, np.ndarray], to
 def step_seconds(variants: list[str], n: int, dim: int, rounds: int) -> dict[str, float]:
     """Median seconds per training step (forward, backward, Adam) of each variant on one bag
     of ``n`` instances, interleaved round by round so they share the machine's state."""
-    from micromil_core.config import load_config
     from speed_memory import child
+
+    from micromil_core.config import load_config
 
     params = {}
     root = Path(__file__).resolve().parent.parent
@@ -164,8 +202,10 @@ def main() -> None:
     lines = ["# MicroMIL's mechanism by variant (issue 19)", "",
              f"Command: `python benchmarks/micromil_mechanism.py {' '.join(sys.argv[1:])}`", "",
              "Diversity = distinct representatives / min(N, K) per bag, shown as mean / median / "
-             "share of bags whose picks are ONE instance. `validation` columns come from the "
-             "selection splits only (what the default was chosen on); the rest from test folds.", ""]
+             "share of bags whose picks are ONE instance / cluster coverage (per bag, the share of "
+             "clusters owning an instance whose representative is one of their own members; shown "
+             "where the runs recorded it). `validation` columns come from the selection splits "
+             "only (what the default was chosen on); the rest from test folds.", ""]
     if args.cv_work:
         work = Path(args.cv_work)
         lines += ["## Classic MIL benchmarks: 10-fold CV, same folds for every model", "",
@@ -212,19 +252,25 @@ def main() -> None:
                 sparse_rows.append(row)
         lines += ["", "## fashion-sparse: 40-80 images per bag, 1-4 witnesses (sparse_bags.py protocol)", "",
                   "| model | seeds | test AUC | accuracy | validation AUC | validation diversity | test diversity "
-                  f"| witness recall (representatives, or top-{k} attention) |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"| witness recall (representatives, or top-{k} attention) | recall by chance, as many "
+                  "random instances | top-1 is a witness |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for m in dict.fromkeys([*args.variants, *args.baselines, args.witness_model]):
             ok = [r for r in sparse_rows if r["model"] == m]
             if not ok:
                 continue
             vd = pooled_diversity([r.get("val_diversity") for r in ok])
             td = pooled_diversity([r.get("test_diversity") for r in ok])
-            wr = [r["witness_recall"] for r in ok if "witness_recall" in r]
+
+            def col(key: str, ok=ok) -> str:
+                vals = [r[key] for r in ok if key in r]
+                return spread(vals) if vals else "-"
+
             lines.append(f"| {m} | {len(ok)} | {spread([r['test']['auc'] for r in ok])} | "
                          f"{spread([r['test']['accuracy'] for r in ok])} | "
                          f"{spread([r['validation']['auc'] for r in ok])} | {diversity_cell(vd)} | "
-                         f"{diversity_cell(td)} | {spread(wr) if wr else '-'} |")
+                         f"{diversity_cell(td)} | {col('witness_recall')} | {col('witness_recall_chance')} | "
+                         f"{col('witness_top1')} |")
         pairs = [f"{b}:{v}" for v in args.variants for b in args.baselines]
         if len(args.variants) > 1:
             pairs += [f"{args.variants[-1]}:{v}" for v in args.variants[:-1]]

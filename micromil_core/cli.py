@@ -272,6 +272,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(
             f"representatives: distinct / min(N, K) mean {div['mean']:.2f}, median "
             f"{div['median']:.2f}; all K picks one instance in {div['single_fraction']:.0%} of bags"
+            + (
+                f"; clusters shown by their own member {div['cluster_coverage']:.2f}"
+                if "cluster_coverage" in div
+                else ""
+            )
         )
     print(f"results: {Path(args.out) / 'metrics.json'}  ROC: {Path(args.out) / 'roc.png'}")
     if args.explain:

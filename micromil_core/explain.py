@@ -119,7 +119,9 @@ def _draw(path: Path, title: str, idx, adj, scores, images: list[Path] | None) -
         ax.set_title("similarity graph of the representatives", fontsize=8)
         ax.set_aspect("equal")
         ax.axis("off")
-    fig.suptitle(title, fontsize=9)
+    # Anchored above the axes (the tight bounding box grows to fit), so a two-line title
+    # never covers the panel titles.
+    fig.suptitle(title, fontsize=9, y=1.0, va="bottom")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)

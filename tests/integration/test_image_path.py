@@ -2,11 +2,14 @@
 extracted with the offline histology encoder (cached) -> train -> evaluate --explain."""
 
 import json
+import re
 
+import numpy as np
 import pytest
 
 from micromil_core.cli import main
 from micromil_core.data.layout import CACHE_DIR
+from tests.browser import is_blank, screenshot
 
 pytestmark = pytest.mark.slow
 
@@ -37,3 +40,21 @@ def test_fashion_bags_images_to_explanations(tmp_path, capsys):
     assert len(pngs) == metrics["n"]
     # Galleries show the real images: a picture with thumbnails is far larger than a text grid.
     assert min(p.stat().st_size for p in pngs) > 5_000
+
+    # The gallery as a person sees it. The default model shows K different tiles per patient,
+    # not K copies of one (issue 19): every row reads "min(N, K) of min(N, K)" distinct.
+    index = out / "explain" / "site-0" / "index.html"
+    page = index.read_text()
+    distinct = [(int(d), int(r)) for d, r in re.findall(r"<td>(\d+) of (\d+) \(", page)]
+    assert len(distinct) == metrics["n"]
+    assert all(d == r for d, r in distinct) and max(r for _, r in distinct) == 4, distinct
+    pixels = screenshot(index, tmp_path / "gallery.png")
+    assert not is_blank(pixels)
+    # The thumbnails loaded: the same page without its pictures (broken-image icons)
+    # looks clearly different where the thumbnails were.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "index.html").write_text(page)
+    without = screenshot(bare / "index.html", tmp_path / "bare.png")
+    changed = np.abs(pixels.astype(int) - without.astype(int)).sum(-1) > 60
+    assert changed.mean() > 0.04, changed.mean()

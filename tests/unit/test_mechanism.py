@@ -21,6 +21,15 @@ def test_bag_picks_counts_distinct_instances_against_what_was_possible():
     assert bag_picks([0, 1, 2, 0, 1, 2, 0, 1], 3) == (3, 3)  # a bag smaller than K: all picked
 
 
+def test_bag_picks_counts_clusters_shown_by_their_own_member():
+    # 6 instances owned by clusters 0, 0, 1, 1, 2, 2; K = 4 (cluster 3 owns none)
+    owner = [0, 0, 1, 1, 2, 2]
+    assert bag_picks([1, 2, 5, 0], 6, owner) == (4, 4, 3, 3)  # every occupied cluster: own member
+    assert bag_picks([4, 4, 4, 4], 6, owner) == (1, 4, 1, 3)  # one instance for all: only its owner
+    # distinct but not cluster-specific: cluster 0 shows cluster 1's instance, and so on
+    assert bag_picks([2, 4, 0, -1], 6, owner) == (3, 4, 0, 3)
+
+
 def test_summary_over_bags():
     picks = [(1, 36), (36, 36), (18, 36), (1, 1)]
     div = representative_diversity(picks)
@@ -29,6 +38,13 @@ def test_summary_over_bags():
     assert div["median"] == pytest.approx((0.5 + 1) / 2)
     # the one-instance bag has no room for a second pick: not counted as collapsed
     assert div["single_fraction"] == pytest.approx(1 / 3)
+    assert "cluster_coverage" not in div  # no assignments given
+
+
+def test_summary_reports_cluster_coverage_when_assignments_are_known():
+    div = representative_diversity([(4, 4, 3, 3), (3, 4, 0, 3)])
+    assert div["cluster_coverage"] == pytest.approx(0.5)
+    assert div["mean"] == pytest.approx((1 + 0.75) / 2)
 
 
 def _bags(n_bags=4, n=30, dim=8):
@@ -40,7 +56,8 @@ def test_micromil_reports_picks_and_other_models_none():
     bags = _bags()
     micromil = build_model("micromil", 8, 2, {"n_clusters": 6})
     picks = representative_picks(micromil, bags, torch.device("cpu"))
-    assert len(picks) == 4 and all(1 <= d <= room == 6 for d, room in picks)
+    assert len(picks) == 4 and all(1 <= d <= room == 6 for d, room, *_ in picks)
+    assert all(0 <= c <= occ <= 6 for *_, c, occ in picks)  # MicroMIL gives its assignments
     assert picks == representative_picks(micromil, bags, torch.device("cpu"))  # deterministic
     assert representative_picks(build_model("abmil", 8, 2, {}), bags, torch.device("cpu")) is None
 
