@@ -5,7 +5,7 @@ round's config lacks the clipping norm that the server's client-side DP wrapper 
 attached as they are they would break every run without central DP. This mod calls the
 one that matches the experiment's ``privacy.central.mode`` only when the norm is there.
 Attach it to the train handler only (``@app.train(mods=[...])``): attached to the whole
-ClientApp the clipping mods also intercept evaluate messages (FLOWER_NOTES).
+ClientApp the clipping mods also intercept evaluate messages and fail them (Flower 1.41).
 """
 
 from __future__ import annotations

@@ -285,7 +285,9 @@ class CentralPrivacyConfig:
     initial_clipping_norm: float = 0.1
     target_clipped_quantile: float = 0.5
     clip_norm_lr: float = 0.2
-    clipped_count_stddev: float = 1.0  # must be set with few sites (FLOWER_NOTES)
+    # Unset, Flower 1.41 takes sites / 20 and refuses noise_multiplier >= 2 x that, so with
+    # a handful of sites any useful noise fails (flwr.supercore.differential_privacy).
+    clipped_count_stddev: float = 1.0
 
     def __post_init__(self) -> None:
         key = "privacy.central"

@@ -431,7 +431,7 @@ def match_replies(
     failures naming sites).
 
     Pairing goes by message id: Flower reports a site lost mid-round under the SuperLink's
-    own node id, not the lost site's (FLOWER_NOTES), so the sender id would mislead.
+    own node id, not the lost site's (seen with Flower 1.41), so the sender id would mislead.
     """
     site_of_message = {m.metadata.message_id: name_of[m.metadata.dst_node_id] for m in messages}
     ok: list[tuple[str, Message]] = []

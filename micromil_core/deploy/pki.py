@@ -9,7 +9,8 @@ Layout written under ``out`` (re-running adds what is missing and never replaces
     sites/<site>/ca.pem, <site>.key, <site>.pub  hand this folder to that hospital only
 
 Hospital keys are ECDSA P-384 in OpenSSH format, the form Flower's node authentication
-expects (FLOWER_NOTES: ``ssh-keygen -t ecdsa -b 384``). Private keys are written 0600.
+expects (Flower 1.41 docs, "Authenticate SuperNodes": ``ssh-keygen -t ecdsa -b 384``).
+Private keys are written 0600.
 """
 
 from __future__ import annotations

@@ -29,11 +29,17 @@ def test_fashion_bags_images_to_explanations(tmp_path, capsys):
     manifest = json.loads((caches[0] / "manifest.json").read_text())
     assert len(manifest["patients"]) == sum(1 for _ in open(site / "patients.csv")) - 1
 
+    def cache_state() -> dict[str, int]:
+        return {str(f): f.stat().st_mtime_ns for f in caches[0].rglob("*") if f.is_file()}
+
+    before = cache_state()
     capsys.readouterr()
     out = tmp_path / "eval"
     assert main(["evaluate", "--model", str(run / "model.pt"), "--data", str(site),
                  "--split", "test", "--explain", "--out", str(out)]) == 0
     # The checkpoint remembered the encoder: evaluation reused the cache, extracted nothing new.
+    assert [c.name for c in (site / CACHE_DIR).iterdir()] == [caches[0].name]
+    assert cache_state() == before  # no feature file written or rewritten
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["n"] > 0
     pngs = list((out / "explain" / "site-0").glob("*.png"))

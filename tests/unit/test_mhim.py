@@ -432,7 +432,6 @@ def _stack(bags: list[Bag]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_dp_sgd_trains_mhim_and_refuses_recycle_tokens() -> None:
-    pytest.importorskip("opacus")
     from micromil_core.privacy.dp_sgd import DPPlan, make_private_model, train_private
 
     model = make(warmup=0.0)

@@ -395,7 +395,7 @@ def test_init_centroids_from_data() -> None:
 
 
 def test_opacus_per_bag_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
-    opacus = pytest.importorskip("opacus")
+    import opacus
     params = {**SMALL_MICROMIL, "gnn_backend": "dense", "dropout": 0.0, "kl_weight": 0.5}
     model = make_model("micromil", params).train()
     gsm = opacus.GradSampleModule(model, loss_reduction="sum")
