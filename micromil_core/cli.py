@@ -63,7 +63,7 @@ def _add_scoring_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, help=THRESHOLD_HELP)
 
 
-def _experiment_config(args: argparse.Namespace):
+def experiment_config(args: argparse.Namespace):
     from micromil_core.config import load_config
 
     overrides = list(args.overrides)
@@ -112,7 +112,7 @@ def _print_json(obj: object) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
-def _brief(metrics: dict) -> str:
+def brief_metrics(metrics: dict) -> str:
     from micromil_core.report import metric_text
 
     keys = ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity")
@@ -215,12 +215,12 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from micromil_core.training.pipeline import train_pooled
 
-    cfg = _experiment_config(args)
+    cfg = experiment_config(args)
     sites = _site_paths(args, holdout=False)
     metrics = train_pooled(sites, cfg, args.out, progress=True)
-    print(f"best epoch {metrics['best_epoch']}; validation: {_brief(metrics['validation'])}")
+    print(f"best epoch {metrics['best_epoch']}; validation: {brief_metrics(metrics['validation'])}")
     if "test" in metrics:
-        print(f"test split (reported only): {_brief(metrics['test'])}")
+        print(f"test split (reported only): {brief_metrics(metrics['test'])}")
     print(f"model: {Path(args.out) / 'model.pt'}  metrics: {Path(args.out) / 'metrics.json'}")
     return 0
 
@@ -249,8 +249,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             split=args.split, device=args.device or "auto", threshold=args.threshold,
         )
     for name, m in metrics["per_site"].items():
-        print(f"{name}: {_brief(m)}  (n={m['n']})")
-    print(f"all: {_brief(metrics)}")
+        print(f"{name}: {brief_metrics(m)}  (n={m['n']})")
+    print(f"all: {brief_metrics(metrics)}")
     diff = format_differences((metrics.get("against") or {}).get("difference"))
     if diff:
         print(f"minus {args.against} on the same patients (paired bootstrap): {diff}")
@@ -327,7 +327,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_cv(args: argparse.Namespace) -> int:
     from micromil_core.training.pipeline import cross_validate
 
-    cfg = _experiment_config(args)
+    cfg = experiment_config(args)
     summary = cross_validate(args.data, cfg, args.folds, args.out, progress=True)
     print(
         f"{summary['model']} {args.folds}-fold CV on {summary['site']}: "
@@ -338,7 +338,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_federation_args(p: argparse.ArgumentParser) -> None:
+def add_federation_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--data-root", dest="fed_data_root", help="prepared data root (sites.yaml)")
     p.add_argument("--train-sites", help="comma-separated site names (default: sites.yaml's)")
@@ -347,49 +347,6 @@ def _add_federation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int)
     p.add_argument("--local-epochs", type=int)
     p.add_argument("--out", required=True)
-
-
-def cmd_simulate(args: argparse.Namespace) -> int:
-    from micromil_core.report import metric_text
-    from server.simulation import simulate
-
-    cfg = _experiment_config(args)
-    metrics = simulate(cfg, args.out, resume=args.resume)
-    print(f"held-out sites, round {metrics['round']}: {_brief(metrics)}  (n={metrics['n']})")
-    for site, m in metrics.get("per_site", {}).items():
-        if m.get("suppressed"):
-            print(f"  {site}: {', '.join(m['suppressed'])} {metric_text(m, m['suppressed'][0])}")
-        if "auc_ci_low" in m:
-            print(
-                f"  {site}: auc {m['auc']:.3f} (95% CI {m['auc_ci_low']:.3f}-"
-                f"{m['auc_ci_high']:.3f}, bootstrap over its {m.get('num-examples', '?')} patients)"
-            )
-    out = Path(args.out)
-    print(f"model: {out / 'model.pt'} (sha256 {metrics.get('model_sha256', '?')})")
-    print(f"history: {out / 'history.json'}")
-    print(f"report: {out / 'report.html'}")
-    return 0
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
-    from micromil_core.report import (
-        comparison_rows,
-        format_paired_difference,
-        format_table,
-        table_keys,
-    )
-    from server.simulation import compare
-
-    cfg = _experiment_config(args)
-    table = compare(cfg, args.out)
-    rows = comparison_rows(table)
-    print(format_table(rows, table_keys(rows)))
-    paired = format_paired_difference(table)
-    if paired:
-        print(f"\n{paired}")
-    out = Path(args.out)
-    print(f"\ntable: {out / 'metrics.json'}  report: {out / 'federated' / 'report.html'}")
-    return 0
 
 
 def cmd_privacy_report(args: argparse.Namespace) -> int:
@@ -550,14 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_cv)
 
-    p = sub.add_parser("simulate", help="simulate a whole federation on this machine")
-    _add_federation_args(p)
-    p.add_argument("--resume", action="store_true", help="continue after the last saved round")
-    p.set_defaults(func=cmd_simulate)
-
-    p = sub.add_parser("compare", help="local-only vs pooled vs federated on held-out sites")
-    _add_federation_args(p)
-    p.set_defaults(func=cmd_compare)
+    add_plugin_commands(sub)
 
     p = sub.add_parser(
         "privacy-report",
@@ -573,6 +523,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("encoders", help="list image encoders")
     p.set_defaults(func=cmd_encoders)
     return parser
+
+
+# Commands that need the Flower layer (`simulate`, `compare`) are registered by that layer
+# (pyproject.toml, entry points of this group), so this core package never imports it.
+COMMAND_PLUGINS = "micromil.commands"
+
+
+def add_plugin_commands(sub: Any) -> None:
+    """Let each installed ``micromil.commands`` entry point add its subcommands.
+
+    A plugin that fails to import raises: a broken install must not silently lose a command.
+    """
+    from importlib.metadata import entry_points
+
+    for ep in sorted(entry_points(group=COMMAND_PLUGINS), key=lambda e: e.name):
+        ep.load()(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
