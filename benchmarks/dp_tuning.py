@@ -35,8 +35,8 @@ from micromil_core.privacy.dp_sgd import (
     train_private,
 )
 from micromil_core.training.checkpoint import load_checkpoint
+from micromil_core.training.loading import load_sites, split_train_val_test
 from micromil_core.training.metrics import roc_auc
-from micromil_core.training.pipeline import load_sites, split_train_val_test
 from micromil_core.training.trainer import predict_bags
 from server.federation import initial_model_state
 

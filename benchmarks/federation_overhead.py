@@ -32,7 +32,7 @@ def main() -> None:
 
     from micromil_core.config import load_config
     from micromil_core.data.site import read_sites_yaml
-    from micromil_core.training.pipeline import train_pooled
+    from micromil_core.training.fitting import train_pooled
     from server.simulation import simulate
 
     cfg = load_config(args.config, [f"simulation.data_root={args.data_root}",

@@ -32,7 +32,8 @@ from federation import HERE, ROOT, spread, write_results  # noqa: E402
 from micromil_core.config import load_config  # noqa: E402
 from micromil_core.data.datasets import prepare_dataset  # noqa: E402
 from micromil_core.data.site import load_site  # noqa: E402
-from micromil_core.training.pipeline import feature_dir_for, train_pooled  # noqa: E402
+from micromil_core.training.fitting import train_pooled  # noqa: E402
+from micromil_core.training.loading import feature_dir_for  # noqa: E402
 
 CONFIG = ROOT / "configs" / "hmil-fashion.yaml"
 COARSE_KEYS = ("accuracy", "balanced_accuracy", "auc")

@@ -37,9 +37,9 @@ def main() -> None:
     from micromil_core.data.bag import collate_bags
     from micromil_core.io import write_json_atomic, write_text_atomic
     from micromil_core.training.mechanism import bag_picks, representative_diversity
-    from micromil_core.training.pipeline import _load_checkpoint_and_sites
+    from micromil_core.training.score import load_checkpoint_and_sites
 
-    run = _load_checkpoint_and_sites(args.model, args.data, "cpu", None, False, True, None)
+    run = load_checkpoint_and_sites(args.model, args.data, "cpu", None, False, True, None)
     model = run.model.eval()
     k = model.params.n_clusters
     picks, entropy, contrast, same, spread = [], [], [], [], []

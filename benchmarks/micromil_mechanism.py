@@ -106,9 +106,9 @@ def chance_recall(n: int, witnesses: int, shown: int) -> float:
 
 def _loaded(run: Path, site: Path):
     """(loaded checkpoint and site, the model in eval mode, the site's bags) of one run."""
-    from micromil_core.training.pipeline import _load_checkpoint_and_sites
+    from micromil_core.training.score import load_checkpoint_and_sites
 
-    loaded = _load_checkpoint_and_sites(run / "model.pt", [site], "cpu", None, False, True)
+    loaded = load_checkpoint_and_sites(run / "model.pt", [site], "cpu", None, False, True)
     (sb,) = loaded.sites
     return loaded, loaded.model.eval(), sb
 

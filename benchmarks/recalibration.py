@@ -22,10 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from federation import write_results  # noqa: E402
 
-from micromil_core.training.pipeline import (  # noqa: E402
-    calibrate_checkpoint,
-    evaluate_checkpoint,
-)
+from micromil_core.training.score import calibrate_checkpoint, evaluate_checkpoint
 
 KEYS = ("auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity")
 

@@ -213,7 +213,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from micromil_core.training.pipeline import train_pooled
+    from micromil_core.training.fitting import train_pooled
 
     cfg = experiment_config(args)
     sites = _site_paths(args, holdout=False)
@@ -236,13 +236,13 @@ def _run_checkpoint(args: argparse.Namespace, run: Any, **options: Any) -> dict[
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from micromil_core.report import format_differences
-    from micromil_core.training.pipeline import evaluate_checkpoint
+    from micromil_core.training.score import evaluate_checkpoint
 
     metrics = _run_checkpoint(
         args, evaluate_checkpoint, split=args.split, threshold=args.threshold, explain=args.explain
     )
     if args.against:
-        from micromil_core.training.pipeline import add_paired_comparison
+        from micromil_core.training.compare import add_paired_comparison
 
         add_paired_comparison(
             metrics, args.against, _site_paths(args, holdout=True), args.out,
@@ -285,7 +285,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from micromil_core.training.pipeline import predict_checkpoint
+    from micromil_core.training.score import predict_checkpoint
 
     summary = _run_checkpoint(
         args, predict_checkpoint, threshold=args.threshold, explain=args.explain
@@ -300,7 +300,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from micromil_core.training.pipeline import calibrate_checkpoint
+    from micromil_core.training.score import calibrate_checkpoint
 
     result = _run_checkpoint(args, calibrate_checkpoint, method=args.method, split=args.split)
     params = ", ".join(f"{v:.4g}" for v in result["params"])
@@ -325,7 +325,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_cv(args: argparse.Namespace) -> int:
-    from micromil_core.training.pipeline import cross_validate
+    from micromil_core.training.cv import cross_validate
 
     cfg = experiment_config(args)
     summary = cross_validate(args.data, cfg, args.folds, args.out, progress=True)

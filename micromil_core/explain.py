@@ -28,7 +28,7 @@ from micromil_core.training.recalibration import apply_calibration
 
 if TYPE_CHECKING:
     from micromil_core.training.checkpoint import Checkpoint
-    from micromil_core.training.pipeline import SiteBags
+    from micromil_core.training.loading import SiteBags
 
 log = logging.getLogger(__name__)
 

@@ -149,11 +149,9 @@ def compare(cfg: ExperimentConfig, out: str | Path) -> dict[str, Any]:
     """
     from micromil_core.io import write_json_atomic
     from micromil_core.report import write_report
-    from micromil_core.training.pipeline import (
-        evaluate_checkpoint,
-        paired_difference,
-        train_pooled,
-    )
+    from micromil_core.training.compare import paired_difference
+    from micromil_core.training.fitting import train_pooled
+    from micromil_core.training.score import evaluate_checkpoint
 
     out = Path(out)
     sites = resolve_sites(cfg)

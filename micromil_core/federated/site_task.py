@@ -29,14 +29,14 @@ from micromil_core.models.base import MILModel
 from micromil_core.models.registry import build_model
 from micromil_core.privacy.disclosure import guard, withheld
 from micromil_core.runtime import seed_everything
-from micromil_core.training.metrics import binary_roc, bootstrap_intervals
-from micromil_core.training.pipeline import (
+from micromil_core.training.fitting import fine_metrics_of
+from micromil_core.training.loading import (
     SiteBags,
     feature_dir_for,
-    fine_metrics_of,
     load_sites,
     split_train_val_test,
 )
+from micromil_core.training.metrics import binary_roc, bootstrap_intervals
 from micromil_core.training.trainer import fit, metrics_from_predictions, predict_bags
 
 log = logging.getLogger(__name__)

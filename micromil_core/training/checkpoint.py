@@ -18,15 +18,17 @@ from micromil_core.io import torch_save_atomic
 from micromil_core.models.base import MILModel
 from micromil_core.models.registry import build_model
 
-FORMAT = "micromil-checkpoint/1"
+# /2: MicroMIL's `selection` option exists (issue 19); a /1 file was trained without it.
+FORMAT = "micromil-checkpoint/2"
+READABLE_FORMATS = ("micromil-checkpoint/1", FORMAT)
 
 
 def upgrade_params(model_name: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Model parameters of an older checkpoint, with the values it was trained under.
+    """Model parameters of a format /1 checkpoint, with the values it was trained under.
 
-    MicroMIL's ``selection`` option came later (issue 19); a checkpoint without it was
-    trained with the authors' score, so it loads as ``"released"``, not as today's default.
-    MHIM around MicroMIL carries the same in ``base_params``.
+    MicroMIL's ``selection`` option came with format /2; a /1 checkpoint was trained with
+    the authors' draw, so it loads as ``"released"``, not as today's default. MHIM around
+    MicroMIL carries the same in ``base_params``.
     """
     out = dict(params)
     if model_name == "micromil" and "selection" not in out:
@@ -105,16 +107,19 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             f"model.pt, is damaged, or holds code rather than data, which micromil never "
             f"loads; pass the model.pt a training run wrote"
         ) from None
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+    if not isinstance(raw, dict) or raw.get("format") not in READABLE_FORMATS:
         raise CheckpointError(
             f"{path} is not a micromil checkpoint (format {raw.get('format') if isinstance(raw, dict) else None!r}, expected {FORMAT!r})"
         )
     m = raw["model"]
+    params = dict(m["params"])
+    if raw["format"] != FORMAT:
+        params = upgrade_params(m["name"], params)
     return Checkpoint(
         model_name=m["name"],
         in_dim=int(m["in_dim"]),
         n_classes=int(m["n_classes"]),
-        params=upgrade_params(m["name"], dict(m["params"])),
+        params=params,
         classes=list(raw["classes"]),
         state_dict=raw["state_dict"],
         scaler=FeatureScaler.from_state_dict(raw["scaler"]) if raw.get("scaler") else None,

@@ -177,12 +177,12 @@ def test_cv_same_folds_and_resume(tmp_path, monkeypatch):
     assert sum(m["n"] for m in summary["per_fold"]) == 92  # every bag tested exactly once
 
     # A re-run with the same settings reuses the finished folds instead of training again.
-    import micromil_core.training.pipeline as pipeline
+    import micromil_core.training.cv as cv_module
 
     def boom(*a, **k):
         raise AssertionError("a finished fold was trained again")
 
-    monkeypatch.setattr(pipeline, "train_and_select", boom)
+    monkeypatch.setattr(cv_module, "train_and_select", boom)
     assert main(args) == 0
     assert json.loads((out / "metrics.json").read_text())["auc_mean"] == summary["auc_mean"]
 

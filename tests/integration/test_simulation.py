@@ -170,7 +170,7 @@ def test_local_dp_sites_spend_their_budget_then_stop(demo_ucsb, tmp_path):
 
     from micromil_core.config import PrivacyConfig
     from micromil_core.privacy.report import privacy_report
-    from micromil_core.training.pipeline import evaluate_checkpoint
+    from micromil_core.training.score import evaluate_checkpoint
 
     privacy = PrivacyConfig(mode="dp-sgd", target_epsilon=3.0, delta=1e-3)
     out, log = tmp_path / "dp", []

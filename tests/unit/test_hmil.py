@@ -32,14 +32,10 @@ from micromil_core.models.hmil import (
     bag_alignment_loss,
     supervised_contrastive_loss,
 )
+from micromil_core.training.fitting import train_pooled, with_fine_to_coarse
+from micromil_core.training.loading import load_sites
 from micromil_core.training.metrics import METRIC_KEYS, fine_metrics, summarize_folds
-from micromil_core.training.pipeline import (
-    evaluate_checkpoint,
-    load_sites,
-    predict_checkpoint,
-    train_pooled,
-    with_fine_to_coarse,
-)
+from micromil_core.training.score import evaluate_checkpoint, predict_checkpoint
 
 D = 6
 MAP = (0, 0, 1, 2, 2)  # 5 fine classes in 3 coarse classes

@@ -415,13 +415,13 @@ def test_converged_teacher_init_refuses_refit_and_runs_once_in_a_federation() ->
 
 
 def test_refit_with_converged_teacher_init_fails_before_any_training(monkeypatch) -> None:
-    from micromil_core.training import pipeline
+    from micromil_core.training import fitting
 
     cfg = load_config(None, ["model.name=mhim", "model.params.teacher_init=converged",
                              "train.refit=true", "train.epochs=2"])
-    monkeypatch.setattr(pipeline, "fit", lambda *a, **k: pytest.fail("trained before refusing"))
+    monkeypatch.setattr(fitting, "fit", lambda *a, **k: pytest.fail("trained before refusing"))
     with pytest.raises(ConfigError, match="train.refit=false, or model.params.teacher_init=warmup"):
-        pipeline.train_and_select(cfg, toy_bags(8), toy_bags(4, seed=1), C, torch.device("cpu"))
+        fitting.train_and_select(cfg, toy_bags(8), toy_bags(4, seed=1), C, torch.device("cpu"))
 
 
 def _stack(bags: list[Bag]) -> tuple[torch.Tensor, torch.Tensor]:

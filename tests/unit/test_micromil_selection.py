@@ -103,14 +103,27 @@ def test_released_reproduces_the_authors_selection_exactly(
     assert torch.equal(model.run(x, mask).selected, expected)
 
 
-def test_released_checkpoints_without_the_option_load_as_released() -> None:
-    # A model.pt written before `selection` existed was trained with the released score.
-    from micromil_core.training.checkpoint import upgrade_params
+def test_checkpoints_of_format_1_load_as_released(tmp_path: Path) -> None:
+    # A model.pt written before `selection` existed (format /1) was trained with the
+    # authors' draw and must load as such; a current file loads what it says.
+    from micromil_core.training.checkpoint import (
+        Checkpoint,
+        load_checkpoint,
+        save_checkpoint,
+        upgrade_params,
+    )
 
-    old = {"n_clusters": 4, "tau": 1.0}
-    assert upgrade_params("micromil", old)["selection"] == "released"
-    assert upgrade_params("micromil", {**old, "selection": "distinct"})["selection"] == "distinct"
-    nested = upgrade_params("mhim", {"base": "micromil", "base_params": old})
+    model = build_model("micromil", D, C, SMALL)
+    path = save_checkpoint(Checkpoint("micromil", D, C, dict(SMALL), ["a", "b"], model.state_dict()),
+                           tmp_path / "model.pt")
+    assert load_checkpoint(path).params.get("selection", "distinct") == "distinct"
+    raw = torch.load(path, weights_only=True)
+    raw["format"] = "micromil-checkpoint/1"
+    torch.save(raw, path)
+    old = load_checkpoint(path)
+    assert old.params["selection"] == "released" and old.build_model().params.selection == "released"
+    # MHIM around MicroMIL keeps the same under base_params; other models are untouched
+    nested = upgrade_params("mhim", {"base": "micromil", "base_params": {"n_clusters": 4}})
     assert nested["base_params"]["selection"] == "released"
     assert upgrade_params("abmil", {"attn_dim": 8}) == {"attn_dim": 8}
 

@@ -348,7 +348,10 @@ def test_micromil_backends_agree(mode: str) -> None:
 
 @pytest.mark.parametrize("backend", ["pyg", "dense"])
 def test_micromil_with_fewer_instances_than_clusters(backend: str) -> None:
-    model = make_model("micromil", {"n_clusters": 5, "gnn_hidden": 8, "gnn_backend": backend})
+    # The authors' draw repeats instances to fill K nodes; the default draw (tests in
+    # test_micromil_selection.py) gives a bag of N < K instances N nodes instead.
+    model = make_model("micromil", {"n_clusters": 5, "gnn_hidden": 8, "gnn_backend": backend,
+                                    "selection": "released"})
     x, mask = ragged_batch([2, 1])
     model.train()
     model.loss(x, mask, torch.tensor([0, 1]))[0].backward()

@@ -353,7 +353,7 @@ def test_config_crop_scales_and_scale_names_reach_training_runs(
 ) -> None:
     """data.crop_scales / data.scales are what `micromil train` and every site use."""
     from micromil_core.config import load_config
-    from micromil_core.training.pipeline import load_sites
+    from micromil_core.training.loading import load_sites
 
     site = _scale_site(tmp_path, tissue)
     cfg = load_config(None, ["data.encoder=pixels:4", "data.crop_scales=1.0,0.5",

@@ -114,11 +114,11 @@ def test_checkpoint_errors(tmp_path):
 
 def test_refit_retrains_on_all_patients_for_the_selected_epochs(tmp_path, monkeypatch):
     from micromil_core.config import build_config
-    from micromil_core.training import pipeline
+    from micromil_core.training import fitting
 
     _, bags = _bags(tmp_path, n_patients=16)
     calls = []
-    real_fit = pipeline.fit
+    real_fit = fitting.fit
 
     def spy(model, train, val, cfg, device, progress=None, extra_loss=None, epochs=None,
             baseline_stage=False):
@@ -126,7 +126,7 @@ def test_refit_retrains_on_all_patients_for_the_selected_epochs(tmp_path, monkey
         return real_fit(model, train, val, cfg, device, progress=progress, epochs=epochs,
                         baseline_stage=baseline_stage)
 
-    monkeypatch.setattr(pipeline, "fit", spy)
+    monkeypatch.setattr(fitting, "fit", spy)
     cfg = build_config({"model": {"name": "mean-pool"}, "train": {"epochs": 4, "refit": True, "patience": 0}})
-    _, _, result = pipeline.train_and_select(cfg, bags[:12], bags[12:], 2, CPU)
+    _, _, result = fitting.train_and_select(cfg, bags[:12], bags[12:], 2, CPU)
     assert calls == [(12, 4, None), (16, 0, result.best_epoch)]
