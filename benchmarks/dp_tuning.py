@@ -26,6 +26,7 @@ import torch
 from micromil_core.config import DataConfig, LocalPrivacyConfig, TrainConfig
 from micromil_core.data.scaler import FeatureScaler
 from micromil_core.data.site import read_sites_yaml
+from micromil_core.federated.setup import initial_model_state
 from micromil_core.federated.site_task import ModelSpec
 from micromil_core.privacy.dp_sgd import (
     DPPlan,
@@ -38,7 +39,6 @@ from micromil_core.training.checkpoint import load_checkpoint
 from micromil_core.training.loading import load_sites, split_train_val_test
 from micromil_core.training.metrics import roc_auc
 from micromil_core.training.trainer import predict_bags
-from server.federation import initial_model_state
 
 
 def main() -> None:

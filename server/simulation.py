@@ -84,11 +84,12 @@ def _quiet_flower(out: Path) -> logging.Handler:
 def preflight(cfg: ExperimentConfig, sites: list[SiteSettings]) -> None:
     """The server's pre-round-1 checks, run locally before the simulation engine starts
     (same functions, so a bad site fails in seconds instead of after Ray's start-up)."""
+    from micromil_core.federated.setup import experiment_spec, starting_weights
     from micromil_core.federated.site_task import describe_site
-    from server.federation import experiment_spec, site_info, starting_weights, validate_sites
+    from server.federation import check_sites, site_info
 
     infos = [site_info(i, *describe_site(s, cfg.data)) for i, s in enumerate(sites)]
-    classes, dim = validate_sites(infos, cfg)
+    classes, dim = check_sites(infos, cfg)
     starting_weights(cfg, experiment_spec(cfg, dim, classes), classes)
 
 

@@ -12,10 +12,10 @@ import torch
 
 from micromil_core.cli import main
 from micromil_core.config import build_config
+from micromil_core.federated.setup import initial_model_state
 from micromil_core.federated.site_task import ModelSpec
 from micromil_core.models.registry import build_model
 from micromil_core.training.checkpoint import load_checkpoint
-from server.federation import initial_model_state
 from server.simulation import simulate
 
 pytestmark = pytest.mark.slow

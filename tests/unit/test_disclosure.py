@@ -89,8 +89,8 @@ def test_evaluate_round_on_real_bags_withholds_per_class_metrics(musk1_runtime):
 @pytest.fixture
 def musk1_runtime(tmp_path):
     from micromil_core.cli import main
+    from micromil_core.federated.setup import initial_model_state
     from micromil_core.federated.site_task import SiteSettings, load_runtime
-    from server.federation import initial_model_state
 
     root = tmp_path / "musk1"
     assert main(["datasets", "prepare", "musk1", "--out", str(root), "--sites", "1",

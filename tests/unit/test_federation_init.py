@@ -6,8 +6,8 @@ import torch
 
 from micromil_core.config import build_config
 from micromil_core.errors import ConfigError
+from micromil_core.federated.setup import experiment_spec, initial_model_state, starting_weights
 from micromil_core.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from server.federation import experiment_spec, initial_model_state, starting_weights
 
 CLASSES = ["negative", "positive"]
 MODEL = {"name": "abmil", "params": {"embed_dims": [8], "attn_dim": 4}}

@@ -6,9 +6,9 @@ import pytest
 
 from micromil_core.errors import ConfigError, SiteDataError
 from micromil_core.federated import wire
+from micromil_core.federated.setup import SiteInfo, check_identities
 from micromil_core.federated.validation import metrics_problem, update_problem
 from server.app import parse_site_nodes
-from server.federation import SiteInfo, check_identities
 from tests.hostile import ARRAY_FAULTS, EXPECTED_REASON
 
 GLOBAL = {"proj.weight": np.full((4, 3), 0.5, np.float32), "head.bias": np.zeros(2, np.float32),
