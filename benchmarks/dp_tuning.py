@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from micromil_core.config import DataConfig, LocalPrivacyConfig, TrainConfig
+from micromil_core.data.data_root import read_sites_yaml
 from micromil_core.data.scaler import FeatureScaler
-from micromil_core.data.site import read_sites_yaml
 from micromil_core.federated.setup import initial_model_state
 from micromil_core.federated.site_task import ModelSpec
 from micromil_core.privacy.dp_sgd import (

@@ -31,7 +31,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from micromil_core.config import load_config
-    from micromil_core.data.site import read_sites_yaml
+    from micromil_core.data.data_root import read_sites_yaml
     from micromil_core.training.fitting import train_pooled
     from server.simulation import simulate
 

@@ -26,7 +26,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from micromil_core.data.site import read_sites_yaml
+from micromil_core.data.data_root import read_sites_yaml
 
 
 def package_csv(task: str) -> Path:

@@ -97,7 +97,7 @@ def _site_paths(args: argparse.Namespace, holdout: bool) -> list[Path]:
     if args.data:
         return [Path(p) for p in args.data]
     if args.data_root:
-        from micromil_core.data.site import read_sites_yaml
+        from micromil_core.data.data_root import read_sites_yaml
 
         root = read_sites_yaml(args.data_root)
         sites = root.holdout_sites if holdout else root.train_sites
@@ -172,7 +172,7 @@ def cmd_datasets_list(args: argparse.Namespace) -> int:
 
 
 def cmd_check_site(args: argparse.Namespace) -> int:
-    from micromil_core.data.site import check_site
+    from micromil_core.data.site_check import check_site
 
     report = check_site(args.site, labels_required=not args.unlabelled)
     if args.json:

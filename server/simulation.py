@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from micromil_core.config import ExperimentConfig, LocalPrivacyConfig
-from micromil_core.data.site import read_sites_yaml
+from micromil_core.data.data_root import read_sites_yaml
 from micromil_core.errors import ConfigError, SiteDataError
 from micromil_core.federated.site_task import SiteSettings
 from micromil_core.report import PAIRED_KEY

@@ -56,9 +56,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from micromil_core.data.data_root import DataRoot, SiteEntry, read_sites_yaml, write_sites_yaml
 from micromil_core.data.layout import FEATURES_DIR, IMAGES_DIR, PATIENTS_CSV
 from micromil_core.data.partition import parse_partition, partition_indices, partition_summary
-from micromil_core.data.site import DataRoot, SiteEntry, read_sites_yaml, write_sites_yaml
 from micromil_core.data.splits import train_val_split
 from micromil_core.errors import ConfigError, MicroMILError, UnknownNameError, unknown_name
 from micromil_core.io import atomic_path, write_text_atomic
@@ -562,7 +562,7 @@ def prepare_dataset(
     ``out`` at the end, so an interrupted run never leaves a half-written root.
 
     Returns:
-        The data root as :func:`~micromil_core.data.site.read_sites_yaml` reads it back.
+        The data root as :func:`~micromil_core.data.data_root.read_sites_yaml` reads it back.
 
     Raises:
         UnknownNameError: unknown dataset name (lists the valid ones).

@@ -18,17 +18,13 @@ from __future__ import annotations
 
 import csv
 import logging
-import struct
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from micromil_core.data.bag import UNLABELLED, Bag
-from micromil_core.data.features import read_feature_file, read_features_and_scales
+from micromil_core.data.features import read_features_and_scales
 from micromil_core.data.layout import (
     FEATURE_EXTENSIONS,
     FEATURES_DIR,
@@ -36,22 +32,15 @@ from micromil_core.data.layout import (
     OPTIONAL_COLUMNS,
     PATIENTS_CSV,
     REQUIRED_COLUMNS,
-    SITES_YAML,
     SPLITS,
     find_feature_file,
-    list_patient_images,
 )
-from micromil_core.errors import ConfigError, FeatureError, SiteDataError, unknown_name
-from micromil_core.io import write_text_atomic
+from micromil_core.errors import ConfigError, SiteDataError
 
 log = logging.getLogger(__name__)
 
-ROLES = ("train", "holdout")
-SITES_YAML_VERSION = 1
-# Below this many patients a site's local validation metrics are mostly noise.
-TINY_SITE_PATIENTS = 10
-# Error lists are kept whole in the report; format() shows this many per section.
-MAX_SHOWN = 25
+
+MAX_SHOWN = 25  # problems listed in one message; the rest are counted
 
 _CSV_HELP = (
     f"a site folder needs {PATIENTS_CSV} with header "
@@ -162,7 +151,7 @@ def class_order(values: Iterable[str]) -> tuple[str, ...]:
         return tuple(sorted(unique))
 
 
-def _check_vocabulary(name: str, values: Sequence[str] | None) -> tuple[str, ...] | None:
+def check_vocabulary(name: str, values: Sequence[str] | None) -> tuple[str, ...] | None:
     if values is None:
         return None
     vocab = tuple(str(v) for v in values)
@@ -194,7 +183,7 @@ class _Parsed:
     extra_columns: list[str]
 
 
-def _parse_patients_csv(
+def parse_patients_csv(
     site_dir: Path,
     classes: tuple[str, ...] | None,
     fine_classes: tuple[str, ...] | None,
@@ -371,10 +360,10 @@ def load_site(
         ConfigError: ``classes``/``fine_classes`` themselves are malformed.
     """
     site_dir = Path(path)
-    classes_t = _check_vocabulary("classes", classes)
-    fine_t = _check_vocabulary("fine_classes", fine_classes)
+    classes_t = check_vocabulary("classes", classes)
+    fine_t = check_vocabulary("fine_classes", fine_classes)
     problems: list[str] = []
-    parsed = _parse_patients_csv(site_dir, classes_t, fine_t, problems, labels_required)
+    parsed = parse_patients_csv(site_dir, classes_t, fine_t, problems, labels_required)
     if parsed is None or problems:
         raise _problems_error(problems)
     return SiteData(
@@ -457,477 +446,23 @@ def load_bags(
 # check_site
 
 
-@dataclass
-class SiteReport:
-    """Everything ``check_site`` found: errors block training, warnings deserve a look.
-
-    ``errors``/``warnings`` may name patient ids: keep them on site. ``stats`` holds only
-    counts and is safe to share with the federation.
-    """
-
-    path: Path
-    errors: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    stats: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return not self.errors
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "path": str(self.path),
-            "ok": self.ok,
-            "errors": list(self.errors),
-            "warnings": list(self.warnings),
-            "stats": dict(self.stats),
-        }
-
-    def format(self) -> str:
-        """A human-readable report, errors first."""
-        s = self.stats
-        lines = [f"site {self.path}: {'OK' if self.ok else 'PROBLEMS FOUND'}"]
-        if "n_patients" in s:
-            lines.append(f"  patients: {s['n_patients']}")
-            counts = [f"{k}={v}" for k, v in s.get("patients_per_class", {}).items()]
-            if "unlabelled" in s:  # a folder of patients to score
-                counts.append(f"unlabelled={s['unlabelled']}")
-            lines.append("  per class: " + ", ".join(counts))
-            per_split = s.get("patients_per_split")
-            if per_split or "unlabelled" not in s:
-                lines.append(
-                    "  per split: "
-                    + (
-                        ", ".join(f"{k}={v}" for k, v in per_split.items())
-                        if per_split
-                        else "none (no split column: cross-validation)"
-                    )
-                )
-            inst = s.get("instances")
-            if inst:
-                lines.append(
-                    f"  instances per patient ({inst['source']}): min {inst['min']}, "
-                    f"mean {inst['mean']:.1f}, max {inst['max']}"
-                )
-            lines.append(
-                f"  features: {s.get('n_with_features', 0)} patients"
-                f" (dim {s.get('feature_dim')}); images: {s.get('n_with_images', 0)} patients"
-            )
-        for title, items in (("errors", self.errors), ("warnings", self.warnings)):
-            if not items:
-                continue
-            lines.append(f"  {title} ({len(items)}):")
-            lines.extend(f"    - {m}" for m in items[:MAX_SHOWN])
-            if len(items) > MAX_SHOWN:
-                lines.append(f"    ... and {len(items) - MAX_SHOWN} more")
-        return "\n".join(lines)
 
 
-def _check_images(paths: list[Path], errors: list[str]) -> int:
-    """Verify image files cheaply (header + structure, no full decode); count good ones."""
-    from PIL import Image  # local: feature-only sites never need PIL
-
-    # PIL signals a broken file with any of these, depending on where parsing stops.
-    pil_errors = (
-        OSError,
-        SyntaxError,
-        ValueError,
-        EOFError,
-        IndexError,
-        struct.error,
-        Image.DecompressionBombError,
-    )
-    good = 0
-    for p in paths:
-        try:
-            with Image.open(p) as im:
-                im.verify()
-            good += 1
-        except pil_errors as exc:
-            errors.append(
-                f"{p}: unreadable image ({type(exc).__name__}: {exc}); replace or remove it"
-            )
-    return good
 
 
-def check_site(
-    path: str | Path,
-    classes: Sequence[str] | None = None,
-    feature_dir: str | Path | None = None,
-    expected_dim: int | None = None,
-    labels_required: bool = True,
-) -> SiteReport:
-    """Check a site folder and collect every problem instead of stopping at the first.
-
-    ``labels_required`` False checks a folder of patients to score (``micromil predict``):
-    labels may then be missing, and the class-balance warnings are left out.
-
-    Never raises for data problems (only for a malformed ``classes`` argument). Errors:
-    anything that makes :func:`load_site`/:func:`load_bags` or image extraction fail.
-    Warnings: single-class site, tiny site, a class with < 2 patients, split column without
-    a val split, extra columns, stray image folders or feature files of unlisted patients.
-    """
-    site_dir = Path(path)
-    report = SiteReport(path=site_dir)
-    classes_t = _check_vocabulary("classes", classes)
-    parsed = _parse_patients_csv(site_dir, classes_t, None, report.errors, labels_required)
-    if parsed is None:
-        return report
-    records = parsed.records
-    fdir = Path(feature_dir) if feature_dir is not None else site_dir / FEATURES_DIR
-    csv_path = site_dir / PATIENTS_CSV
-
-    per_class = Counter(r.label for r in records)
-    stats: dict[str, Any] = {
-        "n_patients": len(records),
-        "classes": list(parsed.classes),
-        "patients_per_class": {c: per_class.get(c, 0) for c in parsed.classes},
-        "patients_per_split": None,
-    }
-    if not labels_required:
-        stats["unlabelled"] = sum(1 for r in records if not r.label)
-    has_splits = any(r.split is not None for r in records)
-    if has_splits:
-        per_split = Counter(r.split for r in records)
-        stats["patients_per_split"] = {s: per_split.get(s, 0) for s in SPLITS}
-        stats["patients_per_split_class"] = {
-            s: {c: sum(1 for r in records if r.split == s and r.label == c) for c in parsed.classes}
-            for s in SPLITS
-        }
-        if per_split.get("val", 0) == 0:
-            report.warnings.append(
-                f"{csv_path}: split column has no 'val' patients; a validation set will be "
-                f"carved from the train patients (train.val_fraction), or mark some as val"
-            )
-    if parsed.extra_columns:
-        report.warnings.append(f"{csv_path}: ignoring unknown column(s) {parsed.extra_columns}")
-    present = [c for c in parsed.classes if per_class.get(c, 0) > 0]
-    if records and len(present) < 2 and labels_required:
-        report.warnings.append(
-            f"{csv_path}: single-class site (only {present}); it can train in a federation "
-            f"but local AUC and balanced accuracy are undefined"
-        )
-    for c in parsed.classes if labels_required else ():
-        if 0 < per_class.get(c, 0) < 2:
-            report.warnings.append(
-                f"{csv_path}: class {c!r} has only {per_class[c]} patient; stratified splits "
-                f"need at least 2"
-            )
-    if 0 < len(records) < TINY_SITE_PATIENTS and labels_required:
-        report.warnings.append(
-            f"{csv_path}: tiny site ({len(records)} patients < {TINY_SITE_PATIENTS}); local "
-            f"validation metrics will be very noisy"
-        )
-
-    # Per patient: features and/or images.
-    dims: dict[str, int] = {}
-    dim_file: dict[str, Path] = {}
-    n_inst: list[int] = []
-    n_img: list[int] = []
-    n_feat_ok = n_with_img = n_needs_extraction = 0
-    for rec in records:
-        fpath = find_feature_file(fdir, rec.patient_id)
-        images = list_patient_images(site_dir, rec.patient_id)
-        if images:
-            n_with_img += 1
-            n_img.append(len(images))
-            _check_images(images, report.errors)
-        if fpath is None:
-            if not images:
-                report.errors.append(
-                    f"{csv_path} row {rec.row}: patient {rec.patient_id!r} has neither "
-                    f"images ({IMAGES_DIR}/{rec.patient_id}/) nor features "
-                    f"({fdir.name}/{rec.patient_id}.pt); add one or remove the row"
-                )
-            else:
-                n_needs_extraction += 1
-            continue
-        try:
-            feats = read_feature_file(fpath, expected_dim=expected_dim)
-        except FeatureError as exc:
-            report.errors.append(str(exc))
-            continue
-        n_feat_ok += 1
-        dims[rec.patient_id] = int(feats.shape[1])
-        dim_file[rec.patient_id] = fpath
-        n_inst.append(int(feats.shape[0]))
-
-    feature_dim = expected_dim
-    if dims and feature_dim is None:
-        dim_counts = Counter(dims.values())
-        feature_dim = dim_counts.most_common(1)[0][0]
-        for pid, d in dims.items():
-            if d != feature_dim:
-                report.errors.append(
-                    f"{dim_file[pid]}: feature dimension {d} differs from the site's "
-                    f"{feature_dim} ({dim_counts[feature_dim]} of {len(dims)} patients); "
-                    f"all patients must use the same encoder"
-                )
-
-    # Files that belong to nobody usually mean a typo in a patient id.
-    listed = {r.patient_id for r in records}
-    if fdir.is_dir():
-        strays = sorted(
-            p.name
-            for p in fdir.iterdir()
-            if p.suffix.lower() in FEATURE_EXTENSIONS and p.stem not in listed
-        )
-        if strays:
-            report.warnings.append(
-                f"{fdir}: {len(strays)} feature file(s) of patients not in {PATIENTS_CSV} "
-                f"(e.g. {strays[:3]}); check the patient ids"
-            )
-    img_root = site_dir / IMAGES_DIR
-    if img_root.is_dir():
-        strays = sorted(p.name for p in img_root.iterdir() if p.is_dir() and p.name not in listed)
-        if strays:
-            report.warnings.append(
-                f"{img_root}: {len(strays)} image folder(s) of patients not in {PATIENTS_CSV} "
-                f"(e.g. {strays[:3]}); check the patient ids"
-            )
-
-    source, counts = ("features", n_inst) if n_inst else ("images", n_img)
-    if counts:
-        stats["instances"] = {
-            "source": source,
-            "min": min(counts),
-            "mean": sum(counts) / len(counts),
-            "max": max(counts),
-        }
-    stats.update(
-        feature_dim=feature_dim,
-        has_features=n_feat_ok > 0,
-        has_images=n_with_img > 0,
-        n_with_features=n_feat_ok,
-        n_with_images=n_with_img,
-        n_needs_extraction=n_needs_extraction,
-    )
-    report.stats = stats
-    return report
 
 
 # ---------------------------------------------------------------------------------------
 # data root: sites.yaml
 
 
-@dataclass(frozen=True)
-class SiteEntry:
-    """One site of a data root. ``path`` is absolute once read."""
-
-    name: str
-    role: str
-    path: Path
-    n_patients: int | None = None
 
 
-@dataclass
-class DataRoot:
-    """A data root: several site folders plus ``sites.yaml`` describing them.
-
-    ``extra`` keeps any other top-level keys of ``sites.yaml`` (source, split policy, ...)
-    so that reading and re-writing a file loses nothing.
-    """
-
-    root: Path
-    dataset: str
-    classes: tuple[str, ...]
-    sites: list[SiteEntry]
-    fine_classes: tuple[str, ...] | None = None
-    feature_dim: int | None = None
-    partition: str | None = None
-    seed: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def train_sites(self) -> list[Path]:
-        return [s.path for s in self.sites if s.role == "train"]
-
-    @property
-    def holdout_sites(self) -> list[Path]:
-        return [s.path for s in self.sites if s.role == "holdout"]
-
-    def site(self, name: str) -> SiteEntry:
-        for s in self.sites:
-            if s.name == name:
-                return s
-        raise unknown_name("site", name, [s.name for s in self.sites])
-
-    def to_dict(self) -> dict[str, Any]:
-        """The ``sites.yaml`` content; site paths relative to the root where possible."""
-        root = Path(self.root).resolve()
-        sites = []
-        for s in self.sites:
-            p = Path(s.path)
-            if not p.is_absolute():
-                # Either already relative to the root ("site-0") or, under a relative
-                # root, relative to the working directory ("data/ucsb/site-0").
-                try:
-                    p = p.relative_to(Path(self.root))
-                except ValueError:
-                    pass
-                rel = str(p)
-            else:
-                try:
-                    rel = str(p.resolve().relative_to(root))
-                except ValueError:
-                    rel = str(p)  # a site outside the root keeps its absolute path
-            entry: dict[str, Any] = {"name": s.name, "role": s.role, "path": rel}
-            if s.n_patients is not None:
-                entry["n_patients"] = s.n_patients
-            sites.append(entry)
-        out: dict[str, Any] = {
-            "format_version": SITES_YAML_VERSION,
-            "dataset": self.dataset,
-            "classes": list(self.classes),
-            "fine_classes": list(self.fine_classes) if self.fine_classes is not None else None,
-            "feature_dim": self.feature_dim,
-            "partition": self.partition,
-            "seed": self.seed,
-            "sites": sites,
-        }
-        # Extra keys never shadow the schema's own.
-        out.update({k: v for k, v in self.extra.items() if k not in out})
-        return out
 
 
-_YAML_HELP = (
-    "sites.yaml needs at least 'classes: [neg, pos]' and 'sites:' with entries "
-    "'{name: site-0, role: train|holdout, path: site-0}'"
-)
 
 
-def _data_root_from_dict(root: Path, data: Any, where: str) -> DataRoot:
-    """Validate a parsed ``sites.yaml`` mapping; ``where`` names the file in errors."""
-    if not isinstance(data, Mapping):
-        raise SiteDataError(f"{where}: expected a mapping at top level; {_YAML_HELP}")
-    missing = [k for k in ("classes", "sites") if k not in data]
-    if missing:
-        raise SiteDataError(f"{where}: missing key(s) {missing}; {_YAML_HELP}")
-    classes = data["classes"]
-    if (
-        not isinstance(classes, list)
-        or len(classes) < 2
-        or len(set(map(str, classes))) != len(classes)
-    ):
-        raise SiteDataError(
-            f"{where}: 'classes' must be a list of at least 2 distinct names, got {classes!r}"
-        )
-    fine = data.get("fine_classes")
-    if fine is not None and not isinstance(fine, list):
-        raise SiteDataError(f"{where}: 'fine_classes' must be a list or null, got {fine!r}")
-    dim = data.get("feature_dim")
-    if dim is not None and (not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0):
-        raise SiteDataError(
-            f"{where}: 'feature_dim' must be a positive integer or null, got {dim!r}"
-        )
-    seed = data.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise SiteDataError(f"{where}: 'seed' must be an integer or null, got {seed!r}")
-    raw_sites = data["sites"]
-    if not isinstance(raw_sites, list) or not raw_sites:
-        raise SiteDataError(f"{where}: 'sites' must be a non-empty list; {_YAML_HELP}")
-    sites: list[SiteEntry] = []
-    seen: set[str] = set()
-    for i, s in enumerate(raw_sites):
-        if not isinstance(s, Mapping) or "name" not in s:
-            raise SiteDataError(
-                f"{where}: sites[{i}] must be a mapping with a 'name'; {_YAML_HELP}"
-            )
-        name = str(s["name"])
-        role = s.get("role", "train")
-        if role not in ROLES:
-            raise SiteDataError(
-                f"{where}: site {name!r} has role {role!r}; valid roles: {', '.join(ROLES)}"
-            )
-        if name in seen:
-            raise SiteDataError(f"{where}: duplicate site name {name!r}")
-        seen.add(name)
-        p = Path(str(s.get("path", name)))
-        n = s.get("n_patients")
-        sites.append(
-            SiteEntry(
-                name, role, p if p.is_absolute() else root / p, int(n) if n is not None else None
-            )
-        )
-    if not any(s.role == "train" for s in sites):
-        raise SiteDataError(f"{where}: no site has role 'train'; at least one must train")
-    known = {
-        "format_version",
-        "dataset",
-        "classes",
-        "fine_classes",
-        "feature_dim",
-        "partition",
-        "seed",
-        "sites",
-    }
-    return DataRoot(
-        root=root,
-        dataset=str(data.get("dataset", root.name)),
-        classes=tuple(str(c) for c in classes),
-        sites=sites,
-        fine_classes=tuple(str(c) for c in fine) if fine is not None else None,
-        feature_dim=dim,
-        partition=None if data.get("partition") is None else str(data["partition"]),
-        seed=seed,
-        extra={k: v for k, v in data.items() if k not in known},
-    )
 
 
-def read_sites_yaml(root: str | Path, check_paths: bool = True) -> DataRoot:
-    """Read ``ROOT/sites.yaml``.
-
-    Schema (``format_version: 1``)::
-
-        dataset: musk1                  # free-form name
-        classes: [negative, positive]   # index order of bag labels, shared by all sites
-        fine_classes: null              # or a list
-        feature_dim: 166                # null for image-only roots (depends on the encoder)
-        partition: iid                  # how the sites were made (see partition.py)
-        seed: 0
-        sites:
-          - {name: site-0, role: train, path: site-0, n_patients: 46}
-          - {name: site-1, role: holdout, path: site-1, n_patients: 46}
-        # any other keys (source, split_policy, modality, ...) are kept in DataRoot.extra
-
-    Raises:
-        SiteDataError: the file is missing or malformed, or (``check_paths``) a site folder
-            it names does not exist.
-    """
-    root = Path(root)
-    yml = root / SITES_YAML
-    if not yml.is_file():
-        raise SiteDataError(
-            f"{yml} not found; a data root lists its site folders there. Create it with "
-            f"`micromil prepare` or write it by hand: {_YAML_HELP}"
-        )
-    try:
-        data = yaml.safe_load(yml.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise SiteDataError(f"{yml}: not valid YAML ({exc}); {_YAML_HELP}") from exc
-    info = _data_root_from_dict(root, data, str(yml))
-    if check_paths:
-        missing = [str(s.path) for s in info.sites if not s.path.is_dir()]
-        if missing:
-            raise SiteDataError(
-                f"{yml}: site folder(s) not found: {missing}; fix the 'path' entries "
-                f"(relative to {root}) or restore the folders"
-            )
-    return info
 
 
-def write_sites_yaml(root: str | Path, info: DataRoot | Mapping[str, Any]) -> Path:
-    """Validate ``info`` and write it atomically to ``ROOT/sites.yaml``.
-
-    ``info`` is a :class:`DataRoot` or a mapping with the schema of :func:`read_sites_yaml`.
-    """
-    root = Path(root)
-    if isinstance(info, DataRoot):
-        data = info.to_dict()
-    else:
-        data = dict(info)
-    # Round-trip through the validator so a bad file is never written.
-    validated = _data_root_from_dict(root, data, f"sites.yaml for {root}")
-    validated.root = root
-    text = yaml.safe_dump(validated.to_dict(), sort_keys=False, default_flow_style=None)
-    return write_text_atomic(root / SITES_YAML, text)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from micromil_core.config import LocalPrivacyConfig, build_section, load_config, load_yaml
-from micromil_core.data.site import ROLES
+from micromil_core.data.data_root import ROLES
 from micromil_core.errors import ConfigError
 
 RESUME_MODES = ("auto", "never")

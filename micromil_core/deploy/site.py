@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from micromil_core.data.site import SiteReport, check_site
+from micromil_core.data.site_check import SiteReport, check_site
 from micromil_core.deploy.config import REFUSAL_WINDOW_S, SiteDeployConfig, require_files
 from micromil_core.deploy.flower_cli import flower_env, program
 from micromil_core.errors import SiteDataError

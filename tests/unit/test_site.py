@@ -17,16 +17,10 @@ import yaml
 from PIL import Image
 
 from micromil_core.data.bag import UNLABELLED
+from micromil_core.data.data_root import DataRoot, SiteEntry, read_sites_yaml, write_sites_yaml
 from micromil_core.data.features import read_feature_file, write_feature_file
-from micromil_core.data.site import (
-    DataRoot,
-    SiteEntry,
-    check_site,
-    load_bags,
-    load_site,
-    read_sites_yaml,
-    write_sites_yaml,
-)
+from micromil_core.data.site import load_bags, load_site
+from micromil_core.data.site_check import check_site
 from micromil_core.errors import ConfigError, FeatureError, SiteDataError
 
 DIM = 8

@@ -1,0 +1,281 @@
+"""``micromil check-site``: a readable report of what is wrong (or fine) in a site folder,
+with the fix for each problem.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from micromil_core.data.features import read_feature_file
+from micromil_core.data.layout import (
+    FEATURE_EXTENSIONS,
+    FEATURES_DIR,
+    IMAGES_DIR,
+    PATIENTS_CSV,
+    SPLITS,
+    find_feature_file,
+    list_patient_images,
+)
+from micromil_core.data.site import MAX_SHOWN, check_vocabulary, parse_patients_csv
+from micromil_core.errors import FeatureError
+
+# Below this many patients a site's local validation metrics are mostly noise.
+TINY_SITE_PATIENTS = 10
+
+
+# Error lists are kept whole in the report; format() shows MAX_SHOWN per section.
+@dataclass
+class SiteReport:
+    """Everything ``check_site`` found: errors block training, warnings deserve a look.
+
+    ``errors``/``warnings`` may name patient ids: keep them on site. ``stats`` holds only
+    counts and is safe to share with the federation.
+    """
+
+    path: Path
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "ok": self.ok,
+            "errors": list(self.errors),
+            "warnings": list(self.warnings),
+            "stats": dict(self.stats),
+        }
+
+    def format(self) -> str:
+        """A human-readable report, errors first."""
+        s = self.stats
+        lines = [f"site {self.path}: {'OK' if self.ok else 'PROBLEMS FOUND'}"]
+        if "n_patients" in s:
+            lines.append(f"  patients: {s['n_patients']}")
+            counts = [f"{k}={v}" for k, v in s.get("patients_per_class", {}).items()]
+            if "unlabelled" in s:  # a folder of patients to score
+                counts.append(f"unlabelled={s['unlabelled']}")
+            lines.append("  per class: " + ", ".join(counts))
+            per_split = s.get("patients_per_split")
+            if per_split or "unlabelled" not in s:
+                lines.append(
+                    "  per split: "
+                    + (
+                        ", ".join(f"{k}={v}" for k, v in per_split.items())
+                        if per_split
+                        else "none (no split column: cross-validation)"
+                    )
+                )
+            inst = s.get("instances")
+            if inst:
+                lines.append(
+                    f"  instances per patient ({inst['source']}): min {inst['min']}, "
+                    f"mean {inst['mean']:.1f}, max {inst['max']}"
+                )
+            lines.append(
+                f"  features: {s.get('n_with_features', 0)} patients"
+                f" (dim {s.get('feature_dim')}); images: {s.get('n_with_images', 0)} patients"
+            )
+        for title, items in (("errors", self.errors), ("warnings", self.warnings)):
+            if not items:
+                continue
+            lines.append(f"  {title} ({len(items)}):")
+            lines.extend(f"    - {m}" for m in items[:MAX_SHOWN])
+            if len(items) > MAX_SHOWN:
+                lines.append(f"    ... and {len(items) - MAX_SHOWN} more")
+        return "\n".join(lines)
+
+
+
+def _check_images(paths: list[Path], errors: list[str]) -> int:
+    """Verify image files cheaply (header + structure, no full decode); count good ones."""
+    from PIL import Image  # local: feature-only sites never need PIL
+
+    # PIL signals a broken file with any of these, depending on where parsing stops.
+    pil_errors = (
+        OSError,
+        SyntaxError,
+        ValueError,
+        EOFError,
+        IndexError,
+        struct.error,
+        Image.DecompressionBombError,
+    )
+    good = 0
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                im.verify()
+            good += 1
+        except pil_errors as exc:
+            errors.append(
+                f"{p}: unreadable image ({type(exc).__name__}: {exc}); replace or remove it"
+            )
+    return good
+
+
+
+def check_site(
+    path: str | Path,
+    classes: Sequence[str] | None = None,
+    feature_dir: str | Path | None = None,
+    expected_dim: int | None = None,
+    labels_required: bool = True,
+) -> SiteReport:
+    """Check a site folder and collect every problem instead of stopping at the first.
+
+    ``labels_required`` False checks a folder of patients to score (``micromil predict``):
+    labels may then be missing, and the class-balance warnings are left out.
+
+    Never raises for data problems (only for a malformed ``classes`` argument). Errors:
+    anything that makes :func:`load_site`/:func:`load_bags` or image extraction fail.
+    Warnings: single-class site, tiny site, a class with < 2 patients, split column without
+    a val split, extra columns, stray image folders or feature files of unlisted patients.
+    """
+    site_dir = Path(path)
+    report = SiteReport(path=site_dir)
+    classes_t = check_vocabulary("classes", classes)
+    parsed = parse_patients_csv(site_dir, classes_t, None, report.errors, labels_required)
+    if parsed is None:
+        return report
+    records = parsed.records
+    fdir = Path(feature_dir) if feature_dir is not None else site_dir / FEATURES_DIR
+    csv_path = site_dir / PATIENTS_CSV
+
+    per_class = Counter(r.label for r in records)
+    stats: dict[str, Any] = {
+        "n_patients": len(records),
+        "classes": list(parsed.classes),
+        "patients_per_class": {c: per_class.get(c, 0) for c in parsed.classes},
+        "patients_per_split": None,
+    }
+    if not labels_required:
+        stats["unlabelled"] = sum(1 for r in records if not r.label)
+    has_splits = any(r.split is not None for r in records)
+    if has_splits:
+        per_split = Counter(r.split for r in records)
+        stats["patients_per_split"] = {s: per_split.get(s, 0) for s in SPLITS}
+        stats["patients_per_split_class"] = {
+            s: {c: sum(1 for r in records if r.split == s and r.label == c) for c in parsed.classes}
+            for s in SPLITS
+        }
+        if per_split.get("val", 0) == 0:
+            report.warnings.append(
+                f"{csv_path}: split column has no 'val' patients; a validation set will be "
+                f"carved from the train patients (train.val_fraction), or mark some as val"
+            )
+    if parsed.extra_columns:
+        report.warnings.append(f"{csv_path}: ignoring unknown column(s) {parsed.extra_columns}")
+    present = [c for c in parsed.classes if per_class.get(c, 0) > 0]
+    if records and len(present) < 2 and labels_required:
+        report.warnings.append(
+            f"{csv_path}: single-class site (only {present}); it can train in a federation "
+            f"but local AUC and balanced accuracy are undefined"
+        )
+    for c in parsed.classes if labels_required else ():
+        if 0 < per_class.get(c, 0) < 2:
+            report.warnings.append(
+                f"{csv_path}: class {c!r} has only {per_class[c]} patient; stratified splits "
+                f"need at least 2"
+            )
+    if 0 < len(records) < TINY_SITE_PATIENTS and labels_required:
+        report.warnings.append(
+            f"{csv_path}: tiny site ({len(records)} patients < {TINY_SITE_PATIENTS}); local "
+            f"validation metrics will be very noisy"
+        )
+
+    # Per patient: features and/or images.
+    dims: dict[str, int] = {}
+    dim_file: dict[str, Path] = {}
+    n_inst: list[int] = []
+    n_img: list[int] = []
+    n_feat_ok = n_with_img = n_needs_extraction = 0
+    for rec in records:
+        fpath = find_feature_file(fdir, rec.patient_id)
+        images = list_patient_images(site_dir, rec.patient_id)
+        if images:
+            n_with_img += 1
+            n_img.append(len(images))
+            _check_images(images, report.errors)
+        if fpath is None:
+            if not images:
+                report.errors.append(
+                    f"{csv_path} row {rec.row}: patient {rec.patient_id!r} has neither "
+                    f"images ({IMAGES_DIR}/{rec.patient_id}/) nor features "
+                    f"({fdir.name}/{rec.patient_id}.pt); add one or remove the row"
+                )
+            else:
+                n_needs_extraction += 1
+            continue
+        try:
+            feats = read_feature_file(fpath, expected_dim=expected_dim)
+        except FeatureError as exc:
+            report.errors.append(str(exc))
+            continue
+        n_feat_ok += 1
+        dims[rec.patient_id] = int(feats.shape[1])
+        dim_file[rec.patient_id] = fpath
+        n_inst.append(int(feats.shape[0]))
+
+    feature_dim = expected_dim
+    if dims and feature_dim is None:
+        dim_counts = Counter(dims.values())
+        feature_dim = dim_counts.most_common(1)[0][0]
+        for pid, d in dims.items():
+            if d != feature_dim:
+                report.errors.append(
+                    f"{dim_file[pid]}: feature dimension {d} differs from the site's "
+                    f"{feature_dim} ({dim_counts[feature_dim]} of {len(dims)} patients); "
+                    f"all patients must use the same encoder"
+                )
+
+    # Files that belong to nobody usually mean a typo in a patient id.
+    listed = {r.patient_id for r in records}
+    if fdir.is_dir():
+        strays = sorted(
+            p.name
+            for p in fdir.iterdir()
+            if p.suffix.lower() in FEATURE_EXTENSIONS and p.stem not in listed
+        )
+        if strays:
+            report.warnings.append(
+                f"{fdir}: {len(strays)} feature file(s) of patients not in {PATIENTS_CSV} "
+                f"(e.g. {strays[:3]}); check the patient ids"
+            )
+    img_root = site_dir / IMAGES_DIR
+    if img_root.is_dir():
+        strays = sorted(p.name for p in img_root.iterdir() if p.is_dir() and p.name not in listed)
+        if strays:
+            report.warnings.append(
+                f"{img_root}: {len(strays)} image folder(s) of patients not in {PATIENTS_CSV} "
+                f"(e.g. {strays[:3]}); check the patient ids"
+            )
+
+    source, counts = ("features", n_inst) if n_inst else ("images", n_img)
+    if counts:
+        stats["instances"] = {
+            "source": source,
+            "min": min(counts),
+            "mean": sum(counts) / len(counts),
+            "max": max(counts),
+        }
+    stats.update(
+        feature_dim=feature_dim,
+        has_features=n_feat_ok > 0,
+        has_images=n_with_img > 0,
+        n_with_features=n_feat_ok,
+        n_with_images=n_with_img,
+        n_needs_extraction=n_needs_extraction,
+    )
+    report.stats = stats
+    return report
+
