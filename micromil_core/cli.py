@@ -114,11 +114,11 @@ def _print_json(obj: object) -> None:
 
 def brief_metrics(metrics: dict) -> str:
     from micromil_core.report import metric_text
+    from micromil_core.training.metrics import METRIC_KEYS
 
-    keys = ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity")
     withheld = metrics.get("suppressed") or []
     text = "  ".join(
-        f"{k}={metric_text(metrics, k)}" for k in keys if k in metrics or k in withheld
+        f"{k}={metric_text(metrics, k)}" for k in METRIC_KEYS if k in metrics or k in withheld
     )
     ci = metrics.get("ci95", {}).get("auc")
     if ci and all(math.isfinite(v) for v in ci):

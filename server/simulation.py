@@ -152,6 +152,7 @@ def compare(cfg: ExperimentConfig, out: str | Path) -> dict[str, Any]:
     from micromil_core.report import write_report
     from micromil_core.training.compare import paired_difference
     from micromil_core.training.fitting import train_pooled
+    from micromil_core.training.metrics import METRIC_KEYS
     from micromil_core.training.score import evaluate_checkpoint
 
     out = Path(out)
@@ -187,9 +188,8 @@ def compare(cfg: ExperimentConfig, out: str | Path) -> dict[str, Any]:
         "federated_seconds": time.perf_counter() - start,  # includes the engine's start-up
     }
     table["federated"] = judged(out / "federated")
-    keys = ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity")
     table["local_mean"] = {
-        k: sum(m[k] for m in table["local"].values()) / len(table["local"]) for k in keys
+        k: sum(m[k] for m in table["local"].values()) / len(table["local"]) for k in METRIC_KEYS
     }
     paired = paired_difference(
         out / "federated" / "heldout" / "predictions.csv", out / "pooled" / "heldout" / "predictions.csv"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from micromil_core.training.metrics import FINE_METRIC_KEYS
+from micromil_core.training.metrics import FINE_METRIC_KEYS, METRIC_KEYS
 
 # RecordDict keys
 ARRAYS = "arrays"  # the global/local model weights (Flower's default key)
@@ -42,7 +42,7 @@ NUM_EXAMPLES = "num-examples"  # Flower's weighting key: patients (bags), not in
 
 ROC_GRID = np.linspace(0.0, 1.0, 21)  # FPR grid: a site's ROC is shared only as these points
 
-CORE_METRICS = ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity")
+CORE_METRICS = METRIC_KEYS  # the patient-level metrics every command reports
 
 # Every key a site may put in a MetricRecord. Anything else is a privacy bug.
 # Local DP: the site's settings and the epsilon it has spent in this run (no data).
