@@ -13,14 +13,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 
@@ -41,9 +39,7 @@ from micromil_core.federated.setup import (
     validate_sites,
     weighted_site_metrics,
 )
-from micromil_core.federated.validation import metrics_problem, update_problem
 from micromil_core.io import write_json_atomic
-from micromil_core.privacy.disclosure import withheld_names
 from micromil_core.privacy.report import budget_stops
 from micromil_core.report import metric_text
 from micromil_core.training.checkpoint import (
@@ -52,6 +48,7 @@ from micromil_core.training.checkpoint import (
     save_checkpoint,
 )
 from server.privacy import central_dp_entry, clipping_norm, fresh_noise
+from server.rounds import NodeSubset, ReplyChecks, evaluate_all, plain_train_step
 from server.strategies import build_strategy, load_strategy_state, save_strategy_state
 
 log = logging.getLogger("micromil.server")
@@ -71,34 +68,8 @@ class FederationResult:
     sites: list[SiteInfo] = field(default_factory=list)
 
 
-class NodeSubset:
-    """A Grid view that offers a strategy only some nodes (the training sites)."""
-
-    def __init__(self, grid: Grid, node_ids: Iterable[int]) -> None:
-        self._grid = grid
-        self._ids = list(node_ids)
-
-    def get_node_ids(self) -> list[int]:
-        live = set(self._grid.get_node_ids())
-        return [n for n in self._ids if n in live]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
 
 
-def payload_bytes(content: RecordDict) -> int:
-    """Bytes of the arrays and config values in a message (payload, not gRPC framing)."""
-    total = 0
-    for record in content.values():
-        if isinstance(record, ArrayRecord):
-            total += sum(len(arr.data) for arr in record.values())
-        elif isinstance(record, (ConfigRecord, MetricRecord)):
-            for value in record.values():
-                if isinstance(value, list):  # bytes items: SecAgg+ keys, shares, masked models
-                    total += sum(len(v) if isinstance(v, bytes) else 8 for v in value)
-                else:
-                    total += len(value) if isinstance(value, bytes) else len(str(value))
-    return total
 
 
 # ------------------------------------------------------------------ discovery
@@ -188,74 +159,10 @@ def discover_sites(grid: Grid, settings: RoundSettings, expected: int, timeout: 
 
 
 
-def _metric_dict(record: MetricRecord) -> dict[str, Any]:
-    """A site's MetricRecord as plain values; the small-count guard's ``suppressed``
-    bit mask becomes the names of the withheld metrics."""
-    out = {k: (list(v) if isinstance(v, list) else float(v)) for k, v in record.items()}
-    if wire.SUPPRESSED in out:
-        out[wire.SUPPRESSED] = withheld_names(out[wire.SUPPRESSED])
-    for count in (wire.NUM_EXAMPLES, wire.FINE_COUNT, wire.MIN_PATIENTS):  # patient counts
-        if isinstance(out.get(count), float) and out[count].is_integer():
-            out[count] = int(out[count])
-    return out
 
 
-def evaluate_all(
-    grid: Grid, sites: list[SiteInfo], arrays: ArrayRecord, config: ConfigRecord,
-    server_round: int, timeout: float, checks: ReplyChecks,
-) -> tuple[dict[str, dict[str, Any]], list[str], int, int, dict[str, str]]:
-    """Send the global model to every site; returns per-site metrics, failures, bytes
-    sent and received, and the sites whose replies failed ``checks`` (with why)."""
-    live = set(grid.get_node_ids())
-    messages = [
-        Message(
-            RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config}),
-            dst_node_id=s.node_id,
-            message_type=MessageType.EVALUATE,
-        )
-        for s in sites
-        if s.node_id in live
-    ]
-    sent = sum(payload_bytes(m.content) for m in messages)
-    failures = [f"{s.name}: not connected" for s in sites if s.node_id not in live]
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
-    names = {s.node_id: s.name for s in sites}
-    answered, lost = match_replies(messages, replies, names, "evaluation", timeout)
-    received = sum(payload_bytes(r.content) for _, r in answered)
-    usable, rejected, refused = screen_replies(answered, checks.evaluate_problem, "evaluation")
-    failures += lost + refused
-    results = {name: _metric_dict(r.content.metric_records[wire.METRICS]) for name, r in usable}
-    return dict(sorted(results.items())), failures, sent, received, rejected
 
 
-def match_replies(
-    messages: list[Message], replies: list[Message], name_of: dict[int, str], task: str,
-    timeout: float,
-) -> tuple[list[tuple[str, Message]], list[str]]:
-    """Pair replies with the sites they answer; returns ([(site, reply)] sorted by site,
-    failures naming sites).
-
-    Pairing goes by message id: Flower reports a site lost mid-round under the SuperLink's
-    own node id, not the lost site's (seen with Flower 1.41), so the sender id would mislead.
-    """
-    site_of_message = {m.metadata.message_id: name_of[m.metadata.dst_node_id] for m in messages}
-    ok: list[tuple[str, Message]] = []
-    failures: list[str] = []
-    answered: set[str] = set()
-    for r in replies:
-        site = site_of_message.get(r.metadata.reply_to_message_id) or name_of.get(r.metadata.src_node_id)
-        if site is None:
-            continue
-        answered.add(site)
-        if r.has_error():
-            failures.append(f"{site}: {task} failed ({r.error.reason})")
-        else:
-            ok.append((site, r))
-    failures += [
-        f"{name}: no {task} reply within {timeout:.0f} s"
-        for name in sorted(set(site_of_message.values()) - answered)
-    ]
-    return sorted(ok, key=lambda pair: pair[0]), failures
 
 
 def limit_sampling(strategy: Any, n: int) -> None:
@@ -266,111 +173,14 @@ def limit_sampling(strategy: Any, n: int) -> None:
                 setattr(s, attr, n)
 
 
-@dataclass(frozen=True)
-class ReplyChecks:
-    """What a site's reply must satisfy before the coordinator uses it (``validation``)."""
-
-    max_update_ratio: float  # federation.max_update_ratio; 0 = no bound on the update norm
-    declared: dict[str, int]  # site name -> patients it declared before round 1
-
-    def train_problem(self, site: str, reply: Message, reference: dict[str, np.ndarray]) -> str | None:
-        content = reply.content
-        if wire.ARRAYS not in content.array_records or wire.METRICS not in content.metric_records:
-            return "the reply lacks the model arrays or the metrics record"
-        try:
-            update = {k: v.numpy() for k, v in content.array_records[wire.ARRAYS].items()}
-        except Exception as exc:  # bytes that do not decode as arrays
-            return f"model arrays are unreadable ({type(exc).__name__})"
-        return update_problem(reference, update, self.max_update_ratio) or metrics_problem(
-            content.metric_records[wire.METRICS], wire.ALLOWED_TRAIN_METRICS, self.declared.get(site)
-        )
-
-    def evaluate_problem(self, site: str, reply: Message) -> str | None:
-        if wire.METRICS not in reply.content.metric_records:
-            return "the reply lacks the metrics record"
-        return metrics_problem(
-            reply.content.metric_records[wire.METRICS], wire.ALLOWED_EVAL_METRICS, self.declared.get(site)
-        )
 
 
-def screen_replies(
-    answered: list[tuple[str, Message]], problem: Callable[[str, Message], str | None], task: str,
-) -> tuple[list[tuple[str, Message]], dict[str, str], list[str]]:
-    """Split replies into (usable, {site: why refused}, failures naming each refused site)."""
-    usable, rejected = [], {}
-    for site, reply in answered:
-        why = problem(site, reply)
-        if why is None:
-            usable.append((site, reply))
-        else:
-            rejected[site] = why
-    failures = [f"{site}: {task} reply rejected ({why})" for site, why in rejected.items()]
-    return usable, rejected, failures
 
 
-def for_strategy(replies: list[Message]) -> list[Message]:
-    """The replies as the strategy aggregates them: arrays plus the metrics every site sent.
-
-    Flower 1.41's strategies refuse replies whose MetricRecords differ in keys, and a site
-    may withhold its training loss (small-count guard); the round's train metrics are
-    averaged by the round loop instead (``weighted_site_metrics``). Keys all sites share stay, so the
-    weighting key and central DP's ``norm_bit`` reach the strategy.
-    """
-    records = [r.content.metric_records[wire.METRICS] for r in replies]
-    common = set.intersection(*(set(m) for m in records)) if records else set()
-    return [
-        Message(
-            RecordDict({
-                wire.ARRAYS: r.content.array_records[wire.ARRAYS],
-                wire.METRICS: MetricRecord({k: m[k] for k in sorted(common)}),
-            }),
-            dst_node_id=r.metadata.src_node_id,
-            message_type=MessageType.TRAIN,
-        )
-        for r, m in zip(replies, records, strict=True)
-    ]
 
 
-@dataclass
-class TrainStep:
-    """The training half of a round: what the sites sent back and its aggregate."""
-
-    arrays: ArrayRecord | None  # the new global model; None = nothing was aggregated
-    per_site: dict[str, dict[str, Any]]  # site name -> its train metrics (aggregate numbers)
-    asked: set[str]  # sites that were sent a training message
-    failures: list[str]
-    sent: int = 0  # payload bytes
-    received: int = 0
-    rejected: dict[str, str] = field(default_factory=dict)  # site -> why its reply was refused
 
 
-def plain_train_step(
-    grid: Grid, strategy: Any, rnd: int, arrays: ArrayRecord, config: ConfigRecord,
-    train_view: NodeSubset, name_of: dict[int, str], timeout: float, min_sites: int,
-    checks: ReplyChecks,
-) -> TrainStep:
-    """Send the model to the training sites, then let the strategy aggregate the replies
-    that pass ``checks`` (a refused reply is left out of this round and named)."""
-    messages = list(strategy.configure_train(rnd, arrays, config, train_view))
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
-    # Sorted by site name: a fixed aggregation order makes float sums reproducible.
-    answered, failures = match_replies(messages, replies, name_of, "training", timeout)
-    reference = {k: v.numpy() for k, v in arrays.items()}
-    usable, rejected, refused = screen_replies(
-        answered, lambda site, r: checks.train_problem(site, r, reference), "training"
-    )
-    ok = [r for _, r in usable]
-    # The strategy's metric aggregate is not used: the round loop averages per site.
-    new_arrays = strategy.aggregate_train(rnd, for_strategy(ok))[0] if len(ok) >= min_sites else None
-    return TrainStep(
-        new_arrays,
-        {name: _metric_dict(r.content.metric_records[wire.METRICS]) for name, r in usable},
-        {name_of[m.metadata.dst_node_id] for m in messages},
-        failures + refused,
-        sent=sum(payload_bytes(m.content) for m in messages),
-        received=sum(payload_bytes(r.content) for r in ok),
-        rejected=rejected,
-    )
 
 
 
@@ -412,7 +222,7 @@ def run_federation(
         "sites: train %s; held out %s; classes %s; feature dim %d",
         [s.name for s in train_sites], [s.name for s in holdout], classes, dim,
     )
-    from server.secure_aggregation import secure_train_step  # imports this module
+    from server.secure_aggregation import secure_train_step
 
     spec = experiment_spec(cfg, dim, classes)
     scaler_mode = choose_scaler_mode(cfg, train_sites)

@@ -38,16 +38,16 @@ from flwr.serverapp import Grid
 from micromil_core.config import SecureAggregationConfig
 from micromil_core.federated import wire
 from micromil_core.federated.validation import metrics_problem, update_problem
-from server.federation import (
+from server.privacy import secagg_workflow
+from server.rounds import (
     NodeSubset,
     ReplyChecks,
     TrainStep,
-    _metric_dict,
     for_strategy,
     match_replies,
+    metric_dict,
     payload_bytes,
 )
-from server.privacy import secagg_workflow
 
 FITRES_METRICS = "fitres.metrics"  # Flower's legacy record name
 COLLECT_STAGE = "collect_masked_vectors"  # the stage in which sites train
@@ -135,7 +135,7 @@ def secure_train_step(
         failures += lost
         if stage == COLLECT_STAGE:
             trained = answered
-    per_site = {name: _metric_dict(r.content.config_records[FITRES_METRICS]) for name, r in trained}
+    per_site = {name: metric_dict(r.content.config_records[FITRES_METRICS]) for name, r in trained}
     rejected = {
         name: why for name, m in per_site.items()
         if (why := metrics_problem(m, wire.ALLOWED_TRAIN_METRICS, checks.declared.get(name)))
