@@ -1,8 +1,4 @@
-"""Two models on the same patients: the paired difference of ``evaluate --against``.
-
-Every function takes typed settings (``ExperimentConfig``) and paths, never an argparse
-namespace, so notebooks, tests and the Flower client call the same code.
-"""
+"""Two models on the same patients: the paired difference of ``evaluate --against``."""
 
 from __future__ import annotations
 

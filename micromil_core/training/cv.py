@@ -1,8 +1,4 @@
-"""Stratified k-fold cross-validation on one site (``micromil cv``), resumable fold by fold.
-
-Every function takes typed settings (``ExperimentConfig``) and paths, never an argparse
-namespace, so notebooks, tests and the Flower client call the same code.
-"""
+"""Stratified k-fold cross-validation on one site (``micromil cv``), resumable fold by fold."""
 
 from __future__ import annotations
 

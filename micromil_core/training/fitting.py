@@ -1,9 +1,5 @@
 """Training one model on the pooled patients of sites: ``micromil train`` and the helpers
-the federation and cross-validation share (fresh fit, data-dependent init, HMIL fine labels).
-
-Every function takes typed settings (``ExperimentConfig``) and paths, never an argparse
-namespace, so notebooks, tests and the Flower client call the same code.
-"""
+the federation and cross-validation share (fresh fit, data-dependent init, HMIL fine labels)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,4 @@
-"""Site folders to bags ready for a model: features located, bags loaded, splits made.
-
-Every function takes typed settings (``ExperimentConfig``) and paths, never an argparse
-namespace, so notebooks, tests and the Flower client call the same code.
-"""
+"""Site folders to bags ready for a model: features located, bags loaded, splits made."""
 
 from __future__ import annotations
 

@@ -1,8 +1,4 @@
-"""Using a trained checkpoint on sites: ``evaluate``, ``calibrate`` and ``predict``.
-
-Every function takes typed settings (``ExperimentConfig``) and paths, never an argparse
-namespace, so notebooks, tests and the Flower client call the same code.
-"""
+"""Using a trained checkpoint on sites: ``evaluate``, ``calibrate`` and ``predict``."""
 
 from __future__ import annotations
 
