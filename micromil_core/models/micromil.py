@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from micromil_core.models.base import Encoding, MILModel, Prediction, masked_softmax
+from micromil_core.models.clustering import kmeans
 from micromil_core.models.gnn import GAT, GAT_ATT_INITS, GNN_BACKENDS, convert_gat_state
 from micromil_core.models.pooling import check_batch
 from micromil_core.models.registry import (
@@ -455,41 +456,6 @@ class MicroMIL(MILModel):
             self.init_centroids_(x, mask, generator)
 
 
-def kmeans(
-    h: Tensor, k: int, generator: torch.Generator | None = None, iters: int = 25
-) -> Tensor:
-    """K centres of the rows of ``h``: k-means++ seeding, then Lloyd iterations.
-
-    Seeded by ``generator`` (CPU), so a run is reproducible. A centre left without points
-    keeps its place. With fewer rows than K, rows repeat (as ``init_centroids_``).
-
-    Shapes: h (M, P) -> (K, P)
-    """
-    m = h.shape[0]
-    if m <= k:
-        return h[torch.arange(k, device=h.device) % m].clone()
-
-    def draw(weights: Tensor) -> int:
-        return int(torch.multinomial(weights.cpu(), 1, generator=generator))
-
-    centres = [h[draw(torch.ones(m))]]
-    d2 = ((h - centres[0]) ** 2).sum(-1)  # (M,) squared distance to the nearest centre
-    for _ in range(1, k):
-        nxt = h[draw(d2.clamp_min(0) + 1e-12)]
-        centres.append(nxt)
-        d2 = torch.minimum(d2, ((h - nxt) ** 2).sum(-1))
-    mu = torch.stack(centres)  # (K, P)
-    for _ in range(iters):
-        owner = torch.cdist(h, mu).argmin(-1)  # (M,)
-        total = torch.zeros_like(mu).index_add_(0, owner, h)  # (K, P)
-        count = torch.bincount(owner, minlength=k).unsqueeze(-1).to(h.dtype)  # (K, 1)
-        new = torch.where(count > 0, total / count.clamp_min(1), mu)
-        if torch.allclose(new, mu):
-            break
-        mu = new
-    return mu
-
-
 def switch_gnn_backend(model: MicroMIL, backend: str) -> MicroMIL:
     """Copy of ``model`` whose GAT runs on ``backend``, with identical weights.
 
@@ -511,7 +477,6 @@ __all__ = [
     "MicroMILParams",
     "StudentTKernel",
     "dec_kl",
-    "kmeans",
     "select_distinct",
     "select_representatives",
     "selection_scores",

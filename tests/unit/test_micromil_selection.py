@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 import micromil_core.models.micromil as micromil_mod
+from micromil_core.models.clustering import kmeans
 from micromil_core.models.micromil import (
     MicroMIL,
     MicroMILParams,
-    kmeans,
     select_distinct,
     switch_gnn_backend,
 )
