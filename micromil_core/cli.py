@@ -400,7 +400,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser, sub = command_parser(
         "micromil", "MicroMIL and MIL baselines for patient-level microscopy diagnosis."
     )
+    _add_data_commands(sub)
+    _add_model_commands(sub)
+    add_plugin_commands(sub)
+    _add_info_commands(sub)
+    return parser
 
+
+def _add_data_commands(sub: Any) -> None:
+    """datasets, check-site, extract: getting a site's data ready."""
     ds = sub.add_parser("datasets", help="bundled real datasets")
     ds_sub = ds.add_subparsers(dest="datasets_command", required=True)
     p = ds_sub.add_parser("prepare", help="write a real dataset in the site folder format")
@@ -451,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_extract)
 
+
+def _add_model_commands(sub: Any) -> None:
+    """train, evaluate, predict, calibrate, inspect, cv: one site's (or pooled) models."""
     p = sub.add_parser("train", help="train one model on the pooled patients of sites")
     _add_data_args(p, holdout=False)
     _add_config_args(p)
@@ -507,8 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_cv)
 
-    add_plugin_commands(sub)
 
+def _add_info_commands(sub: Any) -> None:
+    """privacy-report, models, encoders: what a run spent and what is available."""
     p = sub.add_parser(
         "privacy-report",
         help="epsilon spent per site per round, budgets and settings, of a run (or a site's ledger)",
@@ -522,7 +534,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
     p = sub.add_parser("encoders", help="list image encoders")
     p.set_defaults(func=cmd_encoders)
-    return parser
 
 
 # Commands that need the Flower layer (`simulate`, `compare`) are registered by that layer
