@@ -84,6 +84,9 @@ def main() -> None:
         "Rule (configs/micromil/README.md, written before the runs): eligible when the validation "
         f"median diversity is >= {MIN_MEDIAN_DIVERSITY} on both datasets; the highest mean validation "
         f"AUC wins; a lead below {LEAD} goes to the candidate with fewer parts. No test figure is read.", "",
+        "The runs it reads: `python benchmarks/cv_table.py --datasets ucsb-breast --repeats 1 --models "
+        f"{' '.join(args.candidates)} --work CV_WORK` and `python benchmarks/sparse_bags.py --seeds "
+        f"{' '.join(map(str, args.sparse_seeds))} --models {' '.join(args.candidates)} --work SPARSE_WORK`.", "",
         f"| candidate | ucsb-breast validation AUC (10 folds, seed {args.cv_seed}) | ucsb-breast validation "
         "median diversity | fashion-sparse validation AUC (seeds "
         f"{', '.join(map(str, args.sparse_seeds))}) | fashion-sparse validation median diversity | "
