@@ -9,15 +9,19 @@ the instance that makes the bag positive, is among the representatives; ABMIL's 
 attention instances beside it); and seconds per training step at 10,000 instances,
 released and the others timed in one run.
 
-This script reads runs; it trains nothing. Make them first:
+This script reads runs; it trains nothing. Make them first (as for the committed results):
 
     .venv/bin/python benchmarks/cv_table.py --datasets musk1 musk2 ucsb-breast --repeats 5 \\
-        --models micromil micromil/released gated-abmil mean-pool --work W
+        --models micromil/distinct-instances micromil/released gated-abmil mean-pool --work W
+    .venv/bin/python benchmarks/cv_table.py --datasets musk1 musk2 ucsb-breast --repeats 1 \\
+        --models micromil/distinct micromil/distinct-sharp ... --work W     # other candidates
     .venv/bin/python benchmarks/sparse_bags.py --work S --seeds 0 1 2 3 4 --compare \\
-        --models micromil micromil/released gated-abmil mean-pool abmil
+        --models micromil/distinct-instances micromil/released gated-abmil mean-pool abmil
     .venv/bin/python benchmarks/micromil_mechanism.py --cv-work W --sparse-work S \\
-        --variants micromil micromil/released --out benchmarks/results/micromil_mechanism
+        --variants micromil/distinct ... micromil/distinct-instances micromil/released \\
+        --chosen micromil/distinct-instances --out benchmarks/results/micromil_mechanism
 
+The last variant is the reference of the paired rows and of the step-cost ratio.
 Selection (configs/micromil/README.md) reads only the `validation` columns.
 """
 
@@ -49,7 +53,10 @@ def cv_runs(work: Path, dataset: str, model: str) -> list[dict]:
     rows = []
     for path in sorted((work / "runs").glob(f"{dataset}-{run_name(model)}-seed*/metrics.json")):
         seed = int(path.parent.name.rsplit("-seed", 1)[1])
-        rows.append({**json.loads(path.read_text()), "dataset": dataset, "model": model, "seed": seed})
+        timing = path.parent / "bench-seconds.json"  # written by cv_table.py
+        seconds = json.loads(timing.read_text())["seconds"] if timing.is_file() else float("nan")
+        rows.append({**json.loads(path.read_text()), "dataset": dataset, "model": model, "seed": seed,
+                     "seconds": seconds})
     return rows
 
 
@@ -189,6 +196,7 @@ def main() -> None:
     ap.add_argument("--sparse-work", help="--work of the sparse_bags.py runs")
     ap.add_argument("--variants", nargs="+", required=True)
     ap.add_argument("--baselines", nargs="*", default=list(BASELINES))
+    ap.add_argument("--chosen", help="the variant paired against the baselines (default: every variant)")
     ap.add_argument("--witness-model", default="abmil", help="attention model whose top-K is compared")
     ap.add_argument("--folds", type=int, default=10)
     ap.add_argument("--max-bags", type=int, default=500)
@@ -230,7 +238,7 @@ def main() -> None:
                              f"{np.mean(val_auc):.3f} | {diversity_cell(val_div)} | {diversity_cell(test_div)} |"
                              if val_auc else
                              f"| {d} | {m} | {len(runs)} | {c['accuracy_mean']:.3f} | {c['auc_mean']:.3f} | - | - | - |")
-        for v in args.variants:
+        for v in [args.chosen] if args.chosen else args.variants:
             pairs += [f"{b}:{v}" for b in args.baselines]
         if len(args.variants) > 1:
             pairs += [f"{args.variants[-1]}:{v}" for v in args.variants[:-1]]
@@ -271,7 +279,7 @@ def main() -> None:
                          f"{spread([r['validation']['auc'] for r in ok])} | {diversity_cell(vd)} | "
                          f"{diversity_cell(td)} | {col('witness_recall')} | {col('witness_recall_chance')} | "
                          f"{col('witness_top1')} |")
-        pairs = [f"{b}:{v}" for v in args.variants for b in args.baselines]
+        pairs = [f"{b}:{v}" for v in ([args.chosen] if args.chosen else args.variants) for b in args.baselines]
         if len(args.variants) > 1:
             pairs += [f"{args.variants[-1]}:{v}" for v in args.variants[:-1]]
         lines += ["", "Paired by training seed (same bags, same test split):", "",
