@@ -1,4 +1,4 @@
-"""K-means for seeding cluster centroids (MicroMIL's ``centroid_init: kmeans``, DEC's init)."""
+"""K-means for seeding cluster centroids (MicroMIL's ``centroid_init: kmeans`` and ``spread``)."""
 
 from __future__ import annotations
 

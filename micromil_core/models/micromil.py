@@ -42,7 +42,7 @@ from micromil_core.models.registry import (
 
 EDGE_MODES = ("paper", "gumbel-neighbour")
 SELECTIONS = ("released", "affinity", "distinct")
-CENTROID_INITS = ("instances", "kmeans")
+CENTROID_INITS = ("instances", "kmeans", "spread")
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,9 @@ class MicroMILParams:
     # log K), so tau < 1 lets membership, not only relevance, decide the pick.
     assign_tau: float = 1.0
     # Centroid seeding before training: "instances" = K random projected instances;
-    # "kmeans" = k-means++ then Lloyd iterations on the projected sample (DEC's choice).
+    # "kmeans" = k-means++ then Lloyd iterations on the projected sample (DEC's choice);
+    # "spread" = K projected instances drawn by k-means++'s D^2 rule, no Lloyd iterations
+    # (instances, like the default, but spread over the data's groups).
     centroid_init: str = "instances"
 
     def __post_init__(self) -> None:
@@ -433,15 +435,16 @@ class MicroMIL(MILModel):
 
     @torch.no_grad()
     def init_centroids_kmeans_(
-        self, x: Tensor, mask: Tensor, generator: torch.Generator | None = None
+        self, x: Tensor, mask: Tensor, generator: torch.Generator | None = None, iters: int = 25
     ) -> MicroMIL:
-        """Seed the centroids by k-means on the projected real instances (DEC's init).
+        """Seed the centroids by k-means on the projected real instances (DEC's init);
+        ``iters=0`` keeps k-means++'s seeds, which are instances themselves.
 
         Shapes: x (B, N, D), mask (B, N)
         """
         check_batch(x, mask, self.in_dim)
         h = self.project(x)[mask]  # (M, P)
-        self.dce.centroids.copy_(kmeans(h, self.params.n_clusters, generator))
+        self.dce.centroids.copy_(kmeans(h, self.params.n_clusters, generator, iters=iters))
         return self
 
 
@@ -450,8 +453,9 @@ class MicroMIL(MILModel):
         self, x: Tensor, mask: Tensor, generator: torch.Generator | None = None
     ) -> None:
         # Random centroids give near-uniform q, so every cluster would pick the same image.
-        if self.params.centroid_init == "kmeans":
-            self.init_centroids_kmeans_(x, mask, generator)
+        if self.params.centroid_init in ("kmeans", "spread"):
+            iters = 25 if self.params.centroid_init == "kmeans" else 0
+            self.init_centroids_kmeans_(x, mask, generator, iters=iters)
         else:
             self.init_centroids_(x, mask, generator)
 

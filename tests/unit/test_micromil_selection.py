@@ -53,13 +53,15 @@ def test_default_model_picks_k_distinct_representatives() -> None:
     assert (picked >= 0).all() and len(set(picked.tolist())) == 12
 
 
+@pytest.mark.parametrize("init", ["kmeans", "spread"])
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_kmeans_seeded_distinct_draw_picks_one_representative_per_group(seed: int) -> None:
-    # Part two, one per group: met with k-means centroids (`centroid_init: kmeans`). The
+def test_spread_seeded_distinct_draw_picks_one_representative_per_group(seed: int, init: str) -> None:
+    # Part two, one per group: met with centroids seeded apart (`centroid_init: kmeans`, or
+    # `spread`: the k-means++ instances without Lloyd iterations). The
     # default seeds centroids with K random instances, which land in only 7-11 of the 12
     # groups, so its picks cover 4-10 groups (docs/micromil_collapse.md); the validation
     # rule chose it anyway (benchmarks/results/micromil_selection.md).
-    picked, group = _picks_on_groups({"centroid_init": "kmeans"}, seed=seed)
+    picked, group = _picks_on_groups({"centroid_init": init}, seed=seed)
     assert len(set(picked.tolist())) == 12
     assert len(set(group[picked].tolist())) >= 0.9 * 12
 
@@ -242,3 +244,15 @@ def test_options_are_checked() -> None:
         MicroMILParams(assign_tau=0.0)
     with pytest.raises(ConfigError, match="centroid_init"):
         MicroMILParams(centroid_init="random")
+
+
+def test_spread_init_seeds_centroids_with_distinct_instances() -> None:
+    # "spread" keeps the default's character (centroids are instances) and only changes
+    # which instances: every centroid is one projected instance, none twice.
+    model = MicroMIL(D, C, MicroMILParams(**SMALL, centroid_init="spread"))
+    x, mask = ragged_batch([5, 3])
+    model.init_from_data(x, mask, generator=torch.Generator().manual_seed(0))
+    h = model.project(x)[mask].detach()
+    match = torch.cdist(model.dce.centroids.detach(), h).argmin(-1)
+    torch.testing.assert_close(model.dce.centroids.detach(), h[match])
+    assert len(set(match.tolist())) == SMALL["n_clusters"]
