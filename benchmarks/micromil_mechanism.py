@@ -120,21 +120,18 @@ def _loaded(run: Path, site: Path):
     return loaded, loaded.model.eval(), sb
 
 
-def _split_diversity(loaded, model, sb, site: Path, part: str) -> dict | None:
+def _split_diversity(loaded, model, sb, part: str) -> dict | None:
     """Representative diversity of the model on one split (val | test) of the site."""
-    from micromil_core.data.site import load_site
     from micromil_core.training.mechanism import representative_diversity, representative_picks
 
-    split = {p.patient_id: p.split for p in load_site(site).patients}
-    bags = [b for b in sb.bags if split[b.patient_id] == part]
-    picks = representative_picks(model, loaded.model_inputs(sb, bags), loaded.device)
+    picks = representative_picks(model, loaded.model_inputs(sb, sb.by_split(part)), loaded.device)
     return representative_diversity(picks) if picks else None
 
 
 def sparse_validation_diversity(run: Path, site: Path) -> dict | None:
     """Diversity on the validation bags only: what the choice of default may read."""
     loaded, model, sb = _loaded(run, site)
-    return _split_diversity(loaded, model, sb, site, "val")
+    return _split_diversity(loaded, model, sb, "val")
 
 
 def sparse_mechanism(run: Path, site: Path, witnesses: dict[str, np.ndarray], top_k: int) -> dict:
@@ -144,13 +141,11 @@ def sparse_mechanism(run: Path, site: Path, witnesses: dict[str, np.ndarray], to
     is a witness). Shown = MicroMIL's distinct representatives, or the top-``top_k``
     attention instances of an attention model."""
     from micromil_core.data.bag import collate_bags
-    from micromil_core.data.site import load_site
 
     loaded, model, sb = _loaded(run, site)
-    out: dict = {f"{part}_diversity": _split_diversity(loaded, model, sb, site, part) for part in ("val", "test")}
-    split = {p.patient_id: p.split for p in load_site(site).patients}
+    out: dict = {f"{part}_diversity": _split_diversity(loaded, model, sb, part) for part in ("val", "test")}
     hits, chance, top1 = [], [], []
-    test = [b for b in sb.bags if split[b.patient_id] == "test" and b.label == 1]
+    test = [b for b in sb.by_split("test") if b.label == 1]
     for bag in loaded.model_inputs(sb, test):
         pred = model.predict_batch(collate_bags([bag]))
         if pred.instance_scores is None:
