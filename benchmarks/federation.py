@@ -99,6 +99,16 @@ def model_config_args(name: str) -> list[str]:
     return ["--config", str(config)] if config.is_file() else ["--model", name]
 
 
+def variant_params(name: str) -> dict:
+    """``model.params`` of a variant named by folder (configs/<name>.yaml, e.g.
+    micromil/distinct); {} for a plain model name (its defaults)."""
+    if "/" not in name:
+        return {}
+    from micromil_core.config import load_config
+
+    return dict(load_config(ROOT / "configs" / f"{name}.yaml").model.params)
+
+
 def check_pairs(ap: argparse.ArgumentParser, pairs: list[str], models: list[str]) -> None:
     """Every ``--compare`` value is BASE:OTHER with both in ``--models``, or the parser exits."""
     for pair in pairs:

@@ -25,16 +25,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from federation import DATASETS, ROOT, micromil, prepared, spread, write_results  # noqa: E402
+from federation import DATASETS, ROOT, micromil, prepared, spread, variant_params, write_results  # noqa: E402
 
 
 def variant_overrides(variant: str) -> list[str]:
     """--set arguments that turn the federation's config into ``variant``."""
-    if "/" not in variant:
-        return []
-    from micromil_core.config import load_config
-
-    params = load_config(ROOT / "configs" / f"{variant}.yaml").model.params
+    params = variant_params(variant)
     out = []
     for key, value in params.items():
         out += ["--set", f"model.params.{key}={value}"]

@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cv_table import combine, paired_table  # noqa: E402
-from federation import paired_by_seed, spread, write_results  # noqa: E402
+from federation import paired_by_seed, spread, variant_params, write_results  # noqa: E402
 
 CV_DATASETS = ("musk1", "musk2", "ucsb-breast")
 BASELINES = ("gated-abmil", "mean-pool")
@@ -171,13 +171,7 @@ def step_seconds(variants: list[str], n: int, dim: int, rounds: int) -> dict[str
     of ``n`` instances, interleaved round by round so they share the machine's state."""
     from speed_memory import child
 
-    from micromil_core.config import load_config
-
-    params = {}
-    root = Path(__file__).resolve().parent.parent
-    for v in variants:
-        file = root / "configs" / f"{v}.yaml"
-        params[v] = load_config(file).model.params if "/" in v else {}
+    params = {v: variant_params(v) for v in variants}
     times: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(rounds):
         for v in variants:

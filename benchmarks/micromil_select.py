@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from federation import ROOT, write_results  # noqa: E402
+from federation import variant_params, write_results  # noqa: E402
 from micromil_mechanism import run_name, sparse_validation_diversity  # noqa: E402
 
 MIN_MEDIAN_DIVERSITY = 0.8
@@ -35,9 +35,7 @@ LEAD = 0.01
 
 def parts(candidate: str) -> int:
     """How many optional parts a candidate adds: a sharpened membership, the KL term."""
-    from micromil_core.config import load_config
-
-    params = load_config(ROOT / "configs" / f"{candidate}.yaml").model.params
+    params = variant_params(candidate)
     return int(float(params.get("assign_tau", 1.0)) != 1.0) + int(float(params.get("kl_weight", 0.0)) > 0)
 
 
