@@ -26,6 +26,7 @@ from micromil_core.config import ExperimentConfig
 from micromil_core.errors import SiteDataError
 from micromil_core.federated import wire
 from micromil_core.federated.aggregate import scalar_keys
+from micromil_core.federated.history import RoundRecord, RunHistory
 from micromil_core.federated.messages import RoundSettings
 from micromil_core.federated.run_state import STATE_FILE, RunState, load_run_state
 from micromil_core.federated.setup import (
@@ -39,6 +40,7 @@ from micromil_core.federated.setup import (
     validate_sites,
     weighted_site_metrics,
 )
+from micromil_core.federated.site_task import ModelSpec
 from micromil_core.io import write_json_atomic
 from micromil_core.privacy.report import budget_stops
 from micromil_core.report import metric_text
@@ -48,7 +50,7 @@ from micromil_core.training.checkpoint import (
     save_checkpoint,
 )
 from server.privacy import central_dp_entry, clipping_norm, fresh_noise
-from server.rounds import NodeSubset, ReplyChecks, evaluate_all, plain_train_step
+from server.rounds import NodeSubset, ReplyChecks, TrainStep, evaluate_all, plain_train_step
 from server.strategies import build_strategy, load_strategy_state, save_strategy_state
 
 log = logging.getLogger("micromil.server")
@@ -57,19 +59,13 @@ STRATEGY_FILE = "strategy-state.npz"  # arrays + JSON manifest, never pickle
 WAIT_POLL_SECONDS = 1.0
 
 
-
-
 @dataclass
 class FederationResult:
     rounds_done: int
-    history: list[dict[str, Any]]
+    history: list[RoundRecord]
     metrics: dict[str, Any]
     out: Path
     sites: list[SiteInfo] = field(default_factory=list)
-
-
-
-
 
 
 # ------------------------------------------------------------------ discovery
@@ -138,31 +134,7 @@ def discover_sites(grid: Grid, settings: RoundSettings, expected: int, timeout: 
     return sorted(sites, key=lambda s: s.name)
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # ------------------------------------------------------------------ rounds
-
-
-
-
-
-
-
-
 
 
 def limit_sampling(strategy: Any, n: int) -> None:
@@ -173,26 +145,153 @@ def limit_sampling(strategy: Any, n: int) -> None:
                 setattr(s, attr, n)
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def check_sites(sites: list[SiteInfo], cfg: ExperimentConfig) -> tuple[list[str], int]:
     """The sites' data (``validate_sites``), then the strategy and privacy settings against
     the number of training sites; returns (classes, feature dim)."""
     classes, dim = validate_sites(sites, cfg)
     build_strategy(cfg.federation, sum(s.role == "train" for s in sites), cfg.privacy)
     return classes, dim
+
+
+@dataclass
+class _Federation:
+    """What every round of one run needs, fixed once the sites have been checked."""
+
+    grid: Grid
+    cfg: ExperimentConfig
+    out: Path
+    sites: list[SiteInfo]
+    classes: list[str]
+    spec: ModelSpec
+    scaler: Any
+    scaler_mode: str
+    settings: RoundSettings
+    strategy: Any
+    checks: ReplyChecks
+
+    @property
+    def train_sites(self) -> list[SiteInfo]:
+        return [s for s in self.sites if s.role == "train"]
+
+    @property
+    def holdout(self) -> list[SiteInfo]:
+        return [s for s in self.sites if s.role == "holdout"]
+
+
+def _set_up(
+    grid: Grid, cfg: ExperimentConfig, out: Path, expected_sites: int, connect_timeout: float,
+    site_nodes: dict[int, str] | None,
+) -> _Federation:
+    """Discover the sites, check who they are and what they hold, and fix the round settings."""
+    sites = discover_sites(grid, RoundSettings(cfg, classes=[]), expected_sites, connect_timeout)
+    check_identities(sites, site_nodes)
+    classes, dim = check_sites(sites, cfg)
+    train_sites = [s for s in sites if s.role == "train"]
+    log.info(
+        "sites: train %s; held out %s; classes %s; feature dim %d",
+        [s.name for s in train_sites], [s.name for s in sites if s.role == "holdout"], classes, dim,
+    )
+    spec = experiment_spec(cfg, dim, classes)
+    scaler_mode = choose_scaler_mode(cfg, train_sites)
+    scaler = global_scaler(sites, dim) if scaler_mode == "global" else None
+    checks = ReplyChecks(
+        cfg.federation.max_update_ratio,
+        {s.name: int(s.counts.get(wire.NUM_EXAMPLES, 0)) for s in sites},
+    )
+    return _Federation(
+        grid, cfg, out, sites, classes, spec, scaler, scaler_mode,
+        RoundSettings(cfg, classes, spec, scaler, site_scaler=scaler_mode == "site"),
+        build_strategy(cfg.federation, len(train_sites), cfg.privacy), checks,
+    )
+
+
+def _start_state(fed: _Federation, resume: bool) -> RunState:
+    state = load_run_state(fed.out / STATE_FILE, fed.cfg, fed.spec) if resume else None
+    if state is None:
+        init = starting_weights(fed.cfg, fed.spec, fed.classes)
+        return RunState(0, init, [], 0, init, math.inf)
+    load_strategy_state(fed.strategy, fed.out / STRATEGY_FILE)
+    log.info("resuming after round %d", state.round)
+    return state
+
+
+def _train(fed: _Federation, rnd: int, arrays: ArrayRecord, round_config: ConfigRecord,
+           active: list[SiteInfo]) -> tuple[TrainStep, int]:
+    """The training half of round ``rnd`` on the ``active`` sites; returns it and how many
+    replies it needed."""
+    from server.secure_aggregation import secure_train_step
+
+    train_sites = fed.train_sites
+    min_sites = min(fed.cfg.federation.min_train_sites or len(train_sites), len(active))
+    if len(active) < len(train_sites):
+        limit_sampling(fed.strategy, min_sites)  # else Flower waits for the stopped sites
+    name_of = {s.node_id: s.name for s in fed.sites}
+    args = (fed.grid, fed.strategy, rnd, arrays, round_config,
+            NodeSubset(fed.grid, [s.node_id for s in active]), name_of,
+            fed.cfg.federation.round_timeout, min_sites, fed.checks)
+    if not fed.cfg.privacy.secure_aggregation:
+        return plain_train_step(*args), min_sites
+    # SecAgg+ scales each site's model by patients / max_weight before quantisation.
+    patients = sum(s.counts.get(wire.NUM_EXAMPLES, 0) for s in train_sites)
+    return secure_train_step(*args, fed.cfg.privacy.secagg, max_weight=max(patients, 1)), min_sites
+
+
+def _play_round(
+    fed: _Federation, state: RunState, rnd: int, arrays: ArrayRecord, stopped: dict[str, str],
+) -> tuple[RoundRecord, TrainStep]:
+    """Train, aggregate and evaluate round ``rnd``; ``stopped`` gains the sites whose
+    privacy budget this round used up."""
+    start = time.perf_counter()
+    active = [s for s in fed.train_sites if s.name not in stopped]
+    round_config = ConfigRecord({
+        **fed.settings.to_config(), wire.ROUND: rnd, wire.LOCAL_EPOCHS: fed.cfg.federation.local_epochs,
+        wire.FEDERATION_ID: state.federation_id,
+    })
+    central = fed.cfg.privacy.central
+    if central.enabled:
+        fresh_noise()
+        norm_clipped = clipping_norm(fed.strategy)  # adaptive clipping moves it in aggregation
+    step, min_sites = _train(fed, rnd, arrays, round_config, active)
+    for site, message in budget_stops([step.per_site]).items():
+        if site not in stopped and rnd < fed.cfg.federation.rounds:
+            log.warning("round %d: %s", rnd, message)
+        stopped.setdefault(site, message)
+    failures = list(step.failures)
+    if step.arrays is None:
+        failures.append(
+            f"round {rnd}: {len(step.per_site)} of {min_sites} required sites replied; global model kept"
+        )
+    for f in failures:
+        log.warning("round %d: %s", rnd, f)
+    evaluated = step.arrays if step.arrays is not None else arrays
+    eval_results, eval_failures, eval_sent, eval_received, eval_rejected = evaluate_all(
+        fed.grid, fed.sites, evaluated, round_config, rnd, fed.cfg.federation.round_timeout, fed.checks
+    )
+    for f in eval_failures:  # the evaluation phase's own failures, named like training's
+        log.warning("round %d: %s", rnd, f)
+    train_names, holdout_names = {s.name for s in fed.train_sites}, {s.name for s in fed.holdout}
+    train_eval = {k: v for k, v in eval_results.items() if k in train_names}
+    holdout_eval = {k: v for k, v in eval_results.items() if k in holdout_names}
+    record = RoundRecord(
+        round=rnd,
+        wall_seconds=time.perf_counter() - start,
+        bytes_sent=step.sent + eval_sent,
+        bytes_received=step.received + eval_received,
+        train=step.per_site,
+        train_aggregated=weighted_site_metrics(step.per_site, scalar_keys(step.per_site.values())),
+        evaluate=train_eval,
+        evaluate_aggregated=weighted_site_metrics(train_eval, (*wire.CORE_METRICS, "loss")),
+        holdout=holdout_eval,
+        holdout_aggregated=weighted_site_metrics(holdout_eval, (*wire.CORE_METRICS, "loss")),
+        failures=failures + eval_failures,
+        rejected={"train": step.rejected, "evaluate": eval_rejected},
+        stopped_for_privacy=sorted(stopped),
+    )
+    if central.enabled:
+        record.central_dp = central_dp_entry(
+            fed.strategy, central, norm_clipped, step.per_site, step.arrays is not None, state.history
+        )
+    return record, step
 
 
 def run_federation(
@@ -211,172 +310,84 @@ def run_federation(
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    fed = cfg.federation
-    settings = RoundSettings(cfg, classes=[])
-    sites = discover_sites(grid, settings, expected_sites, connect_timeout)
-    check_identities(sites, site_nodes)
-    classes, dim = check_sites(sites, cfg)
-    train_sites = [s for s in sites if s.role == "train"]
-    holdout = [s for s in sites if s.role == "holdout"]
-    log.info(
-        "sites: train %s; held out %s; classes %s; feature dim %d",
-        [s.name for s in train_sites], [s.name for s in holdout], classes, dim,
-    )
-    from server.secure_aggregation import secure_train_step
-
-    spec = experiment_spec(cfg, dim, classes)
-    scaler_mode = choose_scaler_mode(cfg, train_sites)
-    scaler = global_scaler(sites, dim) if scaler_mode == "global" else None
-    settings = RoundSettings(cfg, classes, spec, scaler, site_scaler=scaler_mode == "site")
-
-    strategy = build_strategy(fed, len(train_sites), cfg.privacy)
-    central = cfg.privacy.central
-    # SecAgg+ scales each site's model by patients / max_weight before quantisation.
-    patients = sum(s.counts.get(wire.NUM_EXAMPLES, 0) for s in train_sites)
-    state_path, strategy_path = out / STATE_FILE, out / STRATEGY_FILE
-    state = load_run_state(state_path, cfg, spec) if resume else None
-    if state is None:
-        init = starting_weights(cfg, spec, classes)
-        state = RunState(0, init, [], 0, init, math.inf)
-    else:
-        load_strategy_state(strategy, strategy_path)
-        log.info("resuming after round %d", state.round)
+    fed = _set_up(grid, cfg, out, expected_sites, connect_timeout, site_nodes)
+    state = _start_state(fed, resume)
     arrays = ArrayRecord(state.arrays)
-    name_of = {s.node_id: s.name for s in sites}
-    checks = ReplyChecks(
-        fed.max_update_ratio, {s.name: int(s.counts.get(wire.NUM_EXAMPLES, 0)) for s in sites}
-    )
-    extra = {"experiment": cfg.to_dict(), "spec": [spec.name, spec.in_dim, spec.n_classes]}
-
+    info = run_info(cfg, fed.sites, state.started)
     missing: set[str] = set()  # training sites that failed a round and have not replied since
-    stopped = budget_stops(state.history)  # sites out of privacy budget: never asked again
-    for rnd in range(state.round + 1, fed.rounds + 1):
-        start = time.perf_counter()
-        active = [s for s in train_sites if s.name not in stopped]
-        if not active:
+    # Sites out of privacy budget: never asked again.
+    stopped = budget_stops(r.train for r in state.history)
+    for rnd in range(state.round + 1, cfg.federation.rounds + 1):
+        if all(s.name in stopped for s in fed.train_sites):
             log.warning(
                 "every training site has spent its privacy budget; the federation ends after round %d",
                 state.round,
             )
             break
-        train_view = NodeSubset(grid, [s.node_id for s in active])
-        round_config = ConfigRecord({
-            **settings.to_config(), wire.ROUND: rnd, wire.LOCAL_EPOCHS: fed.local_epochs,
-            wire.FEDERATION_ID: state.federation_id,
-        })
-        min_sites = min(fed.min_train_sites or len(train_sites), len(active))
-        if len(active) < len(train_sites):
-            limit_sampling(strategy, min_sites)  # else Flower waits for the stopped sites
-        if central.enabled:
-            fresh_noise()
-            norm_clipped = clipping_norm(strategy)  # adaptive clipping moves it in aggregation
-        args = (grid, strategy, rnd, arrays, round_config, train_view, name_of, fed.round_timeout,
-                min_sites, checks)
-        step = (
-            secure_train_step(*args, cfg.privacy.secagg, max_weight=max(patients, 1))
-            if cfg.privacy.secure_aggregation
-            else plain_train_step(*args)
-        )
-        failures = step.failures
-        for site, message in budget_stops([{"train": step.per_site}]).items():
-            if site not in stopped and rnd < fed.rounds:
-                log.warning("round %d: %s", rnd, message)
-            stopped.setdefault(site, message)
+        record, step = _play_round(fed, state, rnd, arrays, stopped)
         trained = set(step.per_site)
         if missing & trained:
             log.info("round %d: %s back and training again", rnd, ", ".join(sorted(missing & trained)))
         missing = (missing | step.asked) - trained
         if step.arrays is not None:
             arrays = step.arrays
-        else:
-            failures.append(
-                f"round {rnd}: {len(step.per_site)} of {min_sites} required sites replied; global model kept"
-            )
-        for f in failures:
-            log.warning("round %d: %s", rnd, f)
-        eval_results, eval_failures, eval_sent, eval_received, eval_rejected = evaluate_all(
-            grid, sites, arrays, round_config, rnd, fed.round_timeout, checks
-        )
-        for f in eval_failures:  # the evaluation phase's own failures, named like training's
-            log.warning("round %d: %s", rnd, f)
-        failures += eval_failures
-        train_eval = {k: v for k, v in eval_results.items() if k in {s.name for s in train_sites}}
-        holdout_eval = {k: v for k, v in eval_results.items() if k in {s.name for s in holdout}}
-        entry = {
-            "round": rnd,
-            "wall_seconds": time.perf_counter() - start,
-            "bytes_sent": step.sent + eval_sent,
-            "bytes_received": step.received + eval_received,
-            "train": step.per_site,
-            "train_aggregated": weighted_site_metrics(step.per_site, scalar_keys(step.per_site.values())),
-            "evaluate": train_eval,
-            "evaluate_aggregated": weighted_site_metrics(train_eval, (*wire.CORE_METRICS, "loss")),
-            "holdout": holdout_eval,
-            "holdout_aggregated": weighted_site_metrics(holdout_eval, (*wire.CORE_METRICS, "loss")),
-            "failures": failures,
-            # replies refused before use: {"train"|"evaluate": {site: why}}
-            "rejected": {"train": step.rejected, "evaluate": eval_rejected},
-            "stopped_for_privacy": sorted(stopped),
-        }
-        if central.enabled:
-            entry["central_dp"] = central_dp_entry(
-                strategy, central, norm_clipped, step.per_site, step.arrays is not None, state.history
-            )
-        state.history.append(entry)
+        state.history.append(record)
         state.round = rnd
         state.arrays = arrays.to_torch_state_dict()
-        val_loss = entry["evaluate_aggregated"].get("loss", math.nan)
-        if math.isfinite(val_loss) and val_loss < state.best_val_loss:
-            state.best_round, state.best_val_loss, state.best_arrays = rnd, val_loss, state.arrays
-        save_strategy_state(strategy, strategy_path)
-        state.save(state_path, extra)
-        write_json_atomic(out / "history.json", {"run": run_info(cfg, sites), "rounds": state.history})
+        if math.isfinite(record.validation_loss) and record.validation_loss < state.best_val_loss:
+            state.best_round, state.best_val_loss, state.best_arrays = rnd, record.validation_loss, state.arrays
+        save_strategy_state(fed.strategy, out / STRATEGY_FILE)
+        state.save(out / STATE_FILE, {"experiment": cfg.to_dict(),
+                                      "spec": [fed.spec.name, fed.spec.in_dim, fed.spec.n_classes]})
+        RunHistory(info, state.history).write(out)
         log.info(
             "round %d/%d: train loss %s | val AUC %s | held-out AUC %s | %.1f s",
-            rnd, fed.rounds,
-            metric_text(entry["train_aggregated"], "train_loss"),
-            metric_text(entry["evaluate_aggregated"], "auc"),
-            metric_text(entry["holdout_aggregated"], "auc"),
-            entry["wall_seconds"],
+            rnd, cfg.federation.rounds,
+            metric_text(record.train_aggregated, "train_loss"),
+            metric_text(record.evaluate_aggregated, "auc"),
+            metric_text(record.holdout_aggregated, "auc"),
+            record.wall_seconds,
         )
+    return _finish(fed, state)
 
-    if fed.select == "best-val" and state.best_round:
+
+def _finish(fed: _Federation, state: RunState) -> FederationResult:
+    """Choose the final model (``federation.select``), save it and its held-out metrics."""
+    select = fed.cfg.federation.select
+    if select == "best-val" and state.best_round:
         chosen, final_arrays = state.best_round, state.best_arrays
     else:
-        if fed.select == "best-val":
+        if select == "best-val":
             log.warning(
                 "federation.select=best-val found no aggregated validation loss in any round "
                 "(the training sites' validation sets are smaller than the small-count guard's "
                 "threshold, or none replied); the last round's model is kept"
             )
         chosen, final_arrays = state.round, state.arrays
-    entry = next((h for h in state.history if h["round"] == chosen), {})
-    holdout = entry.get("holdout", {})
+    record = next((r for r in state.history if r.round == chosen), RoundRecord(chosen))
     metrics = {
-        **entry.get("holdout_aggregated", {}),
-        "n": int(sum(m.get(wire.NUM_EXAMPLES, 0) for m in holdout.values())),
+        **record.holdout_aggregated,
+        "n": int(sum(m.get(wire.NUM_EXAMPLES, 0) for m in record.holdout.values())),
         "per_site": {
             site: {k: v for k, v in m.items() if not k.startswith("roc_")}
-            for site, m in holdout.items()
+            for site, m in record.holdout.items()
         },
         "round": chosen,
-        "selected_by": fed.select,
+        "selected_by": select,
     }
+    spec, model_path = fed.spec, fed.out / "model.pt"
     save_checkpoint(
         Checkpoint(
             model_name=spec.name, in_dim=spec.in_dim, n_classes=spec.n_classes, params=spec.params,
-            classes=classes, state_dict=final_arrays, scaler=scaler, encoder=cfg.data.encoder,
-            config=cfg.to_dict(),
-            provenance={"round": chosen, "federated": True, "strategy": fed.strategy,
-                        "trained_on": [s.name for s in train_sites], "scaler": scaler_mode},
+            classes=fed.classes, state_dict=final_arrays, scaler=fed.scaler,
+            encoder=fed.cfg.data.encoder, config=fed.cfg.to_dict(),
+            provenance={"round": chosen, "federated": True, "strategy": fed.cfg.federation.strategy,
+                        "trained_on": [s.name for s in fed.train_sites], "scaler": fed.scaler_mode},
         ),
-        out / "model.pt",
+        model_path,
     )
     # Hospitals that receive model.pt check it against this (`micromil inspect model.pt`).
-    metrics["model_sha256"] = file_sha256(out / "model.pt")
-    log.info("global model %s (round %d), sha256 %s", out / "model.pt", chosen, metrics["model_sha256"])
-    write_json_atomic(out / "metrics.json", metrics)
-    return FederationResult(state.round, state.history, metrics, out, sites)
-
-
-
+    metrics["model_sha256"] = file_sha256(model_path)
+    log.info("global model %s (round %d), sha256 %s", model_path, chosen, metrics["model_sha256"])
+    write_json_atomic(fed.out / "metrics.json", metrics)
+    return FederationResult(state.round, state.history, metrics, fed.out, fed.sites)

@@ -36,6 +36,7 @@ from micromil_core.config import (
 )
 from micromil_core.errors import ConfigError
 from micromil_core.federated import wire
+from micromil_core.federated.history import RoundRecord
 
 # The wrappers calibrate the noise to a MEAN of clipped updates; only strategies whose
 # aggregate is that mean keep the guarantee (a median or Krum's pick is not a mean, and
@@ -186,7 +187,7 @@ def central_dp_entry(
     norm_clipped: float,
     per_site: dict[str, dict[str, Any]],
     released: bool,
-    history: list[dict[str, Any]],
+    history: list[RoundRecord],
 ) -> dict[str, Any]:
     """The round's ``central_dp`` history entry; epsilon covers this and all earlier
     releases (read back from ``history``, so it survives a coordinator restart)."""
@@ -196,9 +197,9 @@ def central_dp_entry(
             strategy, cfg, (m.get(wire.NUM_EXAMPLES, 0) for m in per_site.values()), norm_clipped
         )
     earlier = [
-        h["central_dp"]["effective_noise_multiplier"]
-        for h in history
-        if h.get("central_dp", {}).get("effective_noise_multiplier") is not None
+        r.central_dp["effective_noise_multiplier"]
+        for r in history
+        if r.central_dp and r.central_dp.get("effective_noise_multiplier") is not None
     ]
     multipliers = earlier + ([sigma] if sigma is not None else [])
     epsilon = central_epsilon(multipliers, cfg.delta, strategy.num_sampled_clients)

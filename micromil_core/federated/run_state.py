@@ -13,11 +13,11 @@ import torch
 
 from micromil_core.config import ExperimentConfig
 from micromil_core.errors import CheckpointError
+from micromil_core.federated.history import RoundRecord, utc_now
 from micromil_core.federated.site_task import ModelSpec
 from micromil_core.io import torch_save_atomic
 
 STATE_FILE = "federation-state.pt"
-
 
 
 @dataclass
@@ -26,28 +26,29 @@ class RunState:
 
     round: int
     arrays: dict[str, torch.Tensor]
-    history: list[dict[str, Any]]
+    history: list[RoundRecord]
     best_round: int
     best_arrays: dict[str, torch.Tensor]
     best_val_loss: float
     # Drawn once per run and kept across restarts: sites account DP-SGD per federation id.
     federation_id: str = field(default_factory=lambda: secrets.token_hex(8))
+    started: str = field(default_factory=utc_now)  # when round 1 began, kept across restarts
 
     def save(self, path: Path, extra: dict[str, Any]) -> None:
         torch_save_atomic(
             {
                 "round": self.round,
                 "arrays": self.arrays,
-                "history": self.history,
+                "history": [r.to_dict() for r in self.history],
                 "best_round": self.best_round,
                 "best_arrays": self.best_arrays,
                 "best_val_loss": self.best_val_loss,
                 "federation_id": self.federation_id,
+                "started": self.started,
                 **extra,
             },
             path,
         )
-
 
 
 def load_run_state(path: Path, cfg: ExperimentConfig, spec: ModelSpec) -> RunState | None:
@@ -70,11 +71,14 @@ def load_run_state(path: Path, cfg: ExperimentConfig, spec: ModelSpec) -> RunSta
             )
     if raw.get("spec") != [spec.name, spec.in_dim, spec.n_classes]:
         raise CheckpointError(f"cannot resume {path}: it holds a different model/site setup")
+    history = [RoundRecord.from_dict(r, i) for i, r in enumerate(raw["history"], start=1)]
     state = RunState(
-        int(raw["round"]), raw["arrays"], list(raw["history"]), int(raw["best_round"]),
+        int(raw["round"]), raw["arrays"], history, int(raw["best_round"]),
         raw["best_arrays"], float(raw["best_val_loss"]),
     )
     if raw.get("federation_id"):
         state.federation_id = str(raw["federation_id"])
+    if raw.get("started"):
+        state.started = str(raw["started"])
     return state
 

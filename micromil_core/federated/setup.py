@@ -20,6 +20,7 @@ from micromil_core.data.site import class_order
 from micromil_core.errors import CheckpointError, ConfigError, SiteDataError
 from micromil_core.federated import wire
 from micromil_core.federated.aggregate import weighted_means
+from micromil_core.federated.history import RunInfo
 from micromil_core.federated.site_task import ModelSpec
 from micromil_core.models.mhim import NAME as MHIM_NAME
 from micromil_core.models.mhim import base_checkpoint_fits, state_from_base
@@ -260,14 +261,16 @@ def weighted_site_metrics(per_site: dict[str, dict[str, Any]], keys: Iterable[st
 
 
 
-def run_info(cfg: ExperimentConfig, sites: list[SiteInfo]) -> dict[str, Any]:
-    return {
-        "model": cfg.model.name,
-        "strategy": cfg.federation.strategy,
-        "rounds": cfg.federation.rounds,
-        "local_epochs": cfg.federation.local_epochs,
-        "seed": cfg.train.seed,
-        "train_sites": [s.name for s in sites if s.role == "train"],
-        "holdout_sites": [s.name for s in sites if s.role == "holdout"],
-    }
+def run_info(cfg: ExperimentConfig, sites: list[SiteInfo], started: str) -> RunInfo:
+    """The run's header in history.json (``started``: when round 1 began, ISO 8601 UTC)."""
+    return RunInfo(
+        model=cfg.model.name,
+        strategy=cfg.federation.strategy,
+        rounds=cfg.federation.rounds,
+        local_epochs=cfg.federation.local_epochs,
+        seed=cfg.train.seed,
+        train_sites=[s.name for s in sites if s.role == "train"],
+        holdout_sites=[s.name for s in sites if s.role == "holdout"],
+        started=started,
+    )
 

@@ -9,12 +9,13 @@ privacy-report``: epsilon per site per round, budgets and settings, and central 
 
 from __future__ import annotations
 
-import json
 import math
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from micromil_core.errors import ConfigError
+from micromil_core.federated.history import HistoryError, read_history
 from micromil_core.privacy.ledger import LEDGER_FILE, PrivacyLedger, exceeds
 
 SETTINGS = ("delta", "epsilon_budget", "noise_multiplier", "sample_rate", "max_grad_norm", "dp_steps")
@@ -34,48 +35,41 @@ def budget_message(site: str, metrics: dict[str, Any]) -> str:
     )
 
 
-def budget_stops(history: list[dict[str, Any]]) -> dict[str, str]:
-    """Sites whose latest train metrics (over all rounds so far) leave no budget for another
-    round, with the message saying so."""
+def budget_stops(train_replies: Iterable[Mapping[str, dict[str, Any]]]) -> dict[str, str]:
+    """Sites whose latest train metrics leave no budget for another round, with the message
+    saying so; ``train_replies`` is each round's {site: train metrics}, oldest first."""
     latest: dict[str, dict[str, Any]] = {}
-    for entry in history:
-        latest.update(entry.get("train", {}))
+    for per_site in train_replies:
+        latest.update(per_site)
     return {site: budget_message(site, m) for site, m in sorted(latest.items()) if over_budget(m)}
 
 
 def privacy_report(run_dir: str | Path) -> dict[str, Any]:
     """Epsilon per site per round, each site's settings, and central DP, from history.json."""
-    path = Path(run_dir) / "history.json"
-    if not path.is_file():
-        raise ConfigError(f"{path} not found; pass the --out folder of a simulate/federation run")
     try:
-        history = json.loads(path.read_text())
-    except ValueError as exc:
-        raise ConfigError(f"{path} is not valid JSON ({exc}); was the run interrupted while writing?") from None
-    rounds = history.get("rounds", [])
+        history = read_history(run_dir)
+    except HistoryError as exc:
+        raise ConfigError(str(exc)) from None
     sites: dict[str, dict[str, Any]] = {}
     central: list[dict[str, Any]] = []
-    for entry in rounds:
-        rnd = int(entry["round"])
-        for site, m in entry.get("train", {}).items():
+    for record in history.rounds:
+        for site, m in record.train.items():
             if "epsilon" not in m:
                 continue
             rec = sites.setdefault(site, {"epsilon": {}, "settings": {}})
-            rec["epsilon"][rnd] = float(m["epsilon"])
+            rec["epsilon"][record.round] = float(m["epsilon"])
             rec["settings"] = {k: m[k] for k in SETTINGS if k in m}
-        if "central_dp" in entry:
-            central.append({"round": rnd, **entry["central_dp"]})
-    stops = budget_stops(rounds)
+        if record.central_dp is not None:
+            central.append({"round": record.round, **record.central_dp})
+    stops = budget_stops(r.train for r in history.rounds)
     return {
-        "run": history.get("run", {}),
-        "rounds": [int(e["round"]) for e in rounds],
+        "run": history.run.__dict__.copy(),
+        "rounds": [r.round for r in history.rounds],
         "sites": {
             site: {**rec, "stopped": site in stops, "final_epsilon": max(rec["epsilon"].values())}
             for site, rec in sorted(sites.items())
         },
-        "non_dp_sites": sorted(
-            {s for e in rounds for s, m in e.get("train", {}).items()} - set(sites)
-        ),
+        "non_dp_sites": sorted({s for r in history.rounds for s in r.train} - set(sites)),
         "central": central,
         "stops": stops,
     }

@@ -161,7 +161,7 @@ def test_site_stops_at_its_budget_and_ledger_persists(tmp_path):
         _, metrics = private_round(model, data, privacy, tmp_path, rnd, planned=3)
         spent.append(metrics["epsilon"])
     assert spent == sorted(spent) and 1.9 < spent[-1] <= 2.0
-    assert metrics["epsilon_next"] > 2.0 and budget_stops([{"train": {"site-a": metrics}}])
+    assert metrics["epsilon_next"] > 2.0 and budget_stops([{"site-a": metrics}])
     before = (tmp_path / LEDGER_FILE).read_bytes()
     with pytest.raises(PrivacyBudgetExhausted, match="past its budget of 2"):
         private_round(model, data, privacy, tmp_path, 4, planned=3)
@@ -237,8 +237,8 @@ def _history(tmp_path):
 
 def test_budget_stops_and_privacy_report(tmp_path, capsys):
     rounds = _history(tmp_path)
-    assert budget_stops(rounds[:1]) == {}
-    stops = budget_stops(rounds)
+    assert budget_stops(r["train"] for r in rounds[:1]) == {}
+    stops = budget_stops(r["train"] for r in rounds)
     assert list(stops) == ["site-0"] and "another round would reach 2.10" in stops["site-0"]
     report = privacy_report(tmp_path)
     assert report["sites"]["site-0"]["epsilon"] == {1: 1.0, 2: 1.6}
