@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import yaml
 
 from micromil_core.errors import ConfigError
+from micromil_core.typed_values import coerce, hints
 
 DEVICES = ("auto", "cpu", "cuda")
 SELECTION_METRICS = ("loss", "auc")
@@ -455,64 +455,16 @@ def build_section(name: str, cls: type, values: Any) -> Any:
             f"valid keys of {name!r}: {', '.join(sorted(valid))}"
         )
     kwargs = {}
-    hints = typing.get_type_hints(cls)
+    types = hints(cls)
     for key, value in values.items():
-        if dataclasses.is_dataclass(hints[key]):  # a nested section, e.g. privacy.central
-            kwargs[key] = build_section(f"{name}.{key}", hints[key], value)
+        if dataclasses.is_dataclass(types[key]):  # a nested section, e.g. privacy.central
+            kwargs[key] = build_section(f"{name}.{key}", types[key], value)
         else:
-            kwargs[key] = _coerce(f"{name}.{key}", valid[key].type, value)
+            kwargs[key] = coerce(f"{name}.{key}", types[key], value)
     try:
         return cls(**kwargs)
     except TypeError as exc:  # pragma: no cover - guarded by the checks above
         raise ConfigError(f"config section {name!r}: {exc}") from None
-
-
-def _coerce(key: str, annotation: Any, value: Any) -> Any:
-    """Check/convert a YAML value to the dataclass field's declared type."""
-    ann = str(annotation)
-    if ann.startswith("Mapping"):
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key} must be a mapping of name: value, got {value!r}")
-        return dict(value)
-    if value is None and "None" in ann:
-        return None
-    if ann.startswith("tuple"):
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if ann.startswith("tuple[float"):
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                value = [value]
-            try:
-                return tuple(float(v) for v in value)
-            except (TypeError, ValueError):
-                raise ConfigError(f"{key}={value!r} is invalid: expected a list of numbers") from None
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{key}={value!r} is invalid: expected a list of names")
-        return tuple(value)
-    if ann == "bool":
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}={value!r} is invalid: expected true or false")
-    if ann == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{key}={value!r} is invalid: expected an integer")
-        return value
-    if ann == "float":
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} is invalid: expected a number")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}={value!r} is invalid: expected a number") from None
-    if ann.startswith("str"):
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}={value!r} is invalid: expected a string")
-        return value
-    return value
 
 
 def build_config(raw: Mapping[str, Any] | None = None) -> ExperimentConfig:

@@ -185,6 +185,25 @@ def partition_indices(
     """
     pspec = parse_partition(spec)
     y = np.asarray(labels)
+    _check_partition_arguments(y, n_parts, min_per_part)
+    n = len(y)
+    _, codes = np.unique(y, return_inverse=True)
+    codes = codes.reshape(-1)
+    n_classes = int(codes.max()) + 1 if n else 0
+    rng = np.random.default_rng(seed)
+    class_totals = np.bincount(codes, minlength=n_classes)
+    # A class can be in every part only if it has at least one member per part.
+    need_class = class_totals >= n_parts
+
+    if pspec.kind in ("iid", "size"):
+        assign = _size_assignment(codes, n_parts, pspec, min_per_part, rng)
+    else:
+        assign = _dirichlet_assignment(codes, n_parts, n_classes, pspec, min_per_part, need_class, rng)
+    assign = _repair(assign, codes, n_parts, n_classes, min_per_part, need_class, rng)
+    return [np.flatnonzero(assign == p) for p in range(n_parts)]
+
+
+def _check_partition_arguments(y: np.ndarray, n_parts: int, min_per_part: int) -> None:
     if y.ndim != 1:
         raise ConfigError(f"labels must be 1-D, got shape {y.shape}")
     if not isinstance(n_parts, int | np.integer) or n_parts < 1:
@@ -197,57 +216,68 @@ def partition_indices(
             f"cannot split {n} bags into {n_parts} sites of at least {min_per_part} bags; "
             f"use fewer sites or more bags"
         )
-    _, codes = np.unique(y, return_inverse=True)
-    codes = codes.reshape(-1)
-    n_classes = int(codes.max()) + 1 if n else 0
-    rng = np.random.default_rng(seed)
-    class_totals = np.bincount(codes, minlength=n_classes)
-    # A class can be in every part only if it has at least one member per part.
-    need_class = class_totals >= n_parts
 
-    if pspec.kind in ("iid", "size"):
-        if pspec.kind == "iid" or pspec.value == 0:
-            weights = np.ones(n_parts)
-        else:
-            weights = rng.lognormal(0.0, float(pspec.value), size=n_parts)
-        sizes = _sizes(n, weights, min_per_part)
-        if pspec.kind == "iid":
-            sizes = rng.permutation(sizes)  # which parts get the +1 remainders
-        assign = _chunks(_interleaved_order(codes, rng), sizes)
+
+def _size_assignment(
+    codes: np.ndarray,
+    n_parts: int,
+    pspec: PartitionSpec,
+    min_per_part: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """``iid`` and ``size:<sigma>``: stratified chunks of (log-normally skewed) sizes."""
+    if pspec.kind == "iid" or pspec.value == 0:
+        weights = np.ones(n_parts)
     else:
-        alpha = float(pspec.value)  # type: ignore[arg-type]
+        weights = rng.lognormal(0.0, float(pspec.value), size=n_parts)
+    sizes = _sizes(len(codes), weights, min_per_part)
+    if pspec.kind == "iid":
+        sizes = rng.permutation(sizes)  # which parts get the +1 remainders
+    return _chunks(_interleaved_order(codes, rng), sizes)
 
-        def draw() -> tuple[np.ndarray, int]:
-            out = np.empty(n, dtype=np.int64)
-            for c in range(n_classes):
-                members = rng.permutation(np.flatnonzero(codes == c))
-                share = rng.dirichlet(np.full(n_parts, alpha))
-                counts = largest_remainder(share * len(members), len(members))
-                out[members] = np.repeat(np.arange(n_parts), counts)
-            table = _counts(out, codes, n_parts, n_classes)
-            return out, _violations(table, min_per_part, need_class)
 
-        assign, best_bad = draw()
-        tries = 1
-        while best_bad and tries < MAX_DIRICHLET_TRIES:
-            candidate, bad = draw()
-            tries += 1
-            if bad < best_bad:
-                assign, best_bad = candidate, bad
-        if best_bad:
-            log.warning(
-                "partition %s: no Dirichlet draw in %d gave every site >= %d bags and every "
-                "class; moved a few bags between sites to fix %d deficit(s)",
-                pspec,
-                MAX_DIRICHLET_TRIES,
-                min_per_part,
-                best_bad,
-            )
-        else:
-            log.debug("partition %s: valid draw after %d tries", pspec, tries)
+def _dirichlet_assignment(
+    codes: np.ndarray,
+    n_parts: int,
+    n_classes: int,
+    pspec: PartitionSpec,
+    min_per_part: int,
+    need_class: np.ndarray,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """``dirichlet:<alpha>``: the draw with the fewest deficits of up to
+    ``MAX_DIRICHLET_TRIES``; :func:`_repair` fixes what is left."""
+    alpha = float(pspec.value)  # type: ignore[arg-type]
 
-    assign = _repair(assign, codes, n_parts, n_classes, min_per_part, need_class, rng)
-    return [np.flatnonzero(assign == p) for p in range(n_parts)]
+    def draw() -> tuple[np.ndarray, int]:
+        out = np.empty(len(codes), dtype=np.int64)
+        for c in range(n_classes):
+            members = rng.permutation(np.flatnonzero(codes == c))
+            share = rng.dirichlet(np.full(n_parts, alpha))
+            counts = largest_remainder(share * len(members), len(members))
+            out[members] = np.repeat(np.arange(n_parts), counts)
+        table = _counts(out, codes, n_parts, n_classes)
+        return out, _violations(table, min_per_part, need_class)
+
+    assign, best_bad = draw()
+    tries = 1
+    while best_bad and tries < MAX_DIRICHLET_TRIES:
+        candidate, bad = draw()
+        tries += 1
+        if bad < best_bad:
+            assign, best_bad = candidate, bad
+    if best_bad:
+        log.warning(
+            "partition %s: no Dirichlet draw in %d gave every site >= %d bags and every "
+            "class; moved a few bags between sites to fix %d deficit(s)",
+            pspec,
+            MAX_DIRICHLET_TRIES,
+            min_per_part,
+            best_bad,
+        )
+    else:
+        log.debug("partition %s: valid draw after %d tries", pspec, tries)
+    return assign
 
 
 def partition_summary(parts: Sequence[np.ndarray], labels: Sequence | np.ndarray) -> list[dict]:

@@ -1,13 +1,14 @@
-"""One hospital's site folder: parse ``patients.csv``, load bags, check a site, data roots.
+"""One hospital's site folder: parse ``patients.csv``, load bags.
 
 The folder format itself is named in :mod:`micromil_core.data.layout`. This module reads it:
 
 * :func:`load_site` parses ``patients.csv`` strictly into a :class:`SiteData`;
 * :func:`load_bags` turns the patients of a site into :class:`~micromil_core.data.bag.Bag`
   objects from their feature files;
-* :func:`check_site` never raises for data problems: it collects every problem and summary
-  statistics into a :class:`SiteReport` (what ``micromil check-site`` prints);
-* :func:`read_sites_yaml` / :func:`write_sites_yaml` handle a data root (``ROOT/sites.yaml``)
+* :func:`~micromil_core.data.site_check.check_site` (built on :func:`parse_patients_csv`)
+  never raises for data problems: it collects every problem and summary statistics into a
+  ``SiteReport`` (what ``micromil check-site`` prints);
+* :mod:`~micromil_core.data.data_root` reads and writes a data root (``ROOT/sites.yaml``)
   that says which site folders train and which are held out.
 
 Row numbers in every message are the line numbers of ``patients.csv`` as a text editor shows
@@ -19,7 +20,7 @@ from __future__ import annotations
 import csv
 import logging
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,6 +198,30 @@ def parse_patients_csv(
     Returns None when the file cannot be parsed at all (missing, empty, bad header).
     """
     csv_path = site_dir / PATIENTS_CSV
+    text = _read_patients_text(site_dir, csv_path, problems)
+    if text is None:
+        return None
+    rows = _numbered_rows(text)
+    header = _read_header(rows, csv_path, labels_required, problems)
+    if header is None:
+        return None
+    known = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS)
+    extra_columns = [c for c in header if c not in known]
+    records = _read_records(
+        rows, header, csv_path, classes, fine_classes, labels_required, problems
+    )
+    out_classes = (
+        classes if classes is not None else class_order(r.label for r in records if r.label)
+    )
+    if fine_classes is not None:
+        out_fine = fine_classes
+    else:
+        fines = [r.fine_label for r in records if r.fine_label is not None]
+        out_fine = class_order(fines) if fines else None
+    return _Parsed(records, out_classes, out_fine, extra_columns)
+
+
+def _read_patients_text(site_dir: Path, csv_path: Path, problems: list[str]) -> str | None:
     if not site_dir.is_dir():
         problems.append(f"{site_dir}: site folder not found; {_CSV_HELP}")
         return None
@@ -205,17 +230,31 @@ def parse_patients_csv(
         return None
     try:
         # utf-8-sig: spreadsheet exports often start with a byte-order mark.
-        text = csv_path.read_text(encoding="utf-8-sig")
+        return csv_path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         problems.append(f"{csv_path}: cannot read ({exc}); save it as UTF-8 text")
         return None
 
+
+def _numbered_rows(text: str) -> Iterator[tuple[int, list[str]]]:
+    """The CSV rows, each with the line it ends on (a quoted cell may span lines)."""
     reader = csv.reader(text.splitlines())
-    header: list[str] | None = None
     for raw in reader:
+        yield reader.line_num, raw
+
+
+def _read_header(
+    rows: Iterator[tuple[int, list[str]]],
+    csv_path: Path,
+    labels_required: bool,
+    problems: list[str],
+) -> list[str] | None:
+    """The first non-blank row, stripped; None (with a problem) when it is unusable."""
+    header: list[str] | None = None
+    for row, raw in rows:
         if any(cell.strip() for cell in raw):
             header = [c.strip() for c in raw]
-            header_row = reader.line_num
+            header_row = row
             break
     if header is None:
         problems.append(f"{csv_path} is empty; {_CSV_HELP}")
@@ -237,15 +276,24 @@ def parse_patients_csv(
             )
         )
         return None
-    known = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS)
-    extra_columns = [c for c in header if c not in known]
-    col = {name: header.index(name) for name in header}
+    return header
 
+
+def _read_records(
+    rows: Iterator[tuple[int, list[str]]],
+    header: list[str],
+    csv_path: Path,
+    classes: tuple[str, ...] | None,
+    fine_classes: tuple[str, ...] | None,
+    labels_required: bool,
+    problems: list[str],
+) -> list[PatientRecord]:
+    """The valid patient rows after the header; every bad row becomes a problem."""
+    col = {name: header.index(name) for name in header}
     records: list[PatientRecord] = []
     first_row: dict[str, int] = {}
     n_rows = 0
-    for raw in reader:
-        row = reader.line_num
+    for row, raw in rows:
         if not any(cell.strip() for cell in raw):
             continue  # blank lines (often trailing) carry no patient
         n_rows += 1
@@ -260,66 +308,70 @@ def parse_patients_csv(
         label = cells[col["label"]] if "label" in col else ""
         split = cells[col["split"]] if "split" in col else None
         fine = cells[col["fine_label"]] if "fine_label" in col else None
-        ok = True
-        if not pid:
-            problems.append(f"{csv_path} row {row}: empty patient_id")
-            ok = False
-        else:
-            why = _bad_patient_id(pid)
-            if why:
-                problems.append(
-                    f"{csv_path} row {row}: patient_id {pid!r} {why}; ids name the folder "
-                    f"images/<id>/ and the file features/<id>.pt, so use a plain name"
-                )
-                ok = False
-            elif pid in first_row:
-                problems.append(
-                    f"{csv_path} row {row}: duplicate patient_id {pid!r} (first at row "
-                    f"{first_row[pid]}); one row per patient"
-                )
-                ok = False
-            else:
-                first_row[pid] = row
-        if not label and labels_required:
-            problems.append(
-                f"{csv_path} row {row}: empty label for patient {pid!r}; fill it in, or score "
-                f"patients without a diagnosis with `micromil predict`"
-            )
-            ok = False
-        elif label and classes is not None and label not in classes:
-            unknown_hint = "" if labels_required else "; leave it empty when not known"
-            problems.append(
-                f"{csv_path} row {row}: label {label!r} not in {_fmt_set(classes)}{unknown_hint}"
-            )
-            ok = False
-        if split is not None and split not in SPLITS:
-            shown = "empty split" if not split else f"split {split!r}"
-            problems.append(
-                f"{csv_path} row {row}: {shown} not in {_fmt_set(SPLITS)}; fix the value or "
-                f"remove the split column to use cross-validation"
-            )
-            ok = False
         if fine is not None and fine == "":
             fine = None  # a fine label may be unknown for some patients
-        if fine is not None and fine_classes is not None and fine not in fine_classes:
-            problems.append(
-                f"{csv_path} row {row}: fine_label {fine!r} not in {_fmt_set(fine_classes)}"
-            )
-            ok = False
-        if ok:
+        found = [
+            _patient_id_problem(pid, row, first_row),
+            _label_problem(pid, label, classes, labels_required),
+            _split_problem(split),
+            _fine_label_problem(fine, fine_classes),
+        ]
+        row_problems = [f"{csv_path} row {row}: {p}" for p in found if p]
+        problems.extend(row_problems)
+        if not row_problems:
             records.append(PatientRecord(pid, label, split, fine, row))
-
     if n_rows == 0:
         problems.append(f"{csv_path} has a header but no patient rows; {_CSV_HELP}")
-    out_classes = (
-        classes if classes is not None else class_order(r.label for r in records if r.label)
-    )
-    if fine_classes is not None:
-        out_fine = fine_classes
-    else:
-        fines = [r.fine_label for r in records if r.fine_label is not None]
-        out_fine = class_order(fines) if fines else None
-    return _Parsed(records, out_classes, out_fine, extra_columns)
+    return records
+
+
+def _patient_id_problem(pid: str, row: int, first_row: dict[str, int]) -> str | None:
+    """What is wrong with a row's patient id; a good id is remembered in ``first_row``."""
+    if not pid:
+        return "empty patient_id"
+    why = _bad_patient_id(pid)
+    if why:
+        return (
+            f"patient_id {pid!r} {why}; ids name the folder "
+            f"images/<id>/ and the file features/<id>.pt, so use a plain name"
+        )
+    if pid in first_row:
+        return (
+            f"duplicate patient_id {pid!r} (first at row "
+            f"{first_row[pid]}); one row per patient"
+        )
+    first_row[pid] = row
+    return None
+
+
+def _label_problem(
+    pid: str, label: str, classes: tuple[str, ...] | None, labels_required: bool
+) -> str | None:
+    if not label and labels_required:
+        return (
+            f"empty label for patient {pid!r}; fill it in, or score "
+            f"patients without a diagnosis with `micromil predict`"
+        )
+    if label and classes is not None and label not in classes:
+        unknown_hint = "" if labels_required else "; leave it empty when not known"
+        return f"label {label!r} not in {_fmt_set(classes)}{unknown_hint}"
+    return None
+
+
+def _split_problem(split: str | None) -> str | None:
+    if split is not None and split not in SPLITS:
+        shown = "empty split" if not split else f"split {split!r}"
+        return (
+            f"{shown} not in {_fmt_set(SPLITS)}; fix the value or "
+            f"remove the split column to use cross-validation"
+        )
+    return None
+
+
+def _fine_label_problem(fine: str | None, fine_classes: tuple[str, ...] | None) -> str | None:
+    if fine is not None and fine_classes is not None and fine not in fine_classes:
+        return f"fine_label {fine!r} not in {_fmt_set(fine_classes)}"
+    return None
 
 
 def _problems_error(problems: list[str]) -> SiteDataError:
@@ -440,29 +492,3 @@ def load_bags(
             )
         )
     return bags
-
-
-# ---------------------------------------------------------------------------------------
-# check_site
-
-
-
-
-
-
-
-
-# ---------------------------------------------------------------------------------------
-# data root: sites.yaml
-
-
-
-
-
-
-
-
-
-
-
-

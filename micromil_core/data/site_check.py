@@ -21,7 +21,13 @@ from micromil_core.data.layout import (
     find_feature_file,
     list_patient_images,
 )
-from micromil_core.data.site import MAX_SHOWN, check_vocabulary, parse_patients_csv
+from micromil_core.data.site import (
+    MAX_SHOWN,
+    PatientRecord,
+    _Parsed,
+    check_vocabulary,
+    parse_patients_csv,
+)
 from micromil_core.errors import FeatureError
 
 # Below this many patients a site's local validation metrics are mostly noise.
@@ -95,7 +101,6 @@ class SiteReport:
         return "\n".join(lines)
 
 
-
 def _check_images(paths: list[Path], errors: list[str]) -> int:
     """Verify image files cheaply (header + structure, no full decode); count good ones."""
     from PIL import Image  # local: feature-only sites never need PIL
@@ -123,7 +128,6 @@ def _check_images(paths: list[Path], errors: list[str]) -> int:
     return good
 
 
-
 def check_site(
     path: str | Path,
     classes: Sequence[str] | None = None,
@@ -147,120 +151,16 @@ def check_site(
     parsed = parse_patients_csv(site_dir, classes_t, None, report.errors, labels_required)
     if parsed is None:
         return report
-    records = parsed.records
     fdir = Path(feature_dir) if feature_dir is not None else site_dir / FEATURES_DIR
     csv_path = site_dir / PATIENTS_CSV
 
-    per_class = Counter(r.label for r in records)
-    stats: dict[str, Any] = {
-        "n_patients": len(records),
-        "classes": list(parsed.classes),
-        "patients_per_class": {c: per_class.get(c, 0) for c in parsed.classes},
-        "patients_per_split": None,
-    }
-    if not labels_required:
-        stats["unlabelled"] = sum(1 for r in records if not r.label)
-    has_splits = any(r.split is not None for r in records)
-    if has_splits:
-        per_split = Counter(r.split for r in records)
-        stats["patients_per_split"] = {s: per_split.get(s, 0) for s in SPLITS}
-        stats["patients_per_split_class"] = {
-            s: {c: sum(1 for r in records if r.split == s and r.label == c) for c in parsed.classes}
-            for s in SPLITS
-        }
-        if per_split.get("val", 0) == 0:
-            report.warnings.append(
-                f"{csv_path}: split column has no 'val' patients; a validation set will be "
-                f"carved from the train patients (train.val_fraction), or mark some as val"
-            )
-    if parsed.extra_columns:
-        report.warnings.append(f"{csv_path}: ignoring unknown column(s) {parsed.extra_columns}")
-    present = [c for c in parsed.classes if per_class.get(c, 0) > 0]
-    if records and len(present) < 2 and labels_required:
-        report.warnings.append(
-            f"{csv_path}: single-class site (only {present}); it can train in a federation "
-            f"but local AUC and balanced accuracy are undefined"
-        )
-    for c in parsed.classes if labels_required else ():
-        if 0 < per_class.get(c, 0) < 2:
-            report.warnings.append(
-                f"{csv_path}: class {c!r} has only {per_class[c]} patient; stratified splits "
-                f"need at least 2"
-            )
-    if 0 < len(records) < TINY_SITE_PATIENTS and labels_required:
-        report.warnings.append(
-            f"{csv_path}: tiny site ({len(records)} patients < {TINY_SITE_PATIENTS}); local "
-            f"validation metrics will be very noisy"
-        )
+    stats = _patient_counts(parsed, labels_required)
+    report.warnings += _patient_warnings(parsed, stats, csv_path, labels_required)
+    files = _scan_patient_files(parsed.records, site_dir, fdir, csv_path, expected_dim, report.errors)
+    feature_dim = _check_feature_dims(files, expected_dim, report.errors)
+    report.warnings += _stray_file_warnings(parsed.records, site_dir, fdir)
 
-    # Per patient: features and/or images.
-    dims: dict[str, int] = {}
-    dim_file: dict[str, Path] = {}
-    n_inst: list[int] = []
-    n_img: list[int] = []
-    n_feat_ok = n_with_img = n_needs_extraction = 0
-    for rec in records:
-        fpath = find_feature_file(fdir, rec.patient_id)
-        images = list_patient_images(site_dir, rec.patient_id)
-        if images:
-            n_with_img += 1
-            n_img.append(len(images))
-            _check_images(images, report.errors)
-        if fpath is None:
-            if not images:
-                report.errors.append(
-                    f"{csv_path} row {rec.row}: patient {rec.patient_id!r} has neither "
-                    f"images ({IMAGES_DIR}/{rec.patient_id}/) nor features "
-                    f"({fdir.name}/{rec.patient_id}.pt); add one or remove the row"
-                )
-            else:
-                n_needs_extraction += 1
-            continue
-        try:
-            feats = read_feature_file(fpath, expected_dim=expected_dim)
-        except FeatureError as exc:
-            report.errors.append(str(exc))
-            continue
-        n_feat_ok += 1
-        dims[rec.patient_id] = int(feats.shape[1])
-        dim_file[rec.patient_id] = fpath
-        n_inst.append(int(feats.shape[0]))
-
-    feature_dim = expected_dim
-    if dims and feature_dim is None:
-        dim_counts = Counter(dims.values())
-        feature_dim = dim_counts.most_common(1)[0][0]
-        for pid, d in dims.items():
-            if d != feature_dim:
-                report.errors.append(
-                    f"{dim_file[pid]}: feature dimension {d} differs from the site's "
-                    f"{feature_dim} ({dim_counts[feature_dim]} of {len(dims)} patients); "
-                    f"all patients must use the same encoder"
-                )
-
-    # Files that belong to nobody usually mean a typo in a patient id.
-    listed = {r.patient_id for r in records}
-    if fdir.is_dir():
-        strays = sorted(
-            p.name
-            for p in fdir.iterdir()
-            if p.suffix.lower() in FEATURE_EXTENSIONS and p.stem not in listed
-        )
-        if strays:
-            report.warnings.append(
-                f"{fdir}: {len(strays)} feature file(s) of patients not in {PATIENTS_CSV} "
-                f"(e.g. {strays[:3]}); check the patient ids"
-            )
-    img_root = site_dir / IMAGES_DIR
-    if img_root.is_dir():
-        strays = sorted(p.name for p in img_root.iterdir() if p.is_dir() and p.name not in listed)
-        if strays:
-            report.warnings.append(
-                f"{img_root}: {len(strays)} image folder(s) of patients not in {PATIENTS_CSV} "
-                f"(e.g. {strays[:3]}); check the patient ids"
-            )
-
-    source, counts = ("features", n_inst) if n_inst else ("images", n_img)
+    source, counts = ("features", files.n_inst) if files.n_inst else ("images", files.n_img)
     if counts:
         stats["instances"] = {
             "source": source,
@@ -270,12 +170,166 @@ def check_site(
         }
     stats.update(
         feature_dim=feature_dim,
-        has_features=n_feat_ok > 0,
-        has_images=n_with_img > 0,
-        n_with_features=n_feat_ok,
-        n_with_images=n_with_img,
-        n_needs_extraction=n_needs_extraction,
+        has_features=files.n_feat_ok > 0,
+        has_images=files.n_with_img > 0,
+        n_with_features=files.n_feat_ok,
+        n_with_images=files.n_with_img,
+        n_needs_extraction=files.n_needs_extraction,
     )
     report.stats = stats
     return report
 
+
+def _patient_counts(parsed: _Parsed, labels_required: bool) -> dict[str, Any]:
+    """Patients per class and split: counts only, safe to share."""
+    records = parsed.records
+    per_class = Counter(r.label for r in records)
+    stats: dict[str, Any] = {
+        "n_patients": len(records),
+        "classes": list(parsed.classes),
+        "patients_per_class": {c: per_class.get(c, 0) for c in parsed.classes},
+        "patients_per_split": None,
+    }
+    if not labels_required:
+        stats["unlabelled"] = sum(1 for r in records if not r.label)
+    if any(r.split is not None for r in records):
+        per_split = Counter(r.split for r in records)
+        stats["patients_per_split"] = {s: per_split.get(s, 0) for s in SPLITS}
+        stats["patients_per_split_class"] = {
+            s: {c: sum(1 for r in records if r.split == s and r.label == c) for c in parsed.classes}
+            for s in SPLITS
+        }
+    return stats
+
+
+def _patient_warnings(
+    parsed: _Parsed, stats: dict[str, Any], csv_path: Path, labels_required: bool
+) -> list[str]:
+    """Warnings about the patient list: no val split, unknown columns, class balance, size."""
+    records = parsed.records
+    per_class = Counter(r.label for r in records)
+    warnings = []
+    per_split = stats["patients_per_split"]
+    if per_split is not None and per_split["val"] == 0:
+        warnings.append(
+            f"{csv_path}: split column has no 'val' patients; a validation set will be "
+            f"carved from the train patients (train.val_fraction), or mark some as val"
+        )
+    if parsed.extra_columns:
+        warnings.append(f"{csv_path}: ignoring unknown column(s) {parsed.extra_columns}")
+    present = [c for c in parsed.classes if per_class.get(c, 0) > 0]
+    if records and len(present) < 2 and labels_required:
+        warnings.append(
+            f"{csv_path}: single-class site (only {present}); it can train in a federation "
+            f"but local AUC and balanced accuracy are undefined"
+        )
+    for c in parsed.classes if labels_required else ():
+        if 0 < per_class.get(c, 0) < 2:
+            warnings.append(
+                f"{csv_path}: class {c!r} has only {per_class[c]} patient; stratified splits "
+                f"need at least 2"
+            )
+    if 0 < len(records) < TINY_SITE_PATIENTS and labels_required:
+        warnings.append(
+            f"{csv_path}: tiny site ({len(records)} patients < {TINY_SITE_PATIENTS}); local "
+            f"validation metrics will be very noisy"
+        )
+    return warnings
+
+
+@dataclass
+class _PatientFiles:
+    """What the per-patient scan found: feature dims and instance counts, per source."""
+
+    dims: dict[str, int] = field(default_factory=dict)
+    dim_file: dict[str, Path] = field(default_factory=dict)
+    n_inst: list[int] = field(default_factory=list)
+    n_img: list[int] = field(default_factory=list)
+    n_feat_ok: int = 0
+    n_with_img: int = 0
+    n_needs_extraction: int = 0
+
+
+def _scan_patient_files(
+    records: list[PatientRecord],
+    site_dir: Path,
+    fdir: Path,
+    csv_path: Path,
+    expected_dim: int | None,
+    errors: list[str],
+) -> _PatientFiles:
+    """Per patient: check its images and/or read its feature file."""
+    found = _PatientFiles()
+    for rec in records:
+        fpath = find_feature_file(fdir, rec.patient_id)
+        images = list_patient_images(site_dir, rec.patient_id)
+        if images:
+            found.n_with_img += 1
+            found.n_img.append(len(images))
+            _check_images(images, errors)
+        if fpath is None:
+            if not images:
+                errors.append(
+                    f"{csv_path} row {rec.row}: patient {rec.patient_id!r} has neither "
+                    f"images ({IMAGES_DIR}/{rec.patient_id}/) nor features "
+                    f"({fdir.name}/{rec.patient_id}.pt); add one or remove the row"
+                )
+            else:
+                found.n_needs_extraction += 1
+            continue
+        try:
+            feats = read_feature_file(fpath, expected_dim=expected_dim)
+        except FeatureError as exc:
+            errors.append(str(exc))
+            continue
+        found.n_feat_ok += 1
+        found.dims[rec.patient_id] = int(feats.shape[1])
+        found.dim_file[rec.patient_id] = fpath
+        found.n_inst.append(int(feats.shape[0]))
+    return found
+
+
+def _check_feature_dims(
+    files: _PatientFiles, expected_dim: int | None, errors: list[str]
+) -> int | None:
+    """The site's feature dimension; without ``expected_dim`` the most common one, and
+    every file that differs from it is an error."""
+    feature_dim = expected_dim
+    dims = files.dims
+    if dims and feature_dim is None:
+        dim_counts = Counter(dims.values())
+        feature_dim = dim_counts.most_common(1)[0][0]
+        for pid, d in dims.items():
+            if d != feature_dim:
+                errors.append(
+                    f"{files.dim_file[pid]}: feature dimension {d} differs from the site's "
+                    f"{feature_dim} ({dim_counts[feature_dim]} of {len(dims)} patients); "
+                    f"all patients must use the same encoder"
+                )
+    return feature_dim
+
+
+def _stray_file_warnings(records: list[PatientRecord], site_dir: Path, fdir: Path) -> list[str]:
+    """Files that belong to nobody usually mean a typo in a patient id."""
+    listed = {r.patient_id for r in records}
+    warnings = []
+    if fdir.is_dir():
+        strays = sorted(
+            p.name
+            for p in fdir.iterdir()
+            if p.suffix.lower() in FEATURE_EXTENSIONS and p.stem not in listed
+        )
+        if strays:
+            warnings.append(
+                f"{fdir}: {len(strays)} feature file(s) of patients not in {PATIENTS_CSV} "
+                f"(e.g. {strays[:3]}); check the patient ids"
+            )
+    img_root = site_dir / IMAGES_DIR
+    if img_root.is_dir():
+        strays = sorted(p.name for p in img_root.iterdir() if p.is_dir() and p.name not in listed)
+        if strays:
+            warnings.append(
+                f"{img_root}: {len(strays)} image folder(s) of patients not in {PATIENTS_CSV} "
+                f"(e.g. {strays[:3]}); check the patient ids"
+            )
+    return warnings

@@ -11,20 +11,16 @@ are converted by the dataclass, with the wrapped model's own :func:`params_from_
 from __future__ import annotations
 
 import dataclasses
-import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import yaml
-
 from micromil_core.errors import ConfigError, unknown_name
 from micromil_core.models.base import MILModel
+from micromil_core.typed_values import coerce, hints
 
 M = TypeVar("M", bound=type[MILModel])
 
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off"}
 
 
 @dataclass(frozen=True)
@@ -111,14 +107,14 @@ def params_from_dict(name: str, values: Mapping[str, Any] | None = None) -> Any:
     """
     entry = _entry(name)
     fields = {f.name: f for f in dataclasses.fields(entry.params_cls)}
-    hints = typing.get_type_hints(entry.params_cls)
+    types = hints(entry.params_cls)
     kwargs: dict[str, Any] = {}
     for key, value in (values or {}).items():
         if key not in fields:
             raise ConfigError(
                 f"model {name!r} has no param {key!r}; valid params: {', '.join(sorted(fields))}"
             )
-        kwargs[key] = _convert(name, key, value, hints[key])
+        kwargs[key] = coerce(f"model {name!r}: param {key}", types[key], value)
     return entry.params_cls(**kwargs)
 
 
@@ -148,68 +144,6 @@ def model_config(model: MILModel) -> dict[str, Any]:
         "n_classes": model.n_classes,
         "params": params_to_dict(model.params),
     }
-
-
-def _convert(model: str, key: str, value: Any, typ: Any) -> Any:
-    """Convert one param value to ``typ`` (int, float, bool, str, tuple[int|float, ...] or
-    a ``Mapping``, which stays a dict of unconverted values for the dataclass to check)."""
-
-    def bad(expected: str) -> ConfigError:
-        return ConfigError(f"model {model!r}: param {key}={value!r} is not {expected}")
-
-    if typing.get_origin(typ) is Mapping:
-        if isinstance(value, str):  # e.g. "{attn_dim: 64}" from a flat string config
-            try:
-                value = yaml.safe_load(value)
-            except yaml.YAMLError:
-                raise bad("a mapping such as {attn_dim: 64}") from None
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-            raise bad("a mapping of param names to values, e.g. {attn_dim: 64}")
-        return dict(value)
-
-    if typing.get_origin(typ) is tuple:
-        item = typing.get_args(typ)[0]
-        if isinstance(value, str):
-            text = value.strip().strip("[]()")
-            value = [v for v in (p.strip() for p in text.split(",")) if v]
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise bad(f"a comma-separated list of {item.__name__}")
-        return tuple(_convert(model, key, v, item) for v in value)
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        raise bad("a bool (true/false)")
-    if typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise bad("an int")
-    if typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise bad("a float")
-    if typ is str:
-        if isinstance(value, str):
-            return value
-        raise bad("a string")
-    raise TypeError(f"unsupported param type {typ!r} for {model}.{key}")
 
 
 # --- validation helpers for the params dataclasses' __post_init__ --------------------------
