@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from micromil_core.cli import add_federation_args, brief_metrics, experiment_config
+from micromil_core.cli.options import add_federation_args, brief_metrics, experiment_config
 
 
 def register(sub: Any) -> None:

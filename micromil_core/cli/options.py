@@ -1,0 +1,139 @@
+"""Arguments shared by several commands (config, data, scoring, federation) and the
+one-line summaries they print."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from micromil_core.errors import MicroMILError
+
+
+def add_config_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
+    p.add_argument("--config", help="YAML experiment config (model/train/data sections)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set train.lr=3e-4 (repeatable)",
+    )
+    if model_flag:
+        p.add_argument("--model", help="model name (see `micromil models`)")
+    p.add_argument("--epochs", type=int, help="shortcut for --set train.epochs=N")
+    p.add_argument("--seed", type=int, help="shortcut for --set train.seed=N")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="shortcut for train.device")
+    p.add_argument("--encoder", help="extract features from images with this encoder")
+
+
+def add_data_args(p: argparse.ArgumentParser, holdout: bool) -> None:
+    p.add_argument("--data", nargs="+", metavar="SITE", help="site folder(s)")
+    p.add_argument(
+        "--data-root",
+        help="a prepared data root with sites.yaml: uses its "
+        + ("held-out" if holdout else "training")
+        + " sites",
+    )
+
+
+THRESHOLD_HELP = (
+    "two-class models: call a patient positive when P(second class) >= this (default: the "
+    "most probable class); pick it on validation patients (`evaluate --split val` lists "
+    "the thresholds for 90%%/95%% sensitivity)"
+)
+
+
+def add_scoring_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of the commands that run a checkpoint on sites (evaluate, predict)."""
+    p.add_argument("--model", required=True, help="checkpoint (model.pt)")
+    add_data_args(p, holdout=True)
+    p.add_argument("--explain", action="store_true", help="per-patient galleries (stay on site)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threshold", type=float, help=THRESHOLD_HELP)
+
+
+def experiment_config(args: argparse.Namespace):
+    from micromil_core.config import load_config
+
+    overrides = list(args.overrides)
+    for flag, key in (
+        ("model", "model.name"),
+        ("epochs", "train.epochs"),
+        ("seed", "train.seed"),
+        ("device", "train.device"),
+        ("encoder", "data.encoder"),
+        ("strategy", "federation.strategy"),
+        ("rounds", "federation.rounds"),
+        ("local_epochs", "federation.local_epochs"),
+        ("fed_data_root", "simulation.data_root"),
+        ("train_sites", "simulation.train_sites"),
+        ("holdout_sites", "simulation.holdout_sites"),
+    ):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    cfg = load_config(args.config, overrides)
+    # Fail on a wrong model name or param before any data is read.
+    from micromil_core.models.registry import params_from_dict
+
+    params_from_dict(cfg.model.name, dict(cfg.model.params))
+    return cfg
+
+
+def site_paths(args: argparse.Namespace, holdout: bool) -> list[Path]:
+    if args.data and args.data_root:
+        raise MicroMILError("pass either --data SITE... or --data-root ROOT, not both")
+    if args.data:
+        return [Path(p) for p in args.data]
+    if args.data_root:
+        from micromil_core.data.data_root import read_sites_yaml
+
+        root = read_sites_yaml(args.data_root)
+        sites = root.holdout_sites if holdout else root.train_sites
+        if not sites:
+            kind = "held-out" if holdout else "training"
+            raise MicroMILError(f"{args.data_root}/sites.yaml lists no {kind} sites")
+        return list(sites)
+    raise MicroMILError("no data given: pass --data SITE [SITE ...] or --data-root ROOT")
+
+
+def print_json(obj: object) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def brief_metrics(metrics: dict) -> str:
+    from micromil_core.report import metric_text
+    from micromil_core.training.metrics import METRIC_KEYS
+
+    withheld = metrics.get("suppressed") or []
+    text = "  ".join(
+        f"{k}={metric_text(metrics, k)}" for k in METRIC_KEYS if k in metrics or k in withheld
+    )
+    ci = metrics.get("ci95", {}).get("auc")
+    if ci and all(math.isfinite(v) for v in ci):
+        text += f"  (auc 95% CI {ci[0]:.3f}-{ci[1]:.3f}, bootstrap)"
+    fine = [k for k in ("fine_accuracy", "fine_balanced_accuracy", "fine_auc") if k in metrics]
+    if fine:  # a hierarchical model: the fine level too
+        text += "\n  fine level: " + "  ".join(
+            f"{k.removeprefix('fine_')}={metrics[k]:.3f}" for k in fine
+        )
+    return text
+
+
+# ---------------------------------------------------------------- commands
+
+
+def add_federation_args(p: argparse.ArgumentParser) -> None:
+    add_config_args(p)
+    p.add_argument("--data-root", dest="fed_data_root", help="prepared data root (sites.yaml)")
+    p.add_argument("--train-sites", help="comma-separated site names (default: sites.yaml's)")
+    p.add_argument("--holdout-sites", help="comma-separated held-out site names")
+    p.add_argument("--strategy", help="fedavg, fedprox, fedadam, fedyogi, fedmedian, ...")
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--local-epochs", type=int)
+    p.add_argument("--out", required=True)
+
+
