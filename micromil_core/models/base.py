@@ -61,7 +61,8 @@ class Encoding:
 
 
 class MILModel(nn.Module):
-    """Base class: subclasses implement ``forward`` and may extend ``loss``/``predict``.
+    """Base class: subclasses implement ``forward`` and ``encode``; a model whose loss has
+    more than the bag cross-entropy overrides ``encode_loss`` (``loss`` follows it).
 
     Attributes set by subclasses:
         in_dim: instance feature dimension D
@@ -84,10 +85,15 @@ class MILModel(nn.Module):
         target: Tensor,
         class_weight: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
-        """Cross-entropy on bag labels; subclasses add auxiliary terms to ``parts``."""
-        logits = self(x, mask)
-        ce = F.cross_entropy(logits, target, weight=class_weight)
-        return ce, {"ce": float(ce.detach())}
+        """The training loss and its named ``parts``: ``encode_loss`` without the encoding,
+        so a model states its loss once (in ``encode_loss``) and both entry points agree.
+
+        Shapes: x (B, N, D), mask (B, N), target (B,) -> scalar, parts
+        """
+        if type(self).encode is MILModel.encode:  # a model with only ``forward``
+            ce = F.cross_entropy(self(x, mask), target, weight=class_weight)
+            return ce, {"ce": float(ce.detach())}
+        return self.encode_loss(x, mask, target, class_weight)[1:]
 
     @torch.no_grad()
     def init_from_data(

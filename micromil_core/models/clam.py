@@ -212,18 +212,6 @@ class CLAMSB(MILModel):
             each = F.cross_entropy(flat, labels, reduction="none")
         return each.view(pseudo.shape)
 
-    def loss(
-        self,
-        x: Tensor,
-        mask: Tensor,
-        target: Tensor,
-        class_weight: Tensor | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:
-        """``bag_weight * CE(bag) + (1 - bag_weight) * instance clustering loss``.
-
-        parts: ``ce`` (bag) and ``instance``.
-        """
-        return self.encode_loss(x, mask, target, class_weight)[1:]
 
     def encode_loss(
         self,
@@ -232,7 +220,8 @@ class CLAMSB(MILModel):
         target: Tensor,
         class_weight: Tensor | None = None,
     ) -> tuple[Encoding, Tensor, dict[str, float]]:
-        """The bag and clustering loss (see ``loss``) with the encoding behind it."""
+        """``bag_weight * CE(bag) + (1 - bag_weight) * instance clustering loss``, with the
+        encoding behind it. parts: ``ce`` (bag) and ``instance``."""
         enc, h = self._attend(x, mask)
         ce = F.cross_entropy(enc.logits, target, weight=class_weight)
         inst = self.instance_loss(h, enc.scores, mask, target)

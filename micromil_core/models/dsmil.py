@@ -120,18 +120,6 @@ class DSMIL(MILModel):
         """Bag-stream logits. Shapes: x (B, N, D), mask (B, N) -> (B, C)"""
         return self.run(x, mask).logits
 
-    def loss(
-        self,
-        x: Tensor,
-        mask: Tensor,
-        target: Tensor,
-        class_weight: Tensor | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:
-        """``bag_weight * CE(bag logits) + (1 - bag_weight) * CE(max instance logits)``.
-
-        parts: ``ce`` (bag stream) and ``max_ce`` (max-instance stream).
-        """
-        return self.encode_loss(x, mask, target, class_weight)[1:]
 
     def encode(self, x: Tensor, mask: Tensor) -> Encoding:
         """Shapes: x (B, N, D), mask (B, N) -> logits (B, C), bag (B, C*W), scores (B, N)"""
@@ -144,7 +132,8 @@ class DSMIL(MILModel):
         target: Tensor,
         class_weight: Tensor | None = None,
     ) -> tuple[Encoding, Tensor, dict[str, float]]:
-        """Both streams' loss (see ``loss``) with the encoding behind it."""
+        """``bag_weight * CE(bag logits) + (1 - bag_weight) * CE(max instance logits)``, with
+        the encoding behind it. parts: ``ce`` (bag stream), ``max_ce`` (max-instance stream)."""
         out = self.run(x, mask)
         ce = F.cross_entropy(out.logits, target, weight=class_weight)
         max_ce = F.cross_entropy(out.max_logits, target, weight=class_weight)

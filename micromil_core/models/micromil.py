@@ -367,18 +367,6 @@ class MicroMIL(MILModel):
     def _encoding(out: MicroMILOutput, mask: Tensor) -> Encoding:
         return Encoding(out.logits, out.bag, selection_scores(out.scores, mask))
 
-    def loss(
-        self,
-        x: Tensor,
-        mask: Tensor,
-        target: Tensor,
-        class_weight: Tensor | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:
-        """Cross-entropy plus ``kl_weight * KL(P||Q)``; ``parts`` always reports both.
-
-        Shapes: x (B, N, D), mask (B, N), target (B,) -> scalar
-        """
-        return self.encode_loss(x, mask, target, class_weight)[1:]
 
     def encode_loss(
         self,
@@ -387,7 +375,8 @@ class MicroMIL(MILModel):
         target: Tensor,
         class_weight: Tensor | None = None,
     ) -> tuple[Encoding, Tensor, dict[str, float]]:
-        """The loss of ``loss`` with the encoding behind it (one forward pass)."""
+        """Cross-entropy plus ``kl_weight * KL(P||Q)`` (``parts`` always reports both), with
+        the encoding behind it, from one forward pass."""
         out = self.run(x, mask)
         ce = F.cross_entropy(out.logits, target, weight=class_weight)
         if self.params.kl_weight > 0:

@@ -252,11 +252,6 @@ class MRAN(MILModel):
     def predict_batch(self, batch: BagBatch) -> Prediction:
         return self._prediction(self.run(batch.x, batch.mask, batch.scales))
 
-    def loss(
-        self, x: Tensor, mask: Tensor, target: Tensor, class_weight: Tensor | None = None
-    ) -> tuple[Tensor, dict[str, float]]:
-        return self._loss(self.run(x, mask), mask, target, class_weight)
-
     def encode_loss(
         self, x: Tensor, mask: Tensor, target: Tensor, class_weight: Tensor | None = None
     ) -> tuple[Encoding, Tensor, dict[str, float]]:
