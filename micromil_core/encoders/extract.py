@@ -299,6 +299,85 @@ def _progress(items: Sequence[str], enabled: bool) -> Iterable[str]:
     return tqdm(items, desc="extracting features", unit="patient")
 
 
+class _FeatureCache:
+    """The cache folder being filled: manifest entries, feature files and when to save.
+
+    ``dirty``: entries changed since the manifest was last written.
+    """
+
+    def __init__(self, out_dir: Path, cache_id: str, dim: int, folder_names: tuple[str, ...],
+                 crops: tuple[float, ...]) -> None:
+        self.out_dir, self.cache_id, self.dim = out_dir, cache_id, dim
+        self.folder_names, self.crops = folder_names, crops
+        self.names = _all_scale_names(folder_names, crops)
+        self.manifest_path = out_dir / MANIFEST_NAME
+        self.entries = _load_manifest(self.manifest_path, cache_id)
+        self.dirty = False
+        self.last_write = time.monotonic()
+
+    def write_manifest(self) -> None:
+        write_json_atomic(self.manifest_path, {
+            "format": CACHE_FORMAT, "encoder": self.cache_id, "dim": self.dim,
+            "scales": list(self.names), "crop_scales": list(self.crops),
+            "patients": self.entries,
+        })
+
+    def save(self, target: Path, features: torch.Tensor, rows: list[str]) -> None:
+        payload = {"features": features, "images": rows, "encoder": self.cache_id,
+                   "format": CACHE_FORMAT}
+        if self.names:  # single-scale files stay exactly as before
+            payload["scales"] = _row_scales(rows, self.folder_names, len(self.crops))
+        torch_save_atomic(payload, target)
+
+    def reuse(self, pid: str, fingerprint: str) -> bool:
+        """Whether ``pid``'s cached features are up to date (relabelled if only the scale
+        names changed); False when they must be computed."""
+        entry = self.entries.get(pid)
+        target = self.out_dir / f"{pid}.pt"
+        if entry is None or entry.get("fingerprint") != fingerprint or not target.is_file():
+            return False
+        if entry.get("scales", []) == list(self.names):
+            return True
+        if not _relabel(target, self.save):
+            return False
+        # Same images, other scale names (e.g. a magnification added elsewhere at the
+        # site): the cached rows were relabelled without reading images.
+        entry.pop("scales", None)
+        if self.names:
+            entry["scales"] = list(self.names)
+        self.dirty = True
+        return True
+
+    def store(self, pid: str, fingerprint: str, features: torch.Tensor,
+              rel_paths: list[str]) -> None:
+        """Save ``pid``'s features (rows: each image's crops in order) and its entry; the
+        manifest follows at most every ``_MANIFEST_EVERY_S`` seconds."""
+        target = self.out_dir / f"{pid}.pt"
+        self.save(target, features, [r for r in rel_paths for _ in self.crops])
+        self.entries[pid] = {"fingerprint": fingerprint, "n_images": len(rel_paths),
+                             "file": target.name}
+        if self.names:
+            self.entries[pid]["scales"] = list(self.names)
+        self.dirty = True
+        if time.monotonic() - self.last_write >= _MANIFEST_EVERY_S:
+            self.write_manifest()
+            self.dirty, self.last_write = False, time.monotonic()
+
+
+def _list_images(site: Path, patient_ids: Sequence[str]) -> dict[str, list[Path]]:
+    """Every patient's image paths; each patient must have at least one."""
+    listing = {}
+    for pid in patient_ids:
+        listing[pid] = list_patient_images(site, pid)
+        if not listing[pid]:
+            raise ImageError(
+                f"patient {pid!r} has no images ({', '.join(IMAGE_EXTENSIONS)}) in "
+                f"{site / IMAGES_DIR / pid}; add its images there or remove the patient "
+                "from patients.csv"
+            )
+    return listing
+
+
 def _encode_patient(images: Sequence[Path], encoder: Encoder, batch_size: int,
                     folder: Path, crops: tuple[float, ...] = (1.0,)) -> torch.Tensor:
     """Features of one patient's images (each once per crop scale), about ``batch_size``
@@ -369,80 +448,31 @@ def extract_site_features(
     crops = parse_crop_scales(crop_scales) if crop_scales is not None else (1.0,)
     # Crop settings change the features, so they are part of the cache's identity.
     cache_id = encoder.cache_id + _crop_suffix(crops)
-    listing = {}
-    for pid in patient_ids:
-        listing[pid] = list_patient_images(site, pid)
-        if not listing[pid]:
-            raise ImageError(
-                f"patient {pid!r} has no images ({', '.join(IMAGE_EXTENSIONS)}) in "
-                f"{site / IMAGES_DIR / pid}; add its images there or remove the patient "
-                "from patients.csv"
-            )
-    folder_names = _site_scale_names(site, listing, scale_names)
-    names = _all_scale_names(folder_names, crops)
-    out_dir = feature_cache_dir(site, cache_id)
-    manifest_path = out_dir / MANIFEST_NAME
-    entries = _load_manifest(manifest_path, cache_id)
+    listing = _list_images(site, patient_ids)
+    cache = _FeatureCache(feature_cache_dir(site, cache_id), cache_id, encoder.dim,
+                          _site_scale_names(site, listing, scale_names), crops)
     n_extracted = n_reused = 0
-    dirty = False
-    last_write = time.monotonic()
-
-    def write_manifest() -> None:
-        write_json_atomic(manifest_path, {
-            "format": CACHE_FORMAT, "encoder": cache_id, "dim": encoder.dim,
-            "scales": list(names), "crop_scales": list(crops), "patients": entries,
-        })
-
-    def save(target: Path, features: torch.Tensor, rows: list[str]) -> None:
-        payload = {"features": features, "images": rows, "encoder": cache_id,
-                   "format": CACHE_FORMAT}
-        if names:  # single-scale files stay exactly as before
-            payload["scales"] = _row_scales(rows, folder_names, len(crops))
-        torch_save_atomic(payload, target)
-
     bar = _progress(list(patient_ids), progress)
     try:
         for pid in bar:
             image_root = site / IMAGES_DIR / pid
-            images = listing[pid]
-            fingerprint, rel_paths = _fingerprint(image_root, images, cache_id)
-            entry = entries.get(pid)
-            target = out_dir / f"{pid}.pt"
-            if (entry is not None and entry.get("fingerprint") == fingerprint
-                    and target.is_file()):
-                if entry.get("scales", []) == list(names):
-                    n_reused += 1
-                    continue
-                if _relabel(target, save):
-                    # Same images, other scale names (e.g. a magnification added elsewhere
-                    # at the site): the cached rows were relabelled without reading images.
-                    entry.pop("scales", None)
-                    if names:
-                        entry["scales"] = list(names)
-                    dirty = True
-                    n_reused += 1
-                    continue
-            features = _encode_patient(images, encoder, batch_size, image_root, crops)
-            rows = [r for r in rel_paths for _ in crops]
-            save(target, features, rows)
-            entries[pid] = {"fingerprint": fingerprint, "n_images": len(images),
-                            "file": target.name}
-            if names:
-                entries[pid]["scales"] = list(names)
+            fingerprint, rel_paths = _fingerprint(image_root, listing[pid], cache_id)
+            if cache.reuse(pid, fingerprint):
+                n_reused += 1
+                continue
+            features = _encode_patient(listing[pid], encoder, batch_size, image_root, crops)
+            cache.store(pid, fingerprint, features, rel_paths)
             n_extracted += 1
-            dirty = True
-            if time.monotonic() - last_write >= _MANIFEST_EVERY_S:
-                write_manifest()
-                dirty, last_write = False, time.monotonic()
-        if not manifest_path.is_file():  # an empty patient list still leaves a valid cache
-            dirty = True
+        if not cache.manifest_path.is_file():  # an empty patient list still leaves a valid cache
+            cache.dirty = True
     finally:
         # Also on errors: patients finished before a bad image keep their cache entries.
-        if dirty:
-            write_manifest()
+        if cache.dirty:
+            cache.write_manifest()
         if hasattr(bar, "close"):
             bar.close()
+    names = cache.names
     log.info("features (%s): %d extracted, %d reused%s", cache_id, n_extracted, n_reused,
              f"; scales {list(names)}" if names else "")
-    return ExtractResult(feature_dir=out_dir, n_extracted=n_extracted, n_reused=n_reused,
-                         scale_names=names)
+    return ExtractResult(feature_dir=cache.out_dir, n_extracted=n_extracted,
+                         n_reused=n_reused, scale_names=names)

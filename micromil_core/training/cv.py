@@ -4,23 +4,30 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from micromil_core.config import ExperimentConfig
+from micromil_core.data.bag import Bag, collate_bags
 from micromil_core.data.splits import stratified_folds, train_val_split
 from micromil_core.io import write_json_atomic
 from micromil_core.runtime import seed_everything
 from micromil_core.training.fitting import (
-    predict_fine,
     prepare_run,
     train_and_select,
     with_fine_to_coarse,
 )
-from micromil_core.training.loading import load_sites
-from micromil_core.training.mechanism import representative_diversity, representative_picks
+from micromil_core.training.loading import SiteBags, load_sites
+from micromil_core.training.mechanism import (
+    Picks,
+    bag_picks,
+    representative_diversity,
+    representative_picks,
+)
 from micromil_core.training.metrics import (
     METRIC_KEYS,
     classification_metrics,
@@ -28,13 +35,8 @@ from micromil_core.training.metrics import (
     summarize_folds,
 )
 from micromil_core.training.plots import plot_roc
-from micromil_core.training.trainer import (
-    predict_bags,
-)
 
 log = logging.getLogger(__name__)
-
-
 
 
 def cross_validate(
@@ -60,84 +62,26 @@ def cross_validate(
     state_path = out / "folds.json"
     settings = {"config": cfg.to_dict(), "folds": folds, "site": str(Path(site_path).resolve())}
     done = _load_fold_state(state_path, settings)
-    n_classes = len(sb.site.classes)
-    oof = np.zeros((len(sb.bags), n_classes))
+    oof = np.zeros((len(sb.bags), len(sb.site.classes)))
     oof_fine: np.ndarray | None = None  # (n, F) out-of-fold fine probabilities (HMIL)
     for k, test_idx in enumerate(fold_idx):
-        if str(k) in done["folds"]:
-            oof[test_idx] = np.asarray(done["folds"][str(k)]["probs"])
-            stored = done["folds"][str(k)].get("fine_probs")
-            oof_fine = _store_fine(oof_fine, len(sb.bags), test_idx, stored)
-            continue
-        seed_everything(cfg.train.seed + k)
-        rest = np.setdiff1d(np.arange(len(sb.bags)), test_idx)
-        tr, va = train_val_split(rest, labels, cfg.train.val_fraction, cfg.train.seed + k)
-        model, scaler, result = train_and_select(
-            with_fine_to_coarse(cfg, [sb.bags[i] for i in tr], sb.site),
-            [sb.bags[i] for i in tr],
-            [sb.bags[i] for i in va],
-            n_classes,
-            device,
-            progress_label=f"fold {k + 1}/{folds}" if progress else None,
-        )
-        test = [sb.bags[i] for i in test_idx]
-        test = scaler.transform_all(test) if scaler else test
-        y, probs = predict_bags(model, test, device)
-        oof[test_idx] = probs
-        fold_metrics = classification_metrics(y, probs)
-        done["folds"][str(k)] = {
-            "metrics": fold_metrics,
-            # The selection split's figures at the chosen epoch: what a choice between
-            # configurations may be made on (the test fold's may not).
-            "validation": (
-                {m: float(result.val_metrics.get(m, math.nan)) for m in METRIC_KEYS}
-                if result.val_metrics
-                else None
-            ),
-            "best_epoch": result.best_epoch,
-            "probs": probs.tolist(),
-        }
-        picks = representative_picks(model, test, device)
-        if picks is not None:  # MicroMIL: kept per fold so the summary pools every test bag
-            fold_metrics["representative_diversity"] = representative_diversity(picks)
-            done["folds"][str(k)]["picks"] = [list(p) for p in picks]
-            val = [sb.bags[i] for i in va]
-            val_picks = representative_picks(model, scaler.transform_all(val) if scaler else val, device)
-            done["folds"][str(k)]["validation_picks"] = [list(p) for p in val_picks or []]
-        fine = predict_fine(model, test, device)
-        if fine is not None:
-            fold_metrics.update(fine_metrics(*fine))
-            done["folds"][str(k)]["fine_probs"] = fine[1].tolist()
-            oof_fine = _store_fine(oof_fine, len(sb.bags), test_idx, fine[1])
-        write_json_atomic(state_path, done)
-        log.info(
-            "fold %d/%d: auc=%.3f acc=%.3f",
-            k + 1,
-            folds,
-            fold_metrics["auc"],
-            fold_metrics["accuracy"],
-        )
-    per_fold = [done["folds"][str(k)]["metrics"] for k in range(folds)]
-    summary: dict[str, Any] = summarize_folds(per_fold)
-    summary["pooled_out_of_fold"] = classification_metrics(labels, oof)
-    fold_picks = [done["folds"][str(k)].get("picks") for k in range(folds)]
-    if all(p is not None for p in fold_picks):
-        summary["representative_diversity"] = representative_diversity(
-            [tuple(p) for fold in fold_picks for p in fold]
-        )
-    val_folds = [done["folds"][str(k)].get("validation") for k in range(folds)]
-    if all(v for v in val_folds):
-        summary["validation"] = summarize_folds(val_folds)
-        val_picks = [done["folds"][str(k)].get("validation_picks") for k in range(folds)]
-        if all(v for v in val_picks):
-            summary["validation"]["representative_diversity"] = representative_diversity(
-                [tuple(p) for fold in val_picks for p in fold]
+        if str(k) not in done["folds"]:
+            label = f"fold {k + 1}/{folds}" if progress else None
+            done["folds"][str(k)] = _run_fold(sb, labels, test_idx, cfg, k, device, label)
+            write_json_atomic(state_path, done)
+            fold_metrics = done["folds"][str(k)]["metrics"]
+            log.info(
+                "fold %d/%d: auc=%.3f acc=%.3f",
+                k + 1,
+                folds,
+                fold_metrics["auc"],
+                fold_metrics["accuracy"],
             )
-    if oof_fine is not None:
-        y_fine = np.array([-1 if b.fine_label is None else b.fine_label for b in sb.bags])
-        summary["pooled_out_of_fold"].update(fine_metrics(y_fine, oof_fine))
-    summary["per_fold"] = per_fold
-    summary["best_epochs"] = [done["folds"][str(k)]["best_epoch"] for k in range(folds)]
+        # Fresh and resumed folds alike: float32 outputs survive the JSON lists exactly.
+        oof[test_idx] = np.asarray(done["folds"][str(k)]["probs"])
+        stored = done["folds"][str(k)].get("fine_probs")
+        oof_fine = _store_fine(oof_fine, len(sb.bags), test_idx, stored)
+    summary = _summarize(done, folds, sb, labels, oof, oof_fine)
     summary["model"] = cfg.model.name
     summary["site"] = sb.site.name
     write_json_atomic(out / "metrics.json", summary)
@@ -148,6 +92,142 @@ def cross_validate(
     )
     return summary
 
+
+def _run_fold(
+    sb: SiteBags,
+    labels: np.ndarray,
+    test_idx: np.ndarray,
+    cfg: ExperimentConfig,
+    k: int,
+    device: torch.device,
+    progress_label: str | None,
+) -> dict[str, Any]:
+    """Train fold ``k`` on the rest of the site, select on its validation part, then score
+    its test bags once; returns the fold's entry of folds.json."""
+    seed_everything(cfg.train.seed + k)
+    rest = np.setdiff1d(np.arange(len(sb.bags)), test_idx)
+    tr, va = train_val_split(rest, labels, cfg.train.val_fraction, cfg.train.seed + k)
+    train = [sb.bags[i] for i in tr]
+    model, scaler, result = train_and_select(
+        with_fine_to_coarse(cfg, train, sb.site),
+        train,
+        [sb.bags[i] for i in va],
+        len(sb.site.classes),
+        device,
+        progress_label=progress_label,
+    )
+
+    def model_inputs(idx: np.ndarray) -> list[Bag]:
+        bags = [sb.bags[i] for i in idx]
+        return scaler.transform_all(bags) if scaler else bags
+
+    test = _predict_fold(model, model_inputs(test_idx), device)
+    fold_metrics = classification_metrics(test.y, test.probs)
+    entry: dict[str, Any] = {
+        "metrics": fold_metrics,
+        # The selection split's figures at the chosen epoch: what a choice between
+        # configurations may be made on (the test fold's may not).
+        "validation": (
+            {m: float(result.val_metrics.get(m, math.nan)) for m in METRIC_KEYS}
+            if result.val_metrics
+            else None
+        ),
+        "best_epoch": result.best_epoch,
+        "probs": test.probs.tolist(),
+    }
+    if test.picks is not None:  # MicroMIL: kept per fold so the summary pools every test bag
+        fold_metrics["representative_diversity"] = representative_diversity(test.picks)
+        entry["picks"] = [list(p) for p in test.picks]
+        val_picks = representative_picks(model, model_inputs(va), device)
+        entry["validation_picks"] = [list(p) for p in val_picks or []]
+    if test.fine is not None:
+        fold_metrics.update(fine_metrics(*test.fine))
+        entry["fine_probs"] = test.fine[1].tolist()
+    return entry
+
+
+@dataclass
+class _FoldPredictions:
+    """A test fold's outputs from one forward pass per bag.
+
+    Shapes: y (n,), probs (n, C); picks one ``Picks`` per bag or None (no representatives);
+    fine (labels (n,) -1 unknown, probabilities (n, F)) or None (no fine outputs or labels)
+    """
+
+    y: np.ndarray
+    probs: np.ndarray
+    picks: list[Picks] | None
+    fine: tuple[np.ndarray, np.ndarray] | None
+
+
+def _predict_fold(model: Any, bags: list[Bag], device: torch.device) -> _FoldPredictions:
+    """``predict_bags``, ``representative_picks`` and ``predict_fine`` in one pass.
+
+    Evaluation is deterministic (eval mode draws no random numbers), so one forward pass
+    per bag gives what the three separate passes gave. One bag per pass, as there: no
+    padded instance can be picked.
+    """
+    model.eval()
+    y_fine = np.array([-1 if b.fine_label is None else b.fine_label for b in bags], dtype=int)
+    probs, fine = [], []
+    picks: list[Picks] | None = []
+    has_fine = bool((y_fine >= 0).any())  # fine metrics need at least one fine label
+    for bag in bags:
+        pred = model.predict_batch(collate_bags([bag]).to(device))
+        extras = pred.extras or {}
+        probs.append(pred.probs.float().cpu())
+        if picks is not None and pred.selected is not None:
+            q = extras.get("assignments")
+            owner = q[0, : bag.num_instances].argmax(-1).tolist() if q is not None else None
+            picks.append(bag_picks(pred.selected[0].tolist(), bag.num_instances, owner))
+        else:
+            picks = None
+        if has_fine and "fine_probs" in extras:
+            fine.append(extras["fine_probs"].float().cpu())
+        else:
+            has_fine = False
+    y = np.array([b.label for b in bags], dtype=int)
+    return _FoldPredictions(
+        y,
+        torch.cat(probs).numpy() if probs else np.zeros((0, model.n_classes)),
+        picks,
+        (y_fine, torch.cat(fine).numpy()) if has_fine else None,
+    )
+
+
+def _summarize(
+    done: dict[str, Any],
+    folds: int,
+    sb: SiteBags,
+    labels: np.ndarray,
+    oof: np.ndarray,
+    oof_fine: np.ndarray | None,
+) -> dict[str, Any]:
+    """metrics.json's figures: fold means and spreads, out-of-fold pooled metrics, and the
+    representative diversity pooled over every test (and validation) bag."""
+    fold = [done["folds"][str(k)] for k in range(folds)]
+    per_fold = [f["metrics"] for f in fold]
+    summary: dict[str, Any] = summarize_folds(per_fold)
+    summary["pooled_out_of_fold"] = classification_metrics(labels, oof)
+    fold_picks = [f.get("picks") for f in fold]
+    if all(p is not None for p in fold_picks):
+        summary["representative_diversity"] = representative_diversity(
+            [tuple(p) for picks in fold_picks for p in picks]
+        )
+    val_folds = [f.get("validation") for f in fold]
+    if all(v for v in val_folds):
+        summary["validation"] = summarize_folds(val_folds)
+        val_picks = [f.get("validation_picks") for f in fold]
+        if all(v for v in val_picks):
+            summary["validation"]["representative_diversity"] = representative_diversity(
+                [tuple(p) for picks in val_picks for p in picks]
+            )
+    if oof_fine is not None:
+        y_fine = np.array([-1 if b.fine_label is None else b.fine_label for b in sb.bags])
+        summary["pooled_out_of_fold"].update(fine_metrics(y_fine, oof_fine))
+    summary["per_fold"] = per_fold
+    summary["best_epochs"] = [f["best_epoch"] for f in fold]
+    return summary
 
 
 def _store_fine(
@@ -163,7 +243,6 @@ def _store_fine(
     return oof_fine
 
 
-
 def _load_fold_state(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
     import json
 
@@ -177,4 +256,3 @@ def _load_fold_state(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
         if state:
             log.warning("%s holds folds of other settings; starting the CV afresh", path)
     return {"settings": settings, "folds": {}}
-

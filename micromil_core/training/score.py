@@ -141,7 +141,7 @@ def evaluate_checkpoint(
     run = load_checkpoint_and_sites(
         checkpoint, site_paths, device, data_cfg, progress, True, threshold
     )
-    ckpt, model, dev = run.ckpt, run.model, run.device
+    ckpt = run.ckpt
     per_site: dict[str, Any] = {}
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     all_y, all_p, rows = [], [], []
@@ -152,26 +152,16 @@ def evaluate_checkpoint(
         if not bags:
             raise SiteDataError(f"site {sb.site.path}: no patients in split {split!r}")
         scaled = run.model_inputs(sb, bags)
-        y, probs = run.predict(scaled)
-        per_site[sb.site.name] = classification_metrics(y, probs, threshold)
-        per_site[sb.site.name]["ci95"] = bootstrap_intervals(y, probs, threshold=threshold)
-        fine = predict_fine(model, scaled, dev)
-        if fine is not None:
-            per_site[sb.site.name].update(fine_metrics(*fine))
-            all_fine.append(fine)
-        picks = representative_picks(model, scaled, dev)
-        if picks is not None:  # MicroMIL: are its representatives distinct instances?
-            per_site[sb.site.name]["representative_diversity"] = representative_diversity(picks)
-            all_picks += picks
-        curves[sb.site.name] = (y, probs)
-        all_y.append(y)
-        all_p.append(probs)
-        for i, (bag, p) in enumerate(zip(bags, probs, strict=True)):
-            row = [sb.site.name, bag.patient_id, ckpt.classes[bag.label], *map(float, p)]
-            if fine is not None:  # a hierarchical model: the fine label and probabilities too
-                fine_name = ckpt.fine_classes[fine[0][i]] if fine[0][i] >= 0 else ""
-                row += [fine_name, *map(float, fine[1][i])]
-            rows.append(row)
+        site = _evaluate_site(run, scaled, threshold)
+        per_site[sb.site.name] = site.metrics
+        if site.fine is not None:
+            all_fine.append(site.fine)
+        if site.picks is not None:
+            all_picks += site.picks
+        curves[sb.site.name] = (site.y, site.probs)
+        all_y.append(site.y)
+        all_p.append(site.probs)
+        rows += _evaluation_rows(ckpt, sb.site.name, bags, site.probs, site.fine)
         if explain:
             run.explain(sb, bags, scaled, out / "explain", threshold)
     y_all, p_all = np.concatenate(all_y), np.concatenate(all_p)
@@ -188,22 +178,83 @@ def evaluate_checkpoint(
     metrics["checkpoint"] = str(checkpoint)
     metrics["split"] = split or "all"
     write_json_atomic(out / "metrics.json", metrics)
+    _write_evaluation_csv(out / "predictions.csv", ckpt, rows, with_fine=bool(all_fine))
+    if len(curves) > 1:
+        curves["all sites"] = (y_all, p_all)
+    _plot_evaluation(out, ckpt, curves, metrics["calibration"])
+    return metrics
+
+
+@dataclass
+class _SiteEvaluation:
+    """One site's outputs. Shapes: y (n,), probs (n, C); fine (labels (n,), probs (n, F))."""
+
+    y: np.ndarray
+    probs: np.ndarray
+    metrics: dict[str, Any]
+    fine: tuple[np.ndarray, np.ndarray] | None
+    picks: list[Picks] | None
+
+
+def _evaluate_site(
+    run: LoadedCheckpoint, scaled: list[Bag], threshold: float | None
+) -> _SiteEvaluation:
+    """Predictions and metrics (with ``ci95``, and fine metrics / representative diversity
+    where the model has them) on one site's model inputs."""
+    y, probs = run.predict(scaled)
+    metrics = classification_metrics(y, probs, threshold)
+    metrics["ci95"] = bootstrap_intervals(y, probs, threshold=threshold)
+    fine = predict_fine(run.model, scaled, run.device)
+    if fine is not None:
+        metrics.update(fine_metrics(*fine))
+    picks = representative_picks(run.model, scaled, run.device)
+    if picks is not None:  # MicroMIL: are its representatives distinct instances?
+        metrics["representative_diversity"] = representative_diversity(picks)
+    return _SiteEvaluation(y, probs, metrics, fine, picks)
+
+
+def _evaluation_rows(
+    ckpt: Checkpoint,
+    site_name: str,
+    bags: list[Bag],
+    probs: np.ndarray,
+    fine: tuple[np.ndarray, np.ndarray] | None,
+) -> list[list[Any]]:
+    """predictions.csv rows of one site: site, patient, label, class probabilities."""
+    rows = []
+    for i, (bag, p) in enumerate(zip(bags, probs, strict=True)):
+        row = [site_name, bag.patient_id, ckpt.classes[bag.label], *map(float, p)]
+        if fine is not None:  # a hierarchical model: the fine label and probabilities too
+            fine_name = ckpt.fine_classes[fine[0][i]] if fine[0][i] >= 0 else ""
+            row += [fine_name, *map(float, fine[1][i])]
+        rows.append(row)
+    return rows
+
+
+def _write_evaluation_csv(
+    path: Path, ckpt: Checkpoint, rows: list[list[Any]], with_fine: bool
+) -> None:
     header = ["site", "patient_id", "label", *[f"prob_{c}" for c in ckpt.classes]]
-    if all_fine:
+    if with_fine:
         header += ["fine_label", *[f"prob_fine_{c}" for c in ckpt.fine_classes]]
         # A site without fine outputs leaves those columns empty.
         rows = [r + [""] * (len(header) - len(r)) for r in rows]
-    _write_csv(out / "predictions.csv", header, rows)
-    if len(curves) > 1:
-        curves["all sites"] = (y_all, p_all)
-    plot_roc(curves, out / "roc.png", title=f"{ckpt.model_name}: evaluation")
-    if "bins" in metrics["calibration"]:
-        plot_reliability(
-            metrics["calibration"]["bins"], out / "calibration.png",
-            title=f"{ckpt.model_name}: calibration (ECE {metrics['calibration']['ece']:.3f})",
-        )
-    return metrics
+    _write_csv(path, header, rows)
 
+
+def _plot_evaluation(
+    out: Path,
+    ckpt: Checkpoint,
+    curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    calib: dict[str, Any],
+) -> None:
+    """OUT/roc.png and, where ``calibration`` has reliability bins, OUT/calibration.png."""
+    plot_roc(curves, out / "roc.png", title=f"{ckpt.model_name}: evaluation")
+    if "bins" in calib:
+        plot_reliability(
+            calib["bins"], out / "calibration.png",
+            title=f"{ckpt.model_name}: calibration (ECE {calib['ece']:.3f})",
+        )
 
 
 def calibrate_checkpoint(
