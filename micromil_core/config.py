@@ -109,12 +109,20 @@ class DataConfig:
     # magnification folder names in index order (e.g. 40X,100X,200X,400X); () = found
     # per site, which is only safe when every site has every magnification.
     scales: tuple[str, ...] = ()
+    # The class names in index order (patients.csv labels); a label outside them is an
+    # error that names its row. () = the sites' own sorted labels, where a label that only
+    # one patient carries is refused as a likely typo. A data root's sites.yaml sets it.
+    classes: tuple[str, ...] = ()
     # The federation's fine class names in index order (HMIL's fine_label column); () = the
     # sites' own sorted fine labels, which only a single-site run can rely on.
     fine_classes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
+        _require(
+            not self.classes or (len(self.classes) >= 2 and len(set(self.classes)) == len(self.classes)),
+            "data.classes", self.classes, "two or more distinct class names, e.g. [negative, positive]",
+        )
         _require(
             all(0.0 < c <= 1.0 for c in self.crop_scales),
             "data.crop_scales", self.crop_scales, "fractions in (0, 1], e.g. [1.0, 0.5]",

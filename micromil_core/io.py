@@ -7,6 +7,7 @@ results file where a good one stood.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -58,8 +59,54 @@ def write_bytes_atomic(target: str | os.PathLike, data: bytes) -> Path:
     return _atomic_write(target, "wb", lambda fh: fh.write(data))
 
 
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float as None, tuples as lists: what strict JSON
+    (browsers, jq, other languages) can read. Python's json would write bare ``NaN``."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(target: str | os.PathLike, obj: Any) -> Path:
-    return write_text_atomic(target, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    """Strict JSON (NaN and infinities become null), sorted keys, written atomically."""
+    text = json.dumps(strict_json(obj), indent=2, sort_keys=True, allow_nan=False, default=_plain)
+    return write_text_atomic(target, text + "\n")
+
+
+def _plain(value: Any) -> Any:
+    """NumPy and torch scalars as Python numbers (NaN as None); anything else is a bug."""
+    if hasattr(value, "item") and getattr(value, "ndim", getattr(value, "dim", lambda: 1)) in (0, ()):
+        return strict_json(value.item())
+    if hasattr(value, "tolist"):
+        return strict_json(value.tolist())
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def claim_output_dir(out: str | os.PathLike, markers: tuple[str, ...], overwrite: bool = False) -> Path:
+    """Check ``out`` before any work starts: it must be writable, and must not hold an
+    earlier run (one of the ``markers`` files) unless ``overwrite``. Returns it, created."""
+    from micromil_core.errors import ConfigError
+
+    out = Path(out)
+    earlier = [m for m in markers if (out / m).exists()]
+    if earlier and not overwrite:
+        raise ConfigError(
+            f"{out} already holds a run ({', '.join(earlier)}); pass --overwrite to replace it, "
+            "or choose a new --out"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write to {out} ({exc.strerror or exc}); choose a --out folder you can write to"
+        ) from None
+    return out
 
 
 def torch_save_atomic(obj: Any, target: str | os.PathLike) -> Path:

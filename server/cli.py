@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from micromil_core.cli import command_parser, dispatch
+from micromil_core.cli.options import brief_metrics
 
 DEFAULT_CONFIG = "deploy/federation.yaml"
 
@@ -99,8 +100,7 @@ def _print_summary(out: Path, status: str) -> None:
     metrics = out / "metrics.json"
     if status == "finished:completed" and metrics.is_file():
         m = json.loads(metrics.read_text())
-        print(f"held-out sites: AUC {m.get('auc', float('nan')):.3f}, accuracy "
-              f"{m.get('accuracy', float('nan')):.3f} (n={m.get('n')}); model {out / 'model.pt'}")
+        print(f"held-out sites: {brief_metrics(m)} (n={m.get('n')}); model {out / 'model.pt'}")
         if m.get("model_sha256"):  # hospitals check the copy they receive against this
             print(f"model sha256: {m['model_sha256']} (check a copy with `micromil inspect`)")
 

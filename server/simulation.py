@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from micromil_core.config import ExperimentConfig, LocalPrivacyConfig
-from micromil_core.data.data_root import read_sites_yaml
+from micromil_core.data.data_root import read_sites_yaml, with_declared_classes
 from micromil_core.errors import ConfigError, SiteDataError
 from micromil_core.federated.site_task import SiteSettings
 from micromil_core.report import PAIRED_KEY
@@ -98,14 +98,26 @@ def simulate(
     out: str | Path,
     resume: bool = False,
     grid_tap: Any = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Run the federation in Flower's simulation engine; returns held-out metrics."""
+    """Run the federation in Flower's simulation engine; returns held-out metrics.
+
+    ``resume`` continues the run saved in ``out``; ``overwrite`` starts afresh over it
+    (without either, a saved run in ``out`` is an error).
+    """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no usage pings from a hospital run
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     out = Path(out)
+    if cfg.simulation.data_root:
+        cfg = with_declared_classes(cfg, cfg.simulation.data_root)
     sites = with_local_privacy(resolve_sites(cfg), cfg, out)
     state_file = out / "federation-state.pt"
+    if overwrite and not resume:
+        from server.federation import STRATEGY_FILE
+
+        for name in (state_file.name, STRATEGY_FILE):
+            (out / name).unlink(missing_ok=True)
     if not resume and state_file.exists():
         raise ConfigError(
             f"{out} already holds a federation run; pass --resume to continue it or choose a new --out"
@@ -140,7 +152,7 @@ def simulate(
     return results[0].metrics
 
 
-def compare(cfg: ExperimentConfig, out: str | Path) -> dict[str, Any]:
+def compare(cfg: ExperimentConfig, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """Local-only (each site), pooled and federated models, all judged on the held-out sites.
 
     Local and pooled models train for rounds x local_epochs epochs (the same passes over
@@ -182,7 +194,8 @@ def compare(cfg: ExperimentConfig, out: str | Path) -> dict[str, Any]:
     table["pooled"] = judged(out / "pooled")
     log.info("federated model")
     start = time.perf_counter()
-    simulate(cfg, out / "federated", resume=(out / "federated" / "federation-state.pt").exists())
+    saved = (out / "federated" / "federation-state.pt").exists()  # an interrupted compare
+    simulate(cfg, out / "federated", resume=saved and not overwrite, overwrite=overwrite)
     timing = {
         "pooled_seconds": pooled_seconds,
         "federated_seconds": time.perf_counter() - start,  # includes the engine's start-up

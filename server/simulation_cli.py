@@ -12,7 +12,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from micromil_core.cli.options import add_federation_args, brief_metrics, experiment_config
+from micromil_core.cli.options import (
+    add_federation_args,
+    brief_metrics,
+    claim_out,
+    experiment_config,
+)
 
 
 def register(sub: Any) -> None:
@@ -32,7 +37,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from server.simulation import simulate
 
     cfg = experiment_config(args)
-    metrics = simulate(cfg, args.out, resume=args.resume)
+    if not args.resume:
+        claim_out(args, "history.json", "model.pt", "federation-state.pt")
+    metrics = simulate(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     print(f"held-out sites, round {metrics['round']}: {brief_metrics(metrics)}  (n={metrics['n']})")
     for site, m in metrics.get("per_site", {}).items():
         if m.get("suppressed"):
@@ -59,7 +66,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from server.simulation import compare
 
     cfg = experiment_config(args)
-    table = compare(cfg, args.out)
+    claim_out(args, "metrics.json", "compare.json")
+    table = compare(cfg, args.out, overwrite=args.overwrite)
     rows = comparison_rows(table)
     print(format_table(rows, table_keys(rows)))
     paired = format_paired_difference(table)

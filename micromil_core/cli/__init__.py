@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -16,6 +18,7 @@ from micromil_core.cli import commands
 from micromil_core.cli.options import (
     add_config_args,
     add_data_args,
+    add_out_args,
     add_scoring_args,
 )
 from micromil_core.errors import MicroMILError
@@ -100,7 +103,7 @@ def _add_model_commands(sub: Any) -> None:
     p = sub.add_parser("train", help="train one model on the pooled patients of sites")
     add_data_args(p, holdout=False)
     add_config_args(p)
-    p.add_argument("--out", required=True)
+    add_out_args(p)
     p.set_defaults(func=commands.cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on sites")
@@ -112,7 +115,7 @@ def _add_model_commands(sub: Any) -> None:
         help="a second checkpoint judged on the same patients: reports this model minus it, "
         "with paired bootstrap intervals (two-class models)",
     )
-    p.add_argument("--out", required=True)
+    add_out_args(p)
     p.set_defaults(func=commands.cmd_evaluate)
 
     p = sub.add_parser(
@@ -120,7 +123,7 @@ def _add_model_commands(sub: Any) -> None:
         help="score patients without a diagnosis (patients.csv needs only patient_id)",
     )
     add_scoring_args(p)
-    p.add_argument("--out", required=True)
+    add_out_args(p)
     p.set_defaults(func=commands.cmd_predict)
 
     p = sub.add_parser(
@@ -136,7 +139,7 @@ def _add_model_commands(sub: Any) -> None:
         help="default: val where a site has splits, else all (never test)",
     )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--out", required=True, help="where to write the recalibrated model.pt")
+    add_out_args(p, help="where to write the recalibrated model.pt")
     p.set_defaults(func=commands.cmd_calibrate)
 
     p = sub.add_parser(
@@ -150,7 +153,7 @@ def _add_model_commands(sub: Any) -> None:
     p.add_argument("--data", required=True, metavar="SITE")
     add_config_args(p)
     p.add_argument("--folds", type=int, default=10)
-    p.add_argument("--out", required=True)
+    add_out_args(p)
     p.set_defaults(func=commands.cmd_cv)
 
 
@@ -209,3 +212,8 @@ def dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader stopped early (`micromil models | head`): end quietly, as Unix tools do.
+        # Python would report the pipe again when it flushes stdout at exit, so point it away.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE

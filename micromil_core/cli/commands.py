@@ -11,11 +11,13 @@ from typing import Any
 
 from micromil_core.cli.options import (
     brief_metrics,
+    claim_out,
     experiment_config,
     print_json,
     site_paths,
 )
 from micromil_core.errors import ConfigError
+from micromil_core.io import claim_output_dir
 
 log = logging.getLogger("micromil")
 
@@ -103,6 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = experiment_config(args)
     sites = site_paths(args, holdout=False)
+    claim_out(args, "model.pt", "metrics.json")
     metrics = train_pooled(sites, cfg, args.out, progress=True)
     print(f"best epoch {metrics['best_epoch']}; validation: {brief_metrics(metrics['validation'])}")
     if "test" in metrics:
@@ -111,11 +114,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_checkpoint(args: argparse.Namespace, run: Any, **options: Any) -> dict[str, Any]:
-    """``run`` (evaluate/predict/calibrate_checkpoint) with the shared CLI arguments."""
+def _run_checkpoint(
+    args: argparse.Namespace, run: Any, markers: tuple[str, ...], **options: Any
+) -> dict[str, Any]:
+    """``run`` (evaluate/predict/calibrate_checkpoint) with the shared CLI arguments;
+    ``markers``: the files of an earlier run in --out that only --overwrite replaces."""
     from micromil_core.runtime import resolve_device
 
     sites = site_paths(args, holdout=True)
+    claim_out(args, *markers)
     device = str(resolve_device(args.device or "auto"))
     return run(args.model, sites, args.out, device=device, progress=True, **options)
 
@@ -125,7 +132,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from micromil_core.training.score import evaluate_checkpoint
 
     metrics = _run_checkpoint(
-        args, evaluate_checkpoint, split=args.split, threshold=args.threshold, explain=args.explain
+        args, evaluate_checkpoint, ("metrics.json",), split=args.split, threshold=args.threshold, explain=args.explain
     )
     if args.against:
         from micromil_core.training.compare import add_paired_comparison
@@ -174,7 +181,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from micromil_core.training.score import predict_checkpoint
 
     summary = _run_checkpoint(
-        args, predict_checkpoint, threshold=args.threshold, explain=args.explain
+        args, predict_checkpoint, ("predictions.csv",), threshold=args.threshold, explain=args.explain
     )
     for name, s in summary["per_site"].items():
         counts = ", ".join(f"{c} {n}" for c, n in s["predicted"].items())
@@ -188,7 +195,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from micromil_core.training.score import calibrate_checkpoint
 
-    result = _run_checkpoint(args, calibrate_checkpoint, method=args.method, split=args.split)
+    # --out names the recalibrated checkpoint file: check its folder, keep an earlier one.
+    out = Path(args.out)
+    claim_output_dir(out.parent, (out.name,), overwrite=args.overwrite)
+    result = _run_checkpoint(args, calibrate_checkpoint, (), method=args.method, split=args.split)
     params = ", ".join(f"{v:.4g}" for v in result["params"])
     print(f"{result['method']} calibration ({params}) fitted on {result['n']} patients")
     for when in ("before", "after"):
@@ -214,7 +224,10 @@ def cmd_cv(args: argparse.Namespace) -> int:
     from micromil_core.training.cv import cross_validate
 
     cfg = experiment_config(args)
-    summary = cross_validate(args.data, cfg, args.folds, args.out, progress=True)
+    # A CV in --out with the same settings resumes (its finished folds are reused); one
+    # with other settings is kept unless --overwrite.
+    claim_output_dir(args.out, (), overwrite=args.overwrite)
+    summary = cross_validate(args.data, cfg, args.folds, args.out, progress=True, overwrite=args.overwrite)
     print(
         f"{summary['model']} {args.folds}-fold CV on {summary['site']}: "
         f"AUC {summary['auc_mean']:.3f} ± {summary['auc_std']:.3f}, "

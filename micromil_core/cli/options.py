@@ -27,6 +27,11 @@ def add_config_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None
     p.add_argument("--seed", type=int, help="shortcut for --set train.seed=N")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="shortcut for train.device")
     p.add_argument("--encoder", help="extract features from images with this encoder")
+    p.add_argument(
+        "--classes",
+        help="the class names in index order, e.g. negative,positive (shortcut for "
+        "data.classes; a data root's sites.yaml declares them already)",
+    )
 
 
 def add_data_args(p: argparse.ArgumentParser, holdout: bool) -> None:
@@ -65,6 +70,7 @@ def experiment_config(args: argparse.Namespace):
         ("seed", "train.seed"),
         ("device", "train.device"),
         ("encoder", "data.encoder"),
+        ("classes", "data.classes"),
         ("strategy", "federation.strategy"),
         ("rounds", "federation.rounds"),
         ("local_epochs", "federation.local_epochs"),
@@ -80,6 +86,11 @@ def experiment_config(args: argparse.Namespace):
     from micromil_core.models.registry import params_from_dict
 
     params_from_dict(cfg.model.name, dict(cfg.model.params))
+    root = getattr(args, "data_root", None) or cfg.simulation.data_root
+    if root:  # labels are checked against the data root's declared classes
+        from micromil_core.data.data_root import with_declared_classes
+
+        cfg = with_declared_classes(cfg, root)
     return cfg
 
 
@@ -126,6 +137,25 @@ def brief_metrics(metrics: dict) -> str:
 # ---------------------------------------------------------------- commands
 
 
+def add_out_args(p: argparse.ArgumentParser, help: str = "output folder") -> None:
+    """``--out`` and ``--overwrite``: every command refuses to replace an earlier run's
+    results unless asked (``claim_out``), and checks the folder is writable first."""
+    p.add_argument("--out", required=True, help=help)
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the results of an earlier run in --out"
+    )
+
+
+def claim_out(args: argparse.Namespace, *markers: str) -> Path:
+    """``args.out``, checked before any work: writable, and without an earlier run's
+    ``markers`` files unless ``--overwrite``."""
+    from micromil_core.io import claim_output_dir
+
+    if not markers:  # the command checks its own output (calibrate writes one file)
+        return Path(args.out)
+    return claim_output_dir(args.out, markers, overwrite=getattr(args, "overwrite", False))
+
+
 def add_federation_args(p: argparse.ArgumentParser) -> None:
     add_config_args(p)
     p.add_argument("--data-root", dest="fed_data_root", help="prepared data root (sites.yaml)")
@@ -134,6 +164,6 @@ def add_federation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", help="fedavg, fedprox, fedadam, fedyogi, fedmedian, ...")
     p.add_argument("--rounds", type=int)
     p.add_argument("--local-epochs", type=int)
-    p.add_argument("--out", required=True)
+    add_out_args(p)
 
 

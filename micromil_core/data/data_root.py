@@ -5,16 +5,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from micromil_core.config import ExperimentConfig
 from micromil_core.data.layout import (
     SITES_YAML,
 )
-from micromil_core.errors import SiteDataError, unknown_name
+from micromil_core.errors import ConfigError, SiteDataError, unknown_name
 from micromil_core.io import write_text_atomic
 
 ROLES = ("train", "holdout")
@@ -218,7 +219,7 @@ def read_sites_yaml(root: str | Path, check_paths: bool = True) -> DataRoot:
     if not yml.is_file():
         raise SiteDataError(
             f"{yml} not found; a data root lists its site folders there. Create it with "
-            f"`micromil prepare` or write it by hand: {_YAML_HELP}"
+            f"`micromil datasets prepare` or write it by hand: {_YAML_HELP}"
         )
     try:
         data = yaml.safe_load(yml.read_text(encoding="utf-8"))
@@ -252,3 +253,31 @@ def write_sites_yaml(root: str | Path, info: DataRoot | Mapping[str, Any]) -> Pa
     text = yaml.safe_dump(validated.to_dict(), sort_keys=False, default_flow_style=None)
     return write_text_atomic(root / SITES_YAML, text)
 
+
+def classes_declared_for(site_dir: str | Path) -> tuple[str, ...] | None:
+    """The classes declared by the data root that lists ``site_dir`` (the sites.yaml of its
+    parent folder), or None when the site is not part of one."""
+    site = Path(site_dir).resolve()
+    if not (site.parent / SITES_YAML).is_file():
+        return None
+    try:
+        root = read_sites_yaml(site.parent, check_paths=False)
+    except SiteDataError:
+        return None  # a broken sites.yaml is reported by the command that reads it
+    listed = any((Path(root.root) / s.path).resolve() == site for s in root.sites)
+    return tuple(root.classes) if listed else None
+
+
+def with_declared_classes(cfg: ExperimentConfig, root: str | Path) -> ExperimentConfig:
+    """``cfg`` with ``data.classes`` taken from ``root``'s sites.yaml, so every site's labels
+    are checked against the data root's declaration. A config that declares its own
+    classes must agree with the data root's."""
+    declared = read_sites_yaml(root, check_paths=False).classes
+    if not cfg.data.classes:
+        return replace(cfg, data=replace(cfg.data, classes=tuple(declared)))
+    if tuple(cfg.data.classes) != tuple(declared):
+        raise ConfigError(
+            f"data.classes {list(cfg.data.classes)} differ from {Path(root) / SITES_YAML}'s classes "
+            f"{list(declared)}; drop data.classes (or --classes) or make them the same, in the same order"
+        )
+    return cfg

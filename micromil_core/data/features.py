@@ -121,15 +121,26 @@ def read_features_and_scales(
     path = Path(path)
     if not path.is_file():
         raise FeatureError(f"{path}: feature file not found")
+    if path.stat().st_size == 0:
+        raise FeatureError(f"{path}: the feature file is empty (0 bytes); re-extract or re-export it")
     try:
         raw, raw_scales = _load_raw(path)
     except FeatureError:
         raise
     except Exception as exc:  # any library's "corrupt file" error: report it uniformly
+        if path.suffix.lower() == ".pt":
+            # Not torch's own message: it suggests weights_only=False, which would let the
+            # file run code on this machine.
+            detail = (
+                "not a tensor saved with torch.save (a (N, D) tensor or {'features': tensor}); "
+                "files that hold other Python objects are refused because loading them could "
+                "run code"
+            )
+        else:
+            detail = f"{type(exc).__name__}: {exc}; the file is corrupt or not a {path.suffix} file"
         raise FeatureError(
-            f"{path}: cannot read feature file ({type(exc).__name__}: {exc}); the file is "
-            f"corrupt or not a {path.suffix} file: re-extract or re-export it"
-        ) from exc
+            f"{path}: cannot read feature file ({detail}): re-extract or re-export it"
+        ) from None
 
     try:
         if isinstance(raw, Tensor):

@@ -4,6 +4,7 @@ with the fix for each problem.
 
 from __future__ import annotations
 
+import difflib
 import struct
 from collections import Counter
 from collections.abc import Sequence
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from micromil_core.data.data_root import classes_declared_for
 from micromil_core.data.features import read_feature_file
 from micromil_core.data.layout import (
     FEATURE_EXTENSIONS,
@@ -117,6 +119,9 @@ def _check_images(paths: list[Path], errors: list[str]) -> int:
     )
     good = 0
     for p in paths:
+        if p.stat().st_size == 0:
+            errors.append(f"{p}: empty image file (0 bytes); replace or remove it")
+            continue
         try:
             with Image.open(p) as im:
                 im.verify()
@@ -147,6 +152,8 @@ def check_site(
     """
     site_dir = Path(path)
     report = SiteReport(path=site_dir)
+    if classes is None:  # a site of a data root: its sites.yaml declares the classes
+        classes = classes_declared_for(site_dir)
     classes_t = check_vocabulary("classes", classes)
     parsed = parse_patients_csv(site_dir, classes_t, None, report.errors, labels_required)
     if parsed is None:
@@ -155,6 +162,8 @@ def check_site(
     csv_path = site_dir / PATIENTS_CSV
 
     stats = _patient_counts(parsed, labels_required)
+    if classes_t is None and labels_required:
+        report.errors += rare_label_problems([(csv_path, parsed.records)])
     report.warnings += _patient_warnings(parsed, stats, csv_path, labels_required)
     files = _scan_patient_files(parsed.records, site_dir, fdir, csv_path, expected_dim, report.errors)
     feature_dim = _check_feature_dims(files, expected_dim, report.errors)
@@ -178,6 +187,32 @@ def check_site(
     )
     report.stats = stats
     return report
+
+
+def rare_label_problems(tables: Sequence[tuple[Path, Sequence[PatientRecord]]]) -> list[str]:
+    """Labels that fewer than 2 patients carry, over all ``(patients.csv, its rows)`` given.
+
+    Used where no class list is declared: such a label is almost always a typo, and
+    taken as a class it would add a class to the model (with an AUC that cannot be
+    computed). Each problem names the row and the closest other label as the likely fix.
+    """
+    counts = Counter(r.label for _, records in tables for r in records if r.label)
+    problems = []
+    for label, n in sorted(counts.items()):
+        if n >= 2:
+            continue
+        csv_path, row = next(
+            (path, r.row) for path, records in tables for r in records if r.label == label
+        )
+        others = [c for c in counts if c != label and counts[c] >= 2] or [c for c in counts if c != label]
+        closest = difflib.get_close_matches(label, others, n=1, cutoff=0.0)
+        hint = f" (did you mean {closest[0]!r}?)" if closest else ""
+        problems.append(
+            f"{csv_path} row {row}: label {label!r} is carried by this patient only{hint}; fix the "
+            f"label, or if {label!r} is a real class declare the class list (sites.yaml "
+            f"'classes', --classes, or data.classes)"
+        )
+    return problems
 
 
 def _patient_counts(parsed: _Parsed, labels_required: bool) -> dict[str, Any]:

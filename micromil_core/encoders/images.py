@@ -141,6 +141,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"image file {path} does not exist (was it moved or deleted?)")
+    if path.stat().st_size == 0:
+        raise ImageError(f"cannot read image {path}: the file is empty (0 bytes): {_fix_hint(path)}")
     pil_error: Exception | None = None
     try:
         data = _read_with_pil(path)

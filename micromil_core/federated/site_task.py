@@ -146,8 +146,9 @@ def describe_site(
     path = Path(settings.data_path)
     problems: list[str] = []
     counts: dict[str, int] = {"num_errors": 0, "num_warnings": 0}
+    declared = list(data_cfg.classes) or None  # the labels are checked against them
     try:
-        site = load_site(path)
+        site = load_site(path, classes=declared)
     except SiteDataError as exc:
         return (
             {wire.SITE_NAME: settings.name, wire.SITE_ROLE: settings.role,
@@ -160,7 +161,7 @@ def describe_site(
     except SiteDataError as exc:
         problems.append(str(exc))
         fdir = None
-    report = check_site(path, feature_dir=fdir)
+    report = check_site(path, classes=declared, feature_dir=fdir)
     problems += report.errors
     if settings.privacy.enabled and settings.role == "train":
         from micromil_core.privacy.dp_sgd import check_delta

@@ -102,10 +102,13 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("Sites without local DP: " + ", ".join(report["non_dp_sites"]))
     if report["central"]:
         last = report["central"][-1]
+        eps = last.get("epsilon")
+        # history.json is strict JSON: an unbounded epsilon (no noise) is stored as null.
+        eps_text = f"{eps:.3f}" if isinstance(eps, (int, float)) and math.isfinite(eps) else "unbounded"
         lines.append("")
         lines.append(
             f"Central DP ({last.get('mode', '?')}, privacy unit: one site's update): epsilon "
-            f"{last.get('epsilon', math.nan):.3f} at delta {last.get('delta', math.nan):g} after "
+            f"{eps_text} at delta {last.get('delta', math.nan):g} after "
             f"round {last['round']} (noise multiplier {last.get('noise_multiplier', math.nan):g})"
         )
     if not lines:

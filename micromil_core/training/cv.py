@@ -14,7 +14,8 @@ import torch
 from micromil_core.config import ExperimentConfig
 from micromil_core.data.bag import Bag, collate_bags
 from micromil_core.data.splits import stratified_folds, train_val_split
-from micromil_core.io import write_json_atomic
+from micromil_core.errors import ConfigError
+from micromil_core.io import strict_json, write_json_atomic
 from micromil_core.runtime import seed_everything
 from micromil_core.training.fitting import (
     prepare_run,
@@ -45,6 +46,7 @@ def cross_validate(
     folds: int,
     out: str | Path,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Stratified k-fold CV on all patients of one site.
 
@@ -61,7 +63,7 @@ def cross_validate(
     fold_idx = stratified_folds(labels, folds, cfg.train.seed)
     state_path = out / "folds.json"
     settings = {"config": cfg.to_dict(), "folds": folds, "site": str(Path(site_path).resolve())}
-    done = _load_fold_state(state_path, settings)
+    done = _load_fold_state(state_path, settings, overwrite)
     oof = np.zeros((len(sb.bags), len(sb.site.classes)))
     oof_fine: np.ndarray | None = None  # (n, F) out-of-fold fine probabilities (HMIL)
     for k, test_idx in enumerate(fold_idx):
@@ -243,16 +245,22 @@ def _store_fine(
     return oof_fine
 
 
-def _load_fold_state(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
+def _load_fold_state(path: Path, settings: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+    """The folds finished by an earlier run with the same settings; another run's folds
+    are kept unless ``overwrite``."""
     import json
 
-    if path.is_file():
+    if path.is_file() and not overwrite:
         try:
             state = json.loads(path.read_text())
         except json.JSONDecodeError:
             state = None
-        if state and state.get("settings") == json.loads(json.dumps(settings)):
+        # Compared as written: strict JSON (tuples as lists, NaN as null).
+        if state and state.get("settings") == json.loads(json.dumps(strict_json(settings))):
             return state
         if state:
-            log.warning("%s holds folds of other settings; starting the CV afresh", path)
+            raise ConfigError(
+                f"{path.parent} holds a CV run with other settings; pass --overwrite to replace "
+                "it, or choose a new --out (the same settings resume it)"
+            )
     return {"settings": settings, "folds": {}}

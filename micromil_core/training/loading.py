@@ -11,8 +11,10 @@ import torch
 
 from micromil_core.config import DataConfig, TrainConfig
 from micromil_core.data.bag import Bag
-from micromil_core.data.layout import FEATURES_DIR
+from micromil_core.data.data_root import classes_declared_for
+from micromil_core.data.layout import FEATURES_DIR, PATIENTS_CSV
 from micromil_core.data.site import SiteData, class_order, load_bags, load_site
+from micromil_core.data.site_check import rare_label_problems
 from micromil_core.data.splits import train_val_split
 from micromil_core.errors import SiteDataError
 
@@ -70,16 +72,25 @@ def load_sites(
 ) -> list[SiteBags]:
     """Load several sites with one shared class list and one feature dimension.
 
-    Classes (and fine classes) default to the sorted union of the sites' labels, so every
-    site indexes classes the same way; a site whose features differ in dimension is named
-    in the error.
+    Classes are ``classes``, else the declared ``data_cfg.classes``, else the sorted union
+    of the sites' labels (then a label only one patient carries is refused as a likely
+    typo); fine classes likewise. Every site indexes classes the same way; a site whose
+    features differ in dimension is named in the error.
     """
     paths = [Path(p) for p in site_paths]
     if not paths:
         raise SiteDataError("no site folder given; pass at least one --data SITE")
+    if classes is None and data_cfg.classes:
+        classes = list(data_cfg.classes)
+    if classes is None:  # sites of one data root: its sites.yaml declares the classes
+        declared = {classes_declared_for(p) for p in paths}
+        if len(declared) == 1 and None not in declared:
+            classes = list(declared.pop())
     if classes is None or fine_classes is None:
         sites = [load_site(p, labels_required=labels_required) for p in paths]
         if classes is None:
+            if labels_required:
+                _refuse_rare_labels(sites)
             classes = list(class_order(c for s in sites for c in s.classes))
         if fine_classes is None:
             fines = [f for s in sites for f in s.fine_classes or ()]
@@ -98,6 +109,12 @@ def load_sites(
         out.append(SiteBags(site, bags, fdir))
     return out
 
+
+
+def _refuse_rare_labels(sites: Sequence[SiteData]) -> None:
+    problems = rare_label_problems([(s.path / PATIENTS_CSV, s.patients) for s in sites])
+    if problems:
+        raise SiteDataError("\n".join(problems))
 
 
 def split_train_val_test(

@@ -22,6 +22,7 @@ from micromil_core.config import build_config
 from micromil_core.federated import wire
 from micromil_core.training.checkpoint import load_checkpoint
 from server.simulation import simulate
+from tests.heldout import assert_matches_held_out
 from tests.hostile import EXPECTED_REASON, FAULTS, HostileGrid
 from tests.integration.test_simulation import RecordingGrid, _cfg
 
@@ -127,11 +128,14 @@ def test_every_faulty_reply_is_refused_and_named(hostile_run):
     assert history[-1]["rejected"]["train"] == {}  # the last round's training was honest
 
 
-def test_global_model_stays_finite_under_attack(hostile_run):
+def test_global_model_stays_finite_under_attack(hostile_run, demo_ucsb):
     out, metrics, _, _, _ = hostile_run
     state = load_checkpoint(out / "model.pt").state_dict
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
-    assert 0.0 <= metrics["auc"] <= 1.0 and metrics["n"] == 19  # the held-out site, fully judged
+    assert metrics["n"] == 19 and list(metrics["per_site"]) == ["site-3"]  # fully judged
+    # The held-out AUC and accuracy are those of the saved model on site-3's patients: the
+    # refused replies reached neither the model nor its reported metrics.
+    assert_matches_held_out(metrics, out / "model.pt", demo_ucsb / "site-3")
 
 
 def test_coordinator_log_names_the_site_for_each_refusal_and_the_lost_evaluation(hostile_run):

@@ -1,6 +1,7 @@
 """Central DP (Flower's wrappers, accounting, checks) and the SecAgg+ message adapter."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ from micromil_core.config import (
 )
 from micromil_core.errors import ConfigError
 from micromil_core.federated import wire
+from micromil_core.federated.history import RoundRecord
 from micromil_core.federated.messages import RoundSettings
 from server.privacy import (
     central_dp_entry,
@@ -110,13 +112,53 @@ def test_effective_noise_multiplier_follows_the_largest_site():
     assert effective_noise_multiplier(s, FIXED, [10, 10, 10], 1.0) == pytest.approx(1.0)
     # the 20-patient site moves the mean by 20/40 * C, not C/3: sigma * 40 / (3 * 20)
     assert effective_noise_multiplier(s, FIXED, [10, 10, 20], 1.0) == pytest.approx(2 / 3)
-    a = build_strategy(FederationConfig(), 3, PrivacyConfig(central=ADAPTIVE))
-    # Flower splits sigma 0.8 into update and count noise; uncentred bits count fully
-    update = a.noise_multiplier
-    assert update > 0.8
-    assert effective_noise_multiplier(a, ADAPTIVE, [5, 5, 5], a.clipping_norm) == pytest.approx(
-        (update**-2 + 1.0**-2) ** -0.5
+
+
+def _reply(arrays: np.ndarray, patients: int) -> Message:
+    return Message(
+        RecordDict({wire.ARRAYS: ArrayRecord({"w": Array(arrays)}),
+                    wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: patients})}),
+        dst_node_id=0, message_type=MessageType.TRAIN,
     )
+
+
+def test_adaptive_effective_noise_multiplier_prices_what_flower_releases(in_a_task):
+    """Measured, not re-derived: one round of Flower's server-side adaptive clipping on
+    three sites' updates; the noise it adds to the mean is read off the result, and the
+    round's two releases (that noisy mean and Flower's noisy count of clipped updates)
+    cost, by Opacus's RDP accountant, what one release at the reported multiplier costs."""
+    from opacus.accountants import RDPAccountant
+
+    # A fast-moving norm (clip_norm_lr 1), so that noise added at the norm AFTER its
+    # update differs plainly from noise at the norm the updates were clipped to.
+    central = replace(ADAPTIVE, clip_norm_lr=1.0)
+    a = build_strategy(FederationConfig(), 3, PrivacyConfig(central=central))
+    dim = 100_000  # noise draws: the measured std has a standard error of ~0.2 %
+    start = np.zeros(dim)
+    a.current_arrays = ArrayRecord({"w": Array(start)})  # as configure_train records it
+    norm_clipped = a.clipping_norm
+    update = np.full(dim, 0.5 * norm_clipped / math.sqrt(dim))  # below the norm: kept as is
+    saved = np.random.get_state()
+    np.random.seed(2)  # the wrappers draw from NumPy's global generator
+    try:
+        aggregated, _ = a.aggregate_train(1, [_reply(start + update, 5) for _ in range(3)])
+    finally:
+        np.random.set_state(saved)
+    noise = aggregated["w"].numpy() - update  # every site sent the same update: mean = update
+    # A site moves the patient-weighted mean of 3 equal sites by at most norm_clipped / 3.
+    update_sigma = noise.std() / (norm_clipped / 3)
+    # Flower's documented knob: the std of the noise on the count of clipped updates,
+    # which one site changes by at most 1.
+    count_sigma = a.clipped_count_stddev
+    assert a.clipping_norm > 1.5 * norm_clipped  # none clipped: the norm grew in this round
+
+    sigma = effective_noise_multiplier(a, central, [5, 5, 5], norm_clipped)
+    both, one = RDPAccountant(), RDPAccountant()
+    both.step(noise_multiplier=update_sigma, sample_rate=1.0)
+    both.step(noise_multiplier=count_sigma, sample_rate=1.0)
+    one.step(noise_multiplier=sigma, sample_rate=1.0)
+    assert one.get_epsilon(1e-5) == pytest.approx(both.get_epsilon(1e-5), rel=0.02)
+    assert sigma < min(update_sigma, count_sigma)  # two releases cost more than either
 
 
 def test_central_epsilon_matches_opacus_rdp():
@@ -133,15 +175,15 @@ def test_central_epsilon_matches_opacus_rdp():
 def test_history_entries_accumulate_epsilon_and_skip_rounds_without_release():
     s = build_strategy(FederationConfig(), 3, PrivacyConfig(central=FIXED))
     sites = {n: {wire.NUM_EXAMPLES: 10.0} for n in ("a", "b", "c")}
-    history = []
-    for released in (True, True, False, True):
+    history: list[RoundRecord] = []
+    for rnd, released in enumerate((True, True, False, True), start=1):
         entry = central_dp_entry(s, FIXED, 1.0, sites, released, history)
-        history.append({"central_dp": entry})
-    eps = [h["central_dp"]["epsilon"] for h in history]
+        history.append(RoundRecord(rnd, central_dp=entry))
+    eps = [r.central_dp["epsilon"] for r in history]
     assert 0 < eps[0] < eps[1] == eps[2] < eps[3] and math.isfinite(eps[3])
-    assert [h["central_dp"]["releases"] for h in history] == [1, 2, 2, 3]
+    assert [r.central_dp["releases"] for r in history] == [1, 2, 2, 3]
     assert eps[3] == pytest.approx(central_epsilon([1.0] * 3, FIXED.delta, 3))
-    assert history[0]["central_dp"]["clipping_norm"] == 1.0 and history[0]["central_dp"]["mode"] == "fixed-clipping"
+    assert history[0].central_dp["clipping_norm"] == 1.0 and history[0].central_dp["mode"] == "fixed-clipping"
 
 
 def test_wrapped_strategy_state_round_trips(tmp_path):

@@ -430,7 +430,7 @@ def test_sites_yaml_round_trip(tmp_path: Path) -> None:
 def test_sites_yaml_missing(tmp_path: Path) -> None:
     with pytest.raises(SiteDataError) as info:
         read_sites_yaml(tmp_path)
-    assert "sites.yaml not found" in str(info.value) and "micromil prepare" in str(info.value)
+    assert "sites.yaml not found" in str(info.value) and "`micromil datasets prepare`" in str(info.value)  # a command that exists
 
 
 @pytest.mark.parametrize(
