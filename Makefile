@@ -47,7 +47,7 @@ DEMO := demo
 demo: install system-data
 	@rm -rf $(DEMO)
 	$(MICROMIL) datasets prepare ucsb-breast --out $(DEMO)/data/ucsb --sites 3 --holdout-sites 1 \
-	    --partition dirichlet:0.5 --seed 1
+	    --partition dirichlet:0.5 --seed 2
 	$(MICROMIL) check-site $(DEMO)/data/ucsb/site-3
 	$(MICROMIL) compare --config configs/sim-ucsb.yaml --data-root $(DEMO)/data/ucsb \
 	    --out $(DEMO)/runs/compare

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from micromil_core.errors import ConfigError
+from micromil_core.tracking import TrackingConfig
 from micromil_core.typed_values import coerce, hints
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -381,6 +382,7 @@ class ExperimentConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # micromil_core.tracking
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -398,6 +400,7 @@ SECTIONS: dict[str, type] = {
     "federation": FederationConfig,
     "simulation": SimulationConfig,
     "privacy": PrivacyConfig,
+    "tracking": TrackingConfig,
 }
 
 

@@ -4,7 +4,12 @@ For MicroMIL: the K representative images the model selected (one per cluster) a
 similarity graph between them. For attention models: the top-attention instances. Where
 the instance images are known (features extracted here from images/, or a features file
 whose instance count matches the patient's image folder) the images are shown; otherwise
-the instance indices are.
+the instance indices and their scores are.
+
+The gallery is ``index.html`` plus one PNG per patient: no scripts, nothing fetched, so it
+opens offline on the site's own machine. Each patient's text (diagnosis, prediction) is
+HTML beside the picture rather than drawn into it, so it wraps with the window instead of
+running over the tiles.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import html
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +39,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TOP_INSTANCES = 12  # shown for attention models
+DPI = 100
+MIN_HEIGHT_IN = 2.8  # every picture at least 280 px high: readable without zooming
+MAX_TILES_IN = 6.0  # the tile grid's width, so a page 800 px wide shows it unscaled
+CMAP = "viridis"
 
 
 def instance_images(
@@ -85,46 +95,317 @@ def _explained_instances(model: MILModel, bag: Bag, device: torch.device):
     return probs, np.array([], dtype=int), None, np.array([])
 
 
-def _draw(path: Path, title: str, idx, adj, scores, images: list[Path] | None) -> None:
+@dataclass(frozen=True)
+class Shown:
+    """What one patient's picture shows; ``idx`` and ``scores`` are (M,), ``adj`` (M, M)."""
+
+    idx: np.ndarray
+    scores: np.ndarray
+    adj: np.ndarray | None
+    images: list[Path] | None
+    score_label: str  # what the scores (and the colours) are
+
+    @property
+    def has_images(self) -> bool:
+        return self.images is not None and len(self.idx) > 0
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _norm(scores: np.ndarray):
+    """One colour scale per patient, from its lowest to its highest shown score."""
+    from matplotlib.colors import Normalize
+
+    low, high = (float(scores.min()), float(scores.max())) if len(scores) else (0.0, 1.0)
+    if high - low < 1e-6:  # all equal: still a readable bar around the one value
+        low, high = low - 0.01, high + 0.01
+    return Normalize(low, high)
+
+
+def _tiles(fig, shown: Shown, norm) -> list:
+    """The instance images in a grid, framed in their score's colour; returns the axes."""
     from micromil_core.encoders.images import read_image
 
-    k = max(len(idx), 1)
+    cmap = _pyplot().get_cmap(CMAP)
+    k = len(shown.idx)
     cols = int(math.ceil(math.sqrt(k)))
     rows = int(math.ceil(k / cols))
-    fig = plt.figure(figsize=(cols * 1.3 + (4.5 if adj is not None else 0), rows * 1.4 + 0.6))
-    grid = fig.add_gridspec(rows, cols + (3 if adj is not None else 0))
-    for j, inst in enumerate(idx):
-        ax = fig.add_subplot(grid[j // cols, j % cols])
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for j, ax in enumerate(axes):
         ax.set_xticks([])
         ax.set_yticks([])
-        if images is not None:
-            ax.imshow(read_image(images[int(inst)]))
-        else:
-            ax.text(0.5, 0.5, f"#{int(inst)}", ha="center", va="center")
-        ax.set_title(f"{j}: #{int(inst)}\n{scores[j]:.2f}", fontsize=6)
-    if adj is not None:
-        ax = fig.add_subplot(grid[:, cols:])
-        angle = np.linspace(0, 2 * np.pi, len(idx), endpoint=False)
-        xy = np.stack([np.cos(angle), np.sin(angle)], 1)
-        for a, b in zip(*np.nonzero(np.triu(adj, 1)), strict=True):
-            ax.plot(xy[[a, b], 0], xy[[a, b], 1], c="grey", lw=0.6, alpha=0.7)
-        ax.scatter(xy[:, 0], xy[:, 1], c=scores, cmap="viridis", s=60, zorder=3)
-        for j, (x, y) in enumerate(xy):
-            ax.text(x * 1.12, y * 1.12, str(j), fontsize=6, ha="center", va="center")
-        ax.set_title("similarity graph of the representatives", fontsize=8)
-        ax.set_aspect("equal")
+        if j >= k:
+            ax.set_visible(False)
+            continue
+        inst, score = int(shown.idx[j]), float(shown.scores[j])
+        ax.imshow(read_image(shown.images[inst]))  # type: ignore[index]
+        for spine in ax.spines.values():
+            spine.set(edgecolor=cmap(norm(score)), linewidth=3)
+        ax.set_title(f"{j}: instance #{inst}\nscore {score:.2f}", fontsize=8)
+    return [ax for ax in axes[:k]]
+
+
+def _graph_side(m: int) -> float:
+    """The graph panel's side in inches: larger for more nodes, so their labels fit."""
+    return float(np.clip(0.19 * m, 3.6, 6.5))
+
+
+def _graph(ax, shown: Shown, norm) -> None:
+    """The similarity graph on a circle; nodes numbered as their tiles (or by instance
+    index when there are no tiles) and coloured by score."""
+    cmap = _pyplot().get_cmap(CMAP)
+    m = len(shown.idx)
+    # Nodes as wide as 80 % of their spacing on the circle (the axes span 2.6 units over
+    # about 85 % of the panel), at most a third of an inch.
+    gap = 2 * np.pi / max(m, 1) * 0.85 * _graph_side(m) / 2.6
+    diameter = min(0.8 * gap, 0.34)
+    angle = np.pi / 2 - np.linspace(0, 2 * np.pi, m, endpoint=False)  # clockwise from the top
+    xy = np.stack([np.cos(angle), np.sin(angle)], 1)  # (M, 2)
+    for a, b in zip(*np.nonzero(np.triu(shown.adj, 1)), strict=True):
+        ax.plot(xy[[a, b], 0], xy[[a, b], 1], c="grey", lw=1, alpha=0.7, zorder=1)
+    ax.scatter(
+        xy[:, 0],
+        xy[:, 1],
+        c=shown.scores,
+        cmap=CMAP,
+        norm=norm,
+        s=(diameter * 72) ** 2,
+        edgecolors="black",
+        linewidths=0.6,
+        zorder=2,
+    )
+    for j, (x, y) in enumerate(xy):
+        label = str(j) if shown.has_images else f"#{int(shown.idx[j])}"
+        # Dark text on the light (high-score) end of viridis, white on the dark end.
+        light = sum(cmap(norm(float(shown.scores[j])))[:3]) > 1.5
+        ax.text(
+            x,
+            y,
+            label,
+            fontsize=8 if m <= 16 else 7,
+            ha="center",
+            va="center",
+            zorder=3,
+            color="black" if light else "white",
+        )
+    ax.set_title("similarity graph (lines: linked as similar)", fontsize=9)
+    ax.set(xlim=(-1.3, 1.3), ylim=(-1.3, 1.3), aspect="equal")
+    ax.axis("off")
+
+
+def _bars(ax, shown: Shown, norm) -> None:
+    """Without images or a graph: the shown instances' scores as bars, highest on top."""
+    cmap = _pyplot().get_cmap(CMAP)
+    labels = [f"#{int(i)}" for i in shown.idx]
+    ax.barh(labels, shown.scores, color=[cmap(norm(float(s))) for s in shown.scores])
+    ax.invert_yaxis()
+    ax.set(xlabel=shown.score_label, ylabel="instance", title="highest-scoring instances")
+
+
+def _draw(path: Path, title: str, shown: Shown) -> tuple[int, int]:
+    """Write the patient's PNG; returns its size in pixels (width, height)."""
+    plt = _pyplot()
+    norm = _norm(shown.scores)
+    graph = shown.adj is not None and len(shown.idx) > 0
+    if shown.has_images:
+        cols = int(math.ceil(math.sqrt(len(shown.idx))))
+        rows = int(math.ceil(len(shown.idx) / cols))
+        tile = min(1.8, MAX_TILES_IN / cols)
+        side = _graph_side(len(shown.idx)) if graph else 0.0
+        size = (cols * tile + (side + 1.0 if graph else 0.9), rows * (tile + 0.45) + 0.5)
+        size = (size[0], max(size[1], side + 0.4))
+    elif graph:
+        side = _graph_side(len(shown.idx))
+        size = (side + 1.0, side + 0.4)
+    else:
+        size = (5.0, 0.3 * max(len(shown.idx), 1) + 1.2)
+    size = (size[0], max(size[1], MIN_HEIGHT_IN))
+    # Constrained layout keeps every title and label clear of the tiles at any grid size.
+    fig = plt.figure(figsize=size, layout="constrained")
+    fig.suptitle(title, fontsize=10)
+    colour_axes: list = []
+    if shown.has_images:
+        left, right = (
+            fig.subfigures(1, 2, width_ratios=[cols * tile, side + 1.0]) if graph else (fig, None)
+        )
+        colour_axes = _tiles(left, shown, norm)
+        if right is not None:
+            ax = right.subplots()
+            _graph(ax, shown, norm)
+            colour_axes = [ax]
+    elif graph:
+        ax = fig.subplots()
+        _graph(ax, shown, norm)
+        colour_axes = [ax]
+    elif len(shown.idx):
+        _bars(fig.subplots(), shown, norm)
+    else:
+        ax = fig.subplots()
         ax.axis("off")
-    # Anchored above the axes (the tight bounding box grows to fit), so a two-line title
-    # never covers the panel titles.
-    fig.suptitle(title, fontsize=9, y=1.0, va="bottom")
+        ax.text(0.5, 0.5, "this model gives no instance scores", ha="center", va="center")
+    if colour_axes:  # the legend of the node and frame colours
+        from matplotlib.cm import ScalarMappable
+
+        bar = fig.colorbar(
+            ScalarMappable(norm=norm, cmap=CMAP), ax=colour_axes, shrink=0.8, aspect=25
+        )
+        bar.set_label(shown.score_label, fontsize=8)
+        bar.ax.tick_params(labelsize=7)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=DPI)
     plt.close(fig)
+    return int(round(size[0] * DPI)), int(round(size[1] * DPI))
+
+
+@dataclass(frozen=True)
+class PatientEntry:
+    """One patient's row of the gallery."""
+
+    patient_id: str
+    true: str
+    predicted: str
+    confidence: float
+    distinct: str | None  # MicroMIL: distinct representatives of min(N, K)
+    png: str
+    size: tuple[int, int]  # the PNG's pixels (width, height)
+    shown: Shown
+
+
+CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color: #222;
+       max-width: 1100px; margin: 1.5em auto; padding: 0 1em; line-height: 1.45; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin: 0 0 .3em; overflow-wrap: anywhere; }
+table { border-collapse: collapse; margin: .5em 0 1em; font-size: .92em; }
+th, td { border: 1px solid #ccc; padding: .2em .6em; text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.wide { overflow-x: auto; }
+.legend { background: #f5f7fa; border: 1px solid #d5dde6; padding: .4em 1em; }
+.legend dt { font-weight: bold; } .legend dd { margin: 0 0 .5em 1em; }
+.patient { border-top: 2px solid #d5dde6; margin-top: 1.5em; padding-top: .8em; }
+.patient img { display: block; max-width: 100%; height: auto; border: 1px solid #ddd; }
+.note { background: #fff8e1; border-left: 4px solid #e0b000; padding: .4em .8em; }
+"""
+
+FEATURES_ONLY = "This site has features only: no images to show; instance scores are listed."
+
+
+def _legend(graph: bool, any_images: bool) -> str:
+    """What the pictures' parts and colours mean, for the kind of model shown."""
+    what = (
+        "representatives the model selected, one per cluster"
+        if graph
+        else (f"instances with the highest attention (up to {TOP_INSTANCES})")
+    )
+    score = (
+        "selection score: the instance's highest probability of being drawn by any cluster"
+        if graph
+        else "attention weight: the instance's share of the bag's pooled representation"
+    )
+    items = [
+        (
+            "Tiles" if any_images else "Instances",
+            f"the {what}; #i is the instance's position in the patient's bag.",
+        ),
+        (
+            "Colours",
+            f"the {score}. Dark purple is the patient's lowest shown score, yellow "
+            "its highest; the colour bar beside each picture gives the values.",
+        ),
+    ]
+    if graph:
+        items.append(
+            (
+                "Graph",
+                "one node per representative (numbered as its tile, or #i "
+                "without images); a grey line joins two representatives the "
+                "model links as similar (cosine similarity of their features).",
+            )
+        )
+    body = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in items)
+    return f'<section class="legend"><h2>How to read the pictures</h2><dl>{body}</dl></section>'
+
+
+def _summary_table(entries: list[PatientEntry], distinct_column: bool) -> str:
+    head = ["patient", "true", "predicted", "confidence"]
+    head += ["distinct representatives / min(N, K)"] if distinct_column else []
+    rows = []
+    for n, e in enumerate(entries):
+        cells = [
+            f'<td><a href="#patient-{n}">{html.escape(e.patient_id)}</a></td>',
+            f"<td>{html.escape(e.true)}</td>",
+            f"<td>{html.escape(e.predicted)}</td>",
+            f'<td class="num">{e.confidence:.3f}</td>',
+        ]
+        if distinct_column:
+            cells.append(f"<td>{html.escape(e.distinct or '')}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    header = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    return f'<div class="wide"><table><tr>{header}</tr>{"".join(rows)}</table></div>'
+
+
+def _patient_card(n: int, e: PatientEntry, note: str) -> str:
+    """The patient's heading and facts as text, the picture (a link to the PNG), and,
+    without images, the instance scores as a table."""
+    facts = f"true {e.true}, predicted {e.predicted}, confidence {e.confidence:.3f}"
+    if e.distinct is not None:
+        facts += f"; distinct representatives: {e.distinct}"
+    name, (w, h) = html.escape(e.png), e.size
+    parts = [
+        f'<section class="patient" id="patient-{n}">',
+        f"<h2>patient {html.escape(e.patient_id)}</h2><p>{html.escape(facts)}</p>",
+        f'<a href="{name}" title="open the full-size picture"><img src="{name}" width="{w}" '
+        f'height="{h}" alt="explanation of patient {html.escape(e.patient_id)}"></a>',
+    ]
+    if not e.shown.has_images:
+        if note:
+            parts.append(f'<p class="note">{html.escape(note)}</p>')
+        rows = "".join(
+            f'<tr><td class="num">#{int(i)}</td><td class="num">{s:.4f}</td></tr>'
+            for i, s in zip(e.shown.idx, e.shown.scores, strict=True)
+        )
+        label = html.escape(e.shown.score_label)
+        parts.append(f"<table><tr><th>instance</th><th>{label}</th></tr>{rows}</table>")
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _page(model_name: str, site_name: str, entries: list[PatientEntry]) -> str:
+    any_images = any(e.shown.has_images for e in entries)
+    graph = any(e.shown.adj is not None for e in entries)
+    distinct_column = any(e.distinct is not None for e in entries)
+    # Said once for a site without images; per patient where only some lack them.
+    note = (
+        ""
+        if not any_images
+        else ("No images were found for this patient's instances; instance scores are listed.")
+    )
+    heading = f"{model_name} explanations: {site_name}"
+    return "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            f"<title>{html.escape(heading)}</title><style>{CSS}</style></head><body>",
+            f"<h1>{html.escape(heading)}</h1>",
+            "<p>Per patient: the instances the model based its prediction on, with their scores. "
+            "These files stay on this site. Click a picture to open it at full size.</p>",
+            ""
+            if any_images or not entries
+            else f'<p class="note">{html.escape(FEATURES_ONLY)}</p>',
+            _legend(graph, any_images) if entries else "<p>No patients to explain.</p>",
+            _summary_table(entries, distinct_column) if entries else "",
+            *(_patient_card(n, e, note) for n, e in enumerate(entries)),
+            "</body></html>",
+            "",
+        ]
+    )
 
 
 def write_explanations(
@@ -147,8 +428,7 @@ def write_explanations(
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    distinct_column = False
+    entries = []
     for raw, bag in zip(raw_bags, scaled_bags, strict=True):
         probs, idx, adj, scores = _explained_instances(model, bag, device)
         probs = apply_calibration(probs[None, :], ckpt.calibration)[0]
@@ -157,32 +437,23 @@ def write_explanations(
         )
         pred = ckpt.classes[int(decide(probs[None, :], threshold)[0])]
         true = ckpt.classes[bag.label] if bag.label >= 0 else "unknown"
-        title = f"patient {raw.patient_id}: true {true}, predicted {pred} (p={probs.max():.2f})"
-        distinct = ""
+        distinct = None
         if adj is not None:  # MicroMIL: how many of its K picks are different instances
             d, room = bag_picks(idx.tolist(), raw.num_instances)
             distinct = f"{d} of {room} ({d / room:.2f})" if room else "n/a"
-            title += f"\ndistinct representatives: {distinct}"
-            distinct_column = True
+        label = "selection score" if adj is not None else "attention weight"
+        shown = Shown(idx, scores, adj, images, label)
         png = out / f"{raw.patient_id}.png"
-        _draw(png, title, idx, adj, scores, images)
-        rows.append(
-            f"<tr><td>{html.escape(raw.patient_id)}</td><td>{html.escape(true)}</td>"
-            f"<td>{html.escape(pred)}</td><td>{probs.max():.3f}</td>"
-            + (f"<td>{html.escape(distinct)}</td>" if adj is not None else "")
-            +
-            f'<td><a href="{html.escape(png.name)}"><img src="{html.escape(png.name)}" height="120"></a></td></tr>'
+        size = _draw(
+            png,
+            f"patient {raw.patient_id}: true {true}, predicted {pred} (p={probs.max():.2f})",
+            shown,
+        )
+        entries.append(
+            PatientEntry(
+                raw.patient_id, true, pred, float(probs.max()), distinct, png.name, size, shown
+            )
         )
     index = out / "index.html"
-    write_text_atomic(
-        index,
-        "<!doctype html><meta charset='utf-8'><title>MicroMIL explanations</title>"
-        f"<h1>{html.escape(ckpt.model_name)} explanations: {html.escape(site_bags.site.name)}</h1>"
-        "<p>Selected representative instances per patient (MicroMIL) or top-attention "
-        "instances, with their scores. These files stay on this site.</p>"
-        "<table border=1 cellpadding=4><tr><th>patient</th><th>true</th><th>predicted</th>"
-        "<th>confidence</th>"
-        + ("<th>distinct representatives / min(N, K)</th>" if distinct_column else "")
-        + "<th>instances</th></tr>" + "".join(rows) + "</table>",
-    )
+    write_text_atomic(index, _page(ckpt.model_name, site_bags.site.name, entries))
     return index

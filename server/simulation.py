@@ -88,8 +88,13 @@ def preflight(cfg: ExperimentConfig, sites: list[SiteSettings]) -> None:
     from micromil_core.federated.site_task import describe_site
     from server.federation import check_sites, site_info
 
-    infos = [site_info(i, *describe_site(s, cfg.data)) for i, s in enumerate(sites)]
+    infos = []
+    for i, s in enumerate(sites):
+        # Said as it happens: a site with images extracts its features here (minutes).
+        log.info("pre-flight %d/%d: checking %s (%s)", i + 1, len(sites), s.name, s.role)
+        infos.append(site_info(i, *describe_site(s, cfg.data)))
     classes, dim = check_sites(infos, cfg)
+    log.info("pre-flight passed: %d sites, classes %s, feature dim %d", len(sites), classes, dim)
     starting_weights(cfg, experiment_spec(cfg, dim, classes), classes)
 
 
@@ -137,6 +142,10 @@ def simulate(
         "client_resources": {"num_cpus": cfg.simulation.cpus_per_site, "num_gpus": 0.0},
         "init_args": {"log_to_driver": False, "logging_level": "ERROR"},
     }
+    log.info(
+        "starting Flower's simulation engine with %d sites (start-up takes 10-60 s; "
+        "Flower's own log: %s)", len(sites), out / "flower.log",
+    )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -148,7 +157,7 @@ def simulate(
         raise SiteDataError(f"the federation ended without a result; see {out / 'flower.log'}")
     from micromil_core.report import write_report
 
-    write_report(out)
+    log.info("writing the report: %s", write_report(out))
     return results[0].metrics
 
 

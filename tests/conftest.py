@@ -119,12 +119,13 @@ def _assert_grad_samples(build, n_bags: int, batch_loss, bag_loss) -> None:
 def demo_ucsb(tmp_path_factory) -> Path:
     """README's demo split of the real UCSB breast TMA data (read-only; copy to change it).
 
-    3 training sites with 1-3 validation patients each (below the small-count guard) and a
-    held-out site of 19 patients (7 positive), large enough for every metric.
+    3 training sites (6, 7 and 28 patients) whose validation sets each hold both classes
+    (two of them below the small-count guard) and a held-out site of 17 patients, large
+    enough for every metric.
     """
     from micromil_core.cli import main
 
     root = tmp_path_factory.mktemp("data") / "ucsb"
     assert main(["datasets", "prepare", "ucsb-breast", "--out", str(root), "--sites", "3",
-                 "--holdout-sites", "1", "--partition", "dirichlet:0.5", "--seed", "1"]) == 0
+                 "--holdout-sites", "1", "--partition", "dirichlet:0.5", "--seed", "2"]) == 0
     return root

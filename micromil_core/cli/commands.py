@@ -35,6 +35,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         max_bags=args.max_bags,
         overwrite=args.overwrite,
+        progress=True,
     )
     print(f"prepared {args.name} in {args.out}")
     for path in root.train_sites:

@@ -110,6 +110,7 @@ from micromil_core.data.partition import parse_partition, partition_indices, par
 from micromil_core.data.splits import train_val_split
 from micromil_core.errors import ConfigError
 from micromil_core.io import atomic_path, write_text_atomic
+from micromil_core.progress import progress as progress_bar
 
 __all__ = [
     "ALIASES",
@@ -171,6 +172,7 @@ def prepare_dataset(
     overwrite: bool = False,
     min_per_site: int = 2,
     fashion_mnist_dir: str | Path | None = None,
+    progress: bool = False,
 ) -> DataRoot:
     """Write a real dataset as a data root: ``out/site-<i>/`` folders plus ``sites.yaml``.
 
@@ -195,6 +197,7 @@ def prepare_dataset(
         min_per_site: the fewest bags any site may get.
         fashion_mnist_dir: where the Fashion-MNIST ``*.gz`` files are, default
             ``/usr/share/datasets/fashion-mnist``.
+        progress: a progress bar per site while its patients are written (the CLI's).
 
     Everything is written into a temporary folder beside ``out`` that is renamed onto
     ``out`` at the end, so an interrupted run never leaves a half-written root.
@@ -223,7 +226,8 @@ def prepare_dataset(
     parts = partition_indices(_strata(bags), n_total, spec, seed, min_per_part=min_per_site)
     dim = int(bags[0].features.shape[1]) if bags[0].features is not None else None
 
-    _write_data_root(out, name, loaded, parts, labels, sites, spec, seed, val_fraction, max_bags, dim)
+    _write_data_root(out, name, loaded, parts, labels, sites, spec, seed, val_fraction, max_bags, dim,
+                     progress)
     log.info(
         "prepared %s: %d bags in %d site(s) (%d held out) at %s",
         name,
@@ -270,6 +274,7 @@ def _write_data_root(
     val_fraction: float,
     max_bags: int | None,
     dim: int | None,
+    show_progress: bool = False,
 ) -> None:
     """Write the sites and sites.yaml into a temporary folder beside ``out``, then rename it
     onto ``out``: an interrupted run never leaves a half-written root."""
@@ -285,7 +290,8 @@ def _write_data_root(
             site_bags = [bags[j] for j in part]
             splits = _assign_splits(site_bags, n_total, val_fraction, i, seed)
             site_name = f"site-{i}"
-            _write_site(tmp_root / site_name, site_bags, splits, loaded.images, loaded.classes, loaded.fine_classes)
+            _write_site(tmp_root / site_name, site_bags, splits, loaded.images, loaded.classes,
+                        loaded.fine_classes, show_progress)
             role = "train" if i < sites else "holdout"
             entries.append(SiteEntry(site_name, role, tmp_root / site_name, len(site_bags)))
         summary = partition_summary(parts, [classes[v] for v in labels])
@@ -362,7 +368,8 @@ def _assign_splits(
         for i in test:
             splits[i] = "test"
         pool = rest
-    train, val = train_val_split(pool, y, val_fraction, _site_seed(seed, site, 2))
+    # At least one patient of each class in validation, so a small site's AUC is defined.
+    train, val = train_val_split(pool, y, val_fraction, _site_seed(seed, site, 2), min_per_class=1)
     for i in train:
         splits[i] = "train"
     for i in val:
@@ -393,14 +400,17 @@ def _write_site(
     images: dict[str, np.ndarray],
     classes: tuple[str, ...] = CLASSES,
     fine_classes: tuple[str, ...] | None = None,
+    show_progress: bool = False,
 ) -> None:
     with_split = any(s is not None for s in splits)
     with_fine = fine_classes is not None
+    rows = progress_bar(zip(bags, splits, strict=True), f"writing {site_dir.name}", "patient",
+                    show_progress, total=len(bags))
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     header = ["patient_id", "label"] + ["split"] * with_split + ["fine_label"] * with_fine
     writer.writerow(header)
-    for bag, split in zip(bags, splits, strict=True):
+    for bag, split in rows:
         row = [bag.pid, classes[bag.label]] + [split] * with_split
         if fine_classes is not None:
             row.append("" if bag.fine_label is None else fine_classes[bag.fine_label])

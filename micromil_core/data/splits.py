@@ -67,6 +67,7 @@ def train_val_split(
     labels: Sequence | np.ndarray,
     val_fraction: float,
     seed: int,
+    min_per_class: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split ``indices`` into train and validation parts, stratified by label where possible.
 
@@ -77,7 +78,9 @@ def train_val_split(
     Each class with at least 2 members in the pool sends about ``val_fraction`` of them to
     validation and keeps at least one for training; singleton classes stay in training.
     The validation size is ``round(val_fraction * n)`` (at least 1 when the fraction > 0 and
-    that is possible), distributed over classes by largest remainder.
+    that is possible), distributed over classes by largest remainder. ``min_per_class``
+    raises it so that every class with room sends at least that many (a small site's
+    validation set then holds each class, so its AUC is defined).
 
     Shapes:
         indices: (n,); labels: (>max(indices),)
@@ -102,14 +105,16 @@ def train_val_split(
     classes = np.unique(y)
     members = [rng.permutation(idx[y == c]) for c in classes]
     capacity = np.array([len(m) - 1 for m in members])  # keep one of each class in train
-    n_val = min(max(1, round(val_fraction * idx.size)), int(capacity.sum()))
+    floor = np.minimum(min_per_class, capacity)
+    n_val = min(max(1, round(val_fraction * idx.size), int(floor.sum())), int(capacity.sum()))
     if n_val <= 0:
         # Only singleton classes: stratification is impossible, take a plain random draw.
         perm = rng.permutation(idx)
         return np.sort(perm[1:]), np.sort(perm[:1])
     quotas = np.minimum(val_fraction * np.array([len(m) for m in members]), capacity)
-    take = np.minimum(
-        largest_remainder(quotas * n_val / max(quotas.sum(), 1e-12), n_val), capacity
+    rest = n_val - int(floor.sum())  # shared by the usual quotas, on top of the floor
+    take = floor + np.minimum(
+        largest_remainder(quotas * rest / max(quotas.sum(), 1e-12), rest), capacity - floor
     )
     # Rounding against the caps can leave a few short: give them to classes with room.
     while int(take.sum()) < n_val:

@@ -64,6 +64,7 @@ from micromil_core.encoders.base import Encoder
 from micromil_core.encoders.images import read_image
 from micromil_core.errors import ConfigError, FeatureError, ImageError, SiteDataError
 from micromil_core.io import torch_save_atomic, write_json_atomic
+from micromil_core.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -288,15 +289,7 @@ def _batches(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
 
 
 def _progress(items: Sequence[str], enabled: bool) -> Iterable[str]:
-    if not enabled:
-        return items
-    try:
-        from tqdm.auto import tqdm  # optional: only a nicety
-    except ImportError:
-        log.info("tqdm is not installed; extracting %d patients without a progress bar",
-                 len(items))
-        return items
-    return tqdm(items, desc="extracting features", unit="patient")
+    return progress(items, "extracting features", "patient", enabled)
 
 
 class _FeatureCache:

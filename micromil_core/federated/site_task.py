@@ -323,8 +323,9 @@ def evaluate_round(
         fpr, tpr = roc
         out["roc_fpr"] = [float(v) for v in wire.ROC_GRID]
         out["roc_tpr"] = [float(v) for v in np.interp(wire.ROC_GRID, fpr, tpr)]
-        # 1,000 resamples: a few tenths of a second even for thousands of patients.
-        low, high = bootstrap_intervals(y, probs, n_resamples=1000)["auc"]
+        # The same bootstrap as `micromil evaluate` (resamples, seed): one model on the same
+        # patients gets one interval, wherever it is judged.
+        low, high = bootstrap_intervals(y, probs)["auc"]
         if math.isfinite(low) and math.isfinite(high):
             out.update(zip(wire.AUC_INTERVAL, (low, high), strict=True))
     out.update({k: float(v) for k, v in fine_metrics_of(model, scaled, device).items()})

@@ -21,6 +21,7 @@ from micromil_core.errors import ConfigError, SiteDataError
 from micromil_core.io import write_json_atomic
 from micromil_core.models.registry import build_model, params_from_dict
 from micromil_core.runtime import resolve_device, seed_everything, set_threads
+from micromil_core.tracking import check_installed, log_training
 from micromil_core.training.checkpoint import Checkpoint, save_checkpoint
 from micromil_core.training.loading import load_sites, split_train_val_test
 from micromil_core.training.metrics import (
@@ -263,6 +264,7 @@ def train_pooled(
     OUT/roc.png (validation and test patients).
     """
     out = Path(out)
+    check_installed(cfg.tracking)
     device = prepare_run(cfg)
     sites = load_sites(site_paths, cfg.data, device, progress=progress)
     train, val, test = [], [], []
@@ -326,6 +328,7 @@ def train_pooled(
     )
     if roc_curves:  # none when a refit run has no test split: nothing left unseen to plot
         plot_roc(roc_curves, out / "roc.png", title=f"{cfg.model.name}: trained model")
+    log_training(cfg, out, history, metrics)  # no-op unless tracking.backend is set
     return metrics
 
 
