@@ -77,6 +77,12 @@ def test_outputs(full_run):
     assert site3["auc_ci_low"] <= site3["auc"] <= site3["auc_ci_high"]
     assert (out / "report.html").stat().st_size > 10_000
     assert (out / "flower.log").is_file()
+    # Counts are integers everywhere a person reads them; every file is strict JSON.
+    assert isinstance(site3["num-examples"], int) and isinstance(metrics["n"], int)
+    assert all(isinstance(m["num-examples"], int) for r in history["rounds"] for m in r["train"].values())
+    for name in ("history.json", "metrics.json"):
+        assert "NaN" not in (out / name).read_text()
+    assert history["run"]["started"]  # the report's "started" row has a value
 
 
 def test_no_patient_data_leaves_a_site(full_run, demo_ucsb):

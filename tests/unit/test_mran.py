@@ -357,7 +357,8 @@ def test_config_crop_scales_and_scale_names_reach_training_runs(
 
     site = _scale_site(tmp_path, tissue)
     cfg = load_config(None, ["data.encoder=pixels:4", "data.crop_scales=1.0,0.5",
-                             "data.scales=40X,100X,200X,400X"])
+                             "data.scales=40X,100X,200X,400X",
+                             "data.classes=benign,malignant"])  # one patient of each
     (loaded,) = load_sites([site], cfg.data, torch.device("cpu"))
     p1 = next(b for b in loaded.bags if b.patient_id == "p1")
     assert p1.num_instances == 8  # 4 captures x 2 crops
