@@ -44,6 +44,7 @@ from micromil_core.federated.site_task import ModelSpec
 from micromil_core.io import write_json_atomic
 from micromil_core.privacy.report import budget_stops
 from micromil_core.report import metric_text
+from micromil_core.tracking import log_outputs, open_tracker, round_metrics
 from micromil_core.training.checkpoint import (
     Checkpoint,
     file_sha256,
@@ -310,45 +311,49 @@ def run_federation(
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    fed = _set_up(grid, cfg, out, expected_sites, connect_timeout, site_nodes)
-    state = _start_state(fed, resume)
-    arrays = ArrayRecord(state.arrays)
-    info = run_info(cfg, fed.sites, state.started)
-    missing: set[str] = set()  # training sites that failed a round and have not replied since
-    # Sites out of privacy budget: never asked again.
-    stopped = budget_stops(r.train for r in state.history)
-    for rnd in range(state.round + 1, cfg.federation.rounds + 1):
-        if all(s.name in stopped for s in fed.train_sites):
-            log.warning(
-                "every training site has spent its privacy budget; the federation ends after round %d",
-                state.round,
+    with open_tracker(cfg, out, "federation") as tracker:  # a no-op unless tracking is on
+        fed = _set_up(grid, cfg, out, expected_sites, connect_timeout, site_nodes)
+        state = _start_state(fed, resume)
+        arrays = ArrayRecord(state.arrays)
+        info = run_info(cfg, fed.sites, state.started)
+        missing: set[str] = set()  # training sites that failed a round and have not replied since
+        # Sites out of privacy budget: never asked again.
+        stopped = budget_stops(r.train for r in state.history)
+        for rnd in range(state.round + 1, cfg.federation.rounds + 1):
+            if all(s.name in stopped for s in fed.train_sites):
+                log.warning(
+                    "every training site has spent its privacy budget; the federation ends after round %d",
+                    state.round,
+                )
+                break
+            record, step = _play_round(fed, state, rnd, arrays, stopped)
+            trained = set(step.per_site)
+            if missing & trained:
+                log.info("round %d: %s back and training again", rnd, ", ".join(sorted(missing & trained)))
+            missing = (missing | step.asked) - trained
+            if step.arrays is not None:
+                arrays = step.arrays
+            state.history.append(record)
+            state.round = rnd
+            state.arrays = arrays.to_torch_state_dict()
+            if math.isfinite(record.validation_loss) and record.validation_loss < state.best_val_loss:
+                state.best_round, state.best_val_loss, state.best_arrays = rnd, record.validation_loss, state.arrays
+            save_strategy_state(fed.strategy, out / STRATEGY_FILE)
+            state.save(out / STATE_FILE, {"experiment": cfg.to_dict(),
+                                          "spec": [fed.spec.name, fed.spec.in_dim, fed.spec.n_classes]})
+            RunHistory(info, state.history).write(out)
+            tracker.log_metrics(rnd, round_metrics(record))
+            log.info(
+                "round %d/%d: train loss %s | val AUC %s | held-out AUC %s | %.1f s",
+                rnd, cfg.federation.rounds,
+                metric_text(record.train_aggregated, "train_loss"),
+                metric_text(record.evaluate_aggregated, "auc"),
+                metric_text(record.holdout_aggregated, "auc"),
+                record.wall_seconds,
             )
-            break
-        record, step = _play_round(fed, state, rnd, arrays, stopped)
-        trained = set(step.per_site)
-        if missing & trained:
-            log.info("round %d: %s back and training again", rnd, ", ".join(sorted(missing & trained)))
-        missing = (missing | step.asked) - trained
-        if step.arrays is not None:
-            arrays = step.arrays
-        state.history.append(record)
-        state.round = rnd
-        state.arrays = arrays.to_torch_state_dict()
-        if math.isfinite(record.validation_loss) and record.validation_loss < state.best_val_loss:
-            state.best_round, state.best_val_loss, state.best_arrays = rnd, record.validation_loss, state.arrays
-        save_strategy_state(fed.strategy, out / STRATEGY_FILE)
-        state.save(out / STATE_FILE, {"experiment": cfg.to_dict(),
-                                      "spec": [fed.spec.name, fed.spec.in_dim, fed.spec.n_classes]})
-        RunHistory(info, state.history).write(out)
-        log.info(
-            "round %d/%d: train loss %s | val AUC %s | held-out AUC %s | %.1f s",
-            rnd, cfg.federation.rounds,
-            metric_text(record.train_aggregated, "train_loss"),
-            metric_text(record.evaluate_aggregated, "auc"),
-            metric_text(record.holdout_aggregated, "auc"),
-            record.wall_seconds,
-        )
-    return _finish(fed, state)
+        result = _finish(fed, state)
+        log_outputs(tracker, out)
+    return result
 
 
 def _finish(fed: _Federation, state: RunState) -> FederationResult:

@@ -135,11 +135,13 @@ def secure_train_step(
         failures += lost
         if stage == COLLECT_STAGE:
             trained = answered
-    per_site = {name: metric_dict(r.content.config_records[FITRES_METRICS]) for name, r in trained}
+    raw = {name: dict(r.content.config_records[FITRES_METRICS]) for name, r in trained}
+    # Checked as sent (the withheld-metric bit mask still a number), then read.
     rejected = {
-        name: why for name, m in per_site.items()
+        name: why for name, m in raw.items()
         if (why := metrics_problem(m, wire.ALLOWED_TRAIN_METRICS, checks.declared.get(name)))
     }
+    per_site = {name: metric_dict(r.content.config_records[FITRES_METRICS]) for name, r in trained}
     failures += [f"{name}: training reply rejected ({why})" for name, why in rejected.items()]
     per_site = {name: m for name, m in per_site.items() if name not in rejected}
 
@@ -163,7 +165,7 @@ def secure_train_step(
         node_of = {name: nid for nid, name in name_of.items()}
         standins = [
             Message(
-                RecordDict({wire.ARRAYS: record, wire.METRICS: MetricRecord(per_site[name])}),
+                RecordDict({wire.ARRAYS: record, wire.METRICS: MetricRecord(raw[name])}),
                 dst_node_id=node_of[name],
                 message_type=MessageType.TRAIN,
             )
