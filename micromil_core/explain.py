@@ -28,6 +28,7 @@ from micromil_core.data.bag import Bag, collate_bags
 from micromil_core.data.layout import find_feature_file, list_patient_images
 from micromil_core.io import atomic_path, write_text_atomic
 from micromil_core.models.base import MILModel
+from micromil_core.progress import progress
 from micromil_core.training.mechanism import bag_picks
 from micromil_core.training.metrics import decide
 from micromil_core.training.recalibration import apply_calibration
@@ -290,6 +291,9 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .legend dt { font-weight: bold; } .legend dd { margin: 0 0 .5em 1em; }
 .patient { border-top: 2px solid #d5dde6; margin-top: 1.5em; padding-top: .8em; }
 .patient img { display: block; max-width: 100%; height: auto; border: 1px solid #ddd; }
+.scores { display: flex; flex-wrap: wrap; gap: .2em 1.2em; padding-left: 1em;
+          font-variant-numeric: tabular-nums; }
+.scores li { min-width: 7.5em; }
 .note { background: #fff8e1; border-left: 4px solid #e0b000; padding: .4em .8em; }
 """
 
@@ -308,6 +312,11 @@ def _legend(graph: bool, any_images: bool) -> str:
         if graph
         else "attention weight: the instance's share of the bag's pooled representation"
     )
+    values = (
+        "the colour bar beside each picture gives the values"
+        if graph or any_images
+        else "the bars' length gives the values"
+    )
     items = [
         (
             "Tiles" if any_images else "Instances",
@@ -316,16 +325,17 @@ def _legend(graph: bool, any_images: bool) -> str:
         (
             "Colours",
             f"the {score}. Dark purple is the patient's lowest shown score, yellow "
-            "its highest; the colour bar beside each picture gives the values.",
+            f"its highest; {values}.",
         ),
     ]
     if graph:
+        node = "numbered as its tile" if any_images else "labelled #i"
         items.append(
             (
                 "Graph",
-                "one node per representative (numbered as its tile, or #i "
-                "without images); a grey line joins two representatives the "
-                "model links as similar (cosine similarity of their features).",
+                f"one node per representative ({node}); a grey line joins two "
+                "representatives the model links as similar (cosine similarity of their "
+                "features).",
             )
         )
     body = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in items)
@@ -366,12 +376,13 @@ def _patient_card(n: int, e: PatientEntry, note: str) -> str:
     if not e.shown.has_images:
         if note:
             parts.append(f'<p class="note">{html.escape(note)}</p>')
-        rows = "".join(
-            f'<tr><td class="num">#{int(i)}</td><td class="num">{s:.4f}</td></tr>'
-            for i, s in zip(e.shown.idx, e.shown.scores, strict=True)
+        # Highest first, wrapped into as many columns as the window has room for.
+        order = np.argsort(-e.shown.scores, kind="stable")
+        items = "".join(
+            f"<li>#{int(e.shown.idx[i])}: {float(e.shown.scores[i]):.4f}</li>" for i in order
         )
         label = html.escape(e.shown.score_label)
-        parts.append(f"<table><tr><th>instance</th><th>{label}</th></tr>{rows}</table>")
+        parts.append(f'<p>Instances by {label}:</p><ul class="scores">{items}</ul>')
     parts.append("</section>")
     return "\n".join(parts)
 
@@ -417,8 +428,10 @@ def write_explanations(
     device: torch.device,
     out: Path,
     threshold: float | None = None,
+    show_progress: bool = False,
 ) -> Path:
-    """One PNG per patient plus an index.html; returns the index path.
+    """One PNG per patient plus an index.html; returns the index path (``show_progress``:
+    a bar over patients, the CLI's: drawing a gallery takes about a second per patient).
 
     "predicted" follows the same decision as the predictions (``threshold``, see
     :func:`micromil_core.training.metrics.decide`).
@@ -429,7 +442,9 @@ def write_explanations(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     entries = []
-    for raw, bag in zip(raw_bags, scaled_bags, strict=True):
+    patients = progress(zip(raw_bags, scaled_bags, strict=True), f"explaining {site_bags.site.name}",
+                        "patient", show_progress, total=len(raw_bags))
+    for raw, bag in patients:
         probs, idx, adj, scores = _explained_instances(model, bag, device)
         probs = apply_calibration(probs[None, :], ckpt.calibration)[0]
         images = instance_images(

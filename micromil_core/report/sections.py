@@ -84,6 +84,7 @@ h1 { font-size: 1.6em; border-bottom: 2px solid #3b6ea5; padding-bottom: .2em; }
 h2 { font-size: 1.25em; color: #3b6ea5; margin-top: 2em; }
 h3 { font-size: 1.05em; margin-bottom: .3em; }
 table { border-collapse: collapse; margin: .6em 0 1em; font-size: .92em; }
+.wide { overflow-x: auto; max-width: 100%; }
 th, td { border: 1px solid #ccc; padding: .25em .6em; }
 th { background: #eef3f8; text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
@@ -107,7 +108,8 @@ def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric_fr
         "<tr>" + "".join(_td(c, numeric=i >= numeric_from) for i, c in enumerate(row)) + "</tr>"
         for row in rows
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    # Wide tables scroll inside their own box, so a narrow window never scrolls the page.
+    return f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def _metric_table(rows: Mapping[str, Mapping[str, Any]], keys: Sequence[str], first: str) -> str:
@@ -193,13 +195,26 @@ def _with_count(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return {**metrics, "n": metrics.get("n", metrics.get("num-examples"))}
 
 
+def _all_sites_row(aggregated: Mapping[str, Any], sites: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The patient-weighted row over all held-out sites, with its patient count; with one
+    held-out site it is that site's patients, so its AUC interval is the site's too."""
+    row = dict(aggregated)
+    counts = [finite(m.get("n")) for m in sites.values()]
+    if finite(row.get("n")) is None and counts and None not in counts:
+        row["n"] = int(sum(counts))
+    if len(sites) == 1 and "auc_ci_low" not in row:
+        (only,) = sites.values()
+        row.update({k: only[k] for k in ("auc_ci_low", "auc_ci_high") if k in only})
+    return row
+
+
 def holdout_section(metrics: Mapping[str, Any] | None, rounds: Rounds) -> str:
     if metrics:
-        rows: dict[str, Mapping[str, Any]] = {"all held-out sites": metrics}
         per_site = metrics.get("per_site")
-        for site, m in (per_site.items() if isinstance(per_site, Mapping) else ()):
-            if isinstance(m, Mapping):
-                rows[str(site)] = _with_count(m)
+        sites = {str(k): _with_count(m) for k, m in (per_site.items() if isinstance(per_site, Mapping) else ())
+                 if isinstance(m, Mapping)}
+        rows: dict[str, Mapping[str, Any]] = {"all held-out sites": _all_sites_row(metrics, sites)}
+        rows.update(sites)
         source = f"From {METRICS_FILE} (final model)."
     else:
         number, per_site, aggregated = _final_holdout(rounds)
@@ -209,9 +224,9 @@ def holdout_section(metrics: Mapping[str, Any] | None, rounds: Rounds) -> str:
                 "Held-out metrics",
                 '<p class="note">n/a: this run has no held-out sites.</p>',
             )
-        rows = {"all held-out sites": aggregated} if aggregated else {}
-        for site, m in per_site.items():
-            rows[site] = _with_count(m)
+        sites = {site: _with_count(m) for site, m in per_site.items()}
+        rows = {"all held-out sites": _all_sites_row(aggregated, sites)} if aggregated else {}
+        rows.update(sites)
         source = f"From the history, round {number} ({METRICS_FILE} not found)."
     rows = {name: with_auc_interval(m) for name, m in rows.items()}
     body = f'<p class="note">{escape(source)}</p>' + _metric_table(rows, table_keys(rows), "held-out")
@@ -348,14 +363,14 @@ def sites_section(rounds: Rounds) -> str:
                         format_metric("epsilon", t.get("epsilon")),
                     ]
                 )
+            header = ["site", "train patients", "train loss", "val patients", "val loss", "val AUC",
+                      "DP epsilon"]
+            if not any("epsilon" in train.get(s, {}) for s in sites):  # no site trains with DP
+                header, table_rows = header[:-1], [row[:-1] for row in table_rows]
             parts += [
                 f"<h3>Training sites, round {number}</h3>",
                 _img(train_sites_figure(sites, loss, auc, number), "training sites"),
-                _html_table(
-                    ["site", "train patients", "train loss", "val patients", "val loss", "val AUC",
-                     "DP epsilon"],
-                    table_rows,
-                ),
+                _html_table(header, table_rows),
             ]
     return _section("sites", "Per-site results", "\n".join(parts))
 

@@ -325,6 +325,8 @@ def train_pooled(
         out / "curves.png",
         xlabel="epoch",
         title=f"{cfg.model.name}: training",
+        x=[h["epoch"] for h in history],
+        best=result.best_epoch,  # the model that was kept (train.select_on)
     )
     if roc_curves:  # none when a refit run has no test split: nothing left unseen to plot
         plot_roc(roc_curves, out / "roc.png", title=f"{cfg.model.name}: trained model")

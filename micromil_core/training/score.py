@@ -47,6 +47,7 @@ class LoadedCheckpoint:
     model: Any
     device: torch.device
     sites: list[SiteBags]
+    progress: bool = False  # bars over long loops (the CLI's)
 
     def model_inputs(self, sb: SiteBags, bags: list[Bag]) -> list[Bag]:
         """``bags`` of site ``sb`` standardised the way the model was trained."""
@@ -67,7 +68,8 @@ class LoadedCheckpoint:
         from micromil_core.explain import write_explanations
 
         write_explanations(
-            self.model, self.ckpt, sb, bags, scaled, self.device, out / sb.site.name, threshold
+            self.model, self.ckpt, sb, bags, scaled, self.device, out / sb.site.name, threshold,
+            show_progress=self.progress,
         )
 
 
@@ -100,7 +102,7 @@ def load_checkpoint_and_sites(
         fine_classes=ckpt.fine_classes if ckpt.params.get("fine_to_coarse") else None,
         labels_required=labels_required,
     )
-    return LoadedCheckpoint(ckpt, model, dev, sites)
+    return LoadedCheckpoint(ckpt, model, dev, sites, progress)
 
 
 
