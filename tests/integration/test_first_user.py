@@ -172,3 +172,16 @@ def test_write_site_fixture_is_unchanged(tmp_path):
     site = write_site(tmp_path / "s")
     with open(site / "patients.csv") as fh:
         assert {r["label"] for r in csv.DictReader(fh)} == {"benign", "malignant"}
+
+
+def test_long_commands_show_progress(tiny_site, tmp_path, capsys):
+    """`datasets prepare` and `evaluate --explain` show a bar while they work (on stderr)."""
+    assert main(["datasets", "prepare", "musk1", "--out", str(tmp_path / "musk1")]) == 0
+    assert "writing site-0" in capsys.readouterr().err
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_site), "--model", "mean-pool", "--epochs", "1",
+                 "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(run / "model.pt"), "--data", str(tiny_site), "--explain",
+                 "--out", str(tmp_path / "e")]) == 0
+    assert "explaining site-a" in capsys.readouterr().err
