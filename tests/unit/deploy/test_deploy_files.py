@@ -20,7 +20,7 @@ from micromil_core.deploy.config import load_coordinator_config, load_site_confi
 from micromil_core.deploy.pki import certificate_names, provision
 from server.cli import build_parser as server_parser
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+DEPLOY = Path(__file__).resolve().parents[3] / "deploy"
 IMAGE_DEPLOY = "/srv/micromil/deploy"  # where deploy/ sits in the image (WORKDIR /srv/micromil)
 HOSPITALS = ("hospital-1", "hospital-2", "hospital-3")
 LOCAL_ONLY = {"pki", "data", "state", "runs"}  # git-ignored working folders, never shipped

@@ -20,7 +20,7 @@ from micromil_core.errors import ConfigError, SiteDataError
 from server.cli import main as flower_server
 from tests.conftest import write_site
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[4]
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ from micromil_core.models import build_model
 from micromil_core.models.mran import MRAN
 from tests.conftest import assert_per_bag_gradients_of_bags
 
-DATA = Path(__file__).resolve().parents[1] / "data"
+DATA = Path(__file__).resolve().parents[3] / "data"
 D, C = 6, 2
 SMALL = {"embed_dims": "16,8", "attn_dim": 8, "dropout": 0.0}
 

@@ -77,7 +77,7 @@ def test_defaults_are_the_chosen_configuration() -> None:
     # `micromil cv --model micromil` with no config file must run what was chosen and reported.
     from micromil_core.config import load_config
 
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[4]
     chosen = load_config(root / "configs" / "micromil" / "distinct-instances.yaml").model.params
     defaults = MicroMILParams()
     assert all(getattr(defaults, key) == value for key, value in chosen.items())

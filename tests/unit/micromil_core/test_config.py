@@ -69,7 +69,7 @@ def test_config_is_frozen():
 
 
 @pytest.mark.parametrize(
-    "path", sorted(Path(__file__).parents[2].joinpath("configs").rglob("*.yaml")), ids=str
+    "path", sorted(Path(__file__).parents[3].joinpath("configs").rglob("*.yaml")), ids=str
 )
 def test_shipped_configs_are_valid(path):
     cfg = load_config(path)  # every shipped file parses into a validated config
@@ -79,6 +79,6 @@ def test_shipped_configs_are_valid(path):
 
 
 def test_dp_config_is_a_private_federation():
-    cfg = load_config(Path(__file__).parents[2] / "configs" / "sim-dp.yaml")
+    cfg = load_config(Path(__file__).parents[3] / "configs" / "sim-dp.yaml")
     assert cfg.privacy.mode == "dp-sgd" and cfg.privacy.target_epsilon == 8.0
     assert cfg.federation.scaler == "site"

@@ -36,7 +36,7 @@ from micromil_core.errors import ConfigError, ImageError, SiteDataError, Unknown
 # torch 2.13 deprecates TorchScript; the encoder still supports it (see external.py).
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")
 
-DATA = Path(__file__).resolve().parents[1] / "data"
+DATA = Path(__file__).resolve().parents[3] / "data"
 TISSUES = ("ihc", "he_stardist", "he_tia")
 BUILTIN_SPECS = ("histo-texture", "pixels", "pixels:16")
 
