@@ -84,6 +84,20 @@ def _check_scales(path: Path, raw: Any, n: int) -> Tensor:
     return torch.from_numpy(arr.astype(np.int64))
 
 
+def _unreadable(path: Path, exc: Exception) -> FeatureError:
+    if path.suffix.lower() == ".pt":
+        # Not torch's own message: it suggests weights_only=False, which would let the
+        # file run code on this machine.
+        detail = (
+            "not a tensor saved with torch.save (a (N, D) tensor or {'features': tensor}); "
+            "files that hold other Python objects are refused because loading them could "
+            "run code"
+        )
+    else:
+        detail = f"{type(exc).__name__}: {exc}; the file is corrupt or not a {path.suffix} file"
+    return FeatureError(f"{path}: cannot read feature file ({detail}): re-extract or re-export it")
+
+
 def read_feature_file(path: str | Path, expected_dim: int | None = None) -> Tensor:
     """Read one patient's instance features and validate them.
 
@@ -128,19 +142,7 @@ def read_features_and_scales(
     except FeatureError:
         raise
     except Exception as exc:  # any library's "corrupt file" error: report it uniformly
-        if path.suffix.lower() == ".pt":
-            # Not torch's own message: it suggests weights_only=False, which would let the
-            # file run code on this machine.
-            detail = (
-                "not a tensor saved with torch.save (a (N, D) tensor or {'features': tensor}); "
-                "files that hold other Python objects are refused because loading them could "
-                "run code"
-            )
-        else:
-            detail = f"{type(exc).__name__}: {exc}; the file is corrupt or not a {path.suffix} file"
-        raise FeatureError(
-            f"{path}: cannot read feature file ({detail}): re-extract or re-export it"
-        ) from None
+        raise _unreadable(path, exc) from None
 
     try:
         if isinstance(raw, Tensor):

@@ -313,6 +313,15 @@ def train_pooled(
         },
     )
     save_checkpoint(ckpt, out / "model.pt")
+    _write_run_files(out, cfg, result, metrics, roc_curves)
+    return metrics
+
+
+def _write_run_files(
+    out: Path, cfg: ExperimentConfig, result: TrainResult, metrics: dict[str, Any],
+    roc_curves: dict[str, tuple[np.ndarray, np.ndarray]],
+) -> None:
+    """history.json, metrics.json, curves.png, roc.png beside model.pt (and the tracker's copy)."""
     history = _history_rows(result)
     write_json_atomic(out / "history.json", history)
     write_json_atomic(out / "metrics.json", metrics)
@@ -331,7 +340,6 @@ def train_pooled(
     if roc_curves:  # none when a refit run has no test split: nothing left unseen to plot
         plot_roc(roc_curves, out / "roc.png", title=f"{cfg.model.name}: trained model")
     log_training(cfg, out, history, metrics)  # no-op unless tracking.backend is set
-    return metrics
 
 
 
