@@ -222,7 +222,7 @@ def proximal_term(model: MILModel, reference: dict[str, torch.Tensor], mu: float
 def proximal_gradient(reference: dict[str, torch.Tensor], mu: float):
     """FedProx's gradient mu * (w - w_global), added to a DP step after its noise: it
     depends only on the weights, so it costs no privacy."""
-    from micromil_core.models.gnn import convert_gat_state
+    from micromil_core.nn.gat import convert_gat_state
 
     # DP trains MicroMIL on the dense GAT backend, whose GAT keys differ from "pyg".
     dense = convert_gat_state(reference, "dense")

@@ -15,7 +15,7 @@ from micromil_core.models import (  # noqa: F401  (importing registers the model
     pooling,
     transmil,
 )
-from micromil_core.models.base import MILModel, Prediction, masked_softmax
+from micromil_core.models.base import MILModel, Prediction
 from micromil_core.models.registry import (
     RegisteredModel,
     build_model,
@@ -26,6 +26,7 @@ from micromil_core.models.registry import (
     params_to_dict,
     register_model,
 )
+from micromil_core.nn import masked_softmax
 
 __all__ = [
     "MILModel",

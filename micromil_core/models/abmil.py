@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from micromil_core.models.base import Encoding, MILModel, Prediction, masked_softmax
+from micromil_core.models.base import Encoding, MILModel, Prediction
 from micromil_core.models.pooling import check_batch, mlp
 from micromil_core.models.registry import check_float, check_int, register_model
+from micromil_core.nn import masked_softmax
 
 
 @dataclass(frozen=True)

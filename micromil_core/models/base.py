@@ -175,11 +175,3 @@ class MILModel(nn.Module):
     def after_step(self) -> None:
         """Called after every optimiser step (MHIM's EMA teacher update)."""
 
-
-def masked_softmax(scores: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
-    """Softmax over ``dim`` ignoring positions where ``mask`` is False.
-
-    Shapes: scores (..., N), mask broadcastable to scores -> (..., N)
-    """
-    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    return torch.softmax(scores, dim=dim) * mask

@@ -43,9 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from micromil_core.models.base import Encoding, MILModel, Prediction, masked_softmax
+from micromil_core.models.base import Encoding, MILModel, Prediction
 from micromil_core.models.pooling import check_batch
 from micromil_core.models.registry import check_choice, check_float, check_int, register_model
+from micromil_core.nn import masked_softmax
 
 INSTANCE_LOSSES = ("svm", "ce")
 

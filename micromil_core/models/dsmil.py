@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from micromil_core.models.base import Encoding, MILModel, Prediction, masked_softmax
+from micromil_core.models.base import Encoding, MILModel, Prediction
 from micromil_core.models.pooling import check_batch, masked_max, mlp
 from micromil_core.models.registry import check_float, check_int, register_model
+from micromil_core.nn import masked_softmax
 
 
 @dataclass(frozen=True)

@@ -38,9 +38,10 @@ from torch import Tensor, nn
 
 from micromil_core.data.bag import BagBatch
 from micromil_core.errors import ConfigError
-from micromil_core.models.base import MILModel, Prediction, masked_softmax
+from micromil_core.models.base import MILModel, Prediction
 from micromil_core.models.pooling import check_batch, mlp
 from micromil_core.models.registry import check_choice, check_float, check_int, register_model
+from micromil_core.nn import ClassWiseLinear, GatedAttention, masked_softmax
 
 NAME = "hmil"
 FINE_SCORERS = ("shared", "per-class")
@@ -87,38 +88,6 @@ class HMILParams:
         check_float(NAME, "temp_min", self.temp_min, 1e-3, math.inf)
         check_float(NAME, "temp_max", self.temp_max, self.temp_min, math.inf)
         check_choice(NAME, "fine_scorer", self.fine_scorer, FINE_SCORERS)
-
-
-class ClassWiseAttention(nn.Module):
-    """Gated attention (Ilse et al. 2018, eq. 9) with one score per class and instance.
-
-    Shapes: h (B, N, L) -> scores (B, N, K), unnormalised; masking happens outside.
-    """
-
-    def __init__(self, width: int, attn_dim: int, n_out: int) -> None:
-        super().__init__()
-        self.v = nn.Linear(width, attn_dim)
-        self.u = nn.Linear(width, attn_dim)
-        self.w = nn.Linear(attn_dim, n_out)
-
-    def forward(self, h: Tensor) -> Tensor:
-        return self.w(torch.tanh(self.v(h)) * torch.sigmoid(self.u(h)))  # (B, N, K)
-
-
-class ClassWiseLinear(nn.Module):
-    """One linear scorer per class, each reading its own class embedding.
-
-    Shapes: z (B, K, L) -> (B, K)
-    """
-
-    def __init__(self, n_classes: int, width: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(n_classes, width))
-        self.bias = nn.Parameter(torch.zeros(n_classes))
-        nn.init.uniform_(self.weight, -(width**-0.5), width**-0.5)  # nn.Linear's range
-
-    def forward(self, z: Tensor) -> Tensor:
-        return (z * self.weight).sum(-1) + self.bias  # (B, K)
 
 
 @dataclass
@@ -179,10 +148,10 @@ class HMIL(MILModel):
 
         self.embed = mlp(in_dim, params.embed_dims, params.dropout)
         width = params.embed_dims[-1] if params.embed_dims else in_dim
-        self.coarse_attn = ClassWiseAttention(width, params.attn_dim, n_classes)
+        self.coarse_attn = GatedAttention(width, params.attn_dim, n_classes)
         self.coarse_score = nn.Linear(width, 1)
         self.fine_proj = mlp(width, (params.fine_dim,), params.dropout)
-        self.fine_attn = ClassWiseAttention(params.fine_dim, params.attn_dim, self.n_fine)
+        self.fine_attn = GatedAttention(params.fine_dim, params.attn_dim, self.n_fine)
         self.fine_score = (
             nn.Sequential(nn.Linear(params.fine_dim, 1), nn.Flatten(-2))
             if params.fine_scorer == "shared"

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from micromil_core.errors import ConfigError
-from micromil_core.models.base import masked_softmax
+from micromil_core.nn import masked_softmax
 
 # The registry name of the MHIM model; here because the mask's errors name it.
 NAME = "mhim"

@@ -29,9 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from micromil_core.models.base import Encoding, MILModel, Prediction, masked_softmax
+from micromil_core.models.base import Encoding, MILModel, Prediction
 from micromil_core.models.clustering import kmeans
-from micromil_core.models.gnn import GAT, GAT_ATT_INITS, GNN_BACKENDS, convert_gat_state
 from micromil_core.models.pooling import check_batch
 from micromil_core.models.registry import (
     check_choice,
@@ -39,6 +38,7 @@ from micromil_core.models.registry import (
     check_int,
     register_model,
 )
+from micromil_core.nn import GAT, GAT_ATT_INITS, GNN_BACKENDS, convert_gat_state, masked_softmax
 
 EDGE_MODES = ("paper", "gumbel-neighbour")
 SELECTIONS = ("released", "affinity", "distinct")

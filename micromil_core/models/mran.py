@@ -38,9 +38,10 @@ from torch import Tensor, nn
 
 from micromil_core.data.bag import BagBatch
 from micromil_core.errors import ConfigError
-from micromil_core.models.base import Encoding, MILModel, Prediction, masked_softmax
+from micromil_core.models.base import Encoding, MILModel, Prediction
 from micromil_core.models.pooling import check_batch, mlp
 from micromil_core.models.registry import check_choice, check_float, check_int, register_model
+from micromil_core.nn import masked_softmax
 
 ATTENTIONS = ("feature", "logit")
 # Inside the square root: keeps the norm differentiable where a representation is all zero

@@ -48,6 +48,9 @@ not materialised.
 The class token's attention to the instances (instance scores: MHIM's masking, ``evaluate
 --explain``) is row 0 of the attention: exact, or ``F[0] pinv(A) B`` in O(m T) for Nystrom,
 clipped at 0 since the approximation may dip slightly below it.
+
+The layers live in :mod:`micromil_core.nn` (``TransLayer``, ``PPEG``, ``nystrom``); this
+module holds the model: its params, the square layout and the class token.
 """
 
 from __future__ import annotations
@@ -58,11 +61,12 @@ import torch
 from torch import Tensor, nn
 
 from micromil_core.errors import ConfigError
-from micromil_core.models.base import Encoding, MILModel, Prediction, masked_softmax
+from micromil_core.models.base import Encoding, MILModel, Prediction
 from micromil_core.models.pooling import check_batch
 from micromil_core.models.registry import check_choice, check_float, check_int, register_model
+from micromil_core.nn import ATTENTION_MODES, PPEG, TransLayer
 
-ATTENTION_MODES = ("exact", "nystrom", "auto")
+# Old import path of the Nystrom functions (tests import them from here).
 
 
 @dataclass(frozen=True)
@@ -165,178 +169,16 @@ def gather_rows(h: Tensor, index: Tensor) -> Tensor:
     return h.gather(1, index.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
 
 
-def segment_weights(key_mask: Tensor, m: int, dtype: torch.dtype) -> Tensor:
-    """Weights that average ``m`` contiguous segments of each bag's real tokens.
-
-    ``weights @ x`` are Nystromformer's segment-means landmarks. The r-th real token of a
-    bag with n of them (in token order, wherever the mask puts them) falls in segment
-    ``floor(r m / n)``; with n >= m every segment holds at least floor(n / m) tokens.
-    Padded tokens fall in none. A matmul rather than a scatter, so the means are
-    deterministic on GPUs too; (m x T) is the size of the attention kernels anyway.
-
-    Shapes: key_mask (B, T) bool with at least m True per row -> (B, m, T)
-    """
-    n = key_mask.sum(dim=1, keepdim=True)  # (B, 1)
-    rank = key_mask.long().cumsum(dim=1) - 1  # (B, T): rank among the bag's real tokens
-    segment = torch.where(key_mask, rank * m // n, m)  # (B, T); m = no segment
-    arange = torch.arange(m, device=key_mask.device)  # (m,)
-    weights = (segment[:, None, :] == arange[None, :, None]).to(dtype)  # (B, m, T)
-    return weights / weights.sum(dim=2, keepdim=True).clamp_min(1.0)  # (B, m, T): row means
-
-
-def iterative_pinv(a: Tensor, iterations: int) -> Tensor:
-    """Moore-Penrose pseudo-inverse of each (m x m) matrix, by iteration (Razavi et al. 2014).
-
-    ``z <- z (13 I - a z (15 I - a z (7 I - a z))) / 4`` converges to pinv(a) from
-    ``z = a^T / (max column sum * max row sum)`` of |a| (Nystromformer, Xiong et al. 2021).
-    That scale is taken per matrix, not over the batch as in Nystromformer's code, so a
-    bag's result never depends on its batch (padding invariance, per-patient DP-SGD).
-
-    Shapes: a (..., m, m) -> (..., m, m)
-    """
-    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)  # (m, m)
-    norm = a.abs().sum(dim=-2).amax(dim=-1) * a.abs().sum(dim=-1).amax(dim=-1)  # (...)
-    z = a.transpose(-1, -2) / norm[..., None, None]  # (..., m, m)
-    for _ in range(iterations):
-        az = a @ z  # (..., m, m)
-        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))  # (..., m, m)
-    return z
-
-
-def nystrom_attention(
-    q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, landmarks: int, iterations: int
-) -> tuple[Tensor, Tensor]:
-    """Nystrom softmax attention ``F pinv(A) (B V)`` and its class-token row ``F[0] pinv(A) B``.
-
-    ``q`` is already scaled by head_dim^-0.5. Landmarks are segment means of each bag's
-    real tokens (``segment_means``), so padded keys enter only B, where they are masked.
-    Computed in float32 with autocast off: the pseudo-inverse iteration does not survive
-    bf16 rounding. Every bag needs at least ``landmarks`` real tokens, so that no segment
-    is empty (TransLayer sends bags of at most ``landmarks`` tokens to exact attention).
-
-    Shapes: q, k, v (B, H, T, d), key_mask (B, T) -> (B, H, T, d), row 0 (B, H, T)
-    """
-    n_min = int(key_mask.sum(dim=1).min())
-    if n_min < landmarks:
-        raise ValueError(
-            f"Nystrom attention with landmarks={landmarks} got a bag of {n_min} tokens; "
-            "use exact attention for bags of at most `landmarks` tokens"
-        )
-    b, h, n_tok, d = q.shape
-    out_dtype = v.dtype
-    with torch.autocast(q.device.type, enabled=False):
-        q, k, v = q.float(), k.float(), v.float()
-        # Landmarks from the (B, T, H*d) layout: one (m x T) matmul for all heads.
-        weights = segment_weights(key_mask, landmarks, q.dtype)  # (B, m, T)
-        q_l, k_l = (
-            (weights @ x.transpose(1, 2).reshape(b, n_tok, h * d))
-            .view(b, landmarks, h, d)
-            .transpose(1, 2)
-            for x in (q, k)
-        )  # (B, H, m, d) each
-        f = torch.softmax(q @ k_l.transpose(-1, -2), dim=-1)  # (B, H, T, m)
-        a = torch.softmax(q_l @ k_l.transpose(-1, -2), dim=-1)  # (B, H, m, m)
-        bk = masked_softmax(q_l @ k.transpose(-1, -2), key_mask[:, None, None, :])  # (B, H, m, T)
-        z = iterative_pinv(a, iterations)  # (B, H, m, m)
-        mixed = f @ (z @ (bk @ v))  # (B, H, T, d): (m x T)(T x d) first, never (T x T)
-        row0 = ((f[:, :, :1] @ z) @ bk)[:, :, 0]  # (B, H, T)
-    return mixed.to(out_dtype), row0
-
-
-class TransLayer(nn.Module):
-    """Pre-norm multi-head self-attention with a residual: ``t + MHSA(LayerNorm(t))``.
-
-    Written from ``nn.Linear`` layers (not ``nn.MultiheadAttention``) so the key-padding
-    mask is applied in parameter-free code and Opacus sees only Linear/LayerNorm layers.
-    TransMIL's layers have no feed-forward block. Each bag takes exact or Nystrom attention
-    by its own token count (``TransMILParams``), in parameter-free code between the one
-    ``qkv`` and the one ``out`` call, so a batch may mix both.
-
-    Shapes: t (B, T, L), key_mask (B, T) -> (B, T, L) and the class token's attention (B, H, T)
-    """
-
-    def __init__(self, dim: int, params: TransMILParams) -> None:
-        super().__init__()
-        self.params = params
-        self.norm = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.out = nn.Linear(dim, dim)
-        self.drop = nn.Dropout(params.dropout)
-
-    def uses_nystrom(self, n_tokens: Tensor) -> Tensor:
-        """Which bags take Nystrom attention.
-
-        Shapes: n_tokens (B,) real tokens per bag -> (B,) bool
-        """
-        p = self.params
-        if p.attention == "exact":
-            return torch.zeros_like(n_tokens, dtype=torch.bool)
-        limit = p.landmarks if p.attention == "nystrom" else max(p.landmarks, p.nystrom_threshold)
-        return n_tokens > limit
-
-    def _exact(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Shapes: q, k, v (B, H, T, d), key_mask (B, T) -> (B, H, T, d), row 0 (B, H, T)"""
-        attn = masked_softmax(q @ k.transpose(-1, -2), key_mask[:, None, None, :])  # (B, H, T, T)
-        return self.drop(attn) @ v, attn[:, :, 0]
-
-    def _attend(
-        self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, nystrom: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Exact attention for the bags where ``nystrom`` is False, Nystrom for the rest.
-
-        Each group is cut to its own longest bag, so the exact group's (T x T) matrices are
-        only as large as its bags (at most ``nystrom_threshold`` tokens under ``auto``).
-
-        Shapes: q, k, v (B, H, T, d), key_mask (B, T), nystrom (B,) -> (B, H, T, d), (B, H, T)
-        """
-        p = self.params
-        if not bool(nystrom.any()):
-            return self._exact(q, k, v, key_mask)
-        if bool(nystrom.all()):
-            return nystrom_attention(q, k, v, key_mask, p.landmarks, p.pinv_iterations)
-        n_tok = key_mask.shape[1]
-        mixed, rows, order = [], [], []
-        for use in (False, True):
-            idx = (nystrom == use).nonzero()[:, 0]  # (G,)
-            span = int(key_mask[idx].any(dim=0).nonzero().max()) + 1  # past its last real token
-            args = (q[idx, :, :span], k[idx, :, :span], v[idx, :, :span], key_mask[idx, :span])
-            if use:
-                out, row = nystrom_attention(*args, p.landmarks, p.pinv_iterations)
-            else:
-                out, row = self._exact(*args)
-            # Tokens past `span` are padding in this group: zero output, zero attention.
-            mixed.append(nn.functional.pad(out, (0, 0, 0, n_tok - span)))  # (G, H, T, d)
-            rows.append(nn.functional.pad(row, (0, n_tok - span)))  # (G, H, T)
-            order.append(idx)
-        back = torch.argsort(torch.cat(order))  # (B,): batch position -> row of the concat
-        return torch.cat(mixed)[back], torch.cat(rows)[back]
-
-    def forward(self, t: Tensor, key_mask: Tensor) -> tuple[Tensor, Tensor]:
-        b, n_tok, dim = t.shape
-        heads = self.params.n_heads
-        head_dim = dim // heads
-        qkv = self.qkv(self.norm(t)).view(b, n_tok, 3, heads, head_dim)  # (B, T, 3, H, d)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, T, d) each
-        nystrom = self.uses_nystrom(key_mask.sum(dim=1))  # (B,)
-        mixed, row0 = self._attend(q * head_dim**-0.5, k, v, key_mask, nystrom)  # (B, H, T, d)
-        mixed = mixed.to(v.dtype).transpose(1, 2).reshape(b, n_tok, dim)  # (B, T, L)
-        return t + self.drop(self.out(mixed)), row0  # (B, T, L), (B, H, T)
-
-
-class PPEG(nn.Module):
-    """Pyramid position encoding generator: grid + dwconv7 + dwconv5 + dwconv3 (Shao et al.).
-
-    Shapes: grid (B, L, K, K) -> (B, L, K, K)
-    """
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.convs = nn.ModuleList(
-            nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim) for k in (7, 5, 3)
-        )
-
-    def forward(self, grid: Tensor) -> Tensor:
-        return grid + sum(conv(grid) for conv in self.convs)  # (B, L, K, K)
+def _trans_layer(dim: int, params: TransMILParams) -> TransLayer:
+    return TransLayer(
+        dim,
+        params.n_heads,
+        dropout=params.dropout,
+        attention=params.attention,
+        nystrom_threshold=params.nystrom_threshold,
+        landmarks=params.landmarks,
+        pinv_iterations=params.pinv_iterations,
+    )
 
 
 @register_model(
@@ -361,9 +203,9 @@ class TransMIL(MILModel):
         self.reduce = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Dropout(params.dropout))
         # A learnable vector, stored as a 1-row embedding so Opacus handles it natively.
         self.cls_token = nn.Embedding(1, dim)
-        self.layer1 = TransLayer(dim, params)
+        self.layer1 = _trans_layer(dim, params)
         self.ppeg = PPEG(dim)
-        self.layer2 = TransLayer(dim, params)
+        self.layer2 = _trans_layer(dim, params)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, n_classes)
 

@@ -139,7 +139,7 @@ def make_private_model(model: MILModel) -> MILModel:
 
 def state_dict_for(original: MILModel, trained: MILModel) -> dict[str, Tensor]:
     """The trained weights in ``original``'s parameter layout."""
-    from micromil_core.models.gnn import convert_gat_state
+    from micromil_core.nn.gat import convert_gat_state
 
     state = {k: v.detach().cpu() for k, v in trained.state_dict().items()}
     if any(k.endswith(".att_src") for k in original.state_dict()):  # PyG GAT layers

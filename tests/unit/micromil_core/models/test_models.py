@@ -23,8 +23,8 @@ from micromil_core.models import (
 )
 from micromil_core.models import registry as registry_mod
 from micromil_core.models.base import MILModel
-from micromil_core.models.gnn import GAT, convert_gat_state
 from micromil_core.models.micromil import MicroMIL, dec_kl, switch_gnn_backend
+from micromil_core.nn.gat import GAT, convert_gat_state
 from tests.conftest import assert_per_bag_gradients, ragged_batch
 
 D, C = 6, 2
@@ -313,7 +313,7 @@ def test_pyg_backend_leaves_no_template_file_in_the_temp_folder(tmp_path) -> Non
     # PyG renders its compiled propagate into the temp folder; a fresh process (as every
     # Flower message gets) must not leave it behind.
     code = (
-        "import torch; from micromil_core.models.gnn import GAT; "
+        "import torch; from micromil_core.nn.gat import GAT; "
         "g = GAT(4, 8, 2, 0.0, 'pyg'); "
         "print(g(torch.randn(1, 5, 4), torch.ones(1, 5, 5)).shape)"
     )

@@ -12,8 +12,10 @@ import torch
 
 from micromil_core.errors import ConfigError
 from micromil_core.models import build_model, params_from_dict
-from micromil_core.models.base import MILModel, masked_softmax
-from micromil_core.models.transmil import TransMIL, nystrom_attention, segment_weights
+from micromil_core.models.base import MILModel
+from micromil_core.models.transmil import TransMIL
+from micromil_core.nn import masked_softmax
+from micromil_core.nn.nystrom import nystrom_attention, segment_weights
 from tests.conftest import assert_per_bag_gradients
 from tests.conftest import ragged_batch as ragged
 

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from micromil_core.errors import ConfigError
-from micromil_core.models.base import masked_softmax
+from micromil_core.nn._deferred import deferred
+from micromil_core.nn.functional import masked_softmax
 
 GNN_BACKENDS = ("pyg", "dense")
 GAT_ATT_INITS = ("glorot", "zero")
@@ -44,7 +45,14 @@ class AddBias(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.bias = nn.Parameter(torch.zeros(channels))
+        self.bias = nn.Parameter(torch.empty(channels))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.bias.numel()}"
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.bias
@@ -63,14 +71,32 @@ class DenseGATConv(nn.Module):
         self, in_channels: int, out_channels: int, dropout: float = 0.0, negative_slope: float = 0.2
     ) -> None:
         super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
         self.dropout, self.negative_slope = dropout, negative_slope
-        self.lin = nn.Linear(in_channels, out_channels, bias=False)
-        self.att_src = nn.Linear(out_channels, 1, bias=False)
-        self.att_dst = nn.Linear(out_channels, 1, bias=False)
+        self.lin = deferred(nn.Linear, in_channels, out_channels, bias=False)
+        self.att_src = deferred(nn.Linear, out_channels, 1, bias=False)
+        self.att_dst = deferred(nn.Linear, out_channels, 1, bias=False)
         self.bias = AddBias(out_channels)
-        # Same initialisation as PyG's GATConv (glorot weights, zero bias).
-        for lin in (self.lin, self.att_src, self.att_dst):
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Glorot weights and a zero bias, as PyG's GATConv.
+
+        nn.Linear's own init runs first although glorot overwrites it: its random draws
+        keep a seed's weights identical to those of the layer's earlier versions.
+        """
+        layers = (self.lin, self.att_src, self.att_dst)
+        for lin in layers:
+            lin.reset_parameters()
+        self.bias.reset_parameters()
+        for lin in layers:
             nn.init.xavier_uniform_(lin.weight)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, dropout={self.dropout}, "
+            f"negative_slope={self.negative_slope}"
+        )
 
     def forward(self, x: Tensor, adj: Tensor) -> Tensor:
         k = adj.shape[-1]
@@ -129,9 +155,24 @@ class GAT(nn.Module):
         if backend not in GNN_BACKENDS:
             raise ConfigError(f"gnn_backend {backend!r} is not one of {', '.join(GNN_BACKENDS)}")
         self.backend, self.dropout = backend, dropout
+        self.in_channels, self.hidden, self.n_layers = in_channels, hidden, n_layers
         make = _pyg_gatconv if backend == "pyg" else DenseGATConv
+        # Each layer initialises itself; __init__ does not call reset_parameters() again
+        # because PyG's GATConv draws its init in a different order from its own
+        # reset_parameters(), so a second pass would change every seeded "pyg" model.
         self.convs = nn.ModuleList(
             make(in_channels if i == 0 else hidden, hidden, dropout) for i in range(n_layers)
+        )
+
+    def reset_parameters(self) -> None:
+        """Re-initialise every layer (glorot weights, zero bias, both backends)."""
+        for conv in self.convs:
+            conv.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, hidden={self.hidden}, n_layers={self.n_layers}, "
+            f"dropout={self.dropout}, backend={self.backend!r}"
         )
 
     @torch.no_grad()
