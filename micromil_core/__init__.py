@@ -20,9 +20,17 @@ They are imported on first use, so ``import micromil_core`` stays cheap.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 __version__ = "0.1.0"
+
+# Set before anything imports torch (OpenMP reads it once, when torch loads): with OpenMP's
+# default, idle threads spin waiting for work, and on a machine whose cores are busy with
+# other processes small training steps ran up to 17x slower (benchmarks/threads_under_load.py).
+# Every entry point (micromil, flower-server/-client, the Flower apps) imports this package
+# first. A value the user set in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # name -> module that defines it
 _API = {
