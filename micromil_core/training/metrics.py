@@ -13,16 +13,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import (
-    accuracy_score,
-    balanced_accuracy_score,
-    confusion_matrix,
-    f1_score,
-    roc_auc_score,
-    roc_curve,
-)
 
 from micromil_core.errors import ConfigError
+
+
+def _sk():
+    """scikit-learn's metrics, imported on first use: the import takes ~0.8 s, and a
+    federated site starts a fresh process per message, most of which compute no metric."""
+    import sklearn.metrics
+
+    return sklearn.metrics
 
 METRIC_KEYS = ("auc", "accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity")
 # Fine-level metrics of hierarchical models (HMIL), next to the core keys when available.
@@ -69,7 +69,7 @@ def classification_metrics(
     n_classes = probs.shape[1]
     y_pred = decide(probs, threshold)
     labels = list(range(n_classes))
-    cm = confusion_matrix(y_true, y_pred, labels=labels)
+    cm = _sk().confusion_matrix(y_true, y_pred, labels=labels)
     tp = np.diag(cm).astype(float)
     fn = cm.sum(axis=1) - tp
     fp = cm.sum(axis=0) - tp
@@ -79,16 +79,16 @@ def classification_metrics(
         spec = np.where(tn + fp > 0, tn / (tn + fp), np.nan)
     if n_classes == 2:
         sensitivity, specificity = recall[1], spec[1]
-        f1 = f1_score(y_true, y_pred, pos_label=1, average="binary", zero_division=0)
+        f1 = _sk().f1_score(y_true, y_pred, pos_label=1, average="binary", zero_division=0)
     else:
         sensitivity, specificity = np.nanmean(recall), np.nanmean(spec)
-        f1 = f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+        f1 = _sk().f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
     return {
         "auc": roc_auc(y_true, probs),
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred))
+        "accuracy": float(_sk().accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(_sk().balanced_accuracy_score(y_true, y_pred))
         if len(np.unique(y_true)) > 1
-        else float(accuracy_score(y_true, y_pred)),
+        else float(_sk().accuracy_score(y_true, y_pred)),
         "f1": float(f1),
         "sensitivity": float(sensitivity),
         "specificity": float(specificity),
@@ -226,7 +226,7 @@ def operating_points(
     probs = np.asarray(probs, dtype=float)
     if probs.shape[1] != 2 or set(np.unique(y_true)) != {0, 1}:
         return []
-    fpr, tpr, thresholds = roc_curve(y_true, probs[:, 1])
+    fpr, tpr, thresholds = _sk().roc_curve(y_true, probs[:, 1])
     out = []
     for target in sensitivities:
         i = int(np.argmax(tpr >= target - 1e-12))  # first (highest) threshold reaching it
@@ -279,9 +279,9 @@ def roc_auc(y_true: np.ndarray, probs: np.ndarray) -> float:
     if len(present) < 2:
         return math.nan
     if probs.shape[1] == 2:
-        return float(roc_auc_score(y_true, probs[:, 1]))
+        return float(_sk().roc_auc_score(y_true, probs[:, 1]))
     return float(
-        roc_auc_score(y_true, probs, multi_class="ovr", average="macro", labels=list(range(probs.shape[1])))
+        _sk().roc_auc_score(y_true, probs, multi_class="ovr", average="macro", labels=list(range(probs.shape[1])))
     )
 
 
@@ -301,17 +301,17 @@ def fine_metrics(y_fine: np.ndarray, fine_probs: np.ndarray) -> dict[str, float]
     y_pred = probs.argmax(axis=1)
     present = np.unique(y)
     auc = (
-        float(np.mean([roc_auc_score(y == c, probs[:, c]) for c in present]))
+        float(np.mean([_sk().roc_auc_score(y == c, probs[:, c]) for c in present]))
         if len(present) > 1
         else math.nan
     )
     return {
-        "fine_accuracy": float(accuracy_score(y, y_pred)),
+        "fine_accuracy": float(_sk().accuracy_score(y, y_pred)),
         # Mean recall over the classes present (sklearn's definition, without its warning
         # when a prediction falls in a class absent from y).
         "fine_balanced_accuracy": float(np.mean([(y_pred[y == c] == c).mean() for c in present])),
         "fine_macro_f1": float(
-            f1_score(y, y_pred, labels=list(present), average="macro", zero_division=0)
+            _sk().f1_score(y, y_pred, labels=list(present), average="macro", zero_division=0)
         ),
         "fine_auc": auc,
         "fine_n": int(known.sum()),
@@ -324,7 +324,7 @@ def binary_roc(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.nd
     if len(np.unique(y_true)) < 2:
         return None
     score = probs[:, 1] if probs.shape[1] >= 2 else probs[:, 0]
-    fpr, tpr, _ = roc_curve((y_true == 1).astype(int), score)
+    fpr, tpr, _ = _sk().roc_curve((y_true == 1).astype(int), score)
     return fpr, tpr
 
 
