@@ -53,3 +53,15 @@ def test_simulate_and_compare_come_from_the_flower_layer_without_importing_flowe
     commands, loaded = out.strip().splitlines()
     assert "'simulate'" in commands and "'compare'" in commands
     assert loaded == "False False"
+
+
+def test_the_apps_load_without_the_heavy_libraries_they_use_only_in_some_messages():
+    # A hospital's SuperNode starts a fresh process per Flower message; scikit-learn,
+    # matplotlib and PyG (seconds each) are imported where a message needs them.
+    code = (
+        "import sys, client.app, server.app; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'matplotlib', 'torch_geometric', 'scipy'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=ROOT).stdout.strip()
+    assert out == "[]"
