@@ -9,9 +9,10 @@ so no patient id leaves the site even in an error.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import wraps
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -22,6 +23,11 @@ from client.secure_aggregation import secure_aggregation_mod
 from micromil_core.errors import ConfigError
 from micromil_core.federated import wire
 from micromil_core.federated.messages import RoundSettings
+from micromil_core.federated.simulated_sites import (
+    experiment_from_run_config,
+    resolve_sites,
+    with_local_privacy,
+)
 from micromil_core.federated.site_task import (
     SiteSettings,
     describe_site,
@@ -62,6 +68,29 @@ def site_from_node_config(context: Context) -> SiteSettings:
         privacy=privacy_from_node_config(cfg),
         state_dir=Path(str(state_dir)) if state_dir else None,
     )
+
+
+def site_from_context(context: Context) -> SiteSettings:
+    """The deployed ClientApp's site: its SuperNode's node config in a deployment; under
+    Flower's own simulation (``flwr run . local``, node config ``partition-id``) the i-th
+    site of the run config's ``data-root``, as ``micromil simulate`` orders them."""
+    if NODE_SITE_NAME in context.node_config or "partition-id" not in context.node_config:
+        return site_from_node_config(context)
+    sites = simulated_sites(context.run_config)
+    i = int(context.node_config["partition-id"])
+    if i >= len(sites):
+        raise ConfigError(
+            f"simulated node {i} has no site: the data root has {len(sites)}; run with "
+            f"--federation-config 'num-supernodes={len(sites)}'"
+        )
+    return sites[i]
+
+
+def simulated_sites(run_config: Mapping[str, Any]) -> list[SiteSettings]:
+    """The sites of ``flwr run . local``, from its run config (``config``, ``data-root``,
+    ``out-dir``): the same list and privacy settings as ``micromil simulate``."""
+    cfg = experiment_from_run_config(run_config)
+    return with_local_privacy(resolve_sites(cfg), cfg, Path(str(run_config.get("out-dir", "runs/federation"))))
 
 
 def site_from_partition(sites: list[SiteSettings]) -> SiteResolver:
@@ -176,5 +205,6 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
     return app
 
 
-# Deployment entry point (pyproject [tool.flwr.app.components] clientapp).
-app = build_client_app(site_from_node_config)
+# Entry point of `flwr run` (pyproject [tool.flwr.app.components] clientapp): deployed
+# SuperNodes name their site in the node config; Flower's simulation numbers its nodes.
+app = build_client_app(site_from_context)

@@ -19,8 +19,9 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from micromil_core.config import ExperimentConfig, load_config
+from micromil_core.config import ExperimentConfig
 from micromil_core.errors import ConfigError
+from micromil_core.federated.simulated_sites import experiment_from_run_config, resolve_sites
 from server.federation import FederationResult, run_federation
 
 log = logging.getLogger("micromil.server")
@@ -43,10 +44,13 @@ SettingsSource = Callable[[Context], ServerSettings]
 
 def settings_from_run_config(context: Context) -> ServerSettings:
     rc = context.run_config
+    experiment = experiment_from_run_config(rc)
+    # Under `flwr run . local` (a data-root in the run config) every site of the root joins.
+    expected = len(resolve_sites(experiment)) if rc.get("data-root") else int(rc.get("expected-sites", 2))
     return ServerSettings(
-        experiment=load_config(str(rc["config"])) if rc.get("config") else load_config(None),
+        experiment=experiment,
         out=Path(str(rc.get("out-dir", "runs/federation"))),
-        expected_sites=int(rc.get("expected-sites", 2)),
+        expected_sites=expected,
         resume=bool(rc.get("resume", False)),
         connect_timeout=float(rc.get("connect-timeout", 300.0)),
         site_nodes=parse_site_nodes(rc.get("site-nodes")),

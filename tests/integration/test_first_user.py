@@ -133,7 +133,8 @@ def test_min_per_class_validation_split():
 
 def test_simulation_says_what_it_is_doing_before_the_engine(ucsb, caplog):
     from micromil_core.config import load_config
-    from server.simulation import preflight, resolve_sites
+    from micromil_core.federated.simulated_sites import resolve_sites
+    from server.simulation import preflight
 
     caplog.set_level(logging.INFO, logger="micromil.simulate")
     cfg = load_config(None, [f"simulation.data_root={ucsb}"])
