@@ -3,7 +3,6 @@ data root's hospitals (docs/getting-started.md, "With Flower's own CLI")."""
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,14 +19,16 @@ FLWR = Path(sys.executable).with_name("flwr")
 
 def _stop_local_superlink(home: Path) -> None:
     """`flwr run . local` leaves a SuperLink serving in the background; stop ours."""
-    out = subprocess.run(["pgrep", "-f", "flower-superlink"], capture_output=True, text=True).stdout
-    for pid in map(int, out.split()):
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
         try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes()
+            env = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if f"FLWR_HOME={home}".encode() in env:
-            os.kill(pid, signal.SIGTERM)
+        if b"flower-superlink" in cmdline and f"FLWR_HOME={home}".encode() in env:
+            os.kill(int(proc.name), signal.SIGTERM)
 
 
 @pytest.fixture
@@ -38,8 +39,6 @@ def flwr_home(tmp_path):
 
 
 def test_flwr_run_local_simulates_the_data_roots_sites(demo_ucsb, tmp_path, flwr_home):
-    if shutil.which("pgrep") is None:
-        pytest.fail("pgrep (procps) is needed to stop the local SuperLink")
     config = tmp_path / "quick.yaml"
     config.write_text("model: {name: gated-abmil}\nfederation: {rounds: 2}\ntrain: {num_threads: 1}\n")
     out = tmp_path / "run"
