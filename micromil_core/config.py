@@ -13,6 +13,7 @@ Model params are validated against the model's own params dataclass by the model
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Iterable, Mapping
@@ -110,9 +111,8 @@ class DataConfig:
     # magnification folder names in index order (e.g. 40X,100X,200X,400X); () = found
     # per site, which is only safe when every site has every magnification.
     scales: tuple[str, ...] = ()
-    # The class names in index order (patients.csv labels); a label outside them is an
-    # error that names its row. () = the sites' own sorted labels, where a label that only
-    # one patient carries is refused as a likely typo. A data root's sites.yaml sets it.
+    # Class names in index order; a label outside them is an error naming its row. () = the
+    # sites' sorted labels (one carried by a single patient is refused as a likely typo).
     classes: tuple[str, ...] = ()
     # The federation's fine class names in index order (HMIL's fine_label column); () = the
     # sites' own sorted fine labels, which only a single-site run can rely on.
@@ -209,9 +209,13 @@ class SimulationConfig:
     train_sites: tuple[str, ...] = ()  # names in ROOT/sites.yaml; empty = its training sites
     holdout_sites: tuple[str, ...] = ()  # empty = its held-out sites
     cpus_per_site: float = 1.0  # Ray resources per simulated site
+    gpus_per_site: float = 0.0  # e.g. 0.25: four simulated sites share one GPU
+    # An existing Ray cluster ("127.0.0.1:6379"); "" = a private Ray on this machine.
+    ray_address: str = ""
 
     def __post_init__(self) -> None:
         _require(self.cpus_per_site > 0, "simulation.cpus_per_site", self.cpus_per_site, "> 0")
+        _require(self.gpus_per_site >= 0, "simulation.gpus_per_site", self.gpus_per_site, ">= 0")
 
 
 LOCAL_DP_MODES = ("none", "dp-sgd")
@@ -425,7 +429,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides to a nested dict (returns a new dict)."""
-    out = _deepcopy_dict(raw)
+    out = copy.deepcopy(dict(raw))  # the caller's dict stays as it was
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r} must look like section.key=value")
@@ -447,10 +451,6 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
             node = child
         node[keys[-1]] = value
     return out
-
-
-def _deepcopy_dict(d: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: _deepcopy_dict(v) if isinstance(v, Mapping) else v for k, v in d.items()}
 
 
 def build_section(name: str, cls: type, values: Any) -> Any:

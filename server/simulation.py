@@ -37,6 +37,21 @@ def _quiet_flower(out: Path) -> logging.Handler:
     return handler
 
 
+def ray_backend(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Flower's Ray backend settings: resources per simulated site, and the cluster to join
+    (``simulation.ray_address``) instead of a private Ray instance on this machine."""
+    sim = cfg.simulation
+    init_args: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR"}
+    if sim.ray_address:
+        # Every node of the cluster needs micromil-fl installed and the site folders at the
+        # same paths (a shared file system); the driver ships no code.
+        init_args["address"] = sim.ray_address
+    return {
+        "client_resources": {"num_cpus": sim.cpus_per_site, "num_gpus": sim.gpus_per_site},
+        "init_args": init_args,
+    }
+
+
 def preflight(cfg: ExperimentConfig, sites: list[SiteSettings]) -> None:
     """The server's pre-round-1 checks, run locally before the simulation engine starts
     (same functions, so a bad site fails in seconds instead of after Ray's start-up)."""
@@ -94,10 +109,7 @@ def simulate(
     server_app = build_server_app(lambda _ctx: settings, results, grid_tap)
     client_app = build_client_app(site_from_partition(sites))
     handler = _quiet_flower(out)
-    backend = {
-        "client_resources": {"num_cpus": cfg.simulation.cpus_per_site, "num_gpus": 0.0},
-        "init_args": {"log_to_driver": False, "logging_level": "ERROR"},
-    }
+    backend = ray_backend(cfg)
     log.info(
         "starting Flower's simulation engine with %d sites (start-up takes 10-60 s; "
         "Flower's own log: %s)", len(sites), out / "flower.log",
