@@ -237,6 +237,7 @@ class Coordinator:
             "expected-sites": run.expected_sites,
             "connect-timeout": float(run.wait_for_sites),
             "resume": resume,
+            "data-root": "",  # a deployment's sites are real hospitals, never a data root
         }
         if self.node_auth:
             values["site-nodes"] = json.dumps(self.site_nodes(), sort_keys=True)
