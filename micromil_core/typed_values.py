@@ -112,3 +112,10 @@ def coerce(label: str, typ: Any, value: Any) -> Any:
 def hints(cls: type) -> dict[str, Any]:
     """A dataclass's field types, resolved (its annotations may be strings)."""
     return typing.get_type_hints(cls)
+
+
+def require(ok: bool, key: str, value: Any, expected: str) -> None:
+    """A dataclass's own check (``__post_init__``): ``ConfigError`` naming key, value and
+    what is expected, in the same words as ``coerce``."""
+    if not ok:
+        raise _invalid(key, value, expected)
