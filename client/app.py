@@ -37,6 +37,7 @@ from micromil_core.federated.site_task import (
     redact,
     train_round,
 )
+from micromil_core.federated.transport import narrow
 from micromil_core.privacy.disclosure import effective_min_patients
 from micromil_core.privacy.node_config import from_node_config as privacy_from_node_config
 from micromil_core.runtime import resolve_device, set_threads
@@ -183,9 +184,8 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
             planned_rounds=settings.experiment.federation.rounds,
             min_patients=effective_min_patients(site.privacy, settings.experiment.privacy),
         )
-        content = RecordDict(
-            {wire.ARRAYS: ArrayRecord(new_state), wire.METRICS: MetricRecord(metrics)}
-        )
+        sent = narrow(new_state, settings.experiment.federation.transport)  # float16 halves it
+        content = RecordDict({wire.ARRAYS: ArrayRecord(sent), wire.METRICS: MetricRecord(metrics)})
         return Message(content, reply_to=msg)
 
     @app.evaluate()

@@ -179,6 +179,7 @@ STRATEGIES = (
 )
 SELECT_ROUND = ("last", "best-val")
 SCALER_MODES = ("auto", "global", "site")
+TRANSPORTS = ("float32", "float16")  # federation.transport (federated/transport.py)
 
 
 @dataclass(frozen=True)
@@ -207,9 +208,13 @@ class FederationConfig:
     # measured (benchmarks/results/privacy_public_init.md). It is read on the coordinator
     # only; its model, params and classes must match this experiment. Empty = no file.
     initial_model: str = ""
+    # "float16" halves what each site uploads per round (federated/transport.py); the
+    # global model always travels at full precision.
+    transport: str = "float32"
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 1, "federation.rounds", self.rounds, "an integer >= 1")
+        _require(self.transport in TRANSPORTS, "federation.transport", self.transport, f"one of {TRANSPORTS}")
         _require(
             self.local_epochs >= 1, "federation.local_epochs", self.local_epochs, ">= 1"
         )

@@ -198,6 +198,7 @@ def _set_up(
     checks = ReplyChecks(
         cfg.federation.max_update_ratio,
         {s.name: int(s.counts.get(wire.NUM_EXAMPLES, 0)) for s in sites},
+        cfg.federation.transport,
     )
     return _Federation(
         grid, cfg, out, sites, classes, spec, scaler, scaler_mode,

@@ -67,6 +67,14 @@ def check_privacy_fits(fed: FederationConfig, privacy: PrivacyConfig, n_train_si
             f"for noise_multiplier {central.noise_multiplier}: set it above "
             f"{central.noise_multiplier / 2:g} (e.g. {max(1.0, central.noise_multiplier):g})"
         )
+    if fed.transport != "float32" and (privacy.secure_aggregation or (central.enabled and central.clipping == "client")):
+        # SecAgg+ quantises what the site returns and client-side clipping measures it: both
+        # need the weights the site trained, not a float16 copy.
+        raise ConfigError(
+            f"federation.transport={fed.transport} cannot be combined with "
+            + ("privacy.secure_aggregation" if privacy.secure_aggregation else "privacy.central.clipping=client")
+            + "; use federation.transport=float32"
+        )
     if not privacy.secure_aggregation:
         return
     if fed.strategy not in SECURE_AGGREGATION_STRATEGIES:

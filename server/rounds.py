@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 
@@ -18,6 +18,7 @@ from micromil_core.federated import wire
 from micromil_core.federated.setup import (
     SiteInfo,
 )
+from micromil_core.federated.transport import widen
 from micromil_core.federated.validation import metrics_problem, update_problem
 from micromil_core.privacy.disclosure import withheld_names
 
@@ -133,6 +134,7 @@ class ReplyChecks:
 
     max_update_ratio: float  # federation.max_update_ratio; 0 = no bound on the update norm
     declared: dict[str, int]  # site name -> patients it declared before round 1
+    transport: str = "float32"  # federation.transport: float16 replies are widened first
 
     def train_problem(self, site: str, reply: Message, reference: dict[str, np.ndarray]) -> str | None:
         content = reply.content
@@ -142,6 +144,8 @@ class ReplyChecks:
             update = {k: v.numpy() for k, v in content.array_records[wire.ARRAYS].items()}
         except Exception as exc:  # bytes that do not decode as arrays
             return f"model arrays are unreadable ({type(exc).__name__})"
+        if self.transport == "float16":
+            update = widen(update, reference)
         return update_problem(reference, update, self.max_update_ratio) or metrics_problem(
             content.metric_records[wire.METRICS], wire.ALLOWED_TRAIN_METRICS, self.declared.get(site)
         )
@@ -225,6 +229,13 @@ def plain_train_step(
         answered, lambda site, r: checks.train_problem(site, r, reference), "training"
     )
     ok = [r for _, r in usable]
+    received = sum(payload_bytes(r.content) for r in ok)  # as they travelled
+    if checks.transport == "float16":  # the strategy averages at the global model's precision
+        for r in ok:
+            update = {k: v.numpy() for k, v in r.content.array_records[wire.ARRAYS].items()}
+            r.content.array_records[wire.ARRAYS] = ArrayRecord(
+                {k: Array(v) for k, v in widen(update, reference).items()}
+            )
     # The strategy's metric aggregate is not used: the round loop averages per site.
     new_arrays = strategy.aggregate_train(rnd, for_strategy(ok))[0] if len(ok) >= min_sites else None
     return TrainStep(
@@ -233,7 +244,7 @@ def plain_train_step(
         {name_of[m.metadata.dst_node_id] for m in messages},
         failures + refused,
         sent=sum(payload_bytes(m.content) for m in messages),
-        received=sum(payload_bytes(r.content) for r in ok),
+        received=received,
         rejected=rejected,
     )
 
