@@ -25,7 +25,7 @@ from micromil_core.training.fitting import (
 from micromil_core.training.loading import SiteBags, load_sites
 from micromil_core.training.mechanism import (
     Picks,
-    bag_picks,
+    prediction_picks,
     representative_diversity,
     representative_picks,
 )
@@ -178,12 +178,11 @@ def _predict_fold(model: Any, bags: list[Bag], device: torch.device) -> _FoldPre
         pred = model.predict_batch(collate_bags([bag]).to(device))
         extras = pred.extras or {}
         probs.append(pred.probs.float().cpu())
-        if picks is not None and pred.selected is not None:
-            q = extras.get("assignments")
-            owner = q[0, : bag.num_instances].argmax(-1).tolist() if q is not None else None
-            picks.append(bag_picks(pred.selected[0].tolist(), bag.num_instances, owner))
-        else:
+        bag_pick = prediction_picks(pred, bag.num_instances) if picks is not None else None
+        if bag_pick is None:
             picks = None
+        else:
+            picks.append(bag_pick)
         if has_fine and "fine_probs" in extras:
             fine.append(extras["fine_probs"].float().cpu())
         else:

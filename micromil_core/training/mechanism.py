@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from micromil_core.data.bag import Bag, collate_bags
+from micromil_core.models.base import Prediction
 
 # (distinct representatives, min(N, K)) of one bag, and where the cluster assignments are
 # known, (..., occupied clusters represented by their own member, occupied clusters)
@@ -54,13 +55,21 @@ def representative_picks(model: Any, bags: Sequence[Bag], device: torch.device) 
     model.eval()
     picks = []
     for bag in bags:
-        pred = model.predict_batch(collate_bags([bag]).to(device))
-        if pred.selected is None:
+        bag_pick = prediction_picks(model.predict_batch(collate_bags([bag]).to(device)), bag.num_instances)
+        if bag_pick is None:
             return None
-        q = (pred.extras or {}).get("assignments")
-        owner = q[0, : bag.num_instances].argmax(-1).tolist() if q is not None else None
-        picks.append(bag_picks(pred.selected[0].tolist(), bag.num_instances, owner))
+        picks.append(bag_pick)
     return picks
+
+
+def prediction_picks(pred: Prediction, n_instances: int) -> Picks | None:
+    """``bag_picks`` of a one-bag ``Prediction`` (its hard cluster per instance from the
+    soft assignments, where the model gives them); None when it selects no representatives."""
+    if pred.selected is None:
+        return None
+    q = (pred.extras or {}).get("assignments")
+    owner = q[0, :n_instances].argmax(-1).tolist() if q is not None else None
+    return bag_picks(pred.selected[0].tolist(), n_instances, owner)
 
 
 def representative_diversity(picks: Sequence[Picks]) -> dict[str, Any]:
