@@ -23,6 +23,7 @@ from micromil_core.config import ExperimentConfig
 from micromil_core.errors import ConfigError
 from micromil_core.federated.simulated_sites import experiment_from_run_config, resolve_sites
 from server.federation import FederationResult, run_federation
+from server.grid import PromptGrid
 
 log = logging.getLogger("micromil.server")
 
@@ -90,13 +91,15 @@ def build_server_app(
 ) -> ServerApp:
     """A ServerApp whose settings come from ``source``; results are appended to ``results``.
 
-    ``grid_tap`` wraps the Grid (e.g. to record every message for a privacy audit).
+    ``grid_tap`` wraps the Grid (e.g. to record every message for a privacy audit); it sees
+    :class:`server.grid.PromptGrid`'s view of Flower's.
     """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         s = source(context)
+        grid = PromptGrid(grid)  # replies noticed within 0.5 s, not Flower's 3 s
         if grid_tap is not None:
             grid = grid_tap(grid)
         result: FederationResult = run_federation(

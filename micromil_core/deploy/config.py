@@ -119,6 +119,7 @@ class SuperLinkClientConfig:
 # Flower 1.41's SuperLink refuses a node that reconnects within about 50 s of being killed
 # hard (two missed 30 s heartbeats), so the first retry after a refusal waits longer than that.
 REFUSAL_WINDOW_S = 50.0
+ISOLATION_MODES = ("process", "subprocess")
 
 
 @dataclass(frozen=True)
@@ -130,9 +131,19 @@ class SuperNodeSettings:
     retry_backoff: float = 60.0
     retry_backoff_max: float = 600.0
     max_activation_retries: int = 0  # refusals in a row before giving up; 0 = retry forever
+    # process: one long-lived ClientApp process (client.worker) takes every message, with
+    # imports and the site's bags kept warm; subprocess: Flower's default, a fresh process per
+    # message that runs the code of the coordinator's app.
+    isolation: str = "process"
 
     def __post_init__(self) -> None:
         _check_port("supernode.port", self.port)
+        if self.isolation not in ISOLATION_MODES:
+            raise ConfigError(
+                f"supernode.isolation={self.isolation!r} is invalid: expected one of "
+                f"{', '.join(ISOLATION_MODES)} (process: one warm ClientApp process for all "
+                "messages, the default; subprocess: Flower's fresh process per message)"
+            )
         if not self.retry_backoff > 0:
             raise ConfigError(
                 f"supernode.retry_backoff={self.retry_backoff} is invalid: expected seconds > 0 "

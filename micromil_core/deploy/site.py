@@ -8,6 +8,7 @@ import logging
 import os
 import queue
 import re
+import secrets
 import signal
 import socket
 import ssl
@@ -57,14 +58,21 @@ def node_config(cfg: SiteDeployConfig) -> str:
     return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
 
 
-def supernode_command(cfg: SiteDeployConfig, *, insecure: bool = False) -> list[str]:
+def supernode_command(cfg: SiteDeployConfig, *, insecure: bool = False,
+                      secret_file: Path | None = None) -> list[str]:
+    """``flower-supernode`` for this site; with ``supernode.isolation: process`` it leaves
+    running the ClientApp to :func:`worker_command`, which signs its task requests with the
+    secret in ``secret_file``."""
     sl = cfg.superlink
     cmd = [
         program("flower-supernode"),
         "--superlink", sl.address,
         "--port", str(cfg.supernode.port),
         "--node-config", node_config(cfg),
+        "--isolation", cfg.supernode.isolation,
     ]
+    if secret_file is not None:
+        cmd += ["--superexec-auth-secret-file", str(secret_file)]
     if insecure:
         return [*cmd, "--insecure"]
     files = {"superlink.ca_cert": cfg.path(sl.ca_cert)}
@@ -83,12 +91,36 @@ def supernode_env(cfg: SiteDeployConfig) -> dict[str, str]:
     return flower_env(home)
 
 
+def worker_command(cfg: SiteDeployConfig, secret: Path) -> list[str]:
+    """The long-lived ClientApp process (``client.worker``) beside a ``process``-isolated
+    SuperNode: it takes every message from the SuperNode's local Runtime API."""
+    return [sys.executable, "-m", "client.worker",
+            "--runtime-api-address", f"127.0.0.1:{cfg.supernode.port}",
+            "--superexec-auth-secret-file", str(secret), "--parent-pid", str(os.getpid())]
+
+
+def worker_secret(cfg: SiteDeployConfig) -> Path:
+    """A fresh random secret, readable by this user only, shared by the SuperNode and its
+    worker: without it no other local process can take this site's tasks (and the model)."""
+    path = cfg.path(cfg.supernode.state_dir) / "worker.secret"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(secrets.token_bytes(32))
+    os.replace(tmp, path)
+    return path
+
+
 def run_supernode(cfg: SiteDeployConfig, *, insecure: bool = False) -> int:
-    """Run this site's SuperNode until it ends or this process is stopped; the exit code."""
+    """Run this site's SuperNode (and, with process isolation, its ClientApp worker) until
+    it ends or this process is stopped; the exit code."""
     key = cfg.path(cfg.superlink.private_key) if cfg.superlink.private_key and not insecure else None
     sn = cfg.supernode
+    secret = worker_secret(cfg) if sn.isolation == "process" else None
     return SuperNodeSupervisor(
-        supernode_command(cfg, insecure=insecure), supernode_env(cfg),
+        supernode_command(cfg, insecure=insecure, secret_file=secret), supernode_env(cfg),
+        worker_cmd=worker_command(cfg, secret) if secret else None,
         site=cfg.site.name, address=cfg.superlink.address, insecure=insecure,
         ca_cert=None if insecure else cfg.path(cfg.superlink.ca_cert), private_key=key,
         retry_backoff=sn.retry_backoff, retry_backoff_max=sn.retry_backoff_max,
@@ -105,6 +137,8 @@ UNTRUSTED_COORDINATOR = ("CERTIFICATE_VERIFY_FAILED",)
 CONNECT_RETRY = "Connection attempt failed"  # Flower retries this forever and never says why
 ACTIVATED = "SuperNode ID:"  # logged once the SuperLink has accepted the node
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+WORKER_RESTART_S = 5.0  # first wait before a crashed ClientApp worker starts again (doubling)
 
 STOPPED = "stopped"
 REFUSED = "refused"
@@ -138,6 +172,7 @@ class SuperNodeSupervisor:
         stop_grace: float = 20.0,
         probe: Callable[[str], bool | None] | None = None,
         out: TextIO | None = None,
+        worker_cmd: Sequence[str] | None = None,
     ) -> None:
         self.cmd, self.env = list(cmd), env
         self.site, self.address, self.insecure = site, address, insecure
@@ -149,7 +184,11 @@ class SuperNodeSupervisor:
         self.out = out
         self.probe_interval = 10.0  # s between TLS probes while Flower keeps retrying
         self._stop = threading.Event()
+        self.worker_cmd = list(worker_cmd) if worker_cmd else None
         self._child: subprocess.Popen | None = None
+        self._worker: subprocess.Popen | None = None
+        self._open_streams = 0
+        self._worker_restarts = 0
 
     # ------------------------------------------------------------ the loop
     def run(self) -> int:
@@ -209,78 +248,115 @@ class SuperNodeSupervisor:
 
     def _run_once(self) -> tuple[str, int, bool]:
         """One child from start to exit: (outcome, exit code, whether it was admitted)."""
-        out = self.out or sys.stdout
-        child = subprocess.Popen(
-            self.cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-        self._child = child
-        if self._stop.is_set():  # a signal that came while the child was being started
-            _signal_group(child, signal.SIGTERM)
         lines: queue.Queue[bytes | None] = queue.Queue()
-        reader = threading.Thread(target=_read_lines, args=(child.stdout, lines), daemon=True)
-        reader.start()
-
-        seen = {REFUSED: False, "registration": False, "plain": False, "untrusted": False}
-        activated, mismatch, warned_down = False, False, False
-        last_probe = -float("inf")
+        child = self._spawn(self.cmd, lines)
+        self._child = child
+        self._open_streams = 1
+        worker_due = time.monotonic() if self.worker_cmd else None
+        self._worker_restarts = 0
+        seen = {REFUSED: False, "registration": False, "plain": False, "untrusted": False,
+                "activated": False, "mismatch": False, "warned_down": False, "last_probe": -float("inf")}
         exited_at = stop_at = None
-        while True:
+        while self._open_streams:
             try:
                 raw = lines.get(timeout=0.2)
             except queue.Empty:
                 raw = b""
             if raw is None:
-                break
-            if raw:
-                text = raw.decode(errors="replace")
-                out.write(text if text.endswith("\n") else text + "\n")
-                out.flush()
-                plain = _ANSI.sub("", text)
-                seen[REFUSED] |= any(m in plain for m in ACTIVATION_REFUSED)
-                seen["registration"] |= any(m in plain for m in REGISTRATION_REQUIRED)
-                seen["plain"] |= any(m in plain for m in PLAIN_COORDINATOR)
-                seen["untrusted"] |= any(m in plain for m in UNTRUSTED_COORDINATOR)
-                activated |= ACTIVATED in plain
-                if (CONNECT_RETRY in plain and not mismatch
-                        and time.monotonic() - last_probe > self.probe_interval):
-                    # Flower says only that it will retry; find out why.
-                    last_probe = time.monotonic()
-                    answer = self.probe(self.address) if self.insecure else _reachable(self.address)
-                    if answer is None and not warned_down:
-                        warned_down = True
-                        log.warning(
-                            "nothing answers at %s yet (the coordinator is down, or the address "
-                            "or a firewall is wrong); the SuperNode keeps retrying", self.address,
-                        )
-                    elif self.insecure and answer:
-                        mismatch = True
-                        _signal_group(child, signal.SIGTERM)
-                        stop_at = time.monotonic()
+                self._open_streams -= 1
+                continue
+            if raw and self._observe(raw, seen):  # an insecure site found a TLS coordinator
+                self._signal_children(signal.SIGTERM)
+                stop_at = time.monotonic()
             now = time.monotonic()
             if self._stop.is_set() and stop_at is None:
                 stop_at = now
             if stop_at is not None and now - stop_at > self.stop_grace:
-                _signal_group(child, signal.SIGKILL)
+                self._signal_children(signal.SIGKILL)
             if child.poll() is not None:
-                # The SuperNode is gone, but a SuperExec or ClientApp it started may still
-                # hold the pipe open: give them a moment, then end its process group.
+                # The SuperNode is gone, but a process it (or we) started may still hold a
+                # pipe open: give them a moment, then end their process groups.
                 exited_at = exited_at or now
                 if now - exited_at > 2.0:
-                    _signal_group(child, signal.SIGTERM if now - exited_at < 5.0 else signal.SIGKILL)
+                    self._signal_children(signal.SIGTERM if now - exited_at < 5.0 else signal.SIGKILL)
                 if now - exited_at > 6.0:
                     break
+            elif stop_at is None:
+                worker_due = self._keep_worker(lines, worker_due, now)
         code = child.wait()
-        _signal_group(child, signal.SIGKILL)  # nothing of this attempt outlives it
-        self._child = None
+        self._signal_children(signal.SIGKILL)  # nothing of this attempt outlives it
+        self._child = self._worker = None
         if self._stop.is_set():
-            return STOPPED, code, activated
-        if mismatch:
-            return INSECURE_VS_TLS, code, activated
+            return STOPPED, code, seen["activated"]
+        if seen["mismatch"]:
+            return INSECURE_VS_TLS, code, seen["activated"]
         if seen[REFUSED] and code != 0:
-            return REFUSED, code, activated
+            return REFUSED, code, seen["activated"]
         self._explain_exit(seen, code)
-        return EXITED, code, activated
+        return EXITED, code, seen["activated"]
+
+    def _spawn(self, cmd: Sequence[str], lines: queue.Queue) -> subprocess.Popen:
+        """Start ``cmd`` in its own process group, its output read line by line into ``lines``
+        (so that a terminal's Ctrl-C reaches it once, through us)."""
+        proc = subprocess.Popen(
+            cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        if self._stop.is_set():  # a signal that came while it was being started
+            _signal_group(proc, signal.SIGTERM)
+        threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
+        return proc
+
+    def _keep_worker(self, lines: queue.Queue, due: float | None, now: float) -> float | None:
+        """Start the ClientApp worker when due; when it has ended while the SuperNode runs,
+        say so and plan its restart (5 s, doubling per crash up to a minute)."""
+        if due is not None and now >= due:
+            self._worker = self._spawn(self.worker_cmd, lines)
+            self._open_streams += 1
+            return None
+        if due is None and self._worker is not None and self._worker.poll() is not None:
+            self._worker_restarts += 1
+            wait = min(WORKER_RESTART_S * 2 ** (self._worker_restarts - 1), 60.0)
+            log.error("the ClientApp worker ended (exit code %s); starting it again in %g s "
+                      "(its output above says why)", self._worker.returncode, wait)
+            self._worker = None
+            return now + wait
+        return due
+
+    def _observe(self, raw: bytes, seen: dict) -> bool:
+        """Pass one line of output through and note what it says; True when an insecure
+        site has just found out that the coordinator speaks TLS."""
+        out = self.out or sys.stdout
+        text = raw.decode(errors="replace")
+        out.write(text if text.endswith("\n") else text + "\n")
+        out.flush()
+        plain = _ANSI.sub("", text)
+        seen[REFUSED] |= any(m in plain for m in ACTIVATION_REFUSED)
+        seen["registration"] |= any(m in plain for m in REGISTRATION_REQUIRED)
+        seen["plain"] |= any(m in plain for m in PLAIN_COORDINATOR)
+        seen["untrusted"] |= any(m in plain for m in UNTRUSTED_COORDINATOR)
+        seen["activated"] |= ACTIVATED in plain
+        if (CONNECT_RETRY not in plain or seen["mismatch"]
+                or time.monotonic() - seen["last_probe"] <= self.probe_interval):
+            return False
+        # Flower says only that it will retry; find out why.
+        seen["last_probe"] = time.monotonic()
+        answer = self.probe(self.address) if self.insecure else _reachable(self.address)
+        if answer is None and not seen["warned_down"]:
+            seen["warned_down"] = True
+            log.warning(
+                "nothing answers at %s yet (the coordinator is down, or the address "
+                "or a firewall is wrong); the SuperNode keeps retrying", self.address,
+            )
+        elif self.insecure and answer:
+            seen["mismatch"] = True
+            return True
+        return False
+
+    def _signal_children(self, signum: int) -> None:
+        for proc in (self._child, self._worker):
+            if proc is not None:
+                _signal_group(proc, signum)
 
     def _explain_exit(self, seen: dict[str, bool], code: int) -> None:
         if code == 0:
@@ -307,8 +383,7 @@ class SuperNodeSupervisor:
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self._stop.set()
-        if self._child is not None:
-            _signal_group(self._child, signum)
+        self._signal_children(signum)
 
 
 def speaks_tls(address: str, timeout: float = 5.0) -> bool | None:

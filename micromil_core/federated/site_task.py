@@ -126,6 +126,12 @@ def load_runtime(
     return _RUNTIMES[key]
 
 
+def forget_runtimes() -> None:
+    """Drop the loaded bags: a long-lived ClientApp process calls this when a new run starts,
+    so each run reads the site's data as it is then."""
+    _RUNTIMES.clear()
+
+
 def redact(text: str, patient_ids: list[str]) -> str:
     """Replace every patient id in ``text`` by ``<patient>`` (longest ids first)."""
     for pid in sorted(patient_ids, key=len, reverse=True):

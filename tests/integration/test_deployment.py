@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -145,17 +146,17 @@ class Federation:
 
 
 def _process_groups(site: subprocess.Popen) -> set[int]:
-    """A hospital's process groups: flower-client's own and that of the SuperNode it runs
-    (with the SuperExec and ClientApps under it)."""
+    """A hospital's process groups: flower-client's own, that of the SuperNode it runs and
+    that of its ClientApp worker (client.worker)."""
     groups = {site.pid}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[1]) == site.pid:  # a child of flower-client: the SuperNode
+        if int(fields[1]) == site.pid:  # a child of flower-client
             groups.add(int(fields[2]))
-    assert len(groups) == 2, "flower-client should have started its SuperNode by now"
+    assert len(groups) == 3, "flower-client should have started its SuperNode and worker by now"
     return groups
 
 
@@ -170,10 +171,10 @@ def _kill_mid_training(fed: Federation, site: str) -> None:
     """SIGKILL hospital ``site`` as a power cut would, while its first training message is in
     flight: after its SuperNode pulled it, before the reply left.
 
-    The ClientApp is a fresh process per message (Python, torch, the app) and only then
-    trains, so the reply comes seconds after the message arrives; the site is frozen
-    (SIGSTOP) the moment the arrival shows in its log, and killed once its log is seen
-    not to have sent the reply. The round's history then shows the reply never arrived.
+    The SuperNode logs the arrival before it has fetched the message's content, and checks
+    for the ClientApp's reply only every 0.5 s after that; the site is frozen (SIGSTOP) the
+    moment the arrival shows in its log, and killed once its log is seen not to have sent
+    the reply. The round's history then shows the reply never arrived.
     """
     fed.wait_for(lambda: TRAIN_RECEIVED in fed.site_output(site), 240,
                  f"{site} to receive its round-1 training message", poll=0.05)
@@ -231,6 +232,15 @@ def test_tls_node_auth_federation_two_rounds_and_refusals(setup):
         assert all(h["failures"] == [] for h in history)
         ckpt = load_checkpoint(fed.out / "model.pt")
         assert ckpt.model_name == "abmil" and ckpt.provenance["trained_on"] == ["site-0", "site-1", "site-2"]
+        # Each hospital handled every message in its one warm ClientApp process (client.worker):
+        # Flower started no per-message flwr-clientapp process there.
+        for site in SITES:
+            said = fed.site_output(site)
+            handled = re.findall(r"micromil\.worker: (\w+) message of run \d+ handled", said)
+            rounds = ["train", "evaluate"] if site != "site-3" else ["evaluate"]
+            assert handled == ["query", *rounds, *rounds], (site, handled)
+            assert said.count("ClientApp worker ready") == 1
+            assert "flwr-clientapp" not in said
 
         status = json.loads(fed.server("status", "--json").stdout)
         assert status["run"]["status"] == "finished:completed"

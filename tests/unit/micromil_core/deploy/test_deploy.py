@@ -15,7 +15,13 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from micromil_core.deploy.config import load_coordinator_config, load_site_config
 from micromil_core.deploy.coordinator import Coordinator, superlink_security
 from micromil_core.deploy.pki import certificate_names, make_site_key, provision, read_public_key
-from micromil_core.deploy.site import check_site_data, node_config, supernode_command
+from micromil_core.deploy.site import (
+    check_site_data,
+    node_config,
+    supernode_command,
+    worker_command,
+    worker_secret,
+)
 from micromil_core.errors import ConfigError, SiteDataError
 from server.cli import main as flower_server
 from tests.conftest import write_site
@@ -205,6 +211,32 @@ def test_site_config_and_supernode_command(tmp_path, pki):
         f'state-dir="{tmp_path / "state"}"'
     )
     assert "--insecure" in supernode_command(cfg, insecure=True)
+
+
+def test_process_isolation_runs_a_worker_that_shares_a_private_secret(tmp_path, pki):
+    cfg = load_site_config(_site_yaml(tmp_path, pki))
+    assert cfg.supernode.isolation == "process"  # the default: one warm ClientApp process
+    secret = worker_secret(cfg)
+    assert secret.parent == tmp_path / "state" and secret.stat().st_mode & 0o777 == 0o600
+    first = secret.read_bytes()
+    assert len(first) == 32 and worker_secret(cfg).read_bytes() != first  # fresh per start
+    cmd = supernode_command(cfg, secret_file=secret)
+    assert cmd[cmd.index("--isolation") + 1] == "process"
+    assert cmd[cmd.index("--superexec-auth-secret-file") + 1] == str(secret)
+    worker = worker_command(cfg, secret)
+    assert worker[1:3] == ["-m", "client.worker"]
+    assert worker[worker.index("--runtime-api-address") + 1] == f"127.0.0.1:{cfg.supernode.port}"
+    assert worker[worker.index("--superexec-auth-secret-file") + 1] == str(secret)
+
+    raw = yaml.safe_load((tmp_path / "site.yaml").read_text())
+    raw["supernode"] = {"isolation": "subprocess"}
+    (tmp_path / "site.yaml").write_text(yaml.safe_dump(raw))
+    cmd = supernode_command(load_site_config(tmp_path / "site.yaml"))
+    assert cmd[cmd.index("--isolation") + 1] == "subprocess" and "--superexec-auth-secret-file" not in cmd
+    raw["supernode"] = {"isolation": "thread"}
+    (tmp_path / "site.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="supernode.isolation='thread' is invalid: expected one of process, subprocess"):
+        load_site_config(tmp_path / "site.yaml")
 
 
 def test_site_config_errors(tmp_path, pki):

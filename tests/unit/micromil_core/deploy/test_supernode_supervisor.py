@@ -222,3 +222,66 @@ def test_speaks_tls_tells_tls_from_plain_from_nothing(tmp_path):
     with socket.create_server(("127.0.0.1", 0)) as s:
         closed = f"127.0.0.1:{s.getsockname()[1]}"
     assert speaks_tls(closed, timeout=2) is None
+
+
+def _worker(tmp_path: Path, crashes: int) -> list[str]:
+    """A fake ClientApp worker: its first ``crashes`` starts exit 9 at once, the next one
+    says it is ready and waits for a signal."""
+    script = tmp_path / "fake_worker.py"
+    script.write_text(textwrap.dedent(f"""
+        import signal, sys, time
+        from pathlib import Path
+        counter = Path({str(tmp_path / "worker_starts")!r})
+        n = int(counter.read_text()) if counter.exists() else 0
+        counter.write_text(str(n + 1))
+        if n < {crashes}:
+            print("fake worker crashed", flush=True)
+            sys.exit(9)
+        signal.signal(signal.SIGTERM, lambda s, f: (print("fake worker got signal", s, flush=True), sys.exit(0)))
+        print("fake worker ready", flush=True)
+        Path({str(tmp_path / "ready")!r}).write_text("")
+        time.sleep(60)
+    """))
+    return [sys.executable, str(script)]
+
+
+def test_worker_runs_beside_the_supernode_is_restarted_after_a_crash_and_stopped_with_it(
+        tmp_path, caplog, monkeypatch):
+    # The SuperNode waits; the worker crashes once, comes back, and SIGTERM stops both.
+    supernode = _child(tmp_path, [(ADMITTED, 0)], then_wait=True)
+    (tmp_path / "ready").parent.mkdir(exist_ok=True)
+    sup, out = _supervisor(supernode, tmp_path, worker_cmd=_worker(tmp_path, crashes=1))
+    monkeypatch.setattr("micromil_core.deploy.site.WORKER_RESTART_S", 0.2)
+    marker = tmp_path / "ready"
+
+    def stop_when_worker_ready():
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if marker.exists() and "fake worker ready" in out.getvalue():
+                break
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop_when_worker_ready, daemon=True).start()
+    with caplog.at_level(logging.ERROR):
+        assert sup.run() == 0
+    said = out.getvalue()
+    assert int((tmp_path / "worker_starts").read_text()) == 2
+    assert "fake worker crashed" in said and "fake worker ready" in said
+    assert f"fake worker got signal {int(signal.SIGTERM)}" in said
+    assert f"fake supernode got signal {int(signal.SIGTERM)}" in said
+    assert [r.getMessage() for r in caplog.records] == [
+        "the ClientApp worker ended (exit code 9); starting it again in 0.2 s (its output above says why)"
+    ]
+
+
+def test_worker_is_ended_when_the_supernode_exits(tmp_path):
+    supernode = [sys.executable, "-c", "import time; print('bye', flush=True); time.sleep(2); raise SystemExit(4)"]
+    sup, out = _supervisor(supernode, tmp_path, worker_cmd=_worker(tmp_path, crashes=0))
+    start = time.monotonic()
+    assert sup.run() == 4  # the SuperNode's exit code
+    assert time.monotonic() - start < 20
+    assert "fake worker ready" in out.getvalue()
+    worker_pid_alive = [p for p in Path("/proc").glob("[0-9]*/cmdline")
+                        if "fake_worker.py" in p.read_bytes().decode(errors="replace")]
+    assert worker_pid_alive == []
