@@ -135,9 +135,17 @@ class SuperNodeSettings:
     # imports and the site's bags kept warm; subprocess: Flower's default, a fresh process per
     # message that runs the code of the coordinator's app.
     isolation: str = "process"
+    # Seconds between the SuperNode's checks for a new message (Flower's own: 3, which every
+    # exchange of a round then waits); 0 runs Flower's flower-supernode unchanged.
+    pull_interval: float = 0.5
 
     def __post_init__(self) -> None:
         _check_port("supernode.port", self.port)
+        if not 0 <= self.pull_interval <= 3:
+            raise ConfigError(
+                f"supernode.pull_interval={self.pull_interval} is invalid: expected seconds in "
+                "[0, 3] (default 0.5; 0 = Flower's own 3 s)"
+            )
         if self.isolation not in ISOLATION_MODES:
             raise ConfigError(
                 f"supernode.isolation={self.isolation!r} is invalid: expected one of "

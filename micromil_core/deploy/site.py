@@ -64,12 +64,16 @@ def supernode_command(cfg: SiteDeployConfig, *, insecure: bool = False,
     running the ClientApp to :func:`worker_command`, which signs its task requests with the
     secret in ``secret_file``."""
     sl = cfg.superlink
+    sn = cfg.supernode
+    # client.supernode: Flower's SuperNode, checking for messages every pull_interval s.
+    start = ([sys.executable, "-m", "client.supernode", "--pull-interval", str(sn.pull_interval)]
+             if sn.pull_interval else [program("flower-supernode")])
     cmd = [
-        program("flower-supernode"),
+        *start,
         "--superlink", sl.address,
-        "--port", str(cfg.supernode.port),
+        "--port", str(sn.port),
         "--node-config", node_config(cfg),
-        "--isolation", cfg.supernode.isolation,
+        "--isolation", sn.isolation,
     ]
     if secret_file is not None:
         cmd += ["--superexec-auth-secret-file", str(secret_file)]

@@ -221,6 +221,7 @@ def test_process_isolation_runs_a_worker_that_shares_a_private_secret(tmp_path, 
     first = secret.read_bytes()
     assert len(first) == 32 and worker_secret(cfg).read_bytes() != first  # fresh per start
     cmd = supernode_command(cfg, secret_file=secret)
+    assert cmd[1:5] == ["-m", "client.supernode", "--pull-interval", "0.5"]  # Flower's, polling sooner
     assert cmd[cmd.index("--isolation") + 1] == "process"
     assert cmd[cmd.index("--superexec-auth-secret-file") + 1] == str(secret)
     worker = worker_command(cfg, secret)
@@ -229,10 +230,15 @@ def test_process_isolation_runs_a_worker_that_shares_a_private_secret(tmp_path, 
     assert worker[worker.index("--superexec-auth-secret-file") + 1] == str(secret)
 
     raw = yaml.safe_load((tmp_path / "site.yaml").read_text())
-    raw["supernode"] = {"isolation": "subprocess"}
+    raw["supernode"] = {"isolation": "subprocess", "pull_interval": 0}
     (tmp_path / "site.yaml").write_text(yaml.safe_dump(raw))
     cmd = supernode_command(load_site_config(tmp_path / "site.yaml"))
     assert cmd[cmd.index("--isolation") + 1] == "subprocess" and "--superexec-auth-secret-file" not in cmd
+    assert Path(cmd[0]).name == "flower-supernode"  # pull_interval 0: Flower's program as shipped
+    raw["supernode"] = {"pull_interval": 5}
+    (tmp_path / "site.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"supernode.pull_interval=5.0 is invalid: expected seconds in \[0, 3\]"):
+        load_site_config(tmp_path / "site.yaml")
     raw["supernode"] = {"isolation": "thread"}
     (tmp_path / "site.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="supernode.isolation='thread' is invalid: expected one of process, subprocess"):
