@@ -5,8 +5,9 @@ Flower 1.41's SuperNode, when it has no message, waits 3 s before asking the Sup
 after a hospital replies it asks once, finds nothing (the coordinator still waits for the
 other hospitals), and sleeps those 3 s: every exchange of a round, train and evaluate,
 waits about 3 s with nothing to do. This runs Flower's own SuperNode with every wait of
-that loop capped at ``--pull-interval`` seconds (``supernode.pull_interval``, default 0.5);
-TLS, node authentication, the Runtime API and the rest are Flower's code, unchanged.
+that loop capped at ``--pull-interval`` seconds (``supernode.pull_interval``, default 0.5),
+and a message's objects that are not at the SuperLink yet retried after 50 ms instead of
+1 s; TLS, node authentication, the Runtime API and the rest are Flower's code, unchanged.
 An idle hospital then asks the SuperLink 1/pull_interval times a second (Flower: 1/3).
 
     python -m client.supernode --pull-interval 0.5 [flower-supernode options]
@@ -17,22 +18,10 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+
+from client.flower_waits import CappedWaits, retry_objects_sooner
 
 PULL_INTERVAL_OPTION = "--pull-interval"
-
-
-class CappedWaits:
-    """The ``time`` module as one Flower module sees it, with ``sleep`` capped."""
-
-    def __init__(self, cap: float) -> None:
-        self.cap = cap
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.cap))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
 
 
 def cap_supernode_waits(cap: float) -> None:
@@ -46,6 +35,7 @@ def cap_supernode_waits(cap: float) -> None:
             "supernode.pull_interval: 0 to run Flower's flower-supernode unchanged"
         )
     start_client_internal.time = CappedWaits(cap)
+    retry_objects_sooner(start_client_internal, "pull_objects")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -42,10 +42,12 @@ from flwr.supercore.interceptors import (
 )
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime import run_clientapp
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 import client as client_package
 from client.app import app
+from client.flower_waits import retry_objects_sooner
 from micromil_core.federated.site_task import forget_runtimes
 
 log = logging.getLogger("micromil.worker")
@@ -122,16 +124,16 @@ def run_task(runtime_api_address: str, token: str, check_fab: FabCheck,
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(runtime))
     message = reply = context = None
     status, details = SubStatus.FAILED, "ClientApp task failed"
+    times = [time.perf_counter()]
     try:
         heartbeat.start()
         message, context, run, fab = pull_task_input(runtime)
         on_new_run(run.run_id)
         check_fab(fab.hash_str, fab.content)
-        started = time.perf_counter()
+        times.append(time.perf_counter())
         reply = app(message=message, context=context)
+        times.append(time.perf_counter())
         status, details = SubStatus.COMPLETED, ""
-        log.info("%s message of run %s handled in %.2f s", message.metadata.message_type,
-                 run.run_id, time.perf_counter() - started)
     except Exception as exc:  # the reply carries the (already redacted) reason
         log.error("ClientApp task failed: %s", exc, exc_info=not isinstance(exc, CodeMismatch))
         details = f"{type(exc).__name__}: {exc}"
@@ -142,6 +144,10 @@ def run_task(runtime_api_address: str, token: str, check_fab: FabCheck,
         try:
             if reply is not None and context is not None:
                 push_message(runtime, reply, context)
+                if status == SubStatus.COMPLETED:
+                    log.info("%s message of run %s handled in %.2f s (fetched in %.2f s, reply "
+                             "handed over in %.2f s)", message.metadata.message_type, run.run_id,
+                             times[2] - times[1], times[1] - times[0], time.perf_counter() - times[2])
         finally:
             retry.max_tries = 1  # as flwr-clientapp: do not block on a gone SuperNode
             push_task_output(runtime, context, status, details)
@@ -176,6 +182,9 @@ class Worker:
             self._run_id = run_id
 
     def serve(self, stop: Callable[[], bool] = lambda: False) -> None:
+        # A task is handed out before the SuperNode has all of its message: fetch it as
+        # soon as it is there, not up to seconds later.
+        retry_objects_sooner(run_clientapp, "pull_and_inflate_object_from_tree")
         acquirer = self._acquirer()
         request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
         try:

@@ -4,7 +4,9 @@ Flower 1.41's deployed Grid checks for replies every 3 s (``send_and_receive`` i
 flwr/superlink/grid/http_grid.py), so every exchange of a round waits up to 3 s after the
 last site has answered, and a round is train + evaluate exchanges. This view pushes and
 pulls through the same public Grid calls, checking after 50 ms and backing off to 0.5 s:
-a long training round costs a pull every half second, a short one no idle seconds.
+a long training round costs a pull every half second, a short one no idle seconds. A
+reply's objects that are not at the SuperLink yet are retried after 50 ms, not 1 s
+(client.flower_waits).
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from typing import Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
+from flwr.superlink.grid import http_grid
+
+from client.flower_waits import retry_objects_sooner
 
 FIRST_PULL_S = 0.05
 LONGEST_WAIT_S = 0.5
@@ -25,6 +30,7 @@ class PromptGrid:
 
     def __init__(self, grid: Grid, first: float = FIRST_PULL_S, longest: float = LONGEST_WAIT_S) -> None:
         self._grid, self.first, self.longest = grid, first, longest
+        retry_objects_sooner(http_grid, "pull_objects")  # the deployed Grid's reply fetch
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         """As Flower's: push, then pull until every message is answered or ``timeout`` s
