@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.central_dp import central_clipping_mod
+from client.packing import packing_mod
 from client.secure_aggregation import secure_aggregation_mod
 from micromil_core.errors import ConfigError
 from micromil_core.federated import wire
@@ -138,7 +139,7 @@ def _device(settings: RoundSettings) -> torch.device:
 
 
 def build_client_app(resolve: SiteResolver) -> ClientApp:
-    app = ClientApp()
+    app = ClientApp(mods=[packing_mod])  # outermost: everything inside sees arrays by name
     private = _private_errors(resolve)
 
     @app.query()

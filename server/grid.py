@@ -6,7 +6,9 @@ last site has answered, and a round is train + evaluate exchanges. This view pus
 pulls through the same public Grid calls, checking after 50 ms and backing off to 0.5 s:
 a long training round costs a pull every half second, a short one no idle seconds. A
 reply's objects that are not at the SuperLink yet are retried after 50 ms, not 1 s
-(client.flower_waits).
+(client.flower_waits). On a deployed Grid the model's arrays travel packed (one array per
+dtype, micromil_core.federated.transport): a message is then a handful of objects instead
+of two per array. Callers, and a ``grid_tap`` around this view, see the arrays unpacked.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import Message
+from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp import Grid
 from flwr.superlink.grid import http_grid
 
 from client.flower_waits import retry_objects_sooner
+from micromil_core.federated import wire
+from micromil_core.federated.transport import is_packed, pack_arrays, unpack_arrays
 
 FIRST_PULL_S = 0.05
 LONGEST_WAIT_S = 0.5
@@ -28,19 +32,22 @@ LONGEST_WAIT_S = 0.5
 class PromptGrid:
     """``grid`` with a ``send_and_receive`` that notices replies within half a second."""
 
-    def __init__(self, grid: Grid, first: float = FIRST_PULL_S, longest: float = LONGEST_WAIT_S) -> None:
+    def __init__(self, grid: Grid, first: float = FIRST_PULL_S, longest: float = LONGEST_WAIT_S,
+                 pack: bool | None = None) -> None:
         self._grid, self.first, self.longest = grid, first, longest
+        # Simulation passes messages in memory: nothing to gain from packing there.
+        self.pack = isinstance(grid, http_grid.HttpGrid) if pack is None else pack
         retry_objects_sooner(http_grid, "pull_objects")  # the deployed Grid's reply fetch
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         """As Flower's: push, then pull until every message is answered or ``timeout`` s
         (None: no limit) have passed; the replies that came."""
-        waiting = set(self._grid.push_messages(messages))
+        waiting = set(self._push(list(messages)))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         wait = self.first
         while waiting:
-            got = list(self._grid.pull_messages(waiting))
+            got = [_unpacked(m) for m in self._grid.pull_messages(waiting)]
             replies += got
             waiting -= {m.metadata.reply_to_message_id for m in got}
             left = None if deadline is None else deadline - time.monotonic()
@@ -50,5 +57,38 @@ class PromptGrid:
             wait = min(wait * 1.5, self.longest)
         return replies
 
+    def _push(self, messages: list[Message]) -> list[str]:
+        """Push with each model packed; the messages keep their unpacked arrays afterwards
+        (Flower has sent them by then) and the ids the SuperLink gave them."""
+        if not self.pack:
+            return list(self._grid.push_messages(messages))
+        swapped = []
+        for m in messages:
+            records = m.content.array_records if m.has_content() else {}
+            if wire.ARRAYS in records and not is_packed(list(records[wire.ARRAYS].keys())):
+                arrays = records[wire.ARRAYS]
+                packed = pack_arrays({k: v.numpy() for k, v in arrays.items()})
+                records[wire.ARRAYS] = ArrayRecord({k: Array(v) for k, v in packed.items()})
+                swapped.append((m, arrays))
+        try:
+            return list(self._grid.push_messages(messages))
+        finally:
+            for m, arrays in reversed(swapped):
+                m.content.array_records[wire.ARRAYS] = arrays
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
+
+
+def _unpacked(reply: Message) -> Message:
+    """``reply`` with a packed model unpacked in place; one that does not unpack is left
+    as it came, for the reply checks to refuse and name."""
+    if reply.has_content() and wire.ARRAYS in reply.content.array_records:
+        arrays = reply.content.array_records[wire.ARRAYS]
+        if is_packed(list(arrays.keys())):
+            try:
+                state = unpack_arrays({k: v.numpy() for k, v in arrays.items()})
+            except ValueError:
+                return reply
+            reply.content.array_records[wire.ARRAYS] = ArrayRecord({k: Array(v) for k, v in state.items()})
+    return reply

@@ -1,0 +1,31 @@
+"""Unpack a packed model on arrival and pack the reply's the same way (a ClientApp mod).
+
+A deployed coordinator sends the model's arrays packed, one flat array per dtype (see
+micromil_core.federated.transport: Flower moves each array as separate objects, one HTTP
+request each). Attached to the whole ClientApp, this mod is outermost: the handlers and the
+privacy mods (SecAgg+, client-side clipping) see the arrays by name, as in simulation. The
+reply is packed only when the request was, so an unpacking coordinator gets what it sent.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.clientapp.typing import ClientAppCallable
+
+from micromil_core.federated import wire
+from micromil_core.federated.transport import is_packed, pack_arrays, unpack_arrays
+
+
+def packing_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    records = msg.content.array_records if msg.has_content() else {}
+    arrays = records.get(wire.ARRAYS)
+    if arrays is None or not is_packed(list(arrays.keys())):
+        return call_next(msg, ctxt)
+    state = unpack_arrays({k: v.numpy() for k, v in arrays.items()})
+    records[wire.ARRAYS] = ArrayRecord({k: Array(v) for k, v in state.items()})
+    reply = call_next(msg, ctxt)
+    sent = reply.content.array_records.get(wire.ARRAYS) if reply.has_content() else None
+    if sent is not None and not is_packed(list(sent.keys())):
+        packed = pack_arrays({k: v.numpy() for k, v in sent.items()})
+        reply.content.array_records[wire.ARRAYS] = ArrayRecord({k: Array(v) for k, v in packed.items()})
+    return reply
