@@ -129,3 +129,13 @@ def demo_ucsb(tmp_path_factory) -> Path:
     assert main(["datasets", "prepare", "ucsb-breast", "--out", str(root), "--sites", "3",
                  "--holdout-sites", "1", "--partition", "dirichlet:0.5", "--seed", "2"]) == 0
     return root
+
+
+@pytest.fixture
+def in_a_task():
+    """Flower builds Messages only inside a run; pretend to be one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None

@@ -17,7 +17,6 @@ from flwr.serverapp.strategy import (
     FedAvg,
 )
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.central_dp import central_clipping_mod
 from client.secure_aggregation import from_fitins, secure_aggregation_mod, to_fitres
@@ -43,14 +42,6 @@ from server.strategies import build_strategy, load_strategy_state, save_strategy
 
 FIXED = CentralPrivacyConfig(mode="fixed-clipping", clipping_norm=1.0, noise_multiplier=1.0)
 ADAPTIVE = CentralPrivacyConfig(mode="adaptive-clipping", noise_multiplier=0.8, clipped_count_stddev=1.0)
-
-
-@pytest.fixture
-def in_a_task():
-    """Flower builds Messages only inside a run; pretend to be one."""
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None
 
 
 @pytest.mark.parametrize(

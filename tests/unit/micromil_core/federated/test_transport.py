@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from micromil_core.config import FederationConfig, PrivacyConfig, load_config
 from micromil_core.errors import ConfigError
 from micromil_core.federated import wire
-from micromil_core.federated.transport import narrow, widen
+from micromil_core.federated.transport import is_packed, narrow, pack_arrays, unpack_arrays, widen
 from server.rounds import ReplyChecks
 from server.strategies import build_strategy
 
@@ -70,3 +70,40 @@ def test_float16_transport_is_refused_where_the_site_must_send_its_own_weights(p
 def test_unknown_transport_is_a_config_error():
     with pytest.raises(ConfigError, match="federation.transport='bfloat8' is invalid"):
         load_config(None, ["federation.transport=bfloat8"])
+
+
+def _model_arrays():
+    from micromil_core.models.registry import build_model
+
+    torch.manual_seed(1)
+    state = build_model("micromil", 32, 2).state_dict()
+    return {k: v.numpy() for k, v in state.items()}
+
+
+def test_packing_round_trips_every_array_exactly_with_its_dtype_and_order():
+    arrays = {**_model_arrays(), "steps": np.array(7, np.int64), "half": np.ones((3, 2), np.float16)}
+    packed = pack_arrays(arrays)
+    assert is_packed(packed) and sorted(packed) == ["packed/<f2", "packed/<f4", "packed/<i8", "packed/layout"]
+    back = unpack_arrays(packed)
+    assert list(back) == list(arrays)
+    for name, arr in arrays.items():
+        assert back[name].dtype == arr.dtype and back[name].shape == arr.shape
+        assert np.array_equal(back[name], arr)
+
+
+@pytest.mark.parametrize("spoil, reason", [
+    (lambda p: p.pop("packed/layout"), "without a readable layout"),
+    (lambda p: p.update({"packed/layout": np.frombuffer(b"[[1", np.uint8)}), "without a readable layout"),
+    (lambda p: p.update({"packed/<f4": p["packed/<f4"][:-1]}), "end before"),
+    (lambda p: p.update({"packed/<f4": np.concatenate([p["packed/<f4"], [1.0]]).astype(np.float32)}),
+     "do not match their layout"),
+    (lambda p: p.update({"packed/<f4": p["packed/<f4"].astype(np.float64)}), "lack the float32 values"),
+    (lambda p: p.update({"packed/<u1": np.zeros(3, np.uint8)}), "do not match their layout"),
+    (lambda p: p.update({"packed/layout": np.frombuffer(b'[["w", "<f4", [-1]]]', np.uint8)}),
+     "negative dimension"),
+])
+def test_a_spoilt_packing_is_an_error_that_says_what_is_wrong(spoil, reason):
+    packed = pack_arrays(_model_arrays())
+    spoil(packed)
+    with pytest.raises(ValueError, match=reason):
+        unpack_arrays(packed)
