@@ -39,6 +39,7 @@ from micromil_core.federated.site_task import (
     train_round,
 )
 from micromil_core.federated.transport import narrow
+from micromil_core.models.registry import load_model_code
 from micromil_core.privacy.disclosure import effective_min_patients
 from micromil_core.privacy.node_config import from_node_config as privacy_from_node_config
 from micromil_core.runtime import resolve_device, set_threads
@@ -149,6 +150,9 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
         set_threads(settings.experiment.train.num_threads)  # the site's limit, for all its work
         site = resolve(context)
         description, counts = describe_site(site, settings.experiment.data)
+        if isinstance(counts.get("feature_dim"), int):  # round 1 then trains without importing
+            model = settings.experiment.model
+            load_model_code(model.name, counts["feature_dim"], len(description[wire.SITE_CLASSES]), model.params)
         content = RecordDict({wire.SITE: ConfigRecord(description)})
         # A DP site does not release exact feature statistics: DP-SGD does not cover them.
         if site.role == "train" and counts.get("num_errors", 0) == 0 and not site.privacy.enabled:

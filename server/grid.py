@@ -13,6 +13,7 @@ of two per array. Callers, and a ``grid_tap`` around this view, see the arrays u
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -24,6 +25,8 @@ from flwr.superlink.grid import http_grid
 from client.flower_waits import retry_objects_sooner
 from micromil_core.federated import wire
 from micromil_core.federated.transport import is_packed, pack_arrays, unpack_arrays
+
+log = logging.getLogger("micromil.server")
 
 FIRST_PULL_S = 0.05
 LONGEST_WAIT_S = 0.5
@@ -88,7 +91,8 @@ def _unpacked(reply: Message) -> Message:
         if is_packed(list(arrays.keys())):
             try:
                 state = unpack_arrays({k: v.numpy() for k, v in arrays.items()})
-            except ValueError:
+            except ValueError as exc:  # the checks then name the model arrays it lacks
+                log.warning("reply from node %s: %s", reply.metadata.src_node_id, exc)
                 return reply
             reply.content.array_records[wire.ARRAYS] = ArrayRecord({k: Array(v) for k, v in state.items()})
     return reply

@@ -118,6 +118,16 @@ def params_from_dict(name: str, values: Mapping[str, Any] | None = None) -> Any:
     return entry.params_cls(**kwargs)
 
 
+def load_model_code(name: str, in_dim: int, n_classes: int, params: Mapping[str, Any] | None = None) -> None:
+    """Build model ``name`` once and drop it, so that what its layers import lazily (MicroMIL's
+    PyG graph layer: seconds) is imported now, not in the first round that trains it. The
+    global random state is left as it was."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        build_model(name, in_dim, max(n_classes, 2), params)
+
+
 def build_model(
     name: str, in_dim: int, n_classes: int, params: Mapping[str, Any] | None = None
 ) -> MILModel:

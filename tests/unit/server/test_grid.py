@@ -103,7 +103,7 @@ def test_simulated_grid_sends_arrays_as_they_are():
     assert sorted(fake.pushed[0]) == ["b", "n", "w"]  # not an HttpGrid: no packing
 
 
-def test_a_reply_that_does_not_unpack_is_left_for_the_checks():
+def test_a_reply_that_does_not_unpack_is_left_for_the_checks(caplog):
     def garbage(content):
         packed = pack_arrays(_model())
         packed["packed/<f4"] = packed["packed/<f4"][:2]
@@ -112,6 +112,7 @@ def test_a_reply_that_does_not_unpack_is_left_for_the_checks():
     grid = PromptGrid(FakeGrid(garbage, delay_pulls=0), pack=True)
     (reply, _) = grid.send_and_receive(_messages(_model()), timeout=10)
     assert is_packed(list(reply.content.array_records[wire.ARRAYS].keys()))
+    assert "reply from node 0: packed arrays end before 'w'" in caplog.text
 
 
 def test_timeout_returns_what_came():

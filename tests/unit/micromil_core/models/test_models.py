@@ -441,3 +441,23 @@ def test_micromil_att_init_is_validated() -> None:
 
 def test_micromil_is_registered_class() -> None:
     assert isinstance(make_model("micromil", SMALL_MICROMIL), MicroMIL)
+
+
+def test_load_model_code_imports_the_lazy_layers_and_keeps_the_random_state():
+    # In a fresh process: what MicroMIL imports lazily (PyG) is loaded, and the global RNG
+    # is where it was, so the seeded round 1 trains exactly as without the warm-up.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from micromil_core.models.registry import load_model_code\n"
+        "torch.manual_seed(3); before = torch.random.get_rng_state()\n"
+        "assert 'torch_geometric.nn' not in sys.modules\n"
+        "load_model_code('micromil', 16, 1)\n"  # one class at this site: built with 2
+        "assert torch.equal(before, torch.random.get_rng_state())\n"
+        "print('torch_geometric.nn' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"
