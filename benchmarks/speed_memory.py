@@ -3,7 +3,10 @@
 Each (model, bag size) pair runs in a fresh subprocess so its peak memory is its own:
 peak resident memory on CPU (``ru_maxrss``), ``torch.cuda.max_memory_allocated`` on GPU.
 One training step = forward + backward + Adam update on one bag of N instances of
-D-dim features (one patient per step, as MicroMIL trains).
+D-dim features (one patient per step, as MicroMIL trains). Each model's compute floor is
+timed beside it: the forward and weight gradient of its first layer over all N instances
+(the (N, D) -> (N, P) projection every model starts with; nothing else scales with N x D),
+and the step is reported as a multiple of it (issue 22's target for MicroMIL: <= 1.2x).
 
     python benchmarks/speed_memory.py                        # full sweep, writes results/
     python benchmarks/speed_memory.py --sizes 100 1000 --steps 3
@@ -68,12 +71,15 @@ def child(model_name: str, n: int, dim: int, steps: int, device: str, threads: i
     if dev.type == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
+    floor = floor_seconds(model, x, steps)
     out = {
         "model": model_name,
         "instances": n,
         "dim": dim,
         "seconds_per_step": seconds,
         "steps_per_second": 1.0 / seconds,
+        "floor_seconds": floor,
+        "floor_ratio": seconds / floor,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rss_before_training_mib": rss_before,
         "device": device,
@@ -83,6 +89,31 @@ def child(model_name: str, n: int, dim: int, steps: int, device: str, threads: i
     if dev.type == "cuda":
         out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+def floor_seconds(model, x, steps: int) -> float:
+    """Seconds of the model's first layer alone over the bag: y = x W^T (+ b) forward and the
+    weight gradient dW = g^T x, as one training step needs them (no input gradient)."""
+    import torch
+
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.in_features == x.shape[-1])
+    w = first.weight.detach().clone().requires_grad_(True)
+    flat = x.reshape(-1, x.shape[-1])
+    grad_out = torch.ones(flat.shape[0], w.shape[0], device=x.device)
+
+    def once() -> None:
+        w.grad = None
+        torch.nn.functional.linear(flat, w).backward(grad_out)
+
+    once()
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        once()
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
 
 
 def main() -> None:
@@ -131,19 +162,19 @@ def main() -> None:
         f"Machine: {platform.processor() or platform.machine()}; command: "
         f"`python benchmarks/speed_memory.py {' '.join(sys.argv[1:])}`".rstrip(),
         "",
-        "| instances | " + " | ".join(f"{m} s/step | {m} peak MiB" for m in args.models)
+        "| instances | " + " | ".join(f"{m} s/step | {m} / floor | {m} peak MiB" for m in args.models)
         + (" | micromil / gated-abmil time |" if ratio_column else " |"),
-        "|---" * (1 + 2 * len(args.models) + int(ratio_column)) + "|",
+        "|---" * (1 + 3 * len(args.models) + int(ratio_column)) + "|",
     ]
     for n in args.sizes:
         cells = []
         for m in args.models:
             r = by.get((m, n), {})
             if "error" in r or not r:
-                cells += ["failed", "failed"]
+                cells += ["failed", "failed", "failed"]
             else:
                 mem = r.get("peak_cuda_mib", r["peak_rss_mib"])
-                cells += [f"{r['seconds_per_step']:.4f}", f"{mem:.0f}"]
+                cells += [f"{r['seconds_per_step']:.4f}", f"{r['floor_ratio']:.2f}x", f"{mem:.0f}"]
         a, b = by.get(("micromil", n), {}), by.get(("gated-abmil", n), {})
         ratio = (
             f"{a['seconds_per_step'] / b['seconds_per_step']:.2f}x"
