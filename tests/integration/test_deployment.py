@@ -90,12 +90,14 @@ class Federation:
         )
         return self.procs["server"]
 
-    def launch(self, sites: tuple[str, ...] = SITES) -> subprocess.Popen:
-        """``flower-server start``, then these hospitals once the run is submitted."""
+    def launch(self, sites: tuple[str, ...] = SITES, supernode: dict | None = None) -> subprocess.Popen:
+        """``flower-server start``, then these hospitals once the run is submitted;
+        ``supernode``: site -> extra supernode settings of its site.yaml."""
         server = self.start_server()
         self.wait_for(lambda: "submitted" in self.server_output(), 120, "the run to be submitted")
         for site in sites:
-            self.start_site(site)
+            extra = (supernode or {}).get(site)
+            self.start_site(site, self.site_config(site, tag="own", **extra) if extra else None)
         return server
 
     def site_output(self, name: str) -> str:
@@ -213,7 +215,10 @@ def test_tls_node_auth_federation_two_rounds_and_refusals(setup):
     root, data, pki = setup
     fed = Federation(root, data, pki, "main", _experiment(rounds=2))
     try:
-        server = fed.launch()
+        # site-2 runs Flower's own way: its SuperNode as shipped, a fresh ClientApp process
+        # per message (running the app's code); the others keep one warm worker each.
+        flower_default = {"isolation": "subprocess", "pull_interval": 0}
+        server = fed.launch(supernode={"site-2": flower_default})
         assert server.wait(timeout=420) == 0, fed.server_output()
 
         out = fed.server_output()
@@ -232,11 +237,16 @@ def test_tls_node_auth_federation_two_rounds_and_refusals(setup):
         assert all(h["failures"] == [] for h in history)
         ckpt = load_checkpoint(fed.out / "model.pt")
         assert ckpt.model_name == "abmil" and ckpt.provenance["trained_on"] == ["site-0", "site-1", "site-2"]
-        # Each hospital handled every message in its one warm ClientApp process (client.worker):
-        # Flower started no per-message flwr-clientapp process there.
+        # Each hospital in process isolation handled every message in its one warm ClientApp
+        # process (client.worker): Flower started no per-message flwr-clientapp there. The
+        # subprocess site took part through Flower's own per-message processes.
         for site in SITES:
             said = fed.site_output(site)
             handled = re.findall(r"micromil\.worker: (\w+) message of run \d+ handled", said)
+            if site == "site-2":
+                assert handled == [] and "ClientApp worker ready" not in said
+                assert said.count("Start `flwr-clientapp` process") == 5  # query + 2 x (train, evaluate)
+                continue
             rounds = ["train", "evaluate"] if site != "site-3" else ["evaluate"]
             assert handled == ["query", *rounds, *rounds], (site, handled)
             assert said.count("ClientApp worker ready") == 1
