@@ -55,6 +55,8 @@ log = logging.getLogger("micromil.worker")
 # Client-side code a run's FAB must carry exactly as installed here.
 CLIENT_PACKAGES = ("client", "micromil_core")
 IDLE_POLL_S = 0.2  # between task polls (Flower's SuperExec: 1 s); each is a local HTTP call
+IDLE_AFTER_S = 120.0  # no task for this long: poll every IDLE_SLOW_POLL_S instead
+IDLE_SLOW_POLL_S = 1.0
 ACQUIRE_TASK = "/flwr.proto.Runtime/AcquireTask"  # the call SuperExec auth signs
 
 
@@ -187,13 +189,16 @@ class Worker:
         retry_objects_sooner(run_clientapp, "pull_and_inflate_object_from_tree")
         acquirer = self._acquirer()
         request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+        last_task = time.monotonic()
         try:
             while not stop():
                 got = acquirer.AcquireTask(request)
                 if got.HasField("task") and got.token:
                     run_task(self.address, got.token, self.check_fab, self._on_new_run)
-                else:
-                    time.sleep(IDLE_POLL_S)
+                    last_task = time.monotonic()
+                else:  # between runs (minutes to weeks) a slower poll is enough
+                    idle = time.monotonic() - last_task > IDLE_AFTER_S
+                    time.sleep(IDLE_POLL_S if not idle else IDLE_SLOW_POLL_S)
         finally:
             acquirer.close()
 

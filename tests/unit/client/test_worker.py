@@ -60,3 +60,46 @@ def test_other_client_code_is_refused_naming_the_files():
     assert "install the coordinator's micromil-fl release" in text
     with pytest.raises(CodeMismatch):  # the verdict is kept for the FAB's hash
         check("hash-2", b"")
+
+
+def test_worker_runs_each_task_it_is_given_and_polls_slower_when_idle(monkeypatch):
+    import client.worker as worker
+
+    clock = {"now": 0.0}
+    slept, ran = [], []
+    answers = iter([None, "token-1", None, None, None])
+
+    class Got:
+        def __init__(self, token):
+            self.token = token or ""
+
+        def HasField(self, name):  # noqa: N802  (protobuf's spelling)
+            return bool(self.token)
+
+    class Acquirer:
+        def AcquireTask(self, request):  # noqa: N802
+            return Got(next(answers))
+
+        def close(self):
+            pass
+
+    def sleep(seconds):
+        slept.append(seconds)
+        clock["now"] += 100.0  # each idle poll stands for 100 s of nothing
+
+    monkeypatch.setattr(worker.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(worker.time, "sleep", sleep)
+    monkeypatch.setattr(worker, "run_task", lambda address, token, *rest: ran.append(token))
+    w = worker.Worker("127.0.0.1:1")
+    monkeypatch.setattr(w, "_acquirer", Acquirer)
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return calls["n"] > 5
+
+    w.serve(stop)
+    assert ran == ["token-1"]
+    # before the task, right after it and 100 s after it: quick; 200 s after it: slow
+    quick, slow = worker.IDLE_POLL_S, worker.IDLE_SLOW_POLL_S
+    assert slept == [quick, quick, quick, slow]
