@@ -299,10 +299,20 @@ def test_tls_node_auth_federation_two_rounds_and_refusals(setup):
         fed.close()
 
 
+def _history(fed: Federation) -> list[dict]:
+    path = fed.out / "history.json"
+    try:
+        return json.loads(path.read_text())["rounds"] if path.is_file() else []
+    except json.JSONDecodeError:  # caught between write and rename: read it next time
+        return []
+
+
 def test_site_killed_mid_round_run_continues_and_site_rejoins(setup):
     root, data, pki = setup
+    # Rounds take seconds and the dead site is refused for ~50 s, so the run is planned
+    # long enough for it to come back and is stopped once it has.
     fed = Federation(root, data, pki, "fault",
-                     _experiment(rounds=6, min_train_sites=2, round_timeout=240))
+                     _experiment(rounds=500, min_train_sites=2, round_timeout=240))
     try:
         server = fed.launch()
         # Round 1 has reached the hospital: its machine dies (flower-client, SuperNode and
@@ -311,8 +321,11 @@ def test_site_killed_mid_round_run_continues_and_site_rejoins(setup):
         # and retries after 60 s.
         _kill_mid_training(fed, "site-1")
         fed.start_site("site-1", tag="-restarted")
-        fed.wait_for(lambda: "round 1/6" in fed.server_output(), 240, "round 1 to end")
-        assert server.wait(timeout=600) == 0, fed.server_output()
+        fed.wait_for(lambda: any("site-1" in h["train"] for h in _history(fed)[1:]), 480,
+                     "the restarted site-1 to train in a later round")
+        stopped = fed.server("stop")
+        assert stopped.returncode == 0, stopped.stderr
+        server.wait(timeout=60)
         restarted = fed.site_output("site-1-restarted")
         assert "the coordinator refused this hospital's node" in restarted, restarted
         refused = restarted.index("the coordinator refused this hospital's node")
@@ -320,14 +333,14 @@ def test_site_killed_mid_round_run_continues_and_site_rejoins(setup):
         assert "SuperNode ID:" in restarted[refused:], restarted  # admitted on the retry
 
         out = fed.server_output()
-        history = json.loads((fed.out / "history.json").read_text())["rounds"]
-        assert len(history) == 6 and (fed.out / "model.pt").is_file()
+        history = _history(fed)
+        assert (fed.out / "federation-state.pt").is_file()  # stopped: resumable from its checkpoint
         first = history[0]
         assert sorted(first["train"]) == ["site-0", "site-2"]  # aggregated without the dead site
         assert any(f.startswith("site-1:") for f in first["failures"]), first["failures"]
         assert "site-1: training failed" in out or "site-1: no training reply" in out
-        # The restarted site is back in a later round.
-        assert any("site-1" in h["train"] for h in history[1:]), [sorted(h["train"]) for h in history]
+        back = next(h["round"] for h in history if "site-1" in h["train"])
+        assert back > 1 and all(sorted(h["train"]) == ["site-0", "site-2"] for h in history[1:back - 1])
     finally:
         fed.close()
 
