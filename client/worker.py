@@ -204,15 +204,13 @@ class Worker:
 
 
 def warm_up() -> None:
-    """Import now what the first message would otherwise pay for."""
+    """Import now what the first message would otherwise pay for. What a run's model imports
+    lazily (MicroMIL's PyG layer) is imported when the run describes the site
+    (``load_model_code`` in client.app), the one place that knows the model."""
     started = time.perf_counter()
     import micromil_core.models  # noqa: F401
     import micromil_core.training.metrics  # noqa: F401
 
-    try:
-        import torch_geometric.nn  # noqa: F401  MicroMIL's GNN
-    except ImportError:
-        pass
     log.info("ClientApp worker ready (model imports %.1f s)", time.perf_counter() - started)
 
 

@@ -18,13 +18,14 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Message
 from flwr.serverapp import Grid
 from flwr.superlink.grid import http_grid
 
 from client.flower_waits import retry_objects_sooner
+from client.packing import packed_record, unpacked_record
 from micromil_core.federated import wire
-from micromil_core.federated.transport import is_packed, pack_arrays, unpack_arrays
+from micromil_core.federated.transport import is_packed
 
 log = logging.getLogger("micromil.server")
 
@@ -68,11 +69,9 @@ class PromptGrid:
         swapped = []
         for m in messages:
             records = m.content.array_records if m.has_content() else {}
-            if wire.ARRAYS in records and not is_packed(list(records[wire.ARRAYS].keys())):
-                arrays = records[wire.ARRAYS]
-                packed = pack_arrays({k: v.numpy() for k, v in arrays.items()})
-                records[wire.ARRAYS] = ArrayRecord({k: Array(v) for k, v in packed.items()})
-                swapped.append((m, arrays))
+            if wire.ARRAYS in records and not is_packed(records[wire.ARRAYS]):
+                swapped.append((m, records[wire.ARRAYS]))
+                records[wire.ARRAYS] = packed_record(records[wire.ARRAYS])
         try:
             return list(self._grid.push_messages(messages))
         finally:
@@ -88,11 +87,9 @@ def _unpacked(reply: Message) -> Message:
     as it came, for the reply checks to refuse and name."""
     if reply.has_content() and wire.ARRAYS in reply.content.array_records:
         arrays = reply.content.array_records[wire.ARRAYS]
-        if is_packed(list(arrays.keys())):
+        if is_packed(arrays):
             try:
-                state = unpack_arrays({k: v.numpy() for k, v in arrays.items()})
+                reply.content.array_records[wire.ARRAYS] = unpacked_record(arrays)
             except ValueError as exc:  # the checks then name the model arrays it lacks
                 log.warning("reply from node %s: %s", reply.metadata.src_node_id, exc)
-                return reply
-            reply.content.array_records[wire.ARRAYS] = ArrayRecord({k: Array(v) for k, v in state.items()})
     return reply

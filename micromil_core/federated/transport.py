@@ -49,7 +49,7 @@ def widen(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray])
 
 
 def is_packed(names) -> bool:
-    """Whether an array record with these keys holds a packed model."""
+    """Whether an array record (or any collection of its keys) holds a packed model."""
     return LAYOUT in names
 
 
