@@ -31,6 +31,17 @@ from torch import Tensor, nn
 
 from micromil_core.models.base import Encoding, MILModel, Prediction
 from micromil_core.models.clustering import kmeans
+from micromil_core.models.micromil_kernels import (
+    RowGradients,
+    project_and_score,
+    representative_rows,
+)
+from micromil_core.models.micromil_selection import (
+    gumbel_noise,
+    select_distinct,
+    select_representatives,
+    selection_scores,
+)
 from micromil_core.models.pooling import check_batch
 from micromil_core.models.registry import (
     check_choice,
@@ -38,7 +49,7 @@ from micromil_core.models.registry import (
     check_int,
     register_model,
 )
-from micromil_core.nn import GAT, GAT_ATT_INITS, GNN_BACKENDS, convert_gat_state, masked_softmax
+from micromil_core.nn import GAT, GAT_ATT_INITS, GNN_BACKENDS, convert_gat_state
 
 EDGE_MODES = ("paper", "gumbel-neighbour")
 SELECTIONS = ("released", "affinity", "distinct")
@@ -119,75 +130,25 @@ class StudentTKernel(nn.Module):
         self.centroids = nn.Parameter(torch.randn(n_clusters, dim) / dim**0.5)
 
     def forward(self, h: Tensor) -> Tensor:
+        return self.from_products((h * h).sum(-1, keepdim=True), h @ self.centroids.t())
+
+    def from_products(self, hsq: Tensor, cross: Tensor) -> Tensor:
+        """The kernel from |h|^2 (B, N, 1) and h mu^T (B, N, K), however they were computed.
+
+        Shapes: hsq (B, N, 1), cross (B, N, K) -> kernel (B, N, K)
+        """
         mu = self.centroids  # (K, P)
-        d2 = (h * h).sum(-1, keepdim=True) + (mu * mu).sum(-1) - 2.0 * (h @ mu.t())  # (B, N, K)
+        d2 = hsq + (mu * mu).sum(-1) - 2.0 * cross  # (B, N, K)
         d2 = d2.clamp_min(0.0)  # cancellation can make tiny distances negative
         return (1.0 + d2 / self.alpha).pow(-(self.alpha + 1.0) / 2.0)  # (B, N, K)
 
 
-def gumbel_noise(like: Tensor) -> Tensor:
-    """Standard Gumbel(0, 1) samples shaped like ``like``."""
-    return -torch.empty_like(like).exponential_().log()
+def _normalise(kern: Tensor, mask: Tensor) -> Tensor:
+    """Kernel rows to assignments q summing to 1, zero on padded rows.
 
-
-def select_representatives(
-    s: Tensor, mask: Tensor, tau: float, training: bool
-) -> tuple[Tensor, Tensor | None]:
-    """Pick one instance per cluster: hard Gumbel-Softmax over N in training, argmax at eval.
-
-    Returns the chosen indices and, in training, the straight-through one-hot weights
-    (forward value one-hot, gradient of the soft sample); ``None`` at eval.
-
-    Shapes: s (B, N, K), mask (B, N) -> index (B, K), weights (B, N, K) or None
+    Shapes: kern (B, N, K), mask (B, N) -> (B, N, K)
     """
-    valid = mask.unsqueeze(-1)  # (B, N, 1)
-    if not training:
-        return s.masked_fill(~valid, float("-inf")).argmax(dim=1), None  # (B, K)
-    soft = masked_softmax((s + gumbel_noise(s)) / tau, valid, dim=1)  # (B, N, K)
-    index = soft.argmax(dim=1)  # (B, K)
-    hard = torch.zeros_like(soft).scatter_(1, index.unsqueeze(1), 1.0)  # (B, N, K)
-    return index, hard - soft.detach() + soft
-
-
-def select_distinct(
-    s: Tensor, mask: Tensor, tau: float, training: bool
-) -> tuple[Tensor, Tensor | None]:
-    """One representative per cluster, never the same instance twice.
-
-    A greedy one-to-one draw on the (Gumbel-perturbed in training) scores: the best
-    remaining (instance, cluster) pair is taken, its instance and cluster leave the pool,
-    min(N, K) times. Clusters left over when N < K get no node (index -1). In training the
-    straight-through weights of cluster k are a softmax over the instances still free when
-    k drew, so the gradient reaches the scores as in ``select_representatives``.
-    Cost: min(N, K) passes over (N, K) scores, small beside the (N, D) projection.
-
-    Shapes: s (B, N, K), mask (B, N) -> index (B, K) (-1 = no node), weights (B, N, K) or None
-    """
-    b, n, k = s.shape
-    logits = s + gumbel_noise(s) if training else s  # (B, N, K)
-    with torch.no_grad():
-        free = logits.detach().masked_fill(~mask.unsqueeze(-1), float("-inf"))  # (B, N, K)
-        index = torch.full((b, k), -1, dtype=torch.long, device=s.device)  # (B, K)
-        pool = torch.zeros(b, n, k, dtype=torch.bool, device=s.device)  # free when k drew
-        rows = torch.arange(b, device=s.device)
-        for _ in range(min(n, k)):
-            best, flat = free.flatten(1).max(dim=1)  # (B,)
-            ok = best > float("-inf")
-            if not ok.any():
-                break
-            inst, clus = flat // k, flat % k  # (B,)
-            r_ok, i_ok, c_ok = rows[ok], inst[ok], clus[ok]
-            index[r_ok, c_ok] = i_ok
-            pool[r_ok, :, c_ok] = free[r_ok, :, c_ok] > float("-inf")
-            free[r_ok, i_ok, :] = float("-inf")  # the instance is taken
-            free[r_ok, :, c_ok] = float("-inf")  # the cluster has its representative
-    if not training:
-        return index, None
-    soft = masked_softmax(logits / tau, pool, dim=1)  # (B, N, K), 0 for clusters without a node
-    hard = torch.zeros_like(soft)
-    has = index >= 0  # (B, K)
-    hard.scatter_(1, index.clamp_min(0).unsqueeze(1), has.unsqueeze(1).to(soft.dtype))
-    return index, hard - soft.detach() + soft
+    return kern / kern.sum(-1, keepdim=True) * mask.unsqueeze(-1)
 
 
 def similarity_graph(
@@ -241,19 +202,6 @@ def dec_kl(q: Tensor, mask: Tensor) -> Tensor:
     kl = (torch.xlogy(p, p) - p * q.clamp_min(1e-12).log()).sum(-1)  # (B, N)
     kl = torch.where(mask, kl, torch.zeros_like(kl))  # (B, N)
     return (kl.sum(1) / mask.sum(1).clamp_min(1)).mean()
-
-
-def selection_scores(s: Tensor, mask: Tensor) -> Tensor:
-    """Per instance, its largest selection probability over the clusters.
-
-    The representative extractor draws one instance per cluster from a softmax of ``s``
-    over the bag's instances; an instance likely to be drawn by any cluster scores high.
-    No gradient: the scores rank and explain instances, they are not trained.
-
-    Shapes: s (B, N, K), mask (B, N) -> (B, N), 0 at padding
-    """
-    with torch.no_grad():
-        return masked_softmax(s, mask.unsqueeze(-1), dim=1).amax(dim=-1)
 
 
 @dataclass
@@ -312,9 +260,21 @@ class MicroMIL(MILModel):
 
         Shapes: h (B, N, P), mask (B, N) -> (B, N, K)
         """
-        kern = self.dce(h)  # (B, N, K)
-        q = kern / kern.sum(-1, keepdim=True)  # (B, N, K)
-        return q * mask.unsqueeze(-1)
+        return _normalise(self.dce(h), mask)
+
+    def _fused(self, x: Tensor) -> bool:
+        """Whether a training pass may use ``micromil_kernels`` (same maths, less memory
+        traffic): not when anything hooks the modules (Opacus's per-sample gradients need
+        their inputs), nor under autocast, nor without gradients (eval uses the gather)."""
+        if not (self.training and torch.is_grad_enabled()):
+            return False
+        if torch.is_autocast_enabled(x.device.type):
+            return False
+        mods = (self.proj, self.dce, self.score)
+        return not any(
+            m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+            for m in mods
+        )
 
     def run(self, x: Tensor, mask: Tensor) -> MicroMILOutput:
         """Full pass returning logits and the intermediate structure.
@@ -323,15 +283,25 @@ class MicroMIL(MILModel):
         """
         check_batch(x, mask, self.in_dim)
         prm = self.params
-        h = self.project(x)  # (B, N, P)
-        q = self.assignments(h, mask)  # (B, N, K)
-        s = self.selection_logits(h, q)  # (B, N, K)
+        picked = RowGradients() if self._fused(x) else None
+        if picked is None:
+            h = self.project(x)  # (B, N, P)
+            q = self.assignments(h, mask)  # (B, N, K)
+            a = self.score(h)  # (B, N, 1)
+        else:
+            h, cross, a, hsq = project_and_score(
+                x, self.proj.weight, self.proj.bias, self.dce.centroids, self.score.weight, picked
+            )
+            q = _normalise(self.dce.from_products(hsq, cross), mask)
+        s = self.selection_logits_from(a, q)  # (B, N, K)
         draw = select_distinct if prm.selection == "distinct" else select_representatives
         index, weights = draw(s, mask, prm.tau, self.training)  # (B, K), -1 = no node
         real = index >= 0  # (B, K)
         if weights is None:  # eval: plain gather, exact and cheap
             gather = index.clamp_min(0).unsqueeze(-1).expand(-1, -1, h.shape[-1])
             r = h.gather(1, gather) * real.unsqueeze(-1)  # (B, K, P)
+        elif picked is not None:  # the same rows and straight-through gradient, sparsely
+            r = representative_rows(weights, h, index, picked)  # (B, K, P)
         else:  # training: one-hot^T H carries the straight-through gradient to s
             r = weights.transpose(1, 2) @ h  # (B, K, P)
         adj = similarity_graph(r, prm.edge_mode, prm.top_k, self.training, real)  # (B, K, K)
@@ -346,7 +316,13 @@ class MicroMIL(MILModel):
 
         Shapes: h (B, N, P), q (B, N, K) -> (B, N, K)
         """
-        a = self.score(h)  # (B, N, 1)
+        return self.selection_logits_from(self.score(h), q)
+
+    def selection_logits_from(self, a: Tensor, q: Tensor) -> Tensor:
+        """``selection_logits`` from the relevance a = score(h).
+
+        Shapes: a (B, N, 1), q (B, N, K) -> (B, N, K)
+        """
         if self.params.selection == "released":
             return q * a
         # log q is -inf at padding; the draw masks padding anyway, so keep it finite.

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import micromil_core.models.micromil as micromil_mod
+import micromil_core.models.micromil_selection as micromil_mod
 from micromil_core.models.clustering import kmeans
 from micromil_core.models.micromil import (
     MicroMIL,

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import micromil_core.models.micromil as micromil_mod
+import micromil_core.models.micromil_selection as micromil_selection
 from micromil_core.errors import ConfigError, UnknownNameError
 from micromil_core.models import (
     build_model,
@@ -406,7 +406,7 @@ def test_opacus_per_bag_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
     x, mask = ragged_batch(lengths)
     y = torch.tensor([0, 1, 1])
     # No Gumbel noise so a bag's gradient can be recomputed alone and compared.
-    monkeypatch.setattr(micromil_mod, "gumbel_noise", torch.zeros_like)
+    monkeypatch.setattr(micromil_selection, "gumbel_noise", torch.zeros_like)
     logits = gsm(x, mask)
     F.cross_entropy(logits, y, reduction="sum").backward()
     for pname, p in model.named_parameters():
