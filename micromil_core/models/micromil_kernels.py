@@ -94,7 +94,8 @@ class _ProjectAndScore(torch.autograd.Function):
                 if inside.any():
                     gc.index_add_(0, extra_rows[inside] - s, extra_grads[inside])
             gc.addcmul_(hc, dhsq[s:e].unsqueeze(1), value=2.0)
-            gz = torch.ops.aten.leaky_relu_backward(gc, hc, LEAKY_SLOPE, True)
+            # The slope in place: a fresh chunk per call would cost page faults.
+            gz = torch.ops.aten.leaky_relu_backward.grad_input(gc, hc, LEAKY_SLOPE, True, grad_input=gc)
             if dw is not None:
                 dw.addmm_(gz.t(), x[s:e])
             if db is not None:
