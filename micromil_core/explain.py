@@ -3,8 +3,10 @@
 For MicroMIL: the K representative images the model selected (one per cluster) and the
 similarity graph between them. For attention models: the top-attention instances. Where
 the instance images are known (features extracted here from images/, or a features file
-whose instance count matches the patient's image folder) the images are shown; otherwise
-the instance indices and their scores are.
+whose instance count matches the patient's image folder) the images are shown, a tile as
+its crop (:mod:`micromil_core.explain_instances`); otherwise
+the instance indices and their scores are. With ``heatmaps``, where instances carry slide
+coordinates, their scores are also drawn on the slides (:mod:`micromil_core.explain_heatmap`).
 
 The gallery is ``index.html`` plus one PNG per patient: no scripts, nothing fetched, so it
 opens offline on the site's own machine. Each patient's text (diagnosis, prediction) is
@@ -25,7 +27,9 @@ import numpy as np
 import torch
 
 from micromil_core.data.bag import Bag, collate_bags
-from micromil_core.data.layout import find_feature_file, list_patient_images
+from micromil_core.data.layout import IMAGES_DIR
+from micromil_core.explain_heatmap import heatmap_section
+from micromil_core.explain_instances import InstanceImage, instance_images
 from micromil_core.io import atomic_path, write_text_atomic
 from micromil_core.models.base import MILModel
 from micromil_core.progress import progress
@@ -46,54 +50,27 @@ MAX_TILES_IN = 6.0  # the tile grid's width, so a page 800 px wide shows it unsc
 CMAP = "viridis"
 
 
-def instance_images(
-    site_dir: Path, feature_dir: Path, patient_id: str, n: int
-) -> list[Path] | None:
-    """Image file of each of the patient's n instances, or None when unknown."""
-    ff = find_feature_file(feature_dir, patient_id)
-    if ff is not None and ff.suffix == ".pt":
-        obj = torch.load(ff, map_location="cpu", weights_only=True)
-        if (
-            isinstance(obj, dict)
-            and isinstance(obj.get("images"), list)
-            and len(obj["images"]) == n
-        ):
-            paths = []
-            for rel in obj["images"]:
-                for base in (site_dir, site_dir / "images" / patient_id):
-                    if (base / rel).is_file():
-                        paths.append(base / rel)
-                        break
-                else:
-                    return None
-            return paths
-    images = list_patient_images(site_dir, patient_id)
-    return images if len(images) == n else None
-
-
 def _explained_instances(model: MILModel, bag: Bag, device: torch.device):
-    """(probs (C,), shown indices, adjacency or None, scores of shown instances)."""
+    """(probs (C,), shown indices, adjacency or None, scores of shown instances, scores of
+    all N instances or None)."""
     batch = collate_bags([bag]).to(device)
     model.eval()
     pred = model.predict_batch(batch)
     probs = pred.probs[0].float().cpu().numpy()
+    every = pred.instance_scores
+    every = None if every is None else every[0, : bag.num_instances].float().cpu().numpy()
     if pred.selected is not None:
         idx = pred.selected[0].cpu().numpy()
         real = idx >= 0  # -1: a cluster without a node (bag smaller than K)
         idx = idx[real]
         adj = pred.adjacency[0].float().cpu().numpy() if pred.adjacency is not None else None
         adj = adj[np.ix_(real, real)] if adj is not None else None
-        scores = (
-            pred.instance_scores[0].float().cpu().numpy()[idx]
-            if pred.instance_scores is not None
-            else np.ones(len(idx))
-        )
-        return probs, idx, adj, scores
-    if pred.instance_scores is not None:
-        s = pred.instance_scores[0, : bag.num_instances].float().cpu().numpy()
-        idx = np.argsort(-s)[:TOP_INSTANCES]
-        return probs, idx, None, s[idx]
-    return probs, np.array([], dtype=int), None, np.array([])
+        scores = every[idx] if every is not None else np.ones(len(idx))
+        return probs, idx, adj, scores, every
+    if every is not None:
+        idx = np.argsort(-every)[:TOP_INSTANCES]
+        return probs, idx, None, every[idx], every
+    return probs, np.array([], dtype=int), None, np.array([]), None
 
 
 @dataclass(frozen=True)
@@ -103,7 +80,7 @@ class Shown:
     idx: np.ndarray
     scores: np.ndarray
     adj: np.ndarray | None
-    images: list[Path] | None
+    images: list[InstanceImage] | None  # of every instance of the bag (tiles cropped)
     score_label: str  # what the scores (and the colours) are
 
     @property
@@ -132,8 +109,6 @@ def _norm(scores: np.ndarray):
 
 def _tiles(fig, shown: Shown, norm) -> list:
     """The instance images in a grid, framed in their score's colour; returns the axes."""
-    from micromil_core.encoders.images import read_image
-
     cmap = _pyplot().get_cmap(CMAP)
     k = len(shown.idx)
     cols = int(math.ceil(math.sqrt(k)))
@@ -146,7 +121,7 @@ def _tiles(fig, shown: Shown, norm) -> list:
             ax.set_visible(False)
             continue
         inst, score = int(shown.idx[j]), float(shown.scores[j])
-        ax.imshow(read_image(shown.images[inst]))  # type: ignore[index]
+        ax.imshow(shown.images[inst].read())  # type: ignore[index]
         for spine in ax.spines.values():
             spine.set(edgecolor=cmap(norm(score)), linewidth=3)
         ax.set_title(f"{j}: instance #{inst}\nscore {score:.2f}", fontsize=8)
@@ -277,6 +252,7 @@ class PatientEntry:
     png: str
     size: tuple[int, int]  # the PNG's pixels (width, height)
     shown: Shown
+    heatmap: str = ""  # HTML of the heatmaps or of why there are none (--heatmaps)
 
 
 CSS = """
@@ -383,7 +359,7 @@ def _patient_card(n: int, e: PatientEntry, note: str) -> str:
         )
         label = html.escape(e.shown.score_label)
         parts.append(f'<p>Instances by {label}:</p><ul class="scores">{items}</ul>')
-    parts.append("</section>")
+    parts += [e.heatmap, "</section>"]
     return "\n".join(parts)
 
 
@@ -429,9 +405,12 @@ def write_explanations(
     out: Path,
     threshold: float | None = None,
     show_progress: bool = False,
+    heatmaps: bool = False,
 ) -> Path:
     """One PNG per patient plus an index.html; returns the index path (``show_progress``:
     a bar over patients, the CLI's: drawing a gallery takes about a second per patient).
+    ``heatmaps``: also the instance scores on the slides' coordinates, see
+    :mod:`micromil_core.explain_heatmap`.
 
     "predicted" follows the same decision as the predictions (``threshold``, see
     :func:`micromil_core.training.metrics.decide`).
@@ -445,7 +424,7 @@ def write_explanations(
     patients = progress(zip(raw_bags, scaled_bags, strict=True), f"explaining {site_bags.site.name}",
                         "patient", show_progress, total=len(raw_bags))
     for raw, bag in patients:
-        probs, idx, adj, scores = _explained_instances(model, bag, device)
+        probs, idx, adj, scores, every = _explained_instances(model, bag, device)
         probs = apply_calibration(probs[None, :], ckpt.calibration)[0]
         images = instance_images(
             Path(site_bags.site.path), site_bags.feature_dir, raw.patient_id, raw.num_instances
@@ -464,9 +443,14 @@ def write_explanations(
             f"patient {raw.patient_id}: true {true}, predicted {pred} (p={probs.max():.2f})",
             shown,
         )
+        heat = heatmap_section(
+            out, raw.patient_id, raw.slides, every, label,
+            Path(site_bags.site.path) / IMAGES_DIR / raw.patient_id,
+        ) if heatmaps else ""
         entries.append(
             PatientEntry(
-                raw.patient_id, true, pred, float(probs.max()), distinct, png.name, size, shown
+                raw.patient_id, true, pred, float(probs.max()), distinct, png.name, size, shown,
+                heat,
             )
         )
     index = out / "index.html"

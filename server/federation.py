@@ -101,6 +101,7 @@ def site_info(
         counts,
         [str(x) for x in description.get(wire.SITE_PROBLEMS, [])],
         moments,
+        encoder=str(description.get(wire.SITE_ENCODER, "")) or None,
     )
 
 
@@ -388,7 +389,9 @@ def _finish(fed: _Federation, state: RunState) -> FederationResult:
             classes=fed.classes, state_dict=final_arrays, scaler=fed.scaler,
             encoder=fed.cfg.data.encoder, config=fed.cfg.to_dict(),
             provenance={"round": chosen, "federated": True, "strategy": fed.cfg.federation.strategy,
-                        "trained_on": [s.name for s in fed.train_sites], "scaler": fed.scaler_mode},
+                        "trained_on": [s.name for s in fed.train_sites], "scaler": fed.scaler_mode,
+                        # the sites' common encoder (validate_sites refused any mismatch)
+                        "encoder_identity": next((s.encoder for s in fed.train_sites if s.encoder), None)},
         ),
         model_path,
     )

@@ -79,10 +79,25 @@ def _add_data_commands(sub: Any) -> None:
     p = sub.add_parser("extract", help="images -> cached instance features")
     p.add_argument("--data", nargs="+", required=True, metavar="SITE")
     p.add_argument("--encoder", default="histo-texture", help="see `micromil encoders`")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--weights", help="local weights file (timm:/torchvision: encoders)")
-    p.add_argument("--input-size", type=int, help="network input size (external encoders)")
+    p.add_argument("--batch-size", type=int, default=64, help="tiles encoded per pass")
+    p.add_argument("--weights", help="local weights file (timm:/torchvision:/open_clip: "
+                   "encoders; or name it in the spec: timm:NAME@FILE)")
+    p.add_argument("--input-size", type=int, help="network input size (model encoders)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--amp", action="store_true",
+                   help="mixed precision on CUDA (bfloat16/float16); ignored on the CPU")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes decoding images (default 0: in the main process)")
+    p.add_argument("--tile-size", type=int, metavar="PX",
+                   help="cut larger images into PX x PX tiles, one instance each (default: "
+                   "the input size of model encoders, no tiling for histo-texture/pixels; "
+                   "0: no tiling)")
+    p.add_argument("--tile-overlap", type=int, default=0, metavar="PX",
+                   help="pixels shared by neighbouring tiles (default 0)")
+    p.add_argument("--stain-normalise", metavar="METHOD:REF",
+                   help="map every tile towards a reference image's stain before encoding: "
+                   "macenko:REF.png or reinhard:REF.png (use one reference file at every "
+                   "site; see docs/stain-and-slides.md)")
     p.add_argument(
         "--crop-scales",
         metavar="F,F,...",
@@ -114,6 +129,12 @@ def _add_model_commands(sub: Any) -> None:
         metavar="MODEL",
         help="a second checkpoint judged on the same patients: reports this model minus it, "
         "with paired bootstrap intervals (two-class models)",
+    )
+    p.add_argument(
+        "--heatmaps",
+        action="store_true",
+        help="with --explain: draw instance scores at the instances' slide coordinates "
+        "(feature files with 'coords', e.g. TRIDENT/CLAM .h5)",
     )
     add_out_args(p)
     p.set_defaults(func=commands.cmd_evaluate)

@@ -74,6 +74,8 @@ def cmd_check_site(args: argparse.Namespace) -> int:
 def cmd_extract(args: argparse.Namespace) -> int:
     from micromil_core.data.site import load_site
     from micromil_core.encoders import extract_site_features, get_encoder
+    from micromil_core.encoders.base import identity_label
+    from micromil_core.encoders.stain import parse_stain_spec
     from micromil_core.runtime import resolve_device
 
     device = resolve_device(args.device or "auto")
@@ -81,6 +83,13 @@ def cmd_extract(args: argparse.Namespace) -> int:
     if args.input_size:
         options["input_size"] = args.input_size
     encoder = get_encoder(args.encoder, device=str(device), **options)
+    print(f"encoder: {identity_label(encoder.identity)}")
+    if args.amp and device.type != "cuda":
+        print(f"--amp ignored: mixed precision is for CUDA devices, this runs on {device}")
+    stain = parse_stain_spec(args.stain_normalise)  # fitted once for every site
+    if stain is not None:
+        print(f"stain normalisation: {stain.method} towards {stain.reference} "
+              f"(sha256 {stain.reference_sha256[:12]})")
     for site_path in args.data:
         site = load_site(site_path, labels_required=False)  # extraction needs no labels
         result = extract_site_features(
@@ -91,10 +100,17 @@ def cmd_extract(args: argparse.Namespace) -> int:
             progress=True,
             crop_scales=args.crop_scales,
             scale_names=[n.strip() for n in args.scales.split(",")] if args.scales else None,
+            tile_size=args.tile_size,
+            tile_overlap=args.tile_overlap,
+            workers=args.workers,
+            amp=args.amp,
+            stain_normalise=stain,
         )
+        tiles = (f"; {result.n_instances} tiles of {result.tiles.size} px from "
+                 f"{result.n_images} images" if result.tiles and result.n_images else "")
         print(
             f"{site_path}: {result.n_extracted} patients extracted, {result.n_reused} reused "
-            f"-> {result.feature_dir}"
+            f"-> {result.feature_dir}{tiles}"
         )
         if result.scale_names:
             print(f"  scales (index order): {', '.join(result.scale_names)}")
@@ -132,8 +148,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from micromil_core.report import format_differences
     from micromil_core.training.score import evaluate_checkpoint
 
+    if args.heatmaps and not args.explain:
+        raise ConfigError("--heatmaps draws into the explanation gallery: add --explain")
     metrics = _run_checkpoint(
-        args, evaluate_checkpoint, ("metrics.json",), split=args.split, threshold=args.threshold, explain=args.explain
+        args, evaluate_checkpoint, ("metrics.json",), split=args.split, threshold=args.threshold,
+        explain=args.explain, heatmaps=args.heatmaps,
     )
     if args.against:
         from micromil_core.training.compare import add_paired_comparison
@@ -269,7 +288,7 @@ def cmd_encoders(args: argparse.Namespace) -> int:
     from micromil_core.encoders import list_encoders
 
     for name, description in list_encoders():
-        print(f"{name:28s} {description}")
+        print(f"{name:30s} {description}")
     return 0
 
 

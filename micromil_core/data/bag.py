@@ -17,6 +17,35 @@ UNLABELLED = -1
 
 
 @dataclass
+class Slides:
+    """Which slide (or capture) of its patient each instance of a bag came from.
+
+    Site-only: a ``BagBatch`` does not carry it, so it never reaches a model update or a
+    federated message; the explanation and its heatmaps read it.
+
+    Shapes:
+        index: (N,) int64, slide of each instance, in [0, len(names))
+        coords: (N, 2) float32 (x, y) on its slide; NaN rows for the instances of slides
+            without coordinates; None when no slide has coordinates
+    """
+
+    names: list[str]
+    index: Tensor
+    coords: Tensor | None = None
+
+    def rows(self, slide: int) -> Tensor:
+        """Positions in the bag of one slide's instances, in bag order. Shapes: (N_s,)"""
+        return torch.nonzero(self.index == slide).flatten()
+
+    def has_coords(self, slide: int) -> bool:
+        """Whether every instance of ``slide`` has a position on it."""
+        if self.coords is None:
+            return False
+        rows = self.rows(slide)
+        return len(rows) > 0 and bool(torch.isfinite(self.coords[rows]).all())
+
+
+@dataclass
 class Bag:
     """One patient: N instance feature vectors and the patient label.
 
@@ -24,6 +53,8 @@ class Bag:
         features: (N, D) float32
         scales: (N,) int64 or None -- index of the magnification/crop scale of each
             instance (MRAN); None when the site has a single scale.
+        slides: which slide/capture each instance came from, with positions where known
+            (:class:`Slides`); None for bags not read from a site folder.
     """
 
     patient_id: str
@@ -32,6 +63,7 @@ class Bag:
     fine_label: int | None = None
     scales: Tensor | None = None
     instance_names: list[str] = field(default_factory=list)
+    slides: Slides | None = None
 
     @property
     def num_instances(self) -> int:

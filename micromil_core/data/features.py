@@ -8,10 +8,15 @@ a feature dimension that does not match the rest of the federation.
 Multi-scale sites (MRAN, see docs/multiscale.md) may also store each instance's scale index:
 an ``.h5`` dataset ``scales`` (N,) or a ``.pt`` dict ``{"features": (N, D), "scales": (N,)}``;
 :func:`read_features_and_scales` returns them (``.npy`` files have none).
+
+Instance coordinates on the slide (for heatmaps): the ``.h5`` dataset ``coords`` (N, 2) of
+TRIDENT/CLAM patch features, or the ``.pt`` dict key ``"coords"``; :func:`read_slide_file`
+returns them with everything else a file holds.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +32,22 @@ H5_FEATURES_KEY = "features"
 H5_COORDS_KEY = "coords"
 PT_FEATURES_KEY = "features"
 SCALES_KEY = "scales"  # the same name in .h5 files and .pt dicts
+COORDS_KEY = "coords"  # .pt dicts; .h5 files use H5_COORDS_KEY (the same name)
+IMAGES_KEY = "images"  # .pt dicts of the feature cache: image path of each row
 
 
-def _load_raw(path: Path) -> tuple[Any, Any]:
-    """Load the array-like payloads (features, scales or None) of one feature file."""
+@dataclass(frozen=True)
+class _Raw:
+    """The array-like payloads of one feature file, unchecked; None where absent."""
+
+    features: Any
+    scales: Any = None
+    coords: Any = None
+    images: Any = None
+
+
+def _load_raw(path: Path) -> _Raw:
+    """Load the array-like payloads of one feature file."""
     suffix = path.suffix.lower()
     if suffix == ".pt":
         # weights_only: a feature file is data, never code; refuse pickled objects.
@@ -42,10 +59,12 @@ def _load_raw(path: Path) -> tuple[Any, Any]:
                     f"(keys: {sorted(map(str, obj))}); save the (N, D) tensor itself or a "
                     f"dict {{'features': tensor}}"
                 )
-            return obj[PT_FEATURES_KEY], obj.get(SCALES_KEY)
-        return obj, None
+            return _Raw(
+                obj[PT_FEATURES_KEY], obj.get(SCALES_KEY), obj.get(COORDS_KEY), obj.get(IMAGES_KEY)
+            )
+        return _Raw(obj)
     if suffix == ".npy":
-        return np.load(path, allow_pickle=False), None
+        return _Raw(np.load(path, allow_pickle=False))
     if suffix == ".h5":
         import h5py  # local: only sites with .h5 files need it
 
@@ -56,12 +75,37 @@ def _load_raw(path: Path) -> tuple[Any, Any]:
                     f"(has: {sorted(fh.keys())}); store the (N, D) features under "
                     f"{H5_FEATURES_KEY!r}"
                 )
+            feats = np.asarray(fh[H5_FEATURES_KEY][()])
+            if feats.ndim == 3 and feats.shape[0] == 1:
+                feats = feats[0]  # CLAM writes (1, N, D) in some versions
             scales = np.asarray(fh[SCALES_KEY][()]) if SCALES_KEY in fh else None
-            return np.asarray(fh[H5_FEATURES_KEY][()]), scales
+            coords = np.asarray(fh[H5_COORDS_KEY][()]) if H5_COORDS_KEY in fh else None
+            return _Raw(feats, scales, coords)
     raise FeatureError(
         f"{path}: unsupported feature file extension {path.suffix!r}; "
         f"use one of {', '.join(FEATURE_EXTENSIONS)}"
     )
+
+
+def _check_coords(path: Path, raw: Any, n: int) -> Tensor:
+    """Validate a file's instance coordinates: (N, 2) finite numbers (x, y)."""
+    fix = (
+        f"store one (x, y) position per instance row under {COORDS_KEY!r} (TRIDENT/CLAM: "
+        f"the patch's top-left corner in level-0 pixels), or drop {COORDS_KEY!r}"
+    )
+    arr = raw.detach().cpu().numpy() if isinstance(raw, Tensor) else np.asarray(raw)
+    if arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]  # (1, N, 2), as features may be
+    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.number):
+        raise FeatureError(f"{path}: {COORDS_KEY!r} has dtype {arr.dtype}, not numbers; {fix}")
+    if arr.shape != (n, 2):
+        raise FeatureError(
+            f"{path}: {COORDS_KEY!r} has shape {tuple(arr.shape)} but the features have {n} "
+            f"rows; expected ({n}, 2): {fix}"
+        )
+    if not np.isfinite(arr).all():
+        raise FeatureError(f"{path}: {COORDS_KEY!r} holds NaN/Inf values; {fix}")
+    return torch.from_numpy(arr.astype(np.float32))
 
 
 def _check_scales(path: Path, raw: Any, n: int) -> Tensor:
@@ -130,7 +174,36 @@ def read_features_and_scales(
     Raises:
         FeatureError: the file is missing, unreadable or corrupt, is not 2-D, has zero rows
             or zero columns, contains NaN/Inf, has D != ``expected_dim``, or stores scales
-            that are not N integers >= 0.
+            that are not N integers >= 0 (or coordinates that are not (N, 2) numbers).
+    """
+    slide = read_slide_file(path, expected_dim)
+    return slide.features, slide.scales
+
+
+@dataclass(frozen=True)
+class SlideFile:
+    """What one feature file (one slide, or a whole patient) holds, validated.
+
+    Shapes:
+        features: (N, D) float32, N >= 1
+        scales: (N,) int64 >= 0, or None
+        coords: (N, 2) float32 (x, y) positions on the slide, or None
+        images: N image paths relative to ``images/<patient_id>/`` (feature cache), or None
+    """
+
+    path: Path
+    features: Tensor
+    scales: Tensor | None = None
+    coords: Tensor | None = None
+    images: list[str] | None = None
+
+
+def read_slide_file(path: str | Path, expected_dim: int | None = None) -> SlideFile:
+    """Read and validate everything one feature file holds (see :class:`SlideFile`).
+
+    Raises:
+        FeatureError: as :func:`read_features_and_scales`, and for coordinates that are not
+            (N, 2) finite numbers.
     """
     path = Path(path)
     if not path.is_file():
@@ -138,12 +211,27 @@ def read_features_and_scales(
     if path.stat().st_size == 0:
         raise FeatureError(f"{path}: the feature file is empty (0 bytes); re-extract or re-export it")
     try:
-        raw, raw_scales = _load_raw(path)
+        raw = _load_raw(path)
     except FeatureError:
         raise
     except Exception as exc:  # any library's "corrupt file" error: report it uniformly
         raise _unreadable(path, exc) from None
+    feats = _checked_features(path, raw.features, expected_dim)
+    n = int(feats.shape[0])
+    images = raw.images
+    if not (isinstance(images, list) and len(images) == n and all(isinstance(i, str) for i in images)):
+        images = None  # not a cache file's row list: the rows' images are unknown
+    return SlideFile(
+        path,
+        feats,
+        None if raw.scales is None else _check_scales(path, raw.scales, n),
+        None if raw.coords is None else _check_coords(path, raw.coords, n),
+        images,
+    )
 
+
+def _checked_features(path: Path, raw: Any, expected_dim: int | None) -> Tensor:
+    """The (N, D) float32 features of a file, or a FeatureError saying what is wrong."""
     try:
         if isinstance(raw, Tensor):
             feats = raw.detach().to("cpu", torch.float32)
@@ -181,8 +269,7 @@ def read_features_and_scales(
             f"{path}: feature dimension mismatch: expected {expected_dim}, got {d}; all "
             f"patients (and all sites) must use the same encoder"
         )
-    scales = None if raw_scales is None else _check_scales(path, raw_scales, n)
-    return feats.contiguous(), scales
+    return feats.contiguous()
 
 
 def write_feature_file(path: str | Path, features: Tensor, scales: Tensor | None = None) -> Path:

@@ -7,7 +7,7 @@ validation or test data.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -43,9 +43,7 @@ class FeatureScaler:
 
     def transform(self, bag: Bag) -> Bag:
         feats = (bag.features.float() - self.mean) / self.std  # (N, D)
-        return Bag(
-            bag.patient_id, feats, bag.label, bag.fine_label, bag.scales, bag.instance_names
-        )
+        return replace(bag, features=feats)  # slides and scales stay with the instances
 
     def transform_all(self, bags: list[Bag]) -> list[Bag]:
         return [self.transform(b) for b in bags]

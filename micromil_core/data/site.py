@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from micromil_core.data.bag import UNLABELLED, Bag
-from micromil_core.data.features import read_features_and_scales
 from micromil_core.data.layout import (
     FEATURE_EXTENSIONS,
     FEATURES_DIR,
@@ -34,8 +33,9 @@ from micromil_core.data.layout import (
     PATIENTS_CSV,
     REQUIRED_COLUMNS,
     SPLITS,
-    find_feature_file,
+    find_patient_features,
 )
+from micromil_core.data.slides import read_patient_features
 from micromil_core.errors import ConfigError, SiteDataError
 
 log = logging.getLogger(__name__)
@@ -442,29 +442,31 @@ def load_bags(
     Args:
         site: from :func:`load_site`.
         patient_ids: which patients, in the order wanted; default all, in file order.
-        feature_dir: where ``<patient_id>.{pt,npy,h5}`` live; default ``SITE/features``
-            (pass a feature cache folder for features extracted from ``images/``).
+        feature_dir: where ``<patient_id>.{pt,npy,h5}`` (or ``<patient_id>/``, one file
+            per slide) live; default ``SITE/features`` (or a cache folder of ``images/``).
         expected_dim: required feature dimension; when None the first bag's dimension is
             required of all the others.
 
     Shapes:
         each bag.features: (N_i, D) float32
-        each bag.scales: (N_i,) int64 when the file stores scale indices (multi-scale
-            sites, see docs/multiscale.md), else None
+        each bag.scales: (N_i,) int64 when the files store scale indices (multi-scale
+            sites, see docs/multiscale.md), else None; each bag.slides: see ``Slides``
 
     Raises:
-        SiteDataError: a patient has no feature file or is not in ``patients.csv``.
+        SiteDataError: a patient has no feature file (or a file and a slide folder), or
+            is not in ``patients.csv``.
         FeatureError: a feature file is unreadable, empty, non-finite or of the wrong D.
     """
     fdir = Path(feature_dir) if feature_dir is not None else site.path / FEATURES_DIR
     bags: list[Bag] = []
     dim = expected_dim
     for rec in site.records(patient_ids):
-        fpath = find_feature_file(fdir, rec.patient_id)
-        if fpath is None:
+        files = find_patient_features(fdir, rec.patient_id)
+        if files is None:
             where = (
                 f"patient {rec.patient_id!r} ({site.path / PATIENTS_CSV} row {rec.row}) has no "
-                f"feature file {fdir / rec.patient_id}{{{','.join(FEATURE_EXTENSIONS)}}}"
+                f"feature file {fdir / rec.patient_id}{{{','.join(FEATURE_EXTENSIONS)}}} "
+                f"(nor a folder {rec.patient_id}/ of slide files)"
             )
             if feature_dir is None and (site.path / IMAGES_DIR / rec.patient_id).is_dir():
                 # An image site read without an encoder: the images are there, only the
@@ -480,15 +482,16 @@ def load_bags(
                 f"features, or put its images under {IMAGES_DIR}/{rec.patient_id}/ and pass "
                 f"`--encoder NAME` to encode them"
             )
-        feats, scales = read_features_and_scales(fpath, expected_dim=dim)
-        dim = int(feats.shape[1])
+        read = read_patient_features(files, expected_dim=dim)
+        dim = int(read.features.shape[1])
         bags.append(
             Bag(
                 patient_id=rec.patient_id,
-                features=feats,
+                features=read.features,
                 label=site.label_index(rec),
                 fine_label=site.fine_label_index(rec),
-                scales=scales,
+                scales=read.scales,
+                slides=read.slides,
             )
         )
     return bags

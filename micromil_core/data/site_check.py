@@ -1,10 +1,15 @@
 """``micromil check-site``: a readable report of what is wrong (or fine) in a site folder,
 with the fix for each problem.
+
+Sites with several slides or captures per patient (``features/<patient_id>/*.h5``,
+``images/<patient_id>/<capture>/*``) are summarised too: slides per patient and how many
+carry instance coordinates (what heatmaps need).
 """
 
 from __future__ import annotations
 
 import difflib
+import statistics
 import struct
 from collections import Counter
 from collections.abc import Sequence
@@ -13,14 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from micromil_core.data.data_root import classes_declared_for
-from micromil_core.data.features import read_feature_file
 from micromil_core.data.layout import (
     FEATURE_EXTENSIONS,
     FEATURES_DIR,
     IMAGES_DIR,
     PATIENTS_CSV,
     SPLITS,
-    find_feature_file,
+    find_patient_features,
+    image_layout_problem,
+    image_place,
     list_patient_images,
 )
 from micromil_core.data.site import (
@@ -30,7 +36,8 @@ from micromil_core.data.site import (
     check_vocabulary,
     parse_patients_csv,
 )
-from micromil_core.errors import FeatureError
+from micromil_core.data.slides import read_patient_features
+from micromil_core.errors import SiteDataError
 
 # Below this many patients a site's local validation metrics are mostly noise.
 TINY_SITE_PATIENTS = 10
@@ -93,6 +100,8 @@ class SiteReport:
                 f"  features: {s.get('n_with_features', 0)} patients"
                 f" (dim {s.get('feature_dim')}); images: {s.get('n_with_images', 0)} patients"
             )
+            if s.get("slides"):
+                lines.append(_slides_line(s["slides"]))
         for title, items in (("errors", self.errors), ("warnings", self.warnings)):
             if not items:
                 continue
@@ -170,6 +179,8 @@ def check_site(
     report.warnings += _stray_file_warnings(parsed.records, site_dir, fdir)
 
     source, counts = ("features", files.n_inst) if files.n_inst else ("images", files.n_img)
+    if files.n_slides:
+        stats["slides"] = _slide_stats(files)
     if counts:
         stats["instances"] = {
             "source": source,
@@ -274,7 +285,8 @@ def _patient_warnings(
 
 @dataclass
 class _PatientFiles:
-    """What the per-patient scan found: feature dims and instance counts, per source."""
+    """What the per-patient scan found: feature dims and instance counts, per source;
+    slides (or captures) per patient and how many of them carry coordinates."""
 
     dims: dict[str, int] = field(default_factory=dict)
     dim_file: dict[str, Path] = field(default_factory=dict)
@@ -283,6 +295,9 @@ class _PatientFiles:
     n_feat_ok: int = 0
     n_with_img: int = 0
     n_needs_extraction: int = 0
+    n_slides: list[int] = field(default_factory=list)
+    slides_with_coords: int = 0
+    patients_with_coords: int = 0
 
 
 def _scan_patient_files(
@@ -293,35 +308,87 @@ def _scan_patient_files(
     expected_dim: int | None,
     errors: list[str],
 ) -> _PatientFiles:
-    """Per patient: check its images and/or read its feature file."""
+    """Per patient: check its images and/or read its feature file(s)."""
     found = _PatientFiles()
     for rec in records:
-        fpath = find_feature_file(fdir, rec.patient_id)
         images = list_patient_images(site_dir, rec.patient_id)
+        captures = _check_patient_images(site_dir, rec.patient_id, images, errors)
         if images:
             found.n_with_img += 1
             found.n_img.append(len(images))
-            _check_images(images, errors)
-        if fpath is None:
+        try:
+            files = find_patient_features(fdir, rec.patient_id)
+        except SiteDataError as exc:  # a file and a slide folder, or an empty folder
+            errors.append(str(exc))
+            continue
+        if files is None:
             if not images:
                 errors.append(
                     f"{csv_path} row {rec.row}: patient {rec.patient_id!r} has neither "
                     f"images ({IMAGES_DIR}/{rec.patient_id}/) nor features "
-                    f"({fdir.name}/{rec.patient_id}.pt); add one or remove the row"
+                    f"({fdir.name}/{rec.patient_id}.pt or {fdir.name}/{rec.patient_id}/*.h5); "
+                    f"add one or remove the row"
                 )
             else:
                 found.n_needs_extraction += 1
+                found.n_slides.append(captures)
             continue
         try:
-            feats = read_feature_file(fpath, expected_dim=expected_dim)
-        except FeatureError as exc:
+            read = read_patient_features(files, expected_dim=expected_dim)
+        except SiteDataError as exc:  # FeatureError: names the file and the fix
             errors.append(str(exc))
             continue
         found.n_feat_ok += 1
-        found.dims[rec.patient_id] = int(feats.shape[1])
-        found.dim_file[rec.patient_id] = fpath
-        found.n_inst.append(int(feats.shape[0]))
+        found.dims[rec.patient_id] = int(read.features.shape[1])
+        found.dim_file[rec.patient_id] = files[0]
+        found.n_inst.append(int(read.features.shape[0]))
+        n_slides = len(read.slides.names)
+        found.n_slides.append(n_slides)
+        with_coords = sum(read.slides.has_coords(i) for i in range(n_slides))
+        found.slides_with_coords += with_coords
+        found.patients_with_coords += with_coords > 0
     return found
+
+
+def _check_patient_images(
+    site_dir: Path, patient_id: str, images: list[Path], errors: list[str]
+) -> int:
+    """Check a patient's image files and folder layout; returns its number of captures."""
+    if not images:
+        return 0
+    _check_images(images, errors)
+    folder = site_dir / IMAGES_DIR / patient_id
+    rel = [p.relative_to(folder).as_posix() for p in images]
+    problem = image_layout_problem(folder, rel)
+    if problem:
+        errors.append(problem)
+    return len({image_place(r).capture for r in rel})
+
+
+def _slide_stats(files: _PatientFiles) -> dict[str, Any]:
+    """Slides (or captures) per patient and how many carry coordinates: counts only."""
+    n = files.n_slides
+    return {
+        "min": min(n),
+        "median": statistics.median(n),
+        "max": max(n),
+        "total": sum(n),
+        "with_coords": files.slides_with_coords,
+        "patients_with_coords": files.patients_with_coords,
+    }
+
+
+def _slides_line(s: dict[str, Any]) -> str:
+    coords = (
+        f"{s['with_coords']} of them with instance coordinates, in "
+        f"{s['patients_with_coords']} patients (heatmaps)"
+        if s["with_coords"]
+        else "none with instance coordinates (no heatmaps)"
+    )
+    return (
+        f"  slides/captures per patient: min {s['min']}, median {s['median']:g}, "
+        f"max {s['max']}; {s['total']} in all, {coords}"
+    )
 
 
 def _check_feature_dims(
@@ -352,12 +419,27 @@ def _stray_file_warnings(records: list[PatientRecord], site_dir: Path, fdir: Pat
         strays = sorted(
             p.name
             for p in fdir.iterdir()
-            if p.suffix.lower() in FEATURE_EXTENSIONS and p.stem not in listed
+            if (p.suffix.lower() in FEATURE_EXTENSIONS and p.stem not in listed)
+            or (p.is_dir() and p.name not in listed)
         )
         if strays:
             warnings.append(
-                f"{fdir}: {len(strays)} feature file(s) of patients not in {PATIENTS_CSV} "
-                f"(e.g. {strays[:3]}); check the patient ids"
+                f"{fdir}: {len(strays)} feature file(s) or slide folder(s) of patients not in "
+                f"{PATIENTS_CSV} (e.g. {strays[:3]}); check the patient ids"
+            )
+        ignored = sorted(
+            f"{p.parent.name}/{p.name}"
+            for pid in listed
+            if (fdir / pid).is_dir()
+            for p in (fdir / pid).iterdir()
+            if p.is_file() and not p.name.startswith(".")
+            and p.suffix.lower() not in FEATURE_EXTENSIONS
+        )
+        if ignored:
+            warnings.append(
+                f"{fdir}: {len(ignored)} file(s) in slide folders are not feature files "
+                f"({', '.join(FEATURE_EXTENSIONS)}) and are ignored (e.g. {ignored[:3]}); "
+                f"convert or remove them"
             )
     img_root = site_dir / IMAGES_DIR
     if img_root.is_dir():

@@ -8,8 +8,14 @@ Encoder specs (the ``encoder`` setting of a site/run config)::
     histo-texture              weight-free colour + texture descriptor (default, offline)
     pixels | pixels:<size>     grey image resized to size x size, flattened (default 28)
     torchscript:<path>         a TorchScript model file (or just an existing *.pt/.pth/.ts path)
-    timm:<name>                a timm model, weights from a local file (weights=...)
+    timm:<name>[@<checkpoint>] a timm model, weights from a local file (@file or weights=...)
     torchvision:<name>         a torchvision model, weights from a local file (weights=...)
+    hf:<folder>                a Hugging Face transformers model saved in a local folder
+    open_clip:<name>@<file>    an open_clip model's image tower, weights from a local file
+
+Identity: an encoder with weights records the SHA-256 of each weight file
+(``weight_hashes``); ``identity`` (name, weights digest, cache id) is what the feature
+cache's manifest stores and what a federation compares between sites.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch
 
 from micromil_core.errors import ConfigError
 
-__all__ = ["DEFAULT_ENCODER", "Encoder"]
+__all__ = ["DEFAULT_ENCODER", "Encoder", "combined_sha256", "identity_label"]
 
 DEFAULT_ENCODER = "histo-texture"
 
@@ -53,9 +59,12 @@ class Encoder(abc.ABC):
     name: str
     dim: int
     version: int = 1
+    # File name -> hex SHA-256 of every weight file; empty for weight-free encoders.
+    weight_hashes: dict[str, str]
 
     def __init__(self) -> None:
         self.device = torch.device("cpu")
+        self.weight_hashes = {}
 
     def params(self) -> dict[str, Any]:
         """Settings that change the output; part of ``cache_id``. JSON-serialisable."""
@@ -76,6 +85,29 @@ class Encoder(abc.ABC):
         digest = hashlib.sha256(payload.encode("utf-8")).hexdigest()[:10]
         return f"{_slug(self.name)}-v{self.version}-{digest}"
 
+    @property
+    def weights_sha256(self) -> str | None:
+        """One digest of the weights: the file's SHA-256 for one file, for several the
+        SHA-256 of their sorted ``name:sha256`` lines; None for a weight-free encoder."""
+        return combined_sha256(getattr(self, "weight_hashes", None) or {})
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """Who made a set of features: ``{"name", "weights_sha256", "files", "cache_id"}``.
+
+        Two encoders with equal identities give the same features for the same image (up
+        to float rounding between devices), whatever the paths they were loaded from.
+        """
+        return {"name": self.name, "weights_sha256": self.weights_sha256,
+                "files": dict(sorted((getattr(self, "weight_hashes", None) or {}).items())),
+                "cache_id": self.cache_id}
+
+    @property
+    def default_tile_size(self) -> int | None:
+        """Tile side (pixels) a larger capture is cut into when extraction asks for the
+        default tiling; None: the whole image is encoded (weight-free descriptors)."""
+        return None
+
     @abc.abstractmethod
     def encode(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """Encode a batch of images.
@@ -94,6 +126,33 @@ class Encoder(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(cache_id={self.cache_id!r}, dim={self.dim})"
+
+
+def combined_sha256(hashes: dict[str, str]) -> str | None:
+    """One hex digest for ``{file name: sha256}``; see ``Encoder.weights_sha256``."""
+    if not hashes:
+        return None
+    if len(hashes) == 1:
+        return next(iter(hashes.values()))
+    lines = "".join(f"{name}:{digest}\n" for name, digest in sorted(hashes.items()))
+    return hashlib.sha256(lines.encode("utf-8")).hexdigest()
+
+
+def identity_label(identity: dict[str, Any] | None) -> str:
+    """One line naming an encoder identity in messages and on the wire:
+    ``<cache id> sha256:<first 16 hex of the weights>`` (just the cache id without weights).
+    The cache id is the feature cache's (crop and tile settings included) when the identity
+    comes from a cache manifest.
+
+    Equal labels mean equal features: the cache id hashes the encoder's name (never a local
+    file or folder name), version, settings and the full weights digest; the visible prefix
+    of the digest is for people.
+    """
+    if not identity:
+        return "unknown encoder (precomputed features)"
+    cache_id = identity.get("feature_cache_id") or identity["cache_id"]
+    sha = identity.get("weights_sha256")
+    return f"{cache_id} sha256:{sha[:16]}" if sha else str(cache_id)
 
 
 def _empty_output(encoder: Encoder) -> torch.Tensor:

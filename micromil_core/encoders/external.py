@@ -1,12 +1,14 @@
-"""Neural encoders from files: TorchScript archives, timm and torchvision models.
+"""Neural encoders from files: TorchScript archives, timm and torchvision models
+(Hugging Face folders: ``hf.py``; open_clip: ``clip.py``).
 
 Nothing is ever downloaded: a TorchScript file carries its weights, and timm/torchvision
 models are built without pretrained weights and then loaded from a local ``weights=`` file
-(a state dict, optionally wrapped as {"state_dict": ...} or {"model": ...}). timm and
-torchvision are optional packages, imported only when such an encoder is asked for.
+(a state dict, optionally wrapped as {"state_dict": ...} or {"model": ...}, or a
+``.safetensors`` file). timm and torchvision are optional packages, imported only when such
+an encoder is asked for.
 
-Preprocessing (all model encoders): resize so the short side equals ``input_size``
-(bicubic, antialiased), centre-crop ``input_size`` x ``input_size``, scale to [0, 1],
+Preprocessing (all model encoders): resize so the short side equals ``input_size`` (or a
+model's own ``resize_size``; bicubic, antialiased), centre-crop ``input_size`` x ``input_size``, scale to [0, 1],
 normalise with ImageNet mean/std (or the timm model's own pretrained config). The
 model's output is flattened per image: (n, ...) -> (n, dim).
 """
@@ -14,9 +16,11 @@ model's output is flattened per image: (n, ...) -> (n, dim).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -49,18 +53,19 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def preprocess(images: Sequence[np.ndarray], size: int, mean: Sequence[float],
-               std: Sequence[float]) -> torch.Tensor:
-    """Resize short side to ``size``, centre-crop, normalise.
+               std: Sequence[float], resize: int | None = None) -> torch.Tensor:
+    """Resize the short side to ``resize`` (default ``size``), centre-crop ``size``, normalise.
 
     Shapes:
         images: n arrays (H_i, W_i, 3) uint8 -> (n, 3, size, size) float32
     """
+    short = max(size, resize or size)
     out = np.empty((len(images), size, size, 3), dtype=np.float32)
     for k, image in enumerate(images):
         img = Image.fromarray(to_rgb_uint8(image))
         w, h = img.size
-        scale = size / min(w, h)
-        new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+        scale = short / min(w, h)
+        new_w, new_h = max(short, round(w * scale)), max(short, round(h * scale))
         if (new_w, new_h) != (w, h):
             img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
         left, top = (new_w - size) // 2, (new_h - size) // 2
@@ -89,7 +94,13 @@ class ModelEncoder(Encoder):
     input_size: int
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    resize_size: int | None = None  # short side before the centre crop; None = input_size
     source: str = "model"
+
+    @property
+    def default_tile_size(self) -> int:
+        """A capture larger than the network input is tiled at the input size."""
+        return self.input_size
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run the model and flatten its output.  (n, 3, S, S) -> (n, D)"""
@@ -132,7 +143,8 @@ class ModelEncoder(Encoder):
         """Shapes: n images (H_i, W_i, 3) uint8 -> (n, dim) float32 on the CPU."""
         if len(images) == 0:
             return _empty_output(self)
-        x = preprocess(images, self.input_size, self.mean, self.std).to(self.device)
+        x = preprocess(images, self.input_size, self.mean, self.std,
+                       self.resize_size).to(self.device)
         with torch.inference_mode():
             feats = self._forward(x)
         return feats.to("cpu", torch.float32)
@@ -156,6 +168,7 @@ class TorchScriptEncoder(ModelEncoder):
         self.input_size = _check_size(input_size, self.source)
         self.device = torch.device(device)
         self.sha256 = file_sha256(self.path)
+        self.weight_hashes = {self.path.name: self.sha256}
         try:
             model = torch.jit.load(str(self.path), map_location=self.device)
         except Exception as exc:  # jit.load raises RuntimeError and others
@@ -165,7 +178,9 @@ class TorchScriptEncoder(ModelEncoder):
                 "torch.jit.trace(model, example).save(path)"
             ) from exc
         self.model = model.eval()
-        self.name = f"torchscript-{_slug(self.path.stem, 24)}"
+        # Not the file's name: the same weights under another name are the same encoder
+        # (the identity a federation compares between sites).
+        self.name = "torchscript"
         self.dim = self._probe_dim()
 
     def params(self) -> dict[str, object]:
@@ -178,11 +193,21 @@ def _load_state_dict(weights: str | Path, source: str) -> dict[str, torch.Tensor
     if not path.is_file():
         raise ConfigError(f"{source}: weights file {path} not found; give a local file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle/zip errors of many kinds
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file  # the `encoders` extra
+
+            obj = load_file(str(path), device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError as exc:
+        raise ConfigError(
+            f"{source}: {path} is a safetensors file; `pip install safetensors` (or "
+            "micromil-fl[encoders]) to read it"
+        ) from exc
+    except Exception as exc:  # pickle/zip/header errors of many kinds
         raise ConfigError(
             f"{source}: cannot load weights {path} ({type(exc).__name__}: {exc}); it must be "
-            "a torch.save'd state dict"
+            "a torch.save'd state dict or a .safetensors file"
         ) from exc
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -197,7 +222,11 @@ def _load_state_dict(weights: str | Path, source: str) -> dict[str, torch.Tensor
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load weights into a head-less model; head weights in the file are ignored."""
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor of the wrong shape
+        raise ConfigError(f"{source}: the weights file does not match the architecture "
+                          f"({exc}); check the model name") from exc
     unexpected = [k for k in result.unexpected_keys if k.split(".")[0] not in _HEAD_NAMES]
     if result.missing_keys or unexpected:
         raise ConfigError(
@@ -233,28 +262,69 @@ class _LibraryEncoder(ModelEncoder):
 
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    model_args: Mapping[str, Any] = MappingProxyType({})  # extra constructor arguments
 
     def _finish(self, model, library: str, model_name: str, weights, device, input_size: int) -> None:
         _strip_head(model)
         _load_into(model, _load_state_dict(weights, self.source), self.source)
         self.input_size = _check_size(input_size, self.source)
         self.model_name = model_name
-        self.weights_sha256 = file_sha256(Path(weights).expanduser())
+        self._weights_file_sha256 = file_sha256(Path(weights).expanduser())
+        self.weight_hashes = {Path(weights).name: self._weights_file_sha256}
         self.name = f"{library}-{_slug(model_name, 30)}"
         self.device = torch.device(device)
         self.model = model.eval().to(self.device)
         self.dim = self._probe_dim()
 
     def params(self) -> dict[str, object]:
-        return {"model": self.model_name, "weights_sha256": self.weights_sha256,
-                "input_size": self.input_size, "mean": list(self.mean), "std": list(self.std)}
+        out = {"model": self.model_name, "weights_sha256": self._weights_file_sha256,
+               "input_size": self.input_size, "mean": list(self.mean), "std": list(self.std)}
+        if self.model_args:  # only then: caches of encoders without them keep their id
+            out["model_args"] = dict(self.model_args)
+        return out
+
+
+def _refuse_hub_name(model_name: str, source: str) -> None:
+    """timm/open_clip resolve ``hf-hub:org/repo`` names by downloading: never here."""
+    if model_name.lower().startswith(("hf-hub:", "hf_hub:")):
+        raise ConfigError(
+            f"{source}: hub names download at run time; give the architecture name and the "
+            "local weights instead, e.g. 'timm:vit_large_patch16_224@/models/uni/"
+            "pytorch_model.bin' (a config.json beside the file supplies its model_args)"
+        )
+
+
+def timm_folder_config(weights: str | Path, model_name: str, source: str) -> dict[str, Any]:
+    """The ``config.json`` timm writes beside hub weights (``architecture``, ``model_args``,
+    ``pretrained_cfg``), read from the weights file's folder; {} when there is none.
+
+    Pathology models such as UNI need their ``model_args`` (e.g. ``init_values``) to build
+    the architecture the weights were trained with.
+    """
+    path = Path(weights).expanduser().parent / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{source}: cannot read {path} ({exc}); fix or remove it") from exc
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{source}: {path} is not a JSON object; fix or remove it")
+    arch = cfg.get("architecture")
+    if arch and arch != model_name:
+        raise ConfigError(
+            f"{source}: {path} describes architecture {arch!r}, not {model_name!r}; use "
+            f"'timm:{arch}@{weights}' or move the config.json away"
+        )
+    return cfg
 
 
 class TimmEncoder(_LibraryEncoder):
-    """A timm architecture (``timm:<name>``) with weights from a local file.
+    """A timm architecture (``timm:<name>@<checkpoint>``) with weights from a local file.
 
-    Preprocessing uses the model's pretrained config (input size, mean, std) when timm
-    provides one, else ImageNet defaults at 224.
+    Preprocessing uses the pretrained config (input size, mean, std) of the ``config.json``
+    beside the checkpoint when there is one, else timm's own for the name, else ImageNet
+    defaults at 224. That file's ``model_args`` are passed to ``timm.create_model``.
     """
 
     version = 1
@@ -263,20 +333,24 @@ class TimmEncoder(_LibraryEncoder):
                  device: str | torch.device = "cpu", input_size: int | None = None) -> None:
         super().__init__()
         self.source = f"encoder 'timm:{model_name}'"
+        _refuse_hub_name(model_name, self.source)
         try:
             import timm  # optional dependency
         except ImportError as exc:
             raise ConfigError(
-                f"{self.source} needs the timm package: `pip install timm`; weights must be "
-                "available locally (weights=<file>), nothing is downloaded"
+                f"{self.source} needs the timm package: `pip install timm` (it imports "
+                "torchvision too); weights must be available locally (timm:<name>@<file> or "
+                f"weights=<file>), nothing is downloaded ({type(exc).__name__}: {exc})"
             ) from exc
         _need_weights(self.source, weights, "timm")
+        folder_cfg = timm_folder_config(weights, model_name, self.source)
+        self.model_args = dict(folder_cfg.get("model_args") or {})
         try:
             # pretrained=False: timm must never reach for the Hugging Face hub.
-            model = timm.create_model(model_name, pretrained=False)
+            model = timm.create_model(model_name, pretrained=False, **self.model_args)
         except Exception as exc:  # unknown names raise RuntimeError
             raise ConfigError(f"{self.source}: timm cannot build {model_name!r} ({exc})") from exc
-        cfg = getattr(model, "pretrained_cfg", None) or {}
+        cfg = folder_cfg.get("pretrained_cfg") or getattr(model, "pretrained_cfg", None) or {}
         self.mean = tuple(cfg.get("mean", IMAGENET_MEAN))
         self.std = tuple(cfg.get("std", IMAGENET_STD))
         default_size = int(cfg.get("input_size", (3, 224, 224))[-1])

@@ -6,27 +6,50 @@ Cache layout (``feature_cache_dir(site_dir, encoder.cache_id)``)::
                                       "images": [N image paths relative to images/<patient_id>/,
                                                  POSIX separators, row order of features],
                                       "scales": (N,) int64 scale indices (multi-scale only),
+                                      "coords": (N, 2) int64 (x, y) tile corners (tiled only),
                                       "encoder": cache_id, "format": 1}
     manifest.json      {"format": 1, "encoder": cache_id, "dim": D,
                         "scales": [scale names, index order], "crop_scales": [...],
+                        "encoder_identity": {"name", "weights_sha256", "files", "cache_id",
+                                             "feature_cache_id"},
+                        "tiles": {"size": T, "overlap": O} (tiled only),
+                        "stain_normalisation": StainNormaliser.provenance() (if used),
                         "patients": {<patient_id>: {"fingerprint": sha256 hex,
-                                                    "n_images": N, "file": "<patient_id>.pt",
+                                                    "n_images": n, "file": "<patient_id>.pt",
+                                                    "n_instances": N (when N != n),
                                                     "scales": [names its rows use]}}}
+
+Tiling (``tiling.py``): a model encoder cuts an image larger than its input into tiles of
+its input size by default (``tile_size``), one row per tile, instead of shrinking the
+capture; ``histo-texture`` and ``pixels`` encode whole images unless a tile size is given.
+Rows are image-major, then tile (row by row), then crop. Tile settings are part of the
+cache id. Batching, DataLoader workers and mixed precision: ``pipeline.py``.
+
+Whole-slide files (``.svs``, tiled or pyramidal ``.tif``; ``wsi.py``) among a patient's
+images are always tiled: at ``tile_size``, else the encoder's default, else
+``wsi.DEFAULT_TILE_SIZE`` (the whole site then uses that tiling); background tiles are
+skipped and each row's ``coords`` are level-0 pixels. Stain normalisation (``stain.py``,
+``stain_normalise="macenko:REF.png"``) maps every tile (or whole image) before encoding;
+its ``cache_tag`` (method + reference SHA-256) is part of the cache id, so features with and
+without it, or with another reference, never share a cache.
 
 The fingerprint hashes the cache id and, per image, its relative path, size and mtime_ns,
 so a patient is recomputed when an image is added, removed, renamed or rewritten, and
 reused without opening a single image otherwise.
 
-Scales (MRAN; docs/multiscale.md): a site whose every image lies in a first-level subfolder
-``images/<patient_id>/<scale>/`` (e.g. BreakHis's 40X/100X/200X/400X) and that uses at
-least two such names is multi-scale: the scale index of an image is the position of its
-folder in the site's scale names, ordered by their leading number when all have one
-(40X < 100X < 200X < 400X), else alphabetically. ``crop_scales`` encodes every image once
+Scales (MRAN; docs/multiscale.md; code in ``scales.py``): a scale folder is named as a
+magnification (``40X``, ``100x``, ``2.5X``) or is one of ``scale_names``; any other folder
+is a capture, which may hold scale folders itself (``images/<patient_id>/<capture>/40X/``);
+scale folders beside other folders are refused as ambiguous (``data.layout.image_place``).
+A site whose every image lies in a scale folder and that uses at least two scale names is
+multi-scale: the scale index of an image is the position of its folder in the site's scale
+names, ordered by their leading number when all have one (40X < 100X < 200X < 400X), else
+alphabetically. ``crop_scales`` encodes every image once
 per crop (1.0 = whole image, 0.5 = central half of each side, resized back to the image
 size, i.e. a 2x digital zoom): rows are image-major, scale index = folder index *
 len(crop_scales) + crop index. Crop settings are part of the cache id; scale names are not
-(a change of names relabels cached rows without re-encoding). Images directly in
-``images/<patient_id>/`` keep the single-scale layout: no "scales" anywhere, old caches valid.
+(a change of names relabels cached rows without re-encoding). Images outside
+scale folders keep the single-scale layout: no "scales" anywhere, old caches valid.
 
 Crash safety: every file is written atomically (temporary file + rename), the feature file
 before its manifest entry. The manifest is rewritten after each patient (at most every
@@ -39,20 +62,19 @@ Patient ids stay on the site: they appear in file names and the local manifest o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from micromil_core.data.layout import (
     IMAGE_EXTENSIONS,
@@ -62,7 +84,27 @@ from micromil_core.data.layout import (
 )
 from micromil_core.encoders.base import Encoder
 from micromil_core.encoders.images import read_image
-from micromil_core.errors import ConfigError, FeatureError, ImageError, SiteDataError
+from micromil_core.encoders.pipeline import (
+    BatchEncoder,
+    ViewPlan,
+    check_workers,
+    iter_image_views,
+)
+from micromil_core.encoders.scales import (  # noqa: F401 (re-exported: the public names here)
+    _all_scale_names,
+    _crop_suffix,
+    _relabel,
+    _row_scales,
+    _scale_folder,
+    _site_scale_names,
+    center_crop,
+    order_scale_names,
+    parse_crop_scales,
+)
+from micromil_core.encoders.stain import StainNormaliser, parse_stain_spec
+from micromil_core.encoders.tiling import TileSpec, resolve_tiles
+from micromil_core.encoders.wsi import SLIDE_SUFFIXES, is_slide_file
+from micromil_core.errors import ConfigError, FeatureError, ImageError, MicroMILError, SiteDataError
 from micromil_core.io import torch_save_atomic, write_json_atomic
 from micromil_core.progress import progress
 
@@ -76,6 +118,7 @@ __all__ = [
     "extract_site_features",
     "order_scale_names",
     "parse_crop_scales",
+    "read_encoder_identity",
 ]
 
 MANIFEST_NAME = "manifest.json"
@@ -94,148 +137,18 @@ class ExtractResult:
         n_extracted: patients whose features were computed in this call.
         n_reused: patients whose cached features were up to date.
         scale_names: name of each scale index (``()`` for a single-scale site).
+        n_images: images read and encoded in this call.
+        n_instances: feature rows (tiles x crops) computed in this call.
+        tiles: the tiling used, None when every image was encoded whole.
     """
 
     feature_dir: Path
     n_extracted: int
     n_reused: int
     scale_names: tuple[str, ...] = ()
-
-
-# --- scales -------------------------------------------------------------------------------
-
-_LEADING_NUMBER = re.compile(r"^\s*(\d+(?:\.\d+)?)")
-
-
-def order_scale_names(names: Iterable[str]) -> list[str]:
-    """Distinct scale folder names in index order.
-
-    By their leading number when every name has one (``40X < 100X < 200X < 400X``: the
-    order of magnification users expect, not the string order), else alphabetically.
-    """
-    unique = set(names)
-    numbers = {n: _LEADING_NUMBER.match(n) for n in unique}
-    if unique and all(numbers.values()):
-        return sorted(unique, key=lambda n: (float(numbers[n].group(1)), n))
-    return sorted(unique, key=lambda n: (n.casefold(), n))
-
-
-def parse_crop_scales(value: str | Sequence[float]) -> tuple[float, ...]:
-    """Crop scales from ``"1.0,0.5"`` or a sequence: distinct fractions in (0, 1], in order.
-
-    Raises:
-        ConfigError: empty, not numbers, out of (0, 1] or repeated.
-    """
-    items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
-    fix = "give distinct fractions in (0, 1], e.g. --crop-scales 1.0,0.5"
-    try:
-        crops = tuple(float(v) for v in items)
-    except (TypeError, ValueError):
-        raise ConfigError(f"crop scales {value!r} are not numbers; {fix}") from None
-    if not crops or any(not 0.0 < c <= 1.0 for c in crops) or len(set(crops)) != len(crops):
-        raise ConfigError(f"crop scales {value!r} are invalid; {fix}")
-    return crops
-
-
-def _crop_suffix(crops: tuple[float, ...]) -> str:
-    """Cache-id suffix of a crop setting; empty for the plain whole image (old caches)."""
-    return "" if crops == (1.0,) else "-crop" + "_".join(format(c, "g") for c in crops)
-
-
-def center_crop(image: np.ndarray, fraction: float) -> np.ndarray:
-    """The central ``fraction`` of each side, resized back to the image size (bilinear).
-
-    Resizing back makes a crop a digital zoom by 1/fraction that every encoder then
-    preprocesses exactly like the whole image.
-
-    Shapes: image (H, W, 3) uint8 -> (H, W, 3) uint8
-    """
-    if fraction == 1.0:
-        return image
-    h, w = image.shape[:2]
-    ch, cw = max(1, round(h * fraction)), max(1, round(w * fraction))
-    top, left = (h - ch) // 2, (w - cw) // 2
-    crop = np.ascontiguousarray(image[top:top + ch, left:left + cw])
-    return np.asarray(Image.fromarray(crop).resize((w, h), Image.Resampling.BILINEAR))
-
-
-def _scale_folder(rel_path: str) -> str | None:
-    """The scale folder of an image path relative to images/<pid>/, None when at the top."""
-    parts = rel_path.split("/")
-    return parts[0] if len(parts) > 1 else None
-
-
-def _site_scale_names(
-    site: Path, listing: dict[str, list[Path]], scale_names: Sequence[str] | None
-) -> tuple[str, ...]:
-    """The site's folder scale names in index order; ``()`` when it is single-scale."""
-    folders = {
-        pid: {_scale_folder(p.relative_to(site / IMAGES_DIR / pid).as_posix()) for p in images}
-        for pid, images in listing.items()
-    }
-    found = set().union(*folders.values()) if folders else set()
-    if scale_names is not None:
-        names = tuple(scale_names)
-        if not names or len(set(names)) != len(names) or not all(names):
-            raise ConfigError(
-                f"scale names {list(names)} must be distinct, non-empty folder names, e.g. "
-                "40X,100X,200X,400X"
-            )
-        for pid, fs in folders.items():
-            stray = sorted((f or ".") for f in fs if f not in names)
-            if stray:
-                raise ImageError(
-                    f"{site / IMAGES_DIR / pid}: images in {stray} are not in a scale folder "
-                    f"{list(names)}; move them into one of those folders (e.g. "
-                    f"{IMAGES_DIR}/{pid}/{names[0]}/) or add the folder to the scale names"
-                )
-        return names
-    named = found - {None}
-    if len(named) < 2:
-        return ()  # one folder or none: organisation, not scales
-    if None in found:
-        mixed = sorted(pid for pid, fs in folders.items() if None in fs)
-        log.warning(
-            "%s: %d patient(s) have images directly in %s/<patient_id>/ besides scale "
-            "folders %s; treating the site as single-scale. Move them into a scale folder "
-            "to use the scales.", site, len(mixed), IMAGES_DIR, order_scale_names(named),
-        )
-        return ()
-    return tuple(order_scale_names(named))
-
-
-def _row_scales(rel_paths: Sequence[str], folder_names: tuple[str, ...], n_crops: int
-                ) -> torch.Tensor:
-    """Scale index of every feature row (rows: each image's crops in order).
-
-    Shapes: rel_paths (N * n_crops,) row-aligned image paths -> (N * n_crops,) int64
-    """
-    index = {name: i for i, name in enumerate(folder_names)}
-    folder = [index[_scale_folder(r)] if folder_names else 0 for r in rel_paths]
-    return torch.tensor(
-        [f * n_crops + row % n_crops for row, f in enumerate(folder)], dtype=torch.long
-    )
-
-
-def _relabel(target: Path, save: Callable[[Path, torch.Tensor, list[str]], None]) -> bool:
-    """Rewrite a cached file's scale indices from its stored rows; False if it is unusable."""
-    try:
-        cached = torch.load(target, map_location="cpu", weights_only=True)
-        save(target, cached["features"], [str(r) for r in cached["images"]])
-    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as exc:
-        log.warning("cannot relabel cached features %s (%s); recomputing them", target, exc)
-        return False
-    return True
-
-
-def _all_scale_names(folder_names: tuple[str, ...], crops: tuple[float, ...]) -> tuple[str, ...]:
-    """Name of every scale index: folder names, crop names or ``<folder>@<crop>``."""
-    if len(crops) == 1:
-        return folder_names
-    crop_names = [format(c, "g") for c in crops]
-    if not folder_names:
-        return tuple(f"crop{c}" for c in crop_names)
-    return tuple(f"{f}@{c}" for f in folder_names for c in crop_names)
+    n_images: int = 0
+    n_instances: int = 0
+    tiles: TileSpec | None = None
 
 
 def _fingerprint(image_root: Path, images: Sequence[Path], cache_id: str) -> tuple[str, list[str]]:
@@ -283,26 +196,21 @@ def _check_patient_id(patient_id: str) -> None:
         )
 
 
-def _batches(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
-def _progress(items: Sequence[str], enabled: bool) -> Iterable[str]:
-    return progress(items, "extracting features", "patient", enabled)
-
-
 class _FeatureCache:
     """The cache folder being filled: manifest entries, feature files and when to save.
 
     ``dirty``: entries changed since the manifest was last written.
     """
 
-    def __init__(self, out_dir: Path, cache_id: str, dim: int, folder_names: tuple[str, ...],
-                 crops: tuple[float, ...]) -> None:
-        self.out_dir, self.cache_id, self.dim = out_dir, cache_id, dim
-        self.folder_names, self.crops = folder_names, crops
-        self.names = _all_scale_names(folder_names, crops)
+    def __init__(self, out_dir: Path, cache_id: str, encoder: Encoder,
+                 folder_names: tuple[str, ...], plan: ViewPlan) -> None:
+        self.out_dir, self.cache_id, self.dim = out_dir, cache_id, encoder.dim
+        self.folder_names, self.crops, self.tiles = folder_names, plan.crops, plan.tiles
+        self.identity = {**encoder.identity, "feature_cache_id": cache_id}
+        self.stain = plan.stain.provenance() if plan.stain is not None else None
+        if plan.stain is not None:
+            self.identity["stain_normalisation"] = plan.stain.identity()
+        self.names = _all_scale_names(folder_names, plan.crops)
         self.manifest_path = out_dir / MANIFEST_NAME
         self.entries = _load_manifest(self.manifest_path, cache_id)
         self.dirty = False
@@ -312,14 +220,21 @@ class _FeatureCache:
         write_json_atomic(self.manifest_path, {
             "format": CACHE_FORMAT, "encoder": self.cache_id, "dim": self.dim,
             "scales": list(self.names), "crop_scales": list(self.crops),
+            "encoder_identity": self.identity,
+            **({"tiles": {"size": self.tiles.size, "overlap": self.tiles.overlap}}
+               if self.tiles else {}),
+            **({"stain_normalisation": self.stain} if self.stain else {}),
             "patients": self.entries,
         })
 
-    def save(self, target: Path, features: torch.Tensor, rows: list[str]) -> None:
+    def save(self, target: Path, features: torch.Tensor, rows: list[str],
+             coords: torch.Tensor | None = None) -> None:
         payload = {"features": features, "images": rows, "encoder": self.cache_id,
                    "format": CACHE_FORMAT}
         if self.names:  # single-scale files stay exactly as before
             payload["scales"] = _row_scales(rows, self.folder_names, len(self.crops))
+        if coords is not None:  # tiled: each row's tile position, as TRIDENT/CLAM "coords"
+            payload["coords"] = coords
         torch_save_atomic(payload, target)
 
     def reuse(self, pid: str, fingerprint: str) -> bool:
@@ -341,14 +256,17 @@ class _FeatureCache:
         self.dirty = True
         return True
 
-    def store(self, pid: str, fingerprint: str, features: torch.Tensor,
-              rel_paths: list[str]) -> None:
-        """Save ``pid``'s features (rows: each image's crops in order) and its entry; the
-        manifest follows at most every ``_MANIFEST_EVERY_S`` seconds."""
+    def store(self, pid: str, fingerprint: str, features: torch.Tensor, rows: list[str],
+              n_images: int, coords: torch.Tensor | None = None) -> None:
+        """Save ``pid``'s features (``rows``: the image of each row; each image's tiles,
+        each tile's crops in order) and its entry; the manifest follows at most every
+        ``_MANIFEST_EVERY_S`` seconds."""
         target = self.out_dir / f"{pid}.pt"
-        self.save(target, features, [r for r in rel_paths for _ in self.crops])
-        self.entries[pid] = {"fingerprint": fingerprint, "n_images": len(rel_paths),
+        self.save(target, features, rows, coords)
+        self.entries[pid] = {"fingerprint": fingerprint, "n_images": n_images,
                              "file": target.name}
+        if len(rows) != n_images:
+            self.entries[pid]["n_instances"] = len(rows)
         if self.names:
             self.entries[pid]["scales"] = list(self.names)
         self.dirty = True
@@ -357,45 +275,129 @@ class _FeatureCache:
             self.dirty, self.last_write = False, time.monotonic()
 
 
+# Whole-slide suffixes that data.layout does not list as images (.svs): read by wsi.py.
+_SLIDE_ONLY = tuple(s for s in SLIDE_SUFFIXES if s not in IMAGE_EXTENSIONS)
+
+
 def _list_images(site: Path, patient_ids: Sequence[str]) -> dict[str, list[Path]]:
-    """Every patient's image paths; each patient must have at least one."""
+    """Every patient's image and slide paths, sorted; each patient must have at least one."""
     listing = {}
     for pid in patient_ids:
-        listing[pid] = list_patient_images(site, pid)
+        folder = site / IMAGES_DIR / pid
+        slides = [p for p in folder.rglob("*") if p.suffix.lower() in _SLIDE_ONLY
+                  and p.is_file()] if folder.is_dir() else []
+        listing[pid] = sorted(list_patient_images(site, pid) + slides)
         if not listing[pid]:
             raise ImageError(
-                f"patient {pid!r} has no images ({', '.join(IMAGE_EXTENSIONS)}) in "
+                f"patient {pid!r} has no images ({', '.join(IMAGE_EXTENSIONS + _SLIDE_ONLY)}) in "
                 f"{site / IMAGES_DIR / pid}; add its images there or remove the patient "
                 "from patients.csv"
             )
     return listing
 
 
-def _encode_patient(images: Sequence[Path], encoder: Encoder, batch_size: int,
-                    folder: Path, crops: tuple[float, ...] = (1.0,)) -> torch.Tensor:
-    """Features of one patient's images (each once per crop scale), about ``batch_size``
-    views encoded at a time.
+@dataclass
+class _Todo:
+    """A patient whose features must be computed: its images and their fingerprint."""
 
-    Shapes:
-        returns (len(images) * len(crops), encoder.dim) float32, image-major
-    """
-    chunks = []
-    for batch in _batches(images, max(1, batch_size // len(crops))):
-        views = [center_crop(read_image(p), c) for p in batch for c in crops]
-        feats = encoder.encode(views)
-        if feats.shape != (len(views), encoder.dim):
-            raise FeatureError(
-                f"encoder {encoder.cache_id} returned shape {tuple(feats.shape)} for "
-                f"{len(views)} images of {folder}; expected ({len(views)}, {encoder.dim})"
-            )
-        chunks.append(feats.detach().to("cpu", torch.float32))
-    features = torch.cat(chunks).contiguous()
-    if not torch.isfinite(features).all():
-        raise FeatureError(
-            f"encoder {encoder.cache_id} produced NaN/inf features for the images in {folder}; "
-            "check the model file or use another encoder"
-        )
-    return features
+    pid: str
+    fingerprint: str
+    images: list[Path]
+    rel_paths: list[str]
+
+
+class _Run:
+    """One extraction pass over the patients to compute: images are decoded in order,
+    encoded in batches, and each patient stored as soon as all its images are encoded."""
+
+    def __init__(self, cache: _FeatureCache, todo: list[_Todo], plan: ViewPlan,
+                 coder: BatchEncoder, site: Path) -> None:
+        self.cache, self.todo, self.plan, self.coder, self.site = cache, todo, plan, coder, site
+        self.coords: dict[int, np.ndarray] = {}
+        self.next, self.first = 0, 0  # next patient to store, index of its first image
+        self.n_stored = 0
+
+    def store_ready(self) -> None:
+        """Store every patient, in order, whose images are all encoded."""
+        while self.next < len(self.todo):
+            t = self.todo[self.next]
+            idx = range(self.first, self.first + len(t.images))
+            if not all(i in self.coder.done for i in idx):
+                return
+            parts = [self.coder.done.pop(i) for i in idx]
+            features = torch.cat(parts).contiguous()  # (N, D), N = sum of views per image
+            if not len(features):  # e.g. slides whose every tile is background
+                raise ImageError(
+                    f"{self.site / IMAGES_DIR / t.pid}: no tissue tile in this patient's "
+                    "slides, so it has no instance; check the files or remove the patient"
+                )
+            if not torch.isfinite(features).all():
+                raise FeatureError(
+                    f"encoder {self.cache.cache_id} produced NaN/inf features for the images "
+                    f"in {self.site / IMAGES_DIR / t.pid}; check the model file or use "
+                    "another encoder"
+                )
+            rows = [rel for rel, f in zip(t.rel_paths, parts, strict=True) for _ in range(len(f))]
+            xy = np.concatenate([self.coords.pop(i) for i in idx])
+            coords = torch.from_numpy(xy) if self.plan.tiles is not None else None
+            self.cache.store(t.pid, t.fingerprint, features, rows, len(t.images), coords)
+            self.next, self.first = self.next + 1, self.first + len(t.images)
+            self.n_stored += 1
+
+    def run(self, workers: int, show: bool) -> None:
+        paths = [p for t in self.todo for p in t.images]
+        # read_image looked up here, at call time: a test may replace it in this module.
+        items = iter_image_views(paths, self.plan, read_image, workers)
+        bar = progress(items, "extracting features", "img", show, total=len(paths))
+        try:
+            for i, views, xy, error in bar:
+                if error is not None:
+                    raise error
+                self.coords[i] = xy
+                self.coder.add(i, views)
+                self.store_ready()
+            self.coder.flush()
+            self.store_ready()
+        except MicroMILError:
+            # Patients whose images were all read keep their work (a bad image later on
+            # should not cost the features of everyone before it).
+            with contextlib.suppress(MicroMILError):
+                self.coder.flush()
+                self.store_ready()
+            raise
+        finally:
+            if hasattr(bar, "close"):
+                bar.close()
+
+
+def _check_settings(site_dir: str | os.PathLike, patient_ids: Sequence[str], batch_size: int,
+                    workers: int) -> Path:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_workers(workers)
+    for pid in patient_ids:
+        _check_patient_id(pid)
+    return Path(site_dir)
+
+
+def _plan_patients(site: Path, patient_ids: Sequence[str], listing: dict[str, list[Path]],
+                   cache: _FeatureCache) -> tuple[list[_Todo], int]:
+    """Patients to compute (fingerprint changed or no cache) and the number reused."""
+    todo, n_reused = [], 0
+    for pid in patient_ids:
+        fingerprint, rel_paths = _fingerprint(site / IMAGES_DIR / pid, listing[pid],
+                                              cache.cache_id)
+        if cache.reuse(pid, fingerprint):
+            n_reused += 1
+        else:
+            todo.append(_Todo(pid, fingerprint, listing[pid], rel_paths))
+    return todo, n_reused
+
+
+def _cache_id(encoder: Encoder, plan: ViewPlan) -> str:
+    # Crop, tile and stain settings change the features: they are part of the cache's identity.
+    return (encoder.cache_id + _crop_suffix(plan.crops) + (plan.tiles.suffix if plan.tiles else "")
+            + (f"-{plan.stain.cache_tag}" if plan.stain else ""))
 
 
 def extract_site_features(
@@ -407,6 +409,11 @@ def extract_site_features(
     *,
     crop_scales: str | Sequence[float] | None = None,
     scale_names: Sequence[str] | None = None,
+    tile_size: int | None = None,
+    tile_overlap: int = 0,
+    workers: int = 0,
+    amp: bool = False,
+    stain_normalise: str | StainNormaliser | None = None,
 ) -> ExtractResult:
     """Compute (or reuse) the features of every listed patient's images.
 
@@ -414,58 +421,73 @@ def extract_site_features(
         site_dir: a site folder with ``images/<patient_id>/`` (see ``data.layout``).
         patient_ids: patients to extract, usually every row of patients.csv.
         encoder: from ``get_encoder``; already on its device.
-        batch_size: images read and encoded at once (bounds memory, not results).
-        progress: show a tqdm progress bar over patients (if tqdm is installed).
+        batch_size: views (tiles x crops) encoded at once, across images and patients.
+        progress: show a tqdm progress bar over images, with images/s.
         crop_scales: encode every image once per crop scale (``"1.0,0.5"`` or a sequence
             of fractions in (0, 1]); None = the whole image only.
-        scale_names: the federation's scale folder names in index order (e.g. ``40X,
-            100X, 200X, 400X``); every image must lie in one of them. None = found here
-            (see the module docstring); give them when a site lacks a magnification, so
-            indices mean the same at every site.
+        scale_names: the federation's scale folder names in index order (``40X,100X``);
+            every image must lie in one. None = found here (module docstring).
+        tile_size: tile side in pixels, one row per tile, positions kept as ``coords``;
+            None = the encoder's default (``tiling.resolve_tiles``); 0 = whole images.
+        tile_overlap: pixels shared by neighbouring tiles (< tile size).
+        workers: DataLoader processes decoding images (0 = in this process).
+        amp: mixed precision (torch.autocast) for a CUDA encoder; ignored on the CPU.
+        stain_normalise: ``"macenko:REF.png"``, ``"reinhard:REF.png"`` or a
+            ``StainNormaliser``, applied to every tile; None, "" or "none" = off.
 
-    Returns:
-        ``ExtractResult(feature_dir, n_extracted, n_reused, scale_names)``.
+    Returns ``ExtractResult``: cache folder, patients extracted/reused, scale names, counts.
 
     Raises:
-        ImageError: a patient has no images (names the folder), an image is unreadable
-            (names the file) or outside the given scale folders. Features already cached,
-            and the manifest, stay valid.
+        ImageError: a patient has no images or no tissue tile (names the folder), an
+            image is unreadable (names the file) or outside the given scale folders.
+            Features already cached, and the manifest, stay valid.
         FeatureError: the encoder returned a wrong shape or non-finite values.
-        ConfigError: ``batch_size`` < 1, bad ``crop_scales`` or ``scale_names``.
+        ConfigError: bad ``batch_size``, ``crop_scales``, ``scale_names``, tiling (a slide
+            untiled), ``workers`` or ``stain_normalise``. SiteDataError: a bad patient id.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    site = Path(site_dir)
-    for pid in patient_ids:
-        _check_patient_id(pid)
-    crops = parse_crop_scales(crop_scales) if crop_scales is not None else (1.0,)
-    # Crop settings change the features, so they are part of the cache's identity.
-    cache_id = encoder.cache_id + _crop_suffix(crops)
+    site = _check_settings(site_dir, patient_ids, batch_size, workers)
     listing = _list_images(site, patient_ids)
-    cache = _FeatureCache(feature_cache_dir(site, cache_id), cache_id, encoder.dim,
-                          _site_scale_names(site, listing, scale_names), crops)
-    n_extracted = n_reused = 0
-    bar = _progress(list(patient_ids), progress)
+    slide = next((p for ps in listing.values() for p in ps if is_slide_file(p)), None)
+    plan = ViewPlan(
+        resolve_tiles(encoder.default_tile_size, tile_size, tile_overlap, slide),
+        parse_crop_scales(crop_scales) if crop_scales is not None else (1.0,),
+        stain_normalise if isinstance(stain_normalise, StainNormaliser)
+        else parse_stain_spec(stain_normalise),
+    )
+    if amp and encoder.device.type != "cuda":
+        # debug: the CLI tells its user itself; a config reused on a CPU-only site is fine
+        log.debug("mixed precision (amp) is for CUDA devices; ignored on %s", encoder.device)
+    cache_id = _cache_id(encoder, plan)
+    cache = _FeatureCache(feature_cache_dir(site, cache_id), cache_id, encoder,
+                          _site_scale_names(site, listing, scale_names), plan)
+    run = None
     try:
-        for pid in bar:
-            image_root = site / IMAGES_DIR / pid
-            fingerprint, rel_paths = _fingerprint(image_root, listing[pid], cache_id)
-            if cache.reuse(pid, fingerprint):
-                n_reused += 1
-                continue
-            features = _encode_patient(listing[pid], encoder, batch_size, image_root, crops)
-            cache.store(pid, fingerprint, features, rel_paths)
-            n_extracted += 1
+        todo, n_reused = _plan_patients(site, patient_ids, listing, cache)
+        if todo:
+            run = _Run(cache, todo, plan, BatchEncoder(encoder, batch_size, amp), site)
+            run.run(workers, progress)
         if not cache.manifest_path.is_file():  # an empty patient list still leaves a valid cache
             cache.dirty = True
     finally:
         # Also on errors: patients finished before a bad image keep their cache entries.
         if cache.dirty:
             cache.write_manifest()
-        if hasattr(bar, "close"):
-            bar.close()
-    names = cache.names
-    log.info("features (%s): %d extracted, %d reused%s", cache_id, n_extracted, n_reused,
-             f"; scales {list(names)}" if names else "")
-    return ExtractResult(feature_dir=cache.out_dir, n_extracted=n_extracted,
-                         n_reused=n_reused, scale_names=names)
+    n_extracted = run.n_stored if run else 0
+    n_instances = run.coder.n_encoded if run else 0
+    log.info("features (%s): %d extracted (%d instances), %d reused%s", cache_id, n_extracted,
+             n_instances, n_reused, f"; scales {list(cache.names)}" if cache.names else "")
+    return ExtractResult(feature_dir=cache.out_dir, n_extracted=n_extracted, n_reused=n_reused,
+                         scale_names=cache.names, n_images=sum(len(t.images) for t in todo),
+                         n_instances=n_instances, tiles=plan.tiles)
+
+
+def read_encoder_identity(feature_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The encoder identity a feature cache's manifest records (``Encoder.identity`` plus
+    ``feature_cache_id``: crop and tile settings included), None for precomputed features
+    or a cache written before identities were recorded."""
+    path = Path(feature_dir) / MANIFEST_NAME
+    try:
+        identity = json.loads(path.read_text(encoding="utf-8")).get("encoder_identity")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return identity if isinstance(identity, dict) else None

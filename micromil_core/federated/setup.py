@@ -42,6 +42,9 @@ class SiteInfo:
     counts: dict[str, int]
     problems: list[str]
     moments: tuple[torch.Tensor, torch.Tensor, int] | None = None
+    # The encoder identity behind this site's features (``encoders.base.identity_label``:
+    # cache id + weights SHA-256), None when the site sends none (precomputed features).
+    encoder: str | None = None
 
 
 
@@ -91,6 +94,7 @@ def validate_sites(sites: list[SiteInfo], cfg: ExperimentConfig) -> tuple[list[s
     train = [s for s in sites if s.role == "train"]
     if not train:
         raise SiteDataError("no training site connected; at least one site needs role=train")
+    check_encoders(sites)
     dims = {s.name: s.counts.get("feature_dim") for s in sites}
     ref_site = train[0].name
     ref_dim = dims[ref_site]
@@ -116,6 +120,33 @@ def validate_sites(sites: list[SiteInfo], cfg: ExperimentConfig) -> tuple[list[s
     check_fine_classes(cfg)
     return classes, int(ref_dim)
 
+
+
+def check_encoders(sites: list[SiteInfo]) -> None:
+    """Refuse sites whose features came from different encoders (name, settings or weights
+    file, as ``encoders.base.identity_label`` spells them), naming every site's encoder.
+
+    Features of two encoders can share a dimension (two ViT-B checkpoints both give 768)
+    yet mean different things; a model averaged over them learns neither. Sites that
+    declare no encoder (precomputed features) are not compared.
+    """
+    declared = {s.name: s.encoder for s in sites if s.encoder}
+    if len(set(declared.values())) <= 1:
+        undeclared = sorted(s.name for s in sites if not s.encoder)
+        if declared and undeclared:
+            log.warning("%s declare no feature encoder (precomputed features?); all other "
+                        "sites use %s", ", ".join(undeclared), next(iter(declared.values())))
+        return
+    groups: dict[str, list[str]] = {}
+    for name, enc in declared.items():
+        groups.setdefault(enc, []).append(name)
+    listing = "; ".join(f"{', '.join(sorted(names))}: {enc}" for enc, names in
+                        sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])))
+    raise SiteDataError(
+        f"refused before round 1: the sites' features come from different encoders ({listing}); "
+        "every site must extract its features with the same encoder and the same weights "
+        "file (compare the sha256 values; `micromil extract --encoder ...` at each site)"
+    )
 
 
 def check_fine_classes(cfg: ExperimentConfig) -> None:

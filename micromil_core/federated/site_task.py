@@ -132,12 +132,23 @@ def forget_runtimes() -> None:
     _RUNTIMES.clear()
 
 
+# A file name as messages print it: slide and image names often carry a patient's barcode
+# (TCGA-AB-1234-01Z.svs), which the id rule alone misses when the name extends the id.
+_FILE_NAME = re.compile(
+    r"(?<![\w.-])[\w.-]+\.(?:h5|hdf5|pt|pth|npy|npz|png|jpe?g|tiff?|svs|ndpi|mrxs|scn|bif|"
+    r"vms|czi|bmp|gif|webp)(?![\w.-])", re.IGNORECASE,
+)
+
+
 def redact(text: str, patient_ids: list[str]) -> str:
-    """Replace every patient id in ``text`` by ``<patient>`` (longest ids first)."""
+    """Replace every patient id in ``text`` by ``<patient>`` (longest ids first), then what
+    follows a patient's folder (``<patient>/scan 1/x.png``: its slides and images) and every
+    other image or feature file name by ``<file>``."""
     for pid in sorted(patient_ids, key=len, reverse=True):
         if pid:
             text = re.sub(rf"(?<![\w-]){re.escape(pid)}(?![\w-])", "<patient>", text)
-    return text
+    text = re.sub(r"<patient>/[^\s'\",;:()]+", "<patient>/<file>", text)
+    return _FILE_NAME.sub("<file>", text)
 
 
 def describe_site(
@@ -158,7 +169,7 @@ def describe_site(
     except SiteDataError as exc:
         return (
             {wire.SITE_NAME: settings.name, wire.SITE_ROLE: settings.role,
-             wire.SITE_CLASSES: [], wire.SITE_PROBLEMS: [_strip_path(str(exc), path)]},
+             wire.SITE_CLASSES: [], wire.SITE_PROBLEMS: [redact(_strip_path(str(exc), path), [])]},
             {**counts, "num_errors": 1},
         )
     ids = [p.patient_id for p in site.patients]
@@ -194,6 +205,11 @@ def describe_site(
         wire.SITE_CLASSES: list(site.classes),
         wire.SITE_PROBLEMS: [redact(_strip_path(p, path), ids) for p in problems[:20]],
     }
+    from micromil_core.encoders.base import identity_label
+    from micromil_core.encoders.extract import read_encoder_identity
+
+    if fdir is not None and (identity := read_encoder_identity(fdir)):
+        description[wire.SITE_ENCODER] = identity_label(identity)
     return description, counts
 
 

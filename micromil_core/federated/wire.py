@@ -36,7 +36,10 @@ ARRAY_KEYS = "array-keys"
 SITE_NAME = "site-name"
 SITE_ROLE = "role"
 SITE_CLASSES = "classes"
-SITE_PROBLEMS = "problems"  # check-site errors with patient ids redacted
+SITE_PROBLEMS = "problems"  # check-site errors with patient ids and file names redacted
+# The encoder behind the site's features (encoders.base.identity_label: cache id + weights
+# SHA-256; absent for precomputed features): sites with different ones are refused.
+SITE_ENCODER = "encoder"
 
 NUM_EXAMPLES = "num-examples"  # Flower's weighting key: patients (bags), not instances
 

@@ -310,11 +310,22 @@ def train_pooled(
             "trained_on": [sb.site.name for sb in sites],
             "best_epoch": result.best_epoch,
             "validation": result.val_metrics,
+            "encoder_identity": _encoder_identity(sites),
         },
     )
     save_checkpoint(ckpt, out / "model.pt")
     _write_run_files(out, cfg, result, metrics, roc_curves)
     return metrics
+
+
+def _encoder_identity(sites) -> str | None:
+    """The encoder behind the training features (``identity_label``: cache id + weights
+    SHA-256), None for precomputed features."""
+    from micromil_core.encoders.base import identity_label
+    from micromil_core.encoders.extract import read_encoder_identity
+
+    identity = read_encoder_identity(sites[0].feature_dir)
+    return identity_label(identity) if identity else None
 
 
 def _write_run_files(

@@ -40,7 +40,9 @@ def feature_dir_for(
     device: torch.device,
     progress: bool = False,
 ) -> Path:
-    """Precomputed SITE/features, or the cache of features extracted with an encoder."""
+    """Precomputed SITE/features, or the cache of features extracted with an encoder
+    (``data_cfg.extraction_options()``: the options of ``micromil extract``, so both build
+    and reuse the same cache)."""
     spec = data_cfg.encoder
     if not spec:
         return Path(site_path) / FEATURES_DIR
@@ -48,13 +50,7 @@ def feature_dir_for(
 
     enc = get_encoder(spec, device=str(device), **data_cfg.encoder_options())
     result = extract_site_features(
-        site_path,
-        list(patient_ids),
-        enc,
-        batch_size=data_cfg.batch_size,
-        progress=progress,
-        crop_scales=data_cfg.crop_scales or None,
-        scale_names=data_cfg.scales or None,
+        site_path, list(patient_ids), enc, progress=progress, **data_cfg.extraction_options()
     )
     return result.feature_dir
 

@@ -62,14 +62,16 @@ class LoadedCheckpoint:
         return y, apply_calibration(probs, self.ckpt.calibration) if calibrated else probs
 
     def explain(
-        self, sb: SiteBags, bags: list[Bag], scaled: list[Bag], out: Path, threshold: float | None
+        self, sb: SiteBags, bags: list[Bag], scaled: list[Bag], out: Path, threshold: float | None,
+        heatmaps: bool = False,
     ) -> None:
-        """Galleries of ``bags`` (raw) / ``scaled`` (model inputs) under OUT/<site>."""
+        """Galleries of ``bags`` (raw) / ``scaled`` (model inputs) under OUT/<site>, with
+        instance-score heatmaps on the slides' coordinates when ``heatmaps``."""
         from micromil_core.explain import write_explanations
 
         write_explanations(
             self.model, self.ckpt, sb, bags, scaled, self.device, out / sb.site.name, threshold,
-            show_progress=self.progress,
+            show_progress=self.progress, heatmaps=heatmaps,
         )
 
 
@@ -125,6 +127,7 @@ def evaluate_checkpoint(
     data_cfg: DataConfig | None = None,
     progress: bool = False,
     threshold: float | None = None,
+    heatmaps: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on every patient (or one split) of each site.
 
@@ -137,8 +140,10 @@ def evaluate_checkpoint(
     ``ci95``, bootstrap intervals over patients; ``calibration``: Brier score, ECE and
     reliability bins), OUT/predictions.csv (per patient: stays on this site's disk),
     OUT/roc.png and, for two-class models, OUT/calibration.png; with ``explain`` also
-    OUT/explain/ galleries.
+    OUT/explain/ galleries (``heatmaps``: with instance scores drawn on slide coordinates).
     """
+    if heatmaps and not explain:
+        raise ConfigError("heatmaps are drawn into the explanation gallery: set explain too")
     out = Path(out)
     run = load_checkpoint_and_sites(
         checkpoint, site_paths, device, data_cfg, progress, True, threshold
@@ -165,7 +170,7 @@ def evaluate_checkpoint(
         all_p.append(site.probs)
         rows += _evaluation_rows(ckpt, sb.site.name, bags, site.probs, site.fine)
         if explain:
-            run.explain(sb, bags, scaled, out / "explain", threshold)
+            run.explain(sb, bags, scaled, out / "explain", threshold, heatmaps)
     y_all, p_all = np.concatenate(all_y), np.concatenate(all_p)
     metrics: dict[str, Any] = classification_metrics(y_all, p_all, threshold)
     metrics["ci95"] = bootstrap_intervals(y_all, p_all, threshold=threshold)

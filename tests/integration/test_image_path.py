@@ -8,6 +8,8 @@ import pytest
 
 from micromil_core.cli import main
 from micromil_core.data.layout import CACHE_DIR
+from micromil_core.encoders.base import identity_label
+from micromil_core.training.checkpoint import load_checkpoint
 from tests.browser import is_blank, probe, screenshot
 
 pytestmark = pytest.mark.slow
@@ -27,6 +29,10 @@ def test_fashion_bags_images_to_explanations(tmp_path, capsys):
     assert len(caches) == 1 and caches[0].name.startswith("features-histo-texture")
     manifest = json.loads((caches[0] / "manifest.json").read_text())
     assert len(manifest["patients"]) == sum(1 for _ in open(site / "patients.csv")) - 1
+    # The checkpoint names the encoder behind its features as the cache does (issue 23).
+    identity = load_checkpoint(run / "model.pt").provenance["encoder_identity"]
+    assert identity == identity_label(manifest["encoder_identity"])
+    assert identity.startswith("histo-texture")
 
     def cache_state() -> dict[str, int]:
         return {str(f): f.stat().st_mtime_ns for f in caches[0].rglob("*") if f.is_file()}

@@ -105,7 +105,7 @@ def test_no_patient_data_leaves_a_site(full_run, demo_ucsb):
                             assert name in ("roc_fpr", "roc_tpr") and len(value) == len(wire.ROC_GRID)
                 elif isinstance(record, ConfigRecord):
                     assert key == wire.SITE
-                    assert set(record) <= {wire.SITE_NAME, wire.SITE_ROLE, wire.SITE_CLASSES, wire.SITE_PROBLEMS}
+                    assert set(record) <= {wire.SITE_NAME, wire.SITE_ROLE, wire.SITE_CLASSES, wire.SITE_PROBLEMS, wire.SITE_ENCODER}
                 for text in _strings(record):
                     assert not any(pid in text for pid in ids), text
     # one query + 2 rounds x (3 train + 4 evaluate) replies

@@ -34,8 +34,19 @@ def _runtime(tmp_path, role="train", **kw):
 
 
 def test_redact_whole_ids_only():
-    text = "row 3: p001 has NaN; p0011 fine; see p001.pt"
-    assert redact(text, ["p001"]) == "row 3: <patient> has NaN; p0011 fine; see <patient>.pt"
+    text = "row 3: p001 has NaN; p0011 fine"
+    assert redact(text, ["p001"]) == "row 3: <patient> has NaN; p0011 fine"
+
+
+def test_redact_hides_slide_and_image_names():
+    # Slide names often extend the patient's barcode, which the whole-id rule keeps.
+    text = ("features/TCGA-AB-1234/TCGA-AB-1234-01Z.h5: feature dimension 512 differs from "
+            "768 of TCGA-AB-1234-02Z.pt, another slide; re-extract TCGA-AB-1234-01Z.h5; "
+            "images/TCGA-AB-1234/scan 1/tile_0003.PNG unreadable; model.yaml is fine")
+    out = redact(text, ["TCGA-AB-1234"])
+    assert "TCGA" not in out and "tile_0003" not in out
+    assert out.startswith("features/<patient>/<file>: feature dimension 512 differs from 768 of <file>")
+    assert "model.yaml is fine" in out
 
 
 def test_describe_site_is_aggregate(tmp_path):
