@@ -287,6 +287,9 @@ class FederationConfig:
         _require(self.scaler in SCALER_MODES, "federation.scaler", self.scaler, f"one of {SCALER_MODES}")
 
 
+SIMULATION_ENGINES = ("in-process", "superlink")
+
+
 @dataclass(frozen=True)
 class SimulationConfig:
     """Which site folders a one-machine simulation runs (``micromil simulate``)."""
@@ -298,10 +301,17 @@ class SimulationConfig:
     gpus_per_site: float = 0.0  # e.g. 0.25: four simulated sites share one GPU
     # An existing Ray cluster ("127.0.0.1:6379"); "" = a private Ray on this machine.
     ray_address: str = ""
+    # "superlink": Flower's supported path, `flwr run` on a private SuperLink in simulation
+    # mode (server/simulation_superlink.py); "in-process": Flower's deprecated run_simulation
+    # in this process, needed for ray_address and for tests that audit every message in
+    # process. Same apps, same weights (tests/integration/test_simulation.py).
+    engine: str = "superlink"
 
     def __post_init__(self) -> None:
         _require(self.cpus_per_site > 0, "simulation.cpus_per_site", self.cpus_per_site, "> 0")
         _require(self.gpus_per_site >= 0, "simulation.gpus_per_site", self.gpus_per_site, ">= 0")
+        _require(self.engine in SIMULATION_ENGINES, "simulation.engine", self.engine,
+                 f"one of {', '.join(SIMULATION_ENGINES)}")
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,8 @@ def simulate(
         raise ConfigError(
             f"{out} already holds a federation run; pass --resume to continue it or choose a new --out"
         )
+    if cfg.simulation.engine == "superlink":
+        return _simulate_on_superlink(cfg, out, sites, resume, grid_tap)
     preflight(cfg, sites)
     from flwr.simulation import run_simulation
 
@@ -127,6 +129,23 @@ def simulate(
 
     log.info("writing the report: %s", write_report(out))
     return results[0].metrics
+
+
+def _simulate_on_superlink(cfg: ExperimentConfig, out: Path, sites: list[SiteSettings],
+                           resume: bool, grid_tap: Any) -> dict[str, Any]:
+    """``simulate`` through ``flwr run`` on a private SuperLink (Flower's supported path)."""
+    from micromil_core.report import write_report
+    from server.simulation_superlink import PrivateSuperLink, check_engine
+
+    if grid_tap is not None:
+        raise ConfigError("a grid_tap needs simulation.engine: in-process (under `superlink` "
+                          "the ServerApp runs in Flower's own process)")
+    check_engine(cfg)
+    with PrivateSuperLink(out) as link:  # comes up while the sites are checked
+        preflight(cfg, sites)
+        metrics = link.run(cfg, len(sites), resume)
+    log.info("writing the report: %s", write_report(out))
+    return metrics
 
 
 def compare(cfg: ExperimentConfig, out: str | Path, overwrite: bool = False) -> dict[str, Any]:

@@ -39,6 +39,7 @@ def ray_head():
 def test_simulation_runs_on_an_existing_ray_cluster(ray_head, demo_ucsb, tmp_path):
     address, ray_temp = ray_head
     cfg = load_config(None, [f"simulation.data_root={demo_ucsb}", f"simulation.ray_address={address}",
+                             "simulation.engine=in-process",
                              "model.name=gated-abmil", "federation.rounds=2", "train.num_threads=1"])
     metrics = simulate(cfg, tmp_path / "run")
     history = json.loads((tmp_path / "run" / "history.json").read_text())

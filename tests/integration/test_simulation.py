@@ -36,12 +36,12 @@ class RecordingGrid:
         return getattr(self._grid, name)
 
 
-def _cfg(root, rounds, **fed):
+def _cfg(root, rounds, engine="in-process", **fed):
     return build_config({
         "model": {"name": "micromil", "params": {"n_clusters": 8}},
         "train": {"lr": 5e-4, "seed": 3, "num_threads": 1},
         "federation": {"rounds": rounds, "local_epochs": 1, **fed},
-        "simulation": {"data_root": str(root)},
+        "simulation": {"data_root": str(root), "engine": engine},
     })
 
 
@@ -246,3 +246,34 @@ def test_float16_transport_halves_the_upload(demo_ucsb, tmp_path):
     for name, w in models["float32"].items():
         if w.is_floating_point():
             assert torch.allclose(models["float16"][name], w, rtol=2e-3, atol=1e-4), name
+
+
+def _superlinks_of(home) -> list[int]:
+    """Pids of live SuperLinks started with this FLWR_HOME."""
+    import os
+    from pathlib import Path
+
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"flower-superlink" in (proc / "cmdline").read_bytes() and \
+                    f"FLWR_HOME={home}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return [p for p in found if p != os.getpid()]
+
+
+def test_flowers_supported_path_gives_the_same_model(full_run, demo_ucsb, tmp_path):
+    # simulation.engine: superlink runs the same apps through `flwr run` on a private
+    # SuperLink in simulation mode (Flower's supported path) instead of run_simulation.
+    out, metrics, _ = full_run
+    other = tmp_path / "superlink"
+    got = simulate(_cfg(demo_ucsb, 2, engine="superlink"), other)
+    a, b = load_checkpoint(out / "model.pt").state_dict, load_checkpoint(other / "model.pt").state_dict
+    assert a.keys() == b.keys() and all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)
+    assert got["auc"] == metrics["auc"] and got["per_site"].keys() == metrics["per_site"].keys()
+    assert (other / "report.html").is_file()
+    assert not _superlinks_of(other / ".flower" / "home")  # stopped with the run
+    with pytest.raises(ConfigError, match="grid_tap needs simulation.engine: in-process"):
+        simulate(_cfg(demo_ucsb, 1, engine="superlink"), tmp_path / "tap", grid_tap=lambda g: g)
