@@ -24,6 +24,7 @@ from micromil_core.errors import ConfigError
 from micromil_core.federated.simulated_sites import experiment_from_run_config, resolve_sites
 from server.federation import FederationResult, run_federation
 from server.grid import PromptGrid
+from server.wire_log import WIRE_LOG, WireLogGrid
 
 log = logging.getLogger("micromil.server")
 
@@ -100,6 +101,7 @@ def build_server_app(
     def main(grid: Grid, context: Context) -> None:
         s = source(context)
         grid = PromptGrid(grid)  # replies noticed within 0.5 s, not Flower's 3 s
+        grid = WireLogGrid(grid, s.out / WIRE_LOG)  # what left each site, on the coordinator's disk
         if grid_tap is not None:
             grid = grid_tap(grid)
         result: FederationResult = run_federation(

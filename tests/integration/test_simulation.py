@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
 from micromil_core.cli import main
 from micromil_core.config import build_config
@@ -15,6 +14,7 @@ from micromil_core.federated import wire
 from micromil_core.training.checkpoint import file_sha256, load_checkpoint
 from micromil_core.training.metrics import METRIC_KEYS
 from server.simulation import simulate
+from server.wire_log import WIRE_LOG, audit_replies, describe, read_wire_log
 from tests.conftest import patient_ids
 
 pytestmark = pytest.mark.slow
@@ -43,13 +43,6 @@ def _cfg(root, rounds, engine="in-process", **fed):
         "federation": {"rounds": rounds, "local_epochs": 1, **fed},
         "simulation": {"data_root": str(root), "engine": engine},
     })
-
-
-def _strings(record) -> list[str]:
-    out = []
-    for value in record.values():
-        out += [str(v) for v in value] if isinstance(value, list) else [str(value)]
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -86,31 +79,17 @@ def test_outputs(full_run):
 
 
 def test_no_patient_data_leaves_a_site(full_run, demo_ucsb):
+    # Every reply, as the coordinator's Grid saw it in process and as its wire log on disk
+    # (OUT/wire-log.jsonl) records it, holds only what the protocol allows.
     out, _, log = full_run
     ids = patient_ids(demo_ucsb)
     state_keys = set(load_checkpoint(out / "model.pt").state_dict)
-    n_replies = 0
-    for _, replies in log:
-        for reply in replies:
-            assert not reply.has_error()
-            n_replies += 1
-            for key, record in reply.content.items():
-                if isinstance(record, ArrayRecord):
-                    assert set(record) <= state_keys | {"sum", "sum_sq"}, key
-                elif isinstance(record, MetricRecord):
-                    allowed = wire.ALLOWED_TRAIN_METRICS | wire.ALLOWED_EVAL_METRICS | wire.ALLOWED_SITE_METRICS
-                    assert set(record) <= allowed, set(record) - allowed
-                    for name, value in record.items():
-                        if isinstance(value, list):  # only ROC points on the fixed grid
-                            assert name in ("roc_fpr", "roc_tpr") and len(value) == len(wire.ROC_GRID)
-                elif isinstance(record, ConfigRecord):
-                    assert key == wire.SITE
-                    assert set(record) <= {wire.SITE_NAME, wire.SITE_ROLE, wire.SITE_CLASSES, wire.SITE_PROBLEMS, wire.SITE_ENCODER}
-                for text in _strings(record):
-                    assert not any(pid in text for pid in ids), text
+    seen = [describe(r, "received") for _, replies in log for r in replies]
     # one query + 2 rounds x (3 train + 4 evaluate) replies
-    assert n_replies == 4 + 2 * (3 + 4)
-    for name in ("history.json", "metrics.json", "flower.log", "report.html"):
+    assert audit_replies(seen, ids, state_keys) == 4 + 2 * (3 + 4)
+    logged = read_wire_log(out / WIRE_LOG)
+    assert [e for e in logged if e["direction"] == "received"] == json.loads(json.dumps(seen, default=str))
+    for name in ("history.json", "metrics.json", "flower.log", "report.html", WIRE_LOG):
         text = (out / name).read_text()
         assert not any(pid in text for pid in ids), name
 
@@ -275,5 +254,8 @@ def test_flowers_supported_path_gives_the_same_model(full_run, demo_ucsb, tmp_pa
     assert got["auc"] == metrics["auc"] and got["per_site"].keys() == metrics["per_site"].keys()
     assert (other / "report.html").is_file()
     assert not _superlinks_of(other / ".flower" / "home")  # stopped with the run
+    # The messages of this path, from the coordinator's wire log: the same audit as in process.
+    state_keys = set(load_checkpoint(other / "model.pt").state_dict)
+    assert audit_replies(read_wire_log(other / WIRE_LOG), patient_ids(demo_ucsb), state_keys) == 4 + 2 * (3 + 4)
     with pytest.raises(ConfigError, match="grid_tap needs simulation.engine: in-process"):
         simulate(_cfg(demo_ucsb, 1, engine="superlink"), tmp_path / "tap", grid_tap=lambda g: g)

@@ -1,10 +1,10 @@
 """``simulation.engine: superlink``'s pieces that need no SuperLink (the run itself:
 tests/integration/test_simulation.py)."""
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from micromil_core.config import build_config
 from micromil_core.errors import ConfigError
