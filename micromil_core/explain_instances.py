@@ -104,4 +104,6 @@ def instance_images(
                 return None  # a slide's rows without tile positions: nothing to crop
             return [InstanceImage(p) for p in paths]
     images = list_patient_images(site_dir, patient_id)
-    return [InstanceImage(p) for p in images] if len(images) == n else None
+    if len(images) != n or any(is_slide_file(p) for p in images):
+        return None  # without the cache's rows a slide's tiles cannot be placed
+    return [InstanceImage(p) for p in images]

@@ -42,7 +42,8 @@ REQUIRED_COLUMNS = ("patient_id", "label")
 OPTIONAL_COLUMNS = ("split", "fine_label")
 SPLITS = ("train", "val", "test")
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+# .svs and pyramidal .tif are whole slides: extraction tiles them (encoders/wsi.py).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".svs")
 FEATURE_EXTENSIONS = (".pt", ".npy", ".h5")
 
 # A magnification: a number and an X (40X, 100x, 2.5X), the names microscopes and

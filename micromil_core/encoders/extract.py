@@ -103,7 +103,7 @@ from micromil_core.encoders.scales import (  # noqa: F401 (re-exported: the publ
 )
 from micromil_core.encoders.stain import StainNormaliser, parse_stain_spec
 from micromil_core.encoders.tiling import TileSpec, resolve_tiles
-from micromil_core.encoders.wsi import SLIDE_SUFFIXES, is_slide_file
+from micromil_core.encoders.wsi import is_slide_file
 from micromil_core.errors import ConfigError, FeatureError, ImageError, MicroMILError, SiteDataError
 from micromil_core.io import torch_save_atomic, write_json_atomic
 from micromil_core.progress import progress
@@ -275,21 +275,14 @@ class _FeatureCache:
             self.dirty, self.last_write = False, time.monotonic()
 
 
-# Whole-slide suffixes that data.layout does not list as images (.svs): read by wsi.py.
-_SLIDE_ONLY = tuple(s for s in SLIDE_SUFFIXES if s not in IMAGE_EXTENSIONS)
-
-
 def _list_images(site: Path, patient_ids: Sequence[str]) -> dict[str, list[Path]]:
     """Every patient's image and slide paths, sorted; each patient must have at least one."""
     listing = {}
     for pid in patient_ids:
-        folder = site / IMAGES_DIR / pid
-        slides = [p for p in folder.rglob("*") if p.suffix.lower() in _SLIDE_ONLY
-                  and p.is_file()] if folder.is_dir() else []
-        listing[pid] = sorted(list_patient_images(site, pid) + slides)
+        listing[pid] = sorted(list_patient_images(site, pid))
         if not listing[pid]:
             raise ImageError(
-                f"patient {pid!r} has no images ({', '.join(IMAGE_EXTENSIONS + _SLIDE_ONLY)}) in "
+                f"patient {pid!r} has no images ({', '.join(IMAGE_EXTENSIONS)}) in "
                 f"{site / IMAGES_DIR / pid}; add its images there or remove the patient "
                 "from patients.csv"
             )

@@ -74,6 +74,9 @@ def _load(cache: Path, pid: str) -> dict:
 @pytest.fixture(scope="module")
 def extracted(site: Path) -> tuple[Path, Path]:
     """The caches without and with Macenko normalisation."""
+    # A first user checks the site before extracting: a patient whose only image is a
+    # whole slide (.svs) is a patient with images.
+    assert main(["check-site", str(site)]) == 0
     assert main(["extract", "--data", str(site), "--encoder", "histo-texture"]) == 0
     (plain,) = _caches(site).values()
     assert main(["extract", "--data", str(site), "--encoder", "histo-texture",
