@@ -159,31 +159,35 @@ def _toml_value(value: Any) -> str:
 
 
 class _Follower:
-    """Echoes new lines of a growing text file (the coordinator's server.log)."""
+    """The complete lines a growing text file gained since the last call (a line still
+    being written waits for the next call)."""
 
     def __init__(self, path: Path) -> None:
         self.path, self.offset = path, path.stat().st_size if path.exists() else 0
 
-    def echo(self) -> None:
+    def new_lines(self) -> list[str]:
         if not self.path.exists():
-            return
-        with open(self.path, encoding="utf-8", errors="replace") as fh:
+            return []
+        with open(self.path, "rb") as fh:
             fh.seek(self.offset)
-            text = fh.read()
-            self.offset = fh.tell()
-        for line in text.splitlines():
+            data = fh.read()
+        whole = data[: data.rfind(b"\n") + 1]
+        self.offset += len(whole)
+        return whole.decode("utf-8", errors="replace").splitlines()
+
+    def echo(self) -> None:
+        for line in self.new_lines():
             print(line, file=sys.stderr, flush=True)
 
 
 def _wait_for(run_id: str, work: Path, superlink: subprocess.Popen, follower: _Follower) -> None:
     """Until the SuperLink says the run's task finished (or the SuperLink dies)."""
-    log_file = work / "superlink.log"
+    superlink_log = _Follower(work / "superlink.log")  # read once, not whole at every poll
     while True:
         follower.echo()
         if superlink.poll() is not None:
             raise SiteDataError(f"the SuperLink stopped during the run; see {work / 'superlink.out'}")
-        text = log_file.read_text(errors="replace") if log_file.exists() else ""
-        if run_id in FINISHED.findall(text):
+        if any(run_id in FINISHED.findall(line) for line in superlink_log.new_lines()):
             follower.echo()
             return
         time.sleep(0.5)

@@ -139,3 +139,19 @@ def in_a_task():
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     yield
     TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None
+
+
+def superlink_pids(home: Path) -> list[int]:
+    """Pids of the live flower-superlink processes started with FLWR_HOME=``home``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"flower-superlink" in cmdline and f"FLWR_HOME={home}".encode() in env:
+            found.append(int(proc.name))
+    return found

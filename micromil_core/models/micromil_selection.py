@@ -101,9 +101,9 @@ def draw_distinct(free: Tensor) -> tuple[Tensor, Tensor]:
     clus = torch.arange(k).expand(c, k)
     for row in range(b):
         if cut_tie[row]:  # all N x K pairs, in flat order before the stable sort
-            v, i, cl = free[row].cpu().flatten(), None, None
-            order = torch.sort(-v, stable=True).indices
-            v, i, cl = v[order], order // k, order % k
+            flat_scores = free[row].cpu().flatten()
+            order = torch.sort(-flat_scores, stable=True).indices
+            v, i, cl = flat_scores[order], order // k, order % k
         else:
             flat = (inst[row] * k + clus).flatten()  # positions in the flat (N, K) scores
             first = torch.argsort(flat)

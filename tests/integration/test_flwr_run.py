@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from micromil_core.training.checkpoint import load_checkpoint
+from tests.conftest import superlink_pids
 
 ROOT = Path(__file__).resolve().parents[2]
 FLWR = Path(sys.executable).with_name("flwr")
@@ -19,16 +20,8 @@ FLWR = Path(sys.executable).with_name("flwr")
 
 def _stop_local_superlink(home: Path) -> None:
     """`flwr run . local` leaves a SuperLink serving in the background; stop ours."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-            env = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"flower-superlink" in cmdline and f"FLWR_HOME={home}".encode() in env:
-            os.kill(int(proc.name), signal.SIGTERM)
+    for pid in superlink_pids(home):
+        os.kill(pid, signal.SIGTERM)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from micromil_core.training.checkpoint import file_sha256, load_checkpoint
 from micromil_core.training.metrics import METRIC_KEYS
 from server.simulation import simulate
 from server.wire_log import WIRE_LOG, audit_replies, describe, read_wire_log
-from tests.conftest import patient_ids
+from tests.conftest import patient_ids, superlink_pids
 
 pytestmark = pytest.mark.slow
 
@@ -227,22 +227,6 @@ def test_float16_transport_halves_the_upload(demo_ucsb, tmp_path):
             assert torch.allclose(models["float16"][name], w, rtol=2e-3, atol=1e-4), name
 
 
-def _superlinks_of(home) -> list[int]:
-    """Pids of live SuperLinks started with this FLWR_HOME."""
-    import os
-    from pathlib import Path
-
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and b"flower-superlink" in (proc / "cmdline").read_bytes() and \
-                    f"FLWR_HOME={home}".encode() in (proc / "environ").read_bytes().split(b"\0"):
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return [p for p in found if p != os.getpid()]
-
-
 def test_flowers_supported_path_gives_the_same_model(full_run, demo_ucsb, tmp_path):
     # simulation.engine: superlink runs the same apps through `flwr run` on a private
     # SuperLink in simulation mode (Flower's supported path) instead of run_simulation.
@@ -253,7 +237,7 @@ def test_flowers_supported_path_gives_the_same_model(full_run, demo_ucsb, tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)
     assert got["auc"] == metrics["auc"] and got["per_site"].keys() == metrics["per_site"].keys()
     assert (other / "report.html").is_file()
-    assert not _superlinks_of(other / ".flower" / "home")  # stopped with the run
+    assert not superlink_pids(other / ".flower" / "home")  # stopped with the run
     # The messages of this path, from the coordinator's wire log: the same audit as in process.
     state_keys = set(load_checkpoint(other / "model.pt").state_dict)
     assert audit_replies(read_wire_log(other / WIRE_LOG), patient_ids(demo_ucsb), state_keys) == 4 + 2 * (3 + 4)
