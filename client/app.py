@@ -24,6 +24,12 @@ from client.secure_aggregation import secure_aggregation_mod
 from micromil_core.errors import ConfigError
 from micromil_core.federated import wire
 from micromil_core.federated.messages import RoundSettings
+from micromil_core.federated.personalise import (
+    check_local_head_privacy,
+    keep_local_head,
+    make_personal_model,
+    planned_rounds,
+)
 from micromil_core.federated.simulated_sites import (
     experiment_from_run_config,
     resolve_sites,
@@ -139,6 +145,47 @@ def _device(settings: RoundSettings) -> torch.device:
     return resolve_device(settings.experiment.train.device)
 
 
+class _SiteWork:
+    """What a train, evaluate or personalise message asks of this site: the round's
+    settings, the site's loaded bags, the global weights and the scaler to use."""
+
+    def __init__(self, msg: Message, site: SiteSettings) -> None:
+        self.settings = settings = _settings(msg)
+        self.config = msg.content.config_records[wire.CONFIG]
+        self.site = site
+        self.runtime = load_runtime(site, settings.experiment.data, settings.experiment.train, settings.classes)
+        self.state = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
+        self.scaler = self.runtime.scaler_for(settings.scaler, settings.site_scaler)
+        self.run_id = str(self.config.get(wire.FEDERATION_ID, ""))
+        self.min_patients = effective_min_patients(site.privacy, settings.experiment.privacy)
+
+
+def _train_reply(msg: Message, site: SiteSettings) -> Message:
+    """One round of local training; under ``local-head`` the site's own head is trained
+    and kept here afterwards (it is never sent)."""
+    work = _SiteWork(msg, site)
+    experiment, cfg = work.settings.experiment, work.config
+    check_local_head_privacy(site.privacy.enabled, experiment.federation.personalise)
+    server_round, device = int(cfg[wire.ROUND]), _device(work.settings)
+    new_state, metrics = train_round(
+        work.runtime, work.settings.spec, work.state, experiment.train, work.scaler,
+        server_round=server_round,
+        local_epochs=int(cfg[wire.LOCAL_EPOCHS]),
+        proximal_mu=float(cfg.get(wire.PROXIMAL_MU, 0.0)),
+        device=device,
+        run_id=work.run_id,
+        planned_rounds=experiment.federation.rounds,
+        reserve_rounds=planned_rounds(experiment) - experiment.federation.rounds,
+        min_patients=work.min_patients,
+    )
+    if experiment.federation.personalise == "local-head":
+        keep_local_head(work.runtime, work.settings.spec, new_state, experiment, work.scaler,
+                        server_round, device, work.run_id)
+    sent = narrow(new_state, experiment.federation.transport)  # float16 halves it
+    content = RecordDict({wire.ARRAYS: ArrayRecord(sent), wire.METRICS: MetricRecord(metrics)})
+    return Message(content, reply_to=msg)
+
+
 def build_client_app(resolve: SiteResolver) -> ClientApp:
     app = ClientApp(mods=[packing_mod])  # outermost: everything inside sees arrays by name
     private = _private_errors(resolve)
@@ -170,41 +217,24 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
     @app.train(mods=[secure_aggregation_mod, central_clipping_mod])
     @private
     def train(msg: Message, context: Context) -> Message:
-        settings = _settings(msg)
-        cfg = msg.content.config_records[wire.CONFIG]
-        site = resolve(context)
-        runtime = load_runtime(site, settings.experiment.data, settings.experiment.train, settings.classes)
-        state = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
-        new_state, metrics = train_round(
-            runtime,
-            settings.spec,
-            state,
-            settings.experiment.train,
-            runtime.scaler_for(settings.scaler, settings.site_scaler),
-            server_round=int(cfg[wire.ROUND]),
-            local_epochs=int(cfg[wire.LOCAL_EPOCHS]),
-            proximal_mu=float(cfg.get(wire.PROXIMAL_MU, 0.0)),
-            device=_device(settings),
-            run_id=str(cfg.get(wire.FEDERATION_ID, "")),
-            planned_rounds=settings.experiment.federation.rounds,
-            min_patients=effective_min_patients(site.privacy, settings.experiment.privacy),
-        )
-        sent = narrow(new_state, settings.experiment.federation.transport)  # float16 halves it
-        content = RecordDict({wire.ARRAYS: ArrayRecord(sent), wire.METRICS: MetricRecord(metrics)})
-        return Message(content, reply_to=msg)
+        return _train_reply(msg, resolve(context))
 
     @app.evaluate()
     @private
     def evaluate(msg: Message, context: Context) -> Message:
-        settings = _settings(msg)
-        site = resolve(context)
-        runtime = load_runtime(site, settings.experiment.data, settings.experiment.train, settings.classes)
-        state = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
-        scaler = runtime.scaler_for(settings.scaler, settings.site_scaler)
-        metrics = evaluate_round(
-            runtime, settings.spec, state, scaler, _device(settings),
-            min_patients=effective_min_patients(site.privacy, settings.experiment.privacy),
-        )
+        work = _SiteWork(msg, resolve(context))
+        metrics = evaluate_round(work.runtime, work.settings.spec, work.state, work.scaler,
+                                 _device(work.settings), min_patients=work.min_patients)
+        return Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+    @app.train(wire.PERSONALISE_ACTION)
+    @private
+    def personalise(msg: Message, context: Context) -> Message:
+        """The federation's last message: make this site's personal model from the global
+        one and keep it here; only aggregate, guarded numbers go back."""
+        work = _SiteWork(msg, resolve(context))
+        metrics = make_personal_model(work.runtime, work.settings, work.state, work.scaler,
+                                      _device(work.settings), work.run_id, work.min_patients)
         return Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
     return app

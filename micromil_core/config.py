@@ -233,6 +233,9 @@ STRATEGIES = (
 SELECT_ROUND = ("last", "best-val")
 SCALER_MODES = ("auto", "global", "site")
 TRANSPORTS = ("float32", "float16")  # federation.transport (federated/transport.py)
+# federation.personalise (federated/personalise.py): what each training site makes of the
+# final global model for its own patients; the personal model never leaves the site.
+PERSONALISE_METHODS = ("none", "finetune", "proximal", "local-head")
 
 
 @dataclass(frozen=True)
@@ -264,9 +267,21 @@ class FederationConfig:
     # "float16" halves what each site uploads per round (federated/transport.py); the
     # global model always travels at full precision.
     transport: str = "float32"
+    # A personal model per training site, kept at the site (docs/personalisation.md):
+    # "finetune" the final global model on the site's patients, "proximal" the same with
+    # (personal_mu / 2) ||w - w_global||^2 (Ditto's personal objective), "local-head" a
+    # classifier head trained at the site every round that never leaves it.
+    personalise: str = "none"
+    personal_epochs: int = 20  # at most; the epoch is chosen on the site's validation patients
+    personal_mu: float = 0.1
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 1, "federation.rounds", self.rounds, "an integer >= 1")
+        _require(self.personalise in PERSONALISE_METHODS, "federation.personalise", self.personalise,
+                 f"one of {', '.join(PERSONALISE_METHODS)}")
+        _require(self.personal_epochs >= 1, "federation.personal_epochs", self.personal_epochs, ">= 1")
+        _require(self.personal_mu >= 0 and math.isfinite(self.personal_mu), "federation.personal_mu",
+                 self.personal_mu, ">= 0")
         _require(self.transport in TRANSPORTS, "federation.transport", self.transport, f"one of {TRANSPORTS}")
         _require(
             self.local_epochs >= 1, "federation.local_epochs", self.local_epochs, ">= 1"

@@ -152,6 +152,10 @@ def check_sites(sites: list[SiteInfo], cfg: ExperimentConfig) -> tuple[list[str]
     the number of training sites; returns (classes, feature dim)."""
     classes, dim = validate_sites(sites, cfg)
     build_strategy(cfg.federation, sum(s.role == "train" for s in sites), cfg.privacy)
+    if cfg.privacy.local.enabled:  # said before round 1, not by every site in round 1
+        from micromil_core.federated.personalise import check_local_head_privacy
+
+        check_local_head_privacy(True, cfg.federation.personalise)
     return classes, dim
 
 
@@ -398,5 +402,9 @@ def _finish(fed: _Federation, state: RunState) -> FederationResult:
     # Hospitals that receive model.pt check it against this (`micromil inspect model.pt`).
     metrics["model_sha256"] = file_sha256(model_path)
     log.info("global model %s (round %d), sha256 %s", model_path, chosen, metrics["model_sha256"])
+    if fed.cfg.federation.personalise != "none":
+        from server.personalisation import personalise_sites
+
+        metrics["personalised"] = personalise_sites(fed, ArrayRecord(final_arrays), state.federation_id)
     write_json_atomic(fed.out / "metrics.json", metrics)
     return FederationResult(state.round, state.history, metrics, fed.out, fed.sites)

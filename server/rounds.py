@@ -61,7 +61,7 @@ def metric_dict(record: MetricRecord) -> dict[str, Any]:
     out = {k: (list(v) if isinstance(v, list) else float(v)) for k, v in record.items()}
     if wire.SUPPRESSED in out:
         out[wire.SUPPRESSED] = withheld_names(out[wire.SUPPRESSED])
-    for count in (wire.NUM_EXAMPLES, wire.FINE_COUNT, wire.MIN_PATIENTS):  # patient counts
+    for count in (wire.NUM_EXAMPLES, wire.FINE_COUNT, wire.MIN_PATIENTS, "num_val"):  # patient counts
         if isinstance(out.get(count), float) and out[count].is_integer():
             out[count] = int(out[count])
     return out
@@ -148,6 +148,16 @@ class ReplyChecks:
             update = widen(update, reference)
         return update_problem(reference, update, self.max_update_ratio) or metrics_problem(
             content.metric_records[wire.METRICS], wire.ALLOWED_TRAIN_METRICS, self.declared.get(site)
+        )
+
+    def personal_problem(self, site: str, reply: Message) -> str | None:
+        """A personalise reply: aggregate numbers only (the personal model stays at the site)."""
+        if reply.content.array_records:
+            return "the reply carries arrays; a personal model never leaves its site"
+        if wire.METRICS not in reply.content.metric_records:
+            return "the reply lacks the metrics record"
+        return metrics_problem(
+            reply.content.metric_records[wire.METRICS], wire.ALLOWED_PERSONAL_METRICS, self.declared.get(site)
         )
 
     def evaluate_problem(self, site: str, reply: Message) -> str | None:

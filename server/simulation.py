@@ -148,8 +148,26 @@ def _simulate_on_superlink(cfg: ExperimentConfig, out: Path, sites: list[SiteSet
     return metrics
 
 
+def _own_patients(cfg: ExperimentConfig, out: Path, train: list[SiteSettings]) -> dict[str, Any]:
+    """Under ``federation.personalise``: every training site's local-only, global and
+    personal model on that site's own test patients (``own_patients_comparison``)."""
+    from micromil_core.training.compare import own_patients_comparison
+
+    models = {}
+    for site in train:
+        saved = sorted((out / "federated" / "site-state" / site.name / "personal").glob("*/model.pt"),
+                       key=lambda p: p.stat().st_mtime)
+        if not saved:
+            raise SiteDataError(f"site {site.name} made no personal model; see {out / 'federated' / 'flower.log'}")
+        models[site.name] = {"local": out / "local" / site.name / "model.pt",
+                             "global": out / "federated" / "model.pt", "personalised": saved[-1]}
+    return own_patients_comparison({s.name: s.data_path for s in train}, models, out / "own-patients", cfg.data)
+
+
 def compare(cfg: ExperimentConfig, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
-    """Local-only (each site), pooled and federated models, all judged on the held-out sites.
+    """Local-only (each site), pooled and federated models, all judged on the held-out sites;
+    with ``federation.personalise`` also each training site's local-only, global and
+    personal model on its own test patients (``own_patients``).
 
     Local and pooled models train for rounds x local_epochs epochs (the same passes over
     the data as the federation), with the usual validation-based selection. The table also
@@ -197,6 +215,8 @@ def compare(cfg: ExperimentConfig, out: str | Path, overwrite: bool = False) -> 
         "federated_seconds": time.perf_counter() - start,  # includes the engine's start-up
     }
     table["federated"] = judged(out / "federated")
+    if cfg.federation.personalise != "none":
+        table["own_patients"] = _own_patients(cfg, out, train)
     table["local_mean"] = {
         k: sum(m[k] for m in table["local"].values()) / len(table["local"]) for k in METRIC_KEYS
     }

@@ -59,6 +59,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from micromil_core.report import (
         comparison_rows,
+        format_own_patients,
         format_paired_difference,
         format_table,
         table_keys,
@@ -73,6 +74,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     paired = format_paired_difference(table)
     if paired:
         print(f"\n{paired}")
+    own = format_own_patients(table)  # "" unless --personalise
+    if own:
+        print(f"\n{own}")
     out = Path(args.out)
     print(f"\ntable: {out / 'metrics.json'}  report: {out / 'federated' / 'report.html'}")
     return 0

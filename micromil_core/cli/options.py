@@ -74,6 +74,7 @@ def experiment_config(args: argparse.Namespace):
         ("strategy", "federation.strategy"),
         ("rounds", "federation.rounds"),
         ("local_epochs", "federation.local_epochs"),
+        ("personalise", "federation.personalise"),
         ("fed_data_root", "simulation.data_root"),
         ("train_sites", "simulation.train_sites"),
         ("holdout_sites", "simulation.holdout_sites"),
@@ -157,6 +158,8 @@ def claim_out(args: argparse.Namespace, *markers: str) -> Path:
 
 
 def add_federation_args(p: argparse.ArgumentParser) -> None:
+    from micromil_core.config import PERSONALISE_METHODS
+
     add_config_args(p)
     p.add_argument("--data-root", dest="fed_data_root", help="prepared data root (sites.yaml)")
     p.add_argument("--train-sites", help="comma-separated site names (default: sites.yaml's)")
@@ -164,6 +167,9 @@ def add_federation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", help="fedavg, fedprox, fedadam, fedyogi, fedmedian, ...")
     p.add_argument("--rounds", type=int)
     p.add_argument("--local-epochs", type=int)
+    p.add_argument("--personalise", choices=PERSONALISE_METHODS,
+                   help="a personal model for each training site, kept at the site "
+                        "(docs/personalisation.md)")
     add_out_args(p)
 
 

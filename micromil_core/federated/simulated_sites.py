@@ -50,15 +50,16 @@ def resolve_sites(cfg: ExperimentConfig) -> list[SiteSettings]:
 
 def with_local_privacy(sites: list[SiteSettings], cfg: ExperimentConfig, out: Path) -> list[SiteSettings]:
     """Simulated sites take the experiment's privacy settings: every site its small-count
-    guard, training sites its DP-SGD too, each with its own ledger folder under
-    ``<out>/site-state/`` (in a deployment: each hospital's own site.yaml)."""
+    guard, training sites its DP-SGD too. Each training site keeps its own state (privacy
+    ledger, personal model) under ``<out>/site-state/<site>/`` (in a deployment: the folder
+    each hospital's site.yaml names)."""
     local = cfg.privacy.local
     guard_only = LocalPrivacyConfig(
         min_patients=local.min_patients, allow_small_counts=local.allow_small_counts
     )
     return [
-        replace(s, privacy=local, state_dir=out / "site-state" / s.name)
-        if local.enabled and s.role == "train"
+        replace(s, privacy=local if local.enabled else guard_only, state_dir=out / "site-state" / s.name)
+        if s.role == "train"
         else replace(s, privacy=guard_only)
         for s in sites
     ]

@@ -272,12 +272,15 @@ def train_round(
     run_id: str = "",
     planned_rounds: int = 1,
     min_patients: int = MIN_PATIENTS_FLOOR,
+    reserve_rounds: int = 0,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Train the global model locally for ``local_epochs``; return new weights + metrics.
 
     With the site's DP-SGD on, training is private (``privacy.site_round``) and the
     metrics carry the epsilon spent in this run (``run_id``) so far. The training loss
     is withheld when fewer than ``min_patients`` patients trained (``privacy.disclosure``).
+    ``reserve_rounds``: DP-SGD rounds after the last one that the site's noise is calibrated
+    for too (a personal fine-tuning, ``federated.personalise``).
     """
     settings = runtime.settings
     if settings.role != "train":
@@ -293,7 +296,7 @@ def train_round(
 
         new_state, metrics = private_train_round(
             model, bags, settings.name, settings.privacy, settings.state_dir, run_id or "default",
-            server_round, planned_rounds, local_epochs, train_cfg.lr, train_cfg.weight_decay,
+            server_round, planned_rounds + reserve_rounds, local_epochs, train_cfg.lr, train_cfg.weight_decay,
             train_cfg.batch_size, device, seed,
             proximal_gradient(state, proximal_mu) if proximal_mu > 0 else None,
             optimizer=train_cfg.optimizer, momentum=train_cfg.momentum,

@@ -20,6 +20,10 @@ SCALER = "scaler"  # server -> site: global feature standardisation (mean, std)
 MOMENTS = "moments"  # site -> server: summed feature moments (sum, sum of squares)
 SITE = "site"  # site -> server: site description (name, role, classes)
 
+# The final message of a personalising federation (Flower message type "train.personalise"):
+# each training site makes its personal model from the global one and keeps it.
+PERSONALISE_ACTION = "personalise"
+
 # Config keys sent by the server (ConfigRecord)
 ROUND = "server-round"
 LOCAL_EPOCHS = "local-epochs"
@@ -77,8 +81,16 @@ AUC_INTERVAL = ("auc_ci_low", "auc_ci_high")
 FINE_COUNT = "fine_n"
 # Every metric an evaluation reply may carry (each one subject to the small-count guard).
 EVAL_METRIC_KEYS = (*CORE_METRICS, "loss", *AUC_INTERVAL, "roc_fpr", "roc_tpr", *FINE_METRIC_KEYS)
-GUARDED_METRICS = (*EVAL_METRIC_KEYS, "train_loss")  # append only: indices travel on the wire
+# Personalisation (federated/personalise.py): each training site's validation AUC of the
+# global and of its personal model, and the fine-tuning epoch chosen (0 = global kept).
+PERSONAL_METRIC_KEYS = ("val_auc_global", "val_auc_personal", "personal_epoch")
+# append only: indices travel on the wire
+GUARDED_METRICS = (*EVAL_METRIC_KEYS, "train_loss", *PERSONAL_METRIC_KEYS)
 ALLOWED_EVAL_METRICS = frozenset({NUM_EXAMPLES, FINE_COUNT, *EVAL_METRIC_KEYS} | DISCLOSURE_METRICS)
+# A personalise reply: aggregate numbers only; the personal model stays at the site.
+ALLOWED_PERSONAL_METRICS = frozenset(
+    {NUM_EXAMPLES, "num_val", "seconds", *PERSONAL_METRIC_KEYS} | DISCLOSURE_METRICS | DP_METRICS
+)
 ALLOWED_SITE_METRICS = frozenset(
     {NUM_EXAMPLES, "feature_dim", "num_train", "num_val", "num_test", "num_instances",
      "num_errors", "num_warnings"}

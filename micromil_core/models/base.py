@@ -74,6 +74,9 @@ class MILModel(nn.Module):
     # True when one bag's loss depends on the other bags of its batch (e.g. a contrastive
     # term): per-patient DP-SGD cannot bound one patient's influence then, so it refuses.
     couples_bags: bool = False
+    # The classifier that reads the bag embedding, as module names: what a site keeps to
+    # itself under ``federation.personalise: local-head``.
+    head_modules: tuple[str, ...] = ("head",)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:  # (B, N, D), (B, N) -> (B, C)
         raise NotImplementedError

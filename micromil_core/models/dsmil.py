@@ -86,6 +86,8 @@ class DSMIL(MILModel):
     Shapes: x (B, N, D), mask (B, N) -> logits (B, C); attention (B, N), 0 at padding.
     """
 
+    head_modules = ("bag_head",)
+
     def __init__(self, in_dim: int, n_classes: int, params: DSMILParams) -> None:
         super().__init__()
         self.in_dim, self.n_classes, self.params = in_dim, n_classes, params

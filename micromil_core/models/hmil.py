@@ -123,6 +123,7 @@ class HMIL(MILModel):
     """
 
     couples_bags = True  # the supervised contrastive term compares the bags of a batch
+    head_modules = ("coarse_score", "fine_score")  # the scorers of the class embeddings
 
     def __init__(self, in_dim: int, n_classes: int, params: HMILParams) -> None:
         super().__init__()

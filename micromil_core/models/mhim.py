@@ -228,6 +228,10 @@ class MHIM(MILModel):
         return self._teacher[0]
 
     @property
+    def head_modules(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(f"student.{m}" for m in self.student.head_modules)
+
+    @property
     def couples_bags(self) -> bool:  # type: ignore[override]
         # The recycle queries are an EMA of other patients' data carried from step to step
         # without noise, so per-patient DP-SGD cannot account for them: refuse DP then.

@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 _warned: set[int] = set()  # thresholds already warned about in this process
 _OVER_ALL = ("loss", "accuracy", "train_loss")
-_OVER_EVERY_CLASS = ("auc", "auc_ci_low", "auc_ci_high", "roc_fpr", "roc_tpr", "balanced_accuracy", "f1")
+_OVER_EVERY_CLASS = ("auc", "auc_ci_low", "auc_ci_high", "roc_fpr", "roc_tpr", "balanced_accuracy", "f1",
+                     "val_auc_global", "val_auc_personal")
 
 
 def effective_min_patients(site: LocalPrivacyConfig, coordinator: LocalPrivacyConfig) -> int:

@@ -1,8 +1,9 @@
 """One self-contained HTML report per federated run, readable offline by a site coordinator.
 
 Reads ``RUN/history.json`` (written by the federation server, one entry per round), and when
-present ``RUN/metrics.json`` (final held-out metrics) and ``RUN/compare.json`` (federated vs
-pooled vs local baselines). Writes ``RUN/report.html``: inline CSS, PNG figures embedded as
+present ``RUN/metrics.json`` (final held-out metrics, and each site's personal model under
+``federation.personalise``) and ``RUN/compare.json`` (federated vs pooled vs local baselines,
+and each training site's own-patient comparison). Writes ``RUN/report.html``: inline CSS, PNG figures embedded as
 base64 data URIs, no scripts and no external links, so the file can be mailed or copied onto
 a hospital machine without network access.
 
@@ -23,6 +24,7 @@ from typing import Any
 from micromil_core.errors import MicroMILError
 from micromil_core.federated.history import HistoryError, RunHistory, read_history
 from micromil_core.io import write_text_atomic
+from micromil_core.report.personal import format_own_patients, personalisation_section
 from micromil_core.report.sections import (
     CSS,
     METRICS_FILE,
@@ -55,9 +57,11 @@ __all__ = [
     "ReportError",
     "comparison_rows",
     "format_differences",
+    "format_own_patients",
     "format_paired_difference",
     "format_table",
     "metric_text",
+    "personalisation_section",
     "render_report",
     "table_keys",
     "with_auc_interval",
@@ -103,16 +107,19 @@ def render_report(
         except HistoryError as exc:
             raise ReportError(str(exc)) from None
     rounds = history.rounds
+    metrics = metrics if isinstance(metrics, Mapping) else None
+    comparison = comparison if isinstance(comparison, Mapping) else None
     with pyplot().style.context("default"):
         sections = [
             summary_section(history),
-            holdout_section(metrics if isinstance(metrics, Mapping) else None, rounds),
+            holdout_section(metrics, rounds),
             curves_section(rounds) if rounds else "",
             roc_section(rounds),
             sites_section(rounds),
             communication_section(rounds) if rounds else "",
             failures_section(rounds),
-            comparison_section(comparison if isinstance(comparison, Mapping) else None),
+            comparison_section(comparison),
+            personalisation_section(metrics, comparison),
         ]
     nav = " · ".join(
         f'<a href="#{a}">{t}</a>'

@@ -88,7 +88,8 @@ table { border-collapse: collapse; margin: .6em 0 1em; font-size: .92em; }
 th, td { border: 1px solid #ccc; padding: .25em .6em; }
 th { background: #eef3f8; text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-td.na { color: #999; text-align: right; }
+td:first-child { white-space: nowrap; }
+td.na { color: #999; text-align: right; white-space: nowrap; }
 img { max-width: 100%; height: auto; display: block; margin: .5em 0 1em; }
 .note { color: #666; font-size: .9em; }
 .fail { color: #a33; }

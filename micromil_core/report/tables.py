@@ -19,6 +19,10 @@ CORE_KEYS: tuple[str, ...] = (*METRIC_KEYS, "n")
 _COMPARE_ORDER = ("federated", "pooled", "local_mean")
 # compare.json's paired difference (not a row): federated minus pooled, same patients.
 PAIRED_KEY = "federated_minus_pooled"
+# compare.json's per-training-site comparison under personalisation (report.personal), not a
+# setup judged on the held-out sites, so not a row either.
+OWN_PATIENTS_KEY = "own_patients"
+_NOT_ROWS = (PAIRED_KEY, OWN_PATIENTS_KEY)
 
 
 
@@ -138,7 +142,8 @@ def comparison_rows(comparison: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Flatten compare.json into table rows: federated, pooled, local_mean, local/<site>.
 
     A nested ``{"local": {site: metrics}}`` becomes ``local/<site>`` rows; rows already
-    flattened (``"local/site-0"``) and any other named approach are kept as they are.
+    flattened (``"local/site-0"``) and any other named approach are kept as they are; the
+    paired difference and ``own_patients`` are not setups, so not rows.
     A row's bootstrap interval (``ci95``) adds its ``auc_ci95`` column.
     """
     rows: dict[str, dict[str, Any]] = {}
@@ -146,7 +151,7 @@ def comparison_rows(comparison: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         if isinstance(comparison.get(name), Mapping):
             rows[name] = dict(comparison[name])
     for name, metrics in comparison.items():
-        if name in rows or name == PAIRED_KEY or not isinstance(metrics, Mapping):
+        if name in rows or name in _NOT_ROWS or not isinstance(metrics, Mapping):
             continue
         if name == "local":
             for site, site_metrics in metrics.items():

@@ -11,9 +11,7 @@ import numpy as np
 
 from micromil_core.errors import SiteDataError
 from micromil_core.io import write_json_atomic
-from micromil_core.training.metrics import (
-    paired_bootstrap_difference,
-)
+from micromil_core.training.metrics import paired_bootstrap_difference
 from micromil_core.training.score import evaluate_checkpoint
 
 
@@ -75,3 +73,73 @@ def add_paired_comparison(
     write_json_atomic(out / "metrics.json", metrics)
     return metrics
 
+
+
+def mean_paired_difference(
+    groups: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], n_resamples: int = 2000,
+    confidence: float = 0.95, seed: int = 0,
+) -> dict[str, dict[str, float]] | None:
+    """The mean over groups (sites) of model A's metric minus model B's, with an interval
+    from a bootstrap that resamples each group's patients on its own (stratified by class),
+    so every site keeps its weight of one. ``groups``: (labels, probs A, probs B) per site;
+    only two-class groups with both classes present count (``sites``: how many). None when
+    no group counts."""
+    from micromil_core.training.metrics import (
+        METRIC_KEYS,
+        _binary_metrics_of_draws,
+        _stratified_draws,
+        classification_metrics,
+    )
+
+    usable = [(np.asarray(y, dtype=int), np.asarray(a, float), np.asarray(b, float)) for y, a, b in groups]
+    usable = [g for g in usable if g[1].shape[1] == 2 and set(np.unique(g[0])) == {0, 1}]
+    if not usable:
+        return None
+    rng = np.random.default_rng(seed)
+    draws = {k: np.zeros(n_resamples) for k in METRIC_KEYS}
+    point = dict.fromkeys(METRIC_KEYS, 0.0)
+    for y, a, b in usable:
+        draw, n0, n1 = _stratified_draws(y, n_resamples, rng)
+        of_a, of_b = _binary_metrics_of_draws(a, draw, n0, n1), _binary_metrics_of_draws(b, draw, n0, n1)
+        on_a, on_b = classification_metrics(y, a), classification_metrics(y, b)
+        for k in METRIC_KEYS:
+            draws[k] += (of_a[k] - of_b[k]) / len(usable)
+            point[k] += (on_a[k] - on_b[k]) / len(usable)
+    tail = 100 * (1 - confidence) / 2
+    return {
+        k: {"difference": float(point[k]), "low": float(np.percentile(draws[k], tail)),
+            "high": float(np.percentile(draws[k], 100 - tail)), "sites": len(usable)}
+        for k in METRIC_KEYS
+    }
+
+
+OWN_PATIENT_MODELS = ("local", "global", "personalised")
+
+
+def own_patients_comparison(
+    sites: dict[str, Path], models: dict[str, dict[str, Path]], out: str | Path,
+    data_cfg: Any = None,
+) -> dict[str, Any]:
+    """Each training site's local-only, global and personalised model judged on that
+    site's own TEST patients (``models[site][kind]``: a model.pt per kind), with the paired
+    differences personalised - global and personalised - local per site and their mean over
+    sites (``mean_paired_difference``). Writes each evaluation under OUT/<site>/<kind>/."""
+    out = Path(out)
+    table: dict[str, Any] = {"per_site": {}}
+    pairs: dict[str, list] = {"personalised_minus_global": [], "personalised_minus_local": []}
+    for site, path in sites.items():
+        row: dict[str, Any] = {}
+        preds = {}
+        for kind in OWN_PATIENT_MODELS:
+            m = evaluate_checkpoint(models[site][kind], [path], out / site / kind, split="test",
+                                    data_cfg=data_cfg)
+            row[kind] = {k: m[k] for k in ("auc", "accuracy", "balanced_accuracy", "n") if k in m}
+            preds[kind] = read_predictions(out / site / kind / "predictions.csv")
+        for key, other in (("personalised_minus_global", "global"), ("personalised_minus_local", "local")):
+            (_, y, probs), (_, _, base) = preds["personalised"], preds[other]
+            row[key] = paired_bootstrap_difference(y, probs, base)
+            pairs[key].append((y, probs, base))
+        table["per_site"][site] = row
+    for key, groups in pairs.items():
+        table[f"mean_{key}"] = mean_paired_difference(groups)
+    return table

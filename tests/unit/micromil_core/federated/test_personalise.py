@@ -1,0 +1,222 @@
+"""A training site's personal model (federated/personalise.py), without Flower: the head a
+site keeps, its store, selection on validation patients only, the small-count guard and
+DP-SGD's ledger."""
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from micromil_core.config import DataConfig, LocalPrivacyConfig, TrainConfig, build_config
+from micromil_core.errors import ConfigError, SiteDataError
+from micromil_core.federated import personalise, wire
+from micromil_core.federated.messages import RoundSettings
+from micromil_core.federated.personalise import (
+    PersonalStore,
+    head_keys,
+    keep_local_head,
+    make_personal_model,
+    only_head_trains,
+    personalise_site,
+    planned_rounds,
+)
+from micromil_core.federated.site_task import ModelSpec, SiteSettings, load_runtime
+from micromil_core.models.base import MILModel
+from micromil_core.models.registry import build_model
+from micromil_core.privacy.disclosure import withheld_names
+from micromil_core.privacy.ledger import PrivacyLedger
+from micromil_core.training.checkpoint import load_checkpoint
+from tests.conftest import write_site
+
+SPEC = ModelSpec("abmil", 6, 2, {})
+CLASSES = ["benign", "malignant"]
+
+
+def _cfg(method="finetune", **train):
+    return build_config({
+        "model": {"name": "abmil"},
+        "train": {"lr": 1e-2, "seed": 1, "patience": 0, **train},
+        "federation": {"rounds": 2, "personalise": method, "personal_epochs": 3},
+        "privacy": {"min_patients": 2, "allow_small_counts": True},
+    })
+
+
+def _runtime(tmp_path, n=24, privacy=None, seed=0):
+    site = SiteSettings("h1", write_site(tmp_path / "h1", n_patients=n, splits=True, seed=seed),
+                        privacy=privacy or LocalPrivacyConfig(), state_dir=tmp_path / "state")
+    return load_runtime(site, DataConfig(), TrainConfig(), CLASSES)
+
+
+@pytest.mark.parametrize("name, params, heads", [
+    ("abmil", {}, {"head.weight", "head.bias"}),
+    ("micromil", {"n_clusters": 4, "top_k": 2}, {"head.weight", "head.bias"}),
+    ("dsmil", {}, {"bag_head.weight", "bag_head.bias"}),
+    ("transmil", {}, {"head.weight", "head.bias"}),
+    ("clam-sb", {}, {"head.weight", "head.bias"}),
+    ("mhim", {"base": "abmil"}, {"student.head.weight", "student.head.bias"}),
+])
+def test_head_keys_name_the_classifier_only(name, params, heads):
+    model = build_model(name, 6, 2, params)
+    assert set(head_keys(model)) == heads
+    assert len(head_keys(model)) < len(model.state_dict())
+
+
+def test_a_model_without_a_named_head_is_refused():
+    class Headless(MILModel):
+        head_modules = ("nothing",)
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Linear(2, 2)
+
+    with pytest.raises(ConfigError, match="names no classifier head"):
+        head_keys(Headless())
+
+
+def test_only_the_head_moves(tmp_path):
+    runtime = _runtime(tmp_path)
+    model = SPEC.build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    personalise.train_local_head(model, runtime.train, [], TrainConfig(lr=1e-1), 2, torch.device("cpu"))
+    after = model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved == set(head_keys(model))
+    assert all(p.requires_grad for p in model.parameters())  # restored afterwards
+    with only_head_trains(model):
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == set(head_keys(model))
+
+
+def test_store_keeps_the_last_two_rounds_and_needs_a_folder(tmp_path):
+    store = PersonalStore(tmp_path, "run/1", "h1")
+    assert store.root == tmp_path / "personal" / "run_1"  # the id cannot leave the folder
+    assert store.head_before(1) is None
+    for r in (1, 2, 3):
+        store.save_head(r, {"head.bias": torch.full((2,), float(r))})
+    assert sorted(p.name for p in store.root.glob("head-*")) == ["head-round-0002.pt", "head-round-0003.pt"]
+    assert store.head_before(3)["head.bias"][0] == 2.0  # a replayed round 3 starts from round 2's
+    assert store.head_before(9)["head.bias"][0] == 3.0
+    with pytest.raises(SiteDataError, match="state_dir"):
+        PersonalStore(None, "r", "h1")
+
+
+def test_local_head_round_continues_from_the_kept_head(tmp_path):
+    runtime = _runtime(tmp_path)
+    cfg = _cfg("local-head")
+    trained = SPEC.build().state_dict()
+    keep_local_head(runtime, SPEC, trained, cfg, None, 1, torch.device("cpu"), "run")
+    store = PersonalStore(runtime.settings.state_dir, "run", "h1")
+    first = store.head_before(2)
+    assert set(first) == {"head.weight", "head.bias"}
+    assert not torch.equal(first["head.weight"], trained["head.weight"])
+    # Round 2 starts from round 1's head, not from the global one it was sent.
+    spy = []
+    original = personalise.local_head_round
+
+    def recording(spec, state, bags, tcfg, st, rnd, epochs, device):
+        spy.append(st.head_before(rnd))
+        return original(spec, state, bags, tcfg, st, rnd, epochs, device)
+
+    personalise.local_head_round = recording
+    try:
+        keep_local_head(runtime, SPEC, trained, cfg, None, 2, torch.device("cpu"), "run")
+    finally:
+        personalise.local_head_round = original
+    assert torch.equal(spy[0]["head.weight"], first["head.weight"])
+
+
+def test_selection_reads_validation_patients_only(tmp_path, monkeypatch):
+    runtime = _runtime(tmp_path)
+    test_ids = {id(b) for b in runtime.test}
+    assert test_ids and runtime.val
+    seen = []
+    from micromil_core.training import trainer
+
+    real_predict = trainer.predict_bags
+
+    def spying(model, bags, *a, **kw):
+        seen.append({id(b) for b in bags})
+        return real_predict(model, bags, *a, **kw)
+
+    monkeypatch.setattr(trainer, "predict_bags", spying)
+    state = SPEC.build().state_dict()
+    for method in ("finetune", "proximal", "local-head"):
+        personalise_site(runtime, SPEC, state, _cfg(method), None, torch.device("cpu"), "run", 2)
+    assert seen and all(not (ids & test_ids) for ids in seen)
+    val_ids = {id(b) for b in runtime.val}
+    assert all(ids <= val_ids for ids in seen)
+    # Poisoned test patients change nothing: they are never read.
+    for b in runtime.test:
+        b.features.fill_(float("nan"))
+    a, _, m = personalise_site(runtime, SPEC, state, _cfg(), None, torch.device("cpu"), "run", 2)
+    assert all(torch.isfinite(v).all() for v in a.state_dict().values())
+    assert m["num_val"] == len(runtime.val)
+
+
+def test_the_global_model_is_kept_when_nothing_beats_it_on_validation(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from micromil_core.training import trainer
+
+    runtime = _runtime(tmp_path)
+    state = SPEC.build().state_dict()
+    # A fine-tuning that leaves the weights as they were (claiming epoch 2): no better on
+    # validation than the global model, which then stays (epoch 0).
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "fit", lambda *a, **k: SimpleNamespace(best_epoch=2))
+        model, epoch, metrics = personalise_site(runtime, SPEC, state, _cfg(), None,
+                                                 torch.device("cpu"), "run", 1)
+    assert epoch == 0 and metrics["personal_epoch"] == 0
+    assert all(torch.equal(model.state_dict()[k], state[k]) for k in state)
+    assert metrics["val_auc_personal"] == metrics["val_auc_global"]
+    # A learnable task: fine-tuning beats the untrained global model on validation.
+    model, epoch, metrics = personalise_site(runtime, SPEC, state, _cfg(lr=5e-2), None,
+                                             torch.device("cpu"), "run", 2)
+    assert 1 <= epoch <= 3 and metrics["personal_epoch"] == epoch
+
+
+def test_small_validation_sets_withhold_the_personal_numbers(tmp_path):
+    runtime = _runtime(tmp_path)
+    _, _, metrics = personalise_site(runtime, SPEC, SPEC.build().state_dict(), _cfg(), None,
+                                     torch.device("cpu"), "run", min_patients=50)
+    assert set(metrics) <= wire.ALLOWED_PERSONAL_METRICS
+    assert not {"val_auc_global", "val_auc_personal", "personal_epoch"} & set(metrics)
+    assert set(withheld_names(metrics[wire.SUPPRESSED])) >= {"val_auc_global", "personal_epoch"}
+
+
+def test_the_personal_model_is_a_checkpoint_at_the_site(tmp_path):
+    runtime = _runtime(tmp_path)
+    cfg = _cfg()
+    settings = RoundSettings(cfg, CLASSES, SPEC)
+    metrics = make_personal_model(runtime, settings, SPEC.build().state_dict(), None,
+                                  torch.device("cpu"), "run-7", 2)
+    ckpt = load_checkpoint(tmp_path / "state" / "personal" / "run-7" / "model.pt")
+    assert ckpt.provenance["personalised"] == "finetune" and ckpt.provenance["site"] == "h1"
+    assert ckpt.classes == CLASSES and ckpt.provenance["personal_epoch"] == metrics.get("personal_epoch")
+
+
+def test_dp_fine_tuning_is_one_more_round_in_the_ledger(tmp_path):
+    privacy = LocalPrivacyConfig(mode="dp-sgd", target_epsilon=8.0, delta=1e-3, max_grad_norm=1.0)
+    runtime = _runtime(tmp_path, n=40, privacy=privacy)
+    cfg = _cfg("proximal")
+    assert planned_rounds(cfg) == 3 and planned_rounds(_cfg("local-head")) == 2
+    _, epoch, metrics = personalise_site(runtime, SPEC, SPEC.build().state_dict(), cfg, None,
+                                         torch.device("cpu"), "run", 2)
+    ledger = PrivacyLedger(tmp_path / "state")
+    rounds = ledger.runs["run"].rounds
+    assert [r["round"] for r in rounds] == [3]  # after the 2 federation rounds
+    assert metrics["epsilon"] == pytest.approx(rounds[-1]["epsilon"])
+    assert metrics["epsilon"] <= 8.0 and "train_loss" not in metrics
+    assert set(metrics) <= wire.ALLOWED_PERSONAL_METRICS
+    with pytest.raises(ConfigError, match="local-head"):
+        personalise_site(runtime, SPEC, SPEC.build().state_dict(), _cfg("local-head"), None,
+                         torch.device("cpu"), "run", 2)
+
+
+def test_config_checks_the_method():
+    with pytest.raises(ConfigError, match="federation.personalise"):
+        build_config({"federation": {"personalise": "ditto-ish"}})
+    with pytest.raises(ConfigError, match="personal_epochs"):
+        build_config({"federation": {"personalise": "finetune", "personal_epochs": 0}})
+    cfg = replace(_cfg(), federation=replace(_cfg().federation, personal_mu=0.5))
+    assert cfg.federation.personal_mu == 0.5 and not math.isnan(cfg.federation.personal_mu)
