@@ -26,6 +26,7 @@ import logging
 import math
 import re
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -163,18 +164,20 @@ def _score(cfg: TrainConfig, model: MILModel, val: list[Bag], device: torch.devi
 def personalise_site(
     runtime: Any, spec: Any, global_state: dict[str, torch.Tensor], cfg: ExperimentConfig,
     scaler: FeatureScaler | None, device: torch.device, run_id: str, min_patients: int,
+    schedule: tuple[int, int] | None = None,
 ) -> tuple[MILModel, int, dict[str, Any]]:
     """The site's personal model from the final global model, chosen on the site's
     validation patients only; returns (model, its fine-tuning epoch (0: the global model
-    was best), reply metrics: aggregate, guarded)."""
+    was best), reply metrics: aggregate, guarded). ``schedule``: (the round this step is,
+    rounds its DP-SGD plans for); default the round after the federation's last."""
     from micromil_core.federated.site_task import round_seed
 
     site = runtime.settings
     start = time.perf_counter()
     scale = scaler.transform_all if scaler is not None else (lambda b: b)
     train, val = scale(runtime.train), scale(runtime.val)
-    after = cfg.federation.rounds + 1  # the personal step comes after the last round
-    seed = round_seed(cfg.train.seed, after, site.name)
+    schedule = schedule or (cfg.federation.rounds + 1, planned_rounds(cfg))
+    seed = round_seed(cfg.train.seed, schedule[0], site.name)
     seed_everything(seed)
     train_cfg = replace(cfg.train, seed=seed)
     model = spec.build(global_state).to(device)
@@ -182,7 +185,8 @@ def personalise_site(
         log.warning("site %s has no validation patients: it keeps the global model", site.name)
     global_score, global_val = _score(train_cfg, model, val, device) if val else (-math.inf, {})
     candidate, epoch, metrics = _candidate(
-        copy.deepcopy(model), runtime, global_state, cfg, train, val, train_cfg, device, run_id, seed
+        copy.deepcopy(model), runtime, global_state, cfg, train, val, train_cfg, device, run_id, seed,
+        schedule,
     )
     personal_score, personal_val = _score(train_cfg, candidate, val, device) if val else (-math.inf, {})
     chosen_epoch = epoch if personal_score > global_score else 0
@@ -204,7 +208,7 @@ def personalise_site(
 def _candidate(
     candidate: MILModel, runtime: Any, global_state: dict[str, torch.Tensor], cfg: ExperimentConfig,
     train: list[Bag], val: list[Bag], train_cfg: TrainConfig, device: torch.device, run_id: str,
-    seed: int,
+    seed: int, schedule: tuple[int, int],
 ) -> tuple[MILModel, int, dict[str, Any]]:
     """The method's personal candidate, its epoch and (under DP-SGD) the ledger's numbers."""
     from micromil_core.federated.site_task import proximal_gradient, proximal_term
@@ -213,7 +217,7 @@ def _candidate(
     site, fed = runtime.settings, cfg.federation
     if fed.personalise == "local-head":
         check_local_head_privacy(site.privacy.enabled, fed.personalise)
-        head = PersonalStore(site.state_dir, run_id, site.name).head_before(fed.rounds + 1)
+        head = PersonalStore(site.state_dir, run_id, site.name).head_before(schedule[0])
         candidate.load_state_dict(with_head(candidate.state_dict(), head))
         return candidate, train_local_head(candidate, train, val, train_cfg, fed.personal_epochs, device).best_epoch, {}
     proximal = fed.personalise == "proximal"
@@ -228,7 +232,7 @@ def _candidate(
 
     state, metrics = private_train_round(
         candidate, train, site.name, site.privacy, site.state_dir, run_id or "default",
-        fed.rounds + 1, planned_rounds(cfg), fed.local_epochs, cfg.train.lr, cfg.train.weight_decay,
+        *schedule, fed.local_epochs, cfg.train.lr, cfg.train.weight_decay,
         cfg.train.batch_size, device, seed,
         proximal_gradient(global_state, fed.personal_mu) if proximal else None,
         optimizer=cfg.train.optimizer, momentum=cfg.train.momentum,
@@ -240,15 +244,17 @@ def _candidate(
 
 def make_personal_model(
     runtime: Any, settings: Any, global_state: dict[str, torch.Tensor], scaler: FeatureScaler | None,
-    device: torch.device, run_id: str, min_patients: int,
+    device: torch.device, run_id: str, min_patients: int, path: Path | None = None,
+    schedule: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """``personalise_site``, then the personal model saved as a checkpoint in the site's
-    state folder (``PersonalStore.model_path``); returns the reply metrics."""
+    """``personalise_site``, then the personal model saved as a checkpoint at ``path``
+    (default: the site's state folder, ``PersonalStore.model_path``); returns the metrics."""
     from micromil_core.training.checkpoint import Checkpoint, save_checkpoint
 
     cfg, spec, site = settings.experiment, settings.spec, runtime.settings
-    store = PersonalStore(site.state_dir, run_id, site.name)
-    model, epoch, metrics = personalise_site(runtime, spec, global_state, cfg, scaler, device, run_id, min_patients)
+    path = path or PersonalStore(site.state_dir, run_id, site.name).model_path
+    model, epoch, metrics = personalise_site(runtime, spec, global_state, cfg, scaler, device, run_id,
+                                             min_patients, schedule)
     save_checkpoint(
         Checkpoint(
             model_name=spec.name, in_dim=spec.in_dim, n_classes=spec.n_classes, params=spec.params,
@@ -258,10 +264,42 @@ def make_personal_model(
             provenance={"federated": True, "personalised": cfg.federation.personalise, "site": site.name,
                         "federation_id": run_id, "personal_epoch": epoch},
         ),
-        store.model_path,
+        path,
     )
-    log.info("site %s: personal model saved to %s", site.name, store.model_path)
+    log.info("site %s: personal model saved to %s", site.name, path)
     return metrics
+
+
+def personalise_checkpoint(
+    checkpoint: str | Path, site: Any, out: str | Path, method: str = "finetune",
+    overrides: Sequence[str] = (), device: str = "auto",
+) -> dict[str, Any]:
+    """A site's personal model from a global model.pt it was given (``flower-client
+    personalise``): the same choice as a federation's last message, run at the site on
+    its own; the model is written to ``out``. Returns the site's numbers (they stay here).
+
+    Under DP-SGD the fine-tuning is a run of its own in the site's ledger (one round at the
+    site's budget), composed with the others in the ledger's total."""
+    from micromil_core.config import apply_overrides, build_config
+    from micromil_core.federated.messages import RoundSettings
+    from micromil_core.federated.site_task import ModelSpec, load_runtime
+    from micromil_core.runtime import resolve_device
+    from micromil_core.training.checkpoint import file_sha256, load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    cfg = build_config(apply_overrides(dict(ckpt.config), [f"federation.personalise={method}", *overrides]))
+    if cfg.federation.personalise == "none":
+        raise ConfigError(f"--method none makes no personal model; choose one of {FINE_TUNING + ('local-head',)}")
+    spec = ModelSpec(ckpt.model_name, ckpt.in_dim, ckpt.n_classes, dict(ckpt.params))
+    runtime = load_runtime(site, cfg.data, cfg.train, list(ckpt.classes))
+    site_scaler = ckpt.provenance.get("scaler") == "site"
+    scaler = runtime.own_scaler if site_scaler and cfg.train.standardize else ckpt.scaler
+    settings = RoundSettings(cfg, list(ckpt.classes), spec, scaler, site_scaler)
+    run_id = f"personalise-{file_sha256(checkpoint)[:16]}"
+    # As the federation's last message would (same seed), but its own DP-SGD run of one
+    # round: the fine-tuning is all this run's noise is calibrated for.
+    return make_personal_model(runtime, settings, ckpt.state_dict, scaler, resolve_device(device),
+                               run_id, 1, Path(out), schedule=(cfg.federation.rounds + 1, 1))
 
 
 def keep_local_head(

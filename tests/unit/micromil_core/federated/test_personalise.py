@@ -220,3 +220,32 @@ def test_config_checks_the_method():
         build_config({"federation": {"personalise": "finetune", "personal_epochs": 0}})
     cfg = replace(_cfg(), federation=replace(_cfg().federation, personal_mu=0.5))
     assert cfg.federation.personal_mu == 0.5 and not math.isnan(cfg.federation.personal_mu)
+
+
+def test_flower_client_personalise_makes_the_sites_model_from_a_released_one(tmp_path, capsys):
+    import yaml
+
+    from client.cli import main as flower_client
+    from micromil_core.cli import main as micromil
+
+    site = write_site(tmp_path / "h1", n_patients=24, splits=True)
+    assert micromil(["train", "--data", str(site), "--model", "abmil", "--epochs", "2",
+                     "--out", str(tmp_path / "global")]) == 0
+    for name in ("ca.pem", "h1.key"):
+        (tmp_path / name).write_text("")
+    (tmp_path / "site.yaml").write_text(yaml.safe_dump({
+        "site": {"name": "h1", "data_path": str(site), "role": "train"},
+        "superlink": {"address": "coord.example.org:9092", "ca_cert": "ca.pem", "private_key": "h1.key"},
+        "supernode": {"state_dir": "state"},
+    }))
+    runs = []
+    for out in ("a.pt", "b.pt"):
+        assert flower_client(["personalise", "--config", str(tmp_path / "site.yaml"), "--model",
+                              str(tmp_path / "global" / "model.pt"), "--out", str(tmp_path / out),
+                              "--set", "federation.personal_epochs=3"]) == 0
+        runs.append(load_checkpoint(tmp_path / out))
+    assert "personal model:" in capsys.readouterr().out
+    a, b = runs
+    assert a.provenance["personalised"] == "finetune" and a.provenance["site"] == "h1"
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)  # reproducible
+    assert not list((tmp_path / "global").glob("personal*"))  # the released model is untouched

@@ -1,0 +1,185 @@
+"""Personal models per hospital (issue 24): for every TRAINING site, on that site's own
+test patients, the local-only model, the global federated model and each personalisation
+method, with paired differences.
+
+    python benchmarks/personalisation.py --datasets fashion ucsb --seeds 0 1 2 \
+        --work /tmp/pers --out benchmarks/results/personalisation
+
+Per dataset and training seed, one ``micromil compare --personalise local-head`` run gives
+the local-only, pooled and federated models and the local-head personal models (local-head
+leaves the global model as plain FedAvg gives it). ``finetune`` and ``proximal`` are then
+made from that same final global model at each site with ``personalise_checkpoint`` (what
+``flower-client personalise`` runs; the same seed and choice as a federation's last
+message). Every personal model is chosen on the site's validation patients; the test
+patients are read only here, to judge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from federation import DATASETS, ROOT, micromil, prepared, write_results  # noqa: E402
+
+METHODS = ("finetune", "proximal", "local-head")
+DIFFERENCES = ("personalised_minus_global", "personalised_minus_local")
+
+
+def personal_models(run: Path, data: Path, method: str) -> dict[str, Path]:
+    """Each training site's personal model of ``method`` from the run's global model."""
+    from micromil_core.data.data_root import read_sites_yaml
+    from micromil_core.federated.personalise import personalise_checkpoint
+    from micromil_core.federated.site_task import SiteSettings
+
+    root = read_sites_yaml(data)
+    models = {}
+    for path in root.train_sites:
+        out = run / "personal" / method / f"{path.name}.pt"
+        if not out.is_file():
+            site = SiteSettings(path.name, path, "train", state_dir=run / "personal" / method / "state" / path.name)
+            personalise_checkpoint(run / "federated" / "model.pt", site, out, method)
+        models[path.name] = out
+    return models
+
+
+def judged(run: Path, data: Path, method: str) -> dict:
+    """The own-patient table of ``method`` (local-head: the compare run's own)."""
+    from micromil_core.training.compare import own_patients_comparison
+
+    if method == "local-head":
+        return json.loads((run / "metrics.json").read_text())["own_patients"]
+    table_file = run / "personal" / method / "own-patients.json"
+    if table_file.is_file():
+        return json.loads(table_file.read_text())
+    personal = personal_models(run, data, method)
+    models = {site: {"local": run / "local" / site / "model.pt", "global": run / "federated" / "model.pt",
+                     "personalised": path} for site, path in personal.items()}
+    from micromil_core.data.data_root import read_sites_yaml
+
+    sites = {p.name: p for p in read_sites_yaml(data).train_sites}
+    table = own_patients_comparison(sites, models, run / "personal" / method / "judged")
+    table_file.write_text(json.dumps(table, indent=1))
+    return table
+
+
+def run_dataset(key: str, seeds: list[int], work: Path, rounds: int | None) -> list[dict]:
+    data = prepared(key, DATASETS, work)
+    config = DATASETS[key][2]
+    rows = []
+    for seed in seeds:
+        run = work / f"{key}-seed{seed}"
+        if not (run / "metrics.json").is_file():
+            args = ["compare", "--config", str(ROOT / config), "--data-root", str(data),
+                    "--personalise", "local-head", "--seed", str(seed), "--out", str(run), "--overwrite"]
+            micromil(*args, *(["--rounds", str(rounds)] if rounds else []))
+        for method in METHODS:
+            table = judged(run, data, method)
+            for site, row in table["per_site"].items():
+                rows.append({"dataset": key, "seed": seed, "method": method, "site": site, **row})
+            rows.append({"dataset": key, "seed": seed, "method": method, "site": "mean",
+                         **{f"mean_{d}": table[f"mean_{d}"] for d in DIFFERENCES}})
+    return rows
+
+
+def _ci(d: dict | None, key: str = "auc") -> str:
+    if not d or d.get(key) is None:
+        return "n/a"
+    v = d[key]
+    return f"{v['difference']:+.3f} ({v['low']:+.3f} to {v['high']:+.3f})"
+
+
+def _auc(m: dict) -> float:
+    v = m.get("auc")
+    return float("nan") if v is None else float(v)
+
+
+def summary(rows: list[dict], metric: str) -> list[str]:
+    """Per dataset and method: mean AUCs over sites and seeds, the per-seed mean differences,
+    and how the targets of issue 24 fare."""
+    lines = [f"| dataset | method | sites x seeds with an {metric} | local | global | personalised | "
+             "personalised - global, mean over sites (per seed) | personalised - local (per seed) | "
+             "sites below global (interval under 0) |", "|---|---|---|---|---|---|---|---|---|"]
+    for key in dict.fromkeys(r["dataset"] for r in rows):
+        for method in METHODS:
+            sites = [r for r in rows if r["dataset"] == key and r["method"] == method and r["site"] != "mean"]
+            means = [r for r in rows if r["dataset"] == key and r["method"] == method and r["site"] == "mean"]
+            ok = [r for r in sites if not np.isnan(_metric(r["personalised"], metric))]
+            avg = {k: np.mean([_metric(r[k], metric) for r in ok]) if ok else float("nan")
+                   for k in ("local", "global", "personalised")}
+            below = [f"{r['site']}/s{r['seed']}" for r in sites
+                     if (r["personalised_minus_global"] or {}).get(metric, {}).get("high", 0) < 0]
+            lines.append(
+                f"| {key} | {method} | {len(ok)}/{len(sites)} | {avg['local']:.3f} | {avg['global']:.3f} | "
+                f"{avg['personalised']:.3f} | {'; '.join(_ci(m['mean_personalised_minus_global'], metric) for m in means)} | "
+                f"{'; '.join(_ci(m['mean_personalised_minus_local'], metric) for m in means)} | "
+                f"{', '.join(below) or 'none'} |"
+            )
+    return lines
+
+
+def _metric(m: dict, key: str) -> float:
+    v = m.get(key)
+    return float("nan") if v is None else float(v)
+
+
+def per_site(rows: list[dict]) -> list[str]:
+    lines = ["| dataset | seed | method | site | n | local AUC | global AUC | personalised AUC | "
+             "personalised - global AUC (95% CI) | accuracy local / global / personalised |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["site"] == "mean":
+            continue
+        acc = " / ".join(f"{r[k]['accuracy']:.3f}" for k in ("local", "global", "personalised"))
+        aucs = " | ".join("n/a" if np.isnan(_auc(r[k])) else f"{_auc(r[k]):.3f}" for k in ("local", "global", "personalised"))
+        lines.append(f"| {r['dataset']} | {r['seed']} | {r['method']} | {r['site']} | {r['global']['n']} | "
+                     f"{aucs} | {_ci(r['personalised_minus_global'])} | {acc} |")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", nargs="+", default=["fashion", "ucsb"], choices=sorted(DATASETS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--rounds", type=int, help="default: the dataset config's (20)")
+    ap.add_argument("--work", default="/tmp/personalisation")
+    ap.add_argument("--out", default=str(HERE / "results" / "personalisation"))
+    args = ap.parse_args()
+    work = Path(args.work)
+    rows = [r for key in args.datasets for r in run_dataset(key, args.seeds, work, args.rounds)]
+    command = ("python benchmarks/personalisation.py --datasets " + " ".join(args.datasets)
+               + " --seeds " + " ".join(map(str, args.seeds))
+               + (f" --rounds {args.rounds}" if args.rounds else "") + f" --work {args.work} --out {args.out}")
+    lines = [
+        "# Personal models per hospital: each training site's own test patients",
+        "",
+        f"Command: `{command}`",
+        "",
+        "Every personal model is chosen on the site's validation patients (the global model is one "
+        "of the candidates); the site's test patients are read only to judge. Differences are paired "
+        "(same patients), 95 % intervals by a bootstrap stratified by class; the mean over sites "
+        "resamples each site's patients on its own. Sites whose test patients are all one class "
+        "have no AUC and do not count in the AUC means.",
+        "",
+        "## Summary (AUC)",
+        "",
+        *summary(rows, "auc"),
+        "",
+        "## Summary (accuracy)",
+        "",
+        *summary(rows, "accuracy"),
+        "",
+        "## Per site",
+        "",
+        *per_site(rows),
+    ]
+    write_results(args.out, rows, lines)
+
+
+if __name__ == "__main__":
+    main()
