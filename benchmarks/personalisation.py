@@ -128,6 +128,29 @@ def _metric(m: dict, key: str) -> float:
     return float("nan") if v is None else float(v)
 
 
+def diversity(work: Path, rows: list[dict]) -> list[str]:
+    """MicroMIL's representative diversity (distinct / min(N, K), mean over the site's test
+    bags) of the global and the personal models: personalising must not collapse it."""
+    lines = ["| dataset | method | global model | personal models | lowest personal |", "|---|---|---|---|---|"]
+    for key in dict.fromkeys(r["dataset"] for r in rows):
+        for method in METHODS:
+            found = {"global": [], "personalised": []}
+            for r in rows:
+                if r["dataset"] != key or r["method"] != method or r["site"] == "mean":
+                    continue
+                run = work / f"{key}-seed{r['seed']}"
+                base = run / "own-patients" if method == "local-head" else run / "personal" / method / "judged"
+                for kind in found:
+                    path = base / r["site"] / kind / "metrics.json"
+                    value = json.loads(path.read_text()).get("representative_diversity", {}).get("mean")
+                    if value is not None:
+                        found[kind].append(value)
+            if found["personalised"]:
+                lines.append(f"| {key} | {method} | {np.mean(found['global']):.3f} | "
+                             f"{np.mean(found['personalised']):.3f} | {min(found['personalised']):.3f} |")
+    return lines
+
+
 def per_site(rows: list[dict]) -> list[str]:
     lines = ["| dataset | seed | method | site | n | local AUC | global AUC | personalised AUC | "
              "personalised - global AUC (95% CI) | accuracy local / global / personalised |",
@@ -173,6 +196,10 @@ def main() -> None:
         "## Summary (accuracy)",
         "",
         *summary(rows, "accuracy"),
+        "",
+        "## MicroMIL's representatives (diversity on the sites' test bags)",
+        "",
+        *diversity(work, rows),
         "",
         "## Per site",
         "",

@@ -134,6 +134,8 @@ def own_patients_comparison(
             m = evaluate_checkpoint(models[site][kind], [path], out / site / kind, split="test",
                                     data_cfg=data_cfg)
             row[kind] = {k: m[k] for k in ("auc", "accuracy", "balanced_accuracy", "n") if k in m}
+            if "representative_diversity" in m:  # MicroMIL: personalising must not collapse it
+                row[kind]["diversity"] = m["representative_diversity"]["mean"]
             preds[kind] = read_predictions(out / site / kind / "predictions.csv")
         for key, other in (("personalised_minus_global", "global"), ("personalised_minus_local", "local")):
             (_, y, probs), (_, _, base) = preds["personalised"], preds[other]

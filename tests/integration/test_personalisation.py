@@ -131,3 +131,23 @@ def test_compare_judges_each_site_on_its_own_patients(demo_ucsb, tmp_path, capsy
         with open(out / "own-patients" / site / "global" / "predictions.csv") as fh:
             assert {r["site"] for r in csv.DictReader(fh)} == {site}
     assert "own_patients" in json.loads((out / "federated" / "compare.json").read_text())
+
+
+def test_personal_micromil_models_keep_distinct_representatives(local_head_run, demo_ucsb):
+    """Personalising must not collapse MicroMIL's representatives: on each site's own
+    (real) bags the personal model picks as many distinct instances as the global one."""
+    from micromil_core.config import DataConfig
+    from micromil_core.training.loading import load_sites
+    from micromil_core.training.mechanism import representative_diversity, representative_picks
+
+    out, _, _ = local_head_run
+    global_model = load_checkpoint(out / "model.pt")
+    for site in TRAIN_SITES:
+        personal, _ = _personal(out, site)
+        (loaded,) = load_sites([demo_ucsb / site], DataConfig(), torch.device("cpu"), classes=global_model.classes)
+        bags = global_model.scaler.transform_all(loaded.bags)
+        cpu = torch.device("cpu")
+        ours = representative_diversity(representative_picks(personal.build_model(), bags, cpu))
+        theirs = representative_diversity(representative_picks(global_model.build_model(), bags, cpu))
+        assert ours["mean"] >= theirs["mean"] - 1e-9 and ours["mean"] > 0.9, (site, ours, theirs)
+        assert ours["single_fraction"] == 0.0
