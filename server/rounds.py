@@ -61,7 +61,7 @@ def metric_dict(record: MetricRecord) -> dict[str, Any]:
     out = {k: (list(v) if isinstance(v, list) else float(v)) for k, v in record.items()}
     if wire.SUPPRESSED in out:
         out[wire.SUPPRESSED] = withheld_names(out[wire.SUPPRESSED])
-    for count in (wire.NUM_EXAMPLES, wire.FINE_COUNT, wire.MIN_PATIENTS, "num_val"):  # patient counts
+    for count in (wire.NUM_EXAMPLES, wire.FINE_COUNT, wire.MIN_PATIENTS, "num_val", "personal_epoch"):  # counts
         if isinstance(out.get(count), float) and out[count].is_integer():
             out[count] = int(out[count])
     return out

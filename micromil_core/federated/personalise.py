@@ -155,10 +155,10 @@ def local_head_round(
 
 
 def _score(cfg: TrainConfig, model: MILModel, val: list[Bag], device: torch.device) -> tuple[float, dict]:
-    from micromil_core.training.trainer import _improved, evaluate_bags
+    from micromil_core.training.trainer import evaluate_bags, selection_score
 
     metrics = evaluate_bags(model, val, device)
-    return _improved(cfg, metrics, -math.inf)[1], metrics
+    return selection_score(cfg, metrics), metrics
 
 
 def personalise_site(

@@ -165,6 +165,11 @@ def _improved(cfg: TrainConfig, metrics: dict[str, float], best: float) -> tuple
     return score > best, score
 
 
+def selection_score(cfg: TrainConfig, metrics: dict[str, float]) -> float:
+    """The validation score model selection maximises (``train.select_on``)."""
+    return _improved(cfg, metrics, -math.inf)[1]
+
+
 def fit(
     model: MILModel,
     train_bags: list[Bag],

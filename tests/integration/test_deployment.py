@@ -347,7 +347,9 @@ def test_site_killed_mid_round_run_continues_and_site_rejoins(setup):
 
 def test_coordinator_restart_continues_from_last_checkpoint(setup):
     root, data, pki = setup
-    fed = Federation(root, data, pki, "restart", _experiment(rounds=4))
+    # Personal heads (local-head) are kept at the hospitals across the coordinator's restart.
+    fed = Federation(root, data, pki, "restart", _experiment(rounds=4, personalise="local-head",
+                                                             personal_epochs=2))
     try:
         first = fed.launch()
         fed.wait_for(lambda: "round 2/4" in fed.server_output(), 300, "round 2 to end")
@@ -366,7 +368,15 @@ def test_coordinator_restart_continues_from_last_checkpoint(setup):
         assert [h["round"] for h in history] == [1, 2, 3, 4]
         assert history[: len(saved)] == saved  # checkpointed rounds are kept, not re-run
         assert f"resuming after round {len(saved)}" in (fed.out / "server.log").read_text()
-        assert json.loads((fed.out / "metrics.json").read_text())["round"] == 4
+        metrics = json.loads((fed.out / "metrics.json").read_text())
+        assert metrics["round"] == 4
+        # Each training hospital made its personal model in its own state folder; only
+        # numbers came back, and the coordinator's folder holds no personal model.
+        assert sorted(metrics["personalised"]["per_site"]) == ["site-0", "site-1", "site-2"]
+        for site in ("site-0", "site-1", "site-2"):
+            (run,) = (fed.root / f"state-{site}" / "personal").iterdir()
+            assert (run / "model.pt").is_file() and (run / "head-round-0004.pt").is_file()
+        assert not list(fed.root.rglob("state/personal"))
     finally:
         fed.close()
 
