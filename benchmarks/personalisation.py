@@ -27,8 +27,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from federation import DATASETS, ROOT, micromil, prepared, write_results  # noqa: E402
 
+from micromil_core.training.metrics import OWN_PATIENT_DIFFERENCES, OWN_PATIENT_MODELS  # noqa: E402
+
 METHODS = ("finetune", "proximal", "local-head")
-DIFFERENCES = ("personalised_minus_global", "personalised_minus_local")
 
 
 def personal_models(run: Path, data: Path, method: str) -> dict[str, Path]:
@@ -48,7 +49,7 @@ def personal_models(run: Path, data: Path, method: str) -> dict[str, Path]:
     return models
 
 
-def judged(run: Path, data: Path, method: str) -> dict:
+def judged(run: Path, data: Path, method: str, data_cfg) -> dict:
     """The own-patient table of ``method`` (local-head: the compare run's own)."""
     from micromil_core.training.compare import own_patients_comparison
 
@@ -63,14 +64,17 @@ def judged(run: Path, data: Path, method: str) -> dict:
     from micromil_core.data.data_root import read_sites_yaml
 
     sites = {p.name: p for p in read_sites_yaml(data).train_sites}
-    table = own_patients_comparison(sites, models, run / "personal" / method / "judged")
+    table = own_patients_comparison(sites, models, run / "personal" / method / "judged", data_cfg)
     table_file.write_text(json.dumps(table, indent=1))
     return table
 
 
 def run_dataset(key: str, seeds: list[int], work: Path, rounds: int | None) -> list[dict]:
+    from micromil_core.config import load_config
+
     data = prepared(key, DATASETS, work)
     config = DATASETS[key][2]
+    data_cfg = load_config(ROOT / config).data  # as compare judges its own models
     rows = []
     for seed in seeds:
         run = work / f"{key}-seed{seed}"
@@ -79,12 +83,41 @@ def run_dataset(key: str, seeds: list[int], work: Path, rounds: int | None) -> l
                     "--personalise", "local-head", "--seed", str(seed), "--out", str(run), "--overwrite"]
             micromil(*args, *(["--rounds", str(rounds)] if rounds else []))
         for method in METHODS:
-            table = judged(run, data, method)
+            table = judged(run, data, method, data_cfg)
             for site, row in table["per_site"].items():
                 rows.append({"dataset": key, "seed": seed, "method": method, "site": site, **row})
             rows.append({"dataset": key, "seed": seed, "method": method, "site": "mean",
-                         **{f"mean_{d}": table[f"mean_{d}"] for d in DIFFERENCES}})
+                         **{f"mean_{d}": table[f"mean_{d}"] for d in OWN_PATIENT_DIFFERENCES}})
     return rows
+
+
+def _judged_dir(work: Path, key: str, seed: int, method: str) -> Path:
+    run = work / f"{key}-seed{seed}"
+    return run / "own-patients" if method == "local-head" else run / "personal" / method / "judged"
+
+
+def over_seeds(work: Path, rows: list[dict]) -> dict[tuple[str, str], dict]:
+    """Per (dataset, method): personalised - global and - local averaged over sites AND
+    training seeds, each site's test patients (the same in every seed) resampled once per
+    bootstrap draw for all seeds (``mean_paired_difference`` with runs stacked)."""
+    from micromil_core.training.compare import paired_predictions
+    from micromil_core.training.metrics import mean_paired_difference
+
+    out = {}
+    for key, method in dict.fromkeys((r["dataset"], r["method"]) for r in rows):
+        cells = [r for r in rows if r["dataset"] == key and r["method"] == method and r["site"] != "mean"]
+        seeds = sorted({r["seed"] for r in cells})
+        result = {}
+        for diff, other in OWN_PATIENT_DIFFERENCES.items():
+            groups = []
+            for site in sorted({r["site"] for r in cells}):
+                runs = [paired_predictions(_judged_dir(work, key, s, method) / site / "personalised" / "predictions.csv",
+                                           _judged_dir(work, key, s, method) / site / other / "predictions.csv")
+                        for s in seeds]
+                groups.append((runs[0][0], np.stack([r[1] for r in runs]), np.stack([r[2] for r in runs])))
+            result[diff] = mean_paired_difference(groups)
+        out[(key, method)] = result
+    return out
 
 
 def _ci(d: dict | None, key: str = "auc") -> str:
@@ -94,29 +127,28 @@ def _ci(d: dict | None, key: str = "auc") -> str:
     return f"{v['difference']:+.3f} ({v['low']:+.3f} to {v['high']:+.3f})"
 
 
-def _auc(m: dict) -> float:
-    v = m.get("auc")
-    return float("nan") if v is None else float(v)
-
-
-def summary(rows: list[dict], metric: str) -> list[str]:
-    """Per dataset and method: mean AUCs over sites and seeds, the per-seed mean differences,
-    and how the targets of issue 24 fare."""
+def summary(rows: list[dict], metric: str, pooled: dict) -> list[str]:
+    """Per dataset and method: mean AUCs over sites and seeds, the mean differences over
+    sites and seeds (and per seed), and the sites below global."""
     lines = [f"| dataset | method | sites x seeds with an {metric} | local | global | personalised | "
-             "personalised - global, mean over sites (per seed) | personalised - local (per seed) | "
-             "sites below global (interval under 0) |", "|---|---|---|---|---|---|---|---|---|"]
+             "personalised - global, mean over sites and seeds | per seed | personalised - local, "
+             "over sites and seeds | per seed | sites below global (interval under 0) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in dict.fromkeys(r["dataset"] for r in rows):
         for method in METHODS:
             sites = [r for r in rows if r["dataset"] == key and r["method"] == method and r["site"] != "mean"]
             means = [r for r in rows if r["dataset"] == key and r["method"] == method and r["site"] == "mean"]
             ok = [r for r in sites if not np.isnan(_metric(r["personalised"], metric))]
             avg = {k: np.mean([_metric(r[k], metric) for r in ok]) if ok else float("nan")
-                   for k in ("local", "global", "personalised")}
+                   for k in OWN_PATIENT_MODELS}
             below = [f"{r['site']}/s{r['seed']}" for r in sites
                      if (r["personalised_minus_global"] or {}).get(metric, {}).get("high", 0) < 0]
+            both = pooled[(key, method)]
             lines.append(
                 f"| {key} | {method} | {len(ok)}/{len(sites)} | {avg['local']:.3f} | {avg['global']:.3f} | "
-                f"{avg['personalised']:.3f} | {'; '.join(_ci(m['mean_personalised_minus_global'], metric) for m in means)} | "
+                f"{avg['personalised']:.3f} | {_ci(both['personalised_minus_global'], metric)} | "
+                f"{'; '.join(_ci(m['mean_personalised_minus_global'], metric) for m in means)} | "
+                f"{_ci(both['personalised_minus_local'], metric)} | "
                 f"{'; '.join(_ci(m['mean_personalised_minus_local'], metric) for m in means)} | "
                 f"{', '.join(below) or 'none'} |"
             )
@@ -138,8 +170,7 @@ def diversity(work: Path, rows: list[dict]) -> list[str]:
             for r in rows:
                 if r["dataset"] != key or r["method"] != method or r["site"] == "mean":
                     continue
-                run = work / f"{key}-seed{r['seed']}"
-                base = run / "own-patients" if method == "local-head" else run / "personal" / method / "judged"
+                base = _judged_dir(work, key, r["seed"], method)
                 for kind in found:
                     path = base / r["site"] / kind / "metrics.json"
                     value = json.loads(path.read_text()).get("representative_diversity", {}).get("mean")
@@ -158,8 +189,9 @@ def per_site(rows: list[dict]) -> list[str]:
     for r in rows:
         if r["site"] == "mean":
             continue
-        acc = " / ".join(f"{r[k]['accuracy']:.3f}" for k in ("local", "global", "personalised"))
-        aucs = " | ".join("n/a" if np.isnan(_auc(r[k])) else f"{_auc(r[k]):.3f}" for k in ("local", "global", "personalised"))
+        acc = " / ".join(f"{r[k]['accuracy']:.3f}" for k in OWN_PATIENT_MODELS)
+        aucs = " | ".join("n/a" if np.isnan(_metric(r[k], "auc")) else f"{_metric(r[k], 'auc'):.3f}"
+                          for k in OWN_PATIENT_MODELS)
         lines.append(f"| {r['dataset']} | {r['seed']} | {r['method']} | {r['site']} | {r['global']['n']} | "
                      f"{aucs} | {_ci(r['personalised_minus_global'])} | {acc} |")
     return lines
@@ -175,6 +207,7 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.work)
     rows = [r for key in args.datasets for r in run_dataset(key, args.seeds, work, args.rounds)]
+    pooled = over_seeds(work, rows)
     command = ("python benchmarks/personalisation.py --datasets " + " ".join(args.datasets)
                + " --seeds " + " ".join(map(str, args.seeds))
                + (f" --rounds {args.rounds}" if args.rounds else "") + f" --work {args.work} --out {args.out}")
@@ -191,11 +224,11 @@ def main() -> None:
         "",
         "## Summary (AUC)",
         "",
-        *summary(rows, "auc"),
+        *summary(rows, "auc", pooled),
         "",
         "## Summary (accuracy)",
         "",
-        *summary(rows, "accuracy"),
+        *summary(rows, "accuracy", pooled),
         "",
         "## MicroMIL's representatives (diversity on the sites' test bags)",
         "",

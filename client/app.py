@@ -180,7 +180,7 @@ def _train_reply(msg: Message, site: SiteSettings) -> Message:
     )
     if experiment.federation.personalise == "local-head":
         keep_local_head(work.runtime, work.settings.spec, new_state, experiment, work.scaler,
-                        server_round, device, work.run_id)
+                        server_round, int(cfg[wire.LOCAL_EPOCHS]), device, work.run_id)
     sent = narrow(new_state, experiment.federation.transport)  # float16 halves it
     content = RecordDict({wire.ARRAYS: ArrayRecord(sent), wire.METRICS: MetricRecord(metrics)})
     return Message(content, reply_to=msg)

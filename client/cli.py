@@ -67,6 +67,8 @@ def cmd_personalise(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from micromil_core.config import PERSONAL_METHODS
+
     parser, sub = command_parser("flower-client", "Join a micromil-fl federation as a hospital.")
     for name, func, text in (
         ("check", cmd_check, "check this site's data"),
@@ -86,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"site YAML (default {DEFAULT_CONFIG})")
     p.add_argument("--model", required=True, help="the global model.pt the coordinator released")
     p.add_argument("--out", required=True, help="where to write the personal model (stays here)")
-    p.add_argument("--method", default="finetune", choices=("finetune", "proximal", "local-head"),
+    p.add_argument("--method", default="finetune", choices=PERSONAL_METHODS,
                    help="finetune (default), proximal (stays near the global model), or "
                         "local-head (only the classifier head trains)")
     p.add_argument("--device", default="auto")

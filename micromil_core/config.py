@@ -235,7 +235,8 @@ SCALER_MODES = ("auto", "global", "site")
 TRANSPORTS = ("float32", "float16")  # federation.transport (federated/transport.py)
 # federation.personalise (federated/personalise.py): what each training site makes of the
 # final global model for its own patients; the personal model never leaves the site.
-PERSONALISE_METHODS = ("none", "finetune", "proximal", "local-head")
+PERSONAL_METHODS = ("finetune", "proximal", "local-head")
+PERSONALISE_METHODS = ("none", *PERSONAL_METHODS)
 
 
 @dataclass(frozen=True)

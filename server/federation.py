@@ -34,6 +34,7 @@ from micromil_core.federated.setup import (
     check_identities,
     choose_scaler_mode,
     experiment_spec,
+    federated_checkpoint,
     global_scaler,
     run_info,
     starting_weights,
@@ -46,7 +47,6 @@ from micromil_core.privacy.report import budget_stops
 from micromil_core.report import metric_text
 from micromil_core.tracking import log_outputs, open_tracker, round_metrics
 from micromil_core.training.checkpoint import (
-    Checkpoint,
     file_sha256,
     save_checkpoint,
 )
@@ -102,6 +102,7 @@ def site_info(
         [str(x) for x in description.get(wire.SITE_PROBLEMS, [])],
         moments,
         encoder=str(description.get(wire.SITE_ENCODER, "")) or None,
+        privacy=str(description.get(wire.SITE_PRIVACY, "none")),
     )
 
 
@@ -152,10 +153,12 @@ def check_sites(sites: list[SiteInfo], cfg: ExperimentConfig) -> tuple[list[str]
     the number of training sites; returns (classes, feature dim)."""
     classes, dim = validate_sites(sites, cfg)
     build_strategy(cfg.federation, sum(s.role == "train" for s in sites), cfg.privacy)
-    if cfg.privacy.local.enabled:  # said before round 1, not by every site in round 1
+    # Said before round 1, not by each DP site in every round: local-head trains outside DP.
+    dp_sites = [s.name for s in sites if s.role == "train" and s.privacy != "none"]
+    if cfg.privacy.local.enabled or dp_sites:
         from micromil_core.federated.personalise import check_local_head_privacy
 
-        check_local_head_privacy(True, cfg.federation.personalise)
+        check_local_head_privacy(True, cfg.federation.personalise, dp_sites)
     return classes, dim
 
 
@@ -388,23 +391,28 @@ def _finish(fed: _Federation, state: RunState) -> FederationResult:
     }
     spec, model_path = fed.spec, fed.out / "model.pt"
     save_checkpoint(
-        Checkpoint(
-            model_name=spec.name, in_dim=spec.in_dim, n_classes=spec.n_classes, params=spec.params,
-            classes=fed.classes, state_dict=final_arrays, scaler=fed.scaler,
-            encoder=fed.cfg.data.encoder, config=fed.cfg.to_dict(),
-            provenance={"round": chosen, "federated": True, "strategy": fed.cfg.federation.strategy,
-                        "trained_on": [s.name for s in fed.train_sites], "scaler": fed.scaler_mode,
-                        # the sites' common encoder (validate_sites refused any mismatch)
-                        "encoder_identity": next((s.encoder for s in fed.train_sites if s.encoder), None)},
+        federated_checkpoint(
+            fed.cfg, spec, fed.classes, final_arrays, fed.scaler,
+            {"round": chosen, "federated": True, "strategy": fed.cfg.federation.strategy,
+             "trained_on": [s.name for s in fed.train_sites], "scaler": fed.scaler_mode,
+             # the sites' common encoder (validate_sites refused any mismatch)
+             "encoder_identity": next((s.encoder for s in fed.train_sites if s.encoder), None)},
         ),
         model_path,
     )
     # Hospitals that receive model.pt check it against this (`micromil inspect model.pt`).
     metrics["model_sha256"] = file_sha256(model_path)
     log.info("global model %s (round %d), sha256 %s", model_path, chosen, metrics["model_sha256"])
+    write_json_atomic(fed.out / "metrics.json", metrics)  # the federation's result stands first
     if fed.cfg.federation.personalise != "none":
         from server.personalisation import personalise_sites
 
-        metrics["personalised"] = personalise_sites(fed, ArrayRecord(final_arrays), state.federation_id)
-    write_json_atomic(fed.out / "metrics.json", metrics)
+        try:
+            metrics["personalised"] = personalise_sites(fed, ArrayRecord(final_arrays), state.federation_id)
+        except Exception as exc:  # the global model is saved; say why the personal step failed
+            log.exception("personalisation failed")
+            metrics["personalised"] = {"method": fed.cfg.federation.personalise,
+                                       "federation_id": state.federation_id, "per_site": {},
+                                       "failures": [f"{type(exc).__name__}: {exc}"]}
+        write_json_atomic(fed.out / "metrics.json", metrics)
     return FederationResult(state.round, state.history, metrics, fed.out, fed.sites)

@@ -19,7 +19,12 @@ from micromil_core.federated.setup import (
     SiteInfo,
 )
 from micromil_core.federated.transport import widen
-from micromil_core.federated.validation import metrics_problem, update_problem
+from micromil_core.federated.validation import (
+    metrics_problem,
+    personal_metrics_problem,
+    quoted_names,
+    update_problem,
+)
 from micromil_core.privacy.disclosure import withheld_names
 
 
@@ -61,7 +66,7 @@ def metric_dict(record: MetricRecord) -> dict[str, Any]:
     out = {k: (list(v) if isinstance(v, list) else float(v)) for k, v in record.items()}
     if wire.SUPPRESSED in out:
         out[wire.SUPPRESSED] = withheld_names(out[wire.SUPPRESSED])
-    for count in (wire.NUM_EXAMPLES, wire.FINE_COUNT, wire.MIN_PATIENTS, "num_val", "personal_epoch"):  # counts
+    for count in (wire.NUM_EXAMPLES, wire.FINE_COUNT, wire.MIN_PATIENTS, wire.NUM_VAL, wire.PERSONAL_EPOCH):
         if isinstance(out.get(count), float) and out[count].is_integer():
             out[count] = int(out[count])
     return out
@@ -128,6 +133,16 @@ def match_replies(
 
 
 
+def only_metrics(reply: Message) -> str | None:
+    """Why a reply that should hold only the metrics record does not."""
+    names = set(reply.content.keys())
+    if wire.METRICS not in names:
+        return "the reply lacks the metrics record"
+    if names != {wire.METRICS}:
+        return f"the reply carries records the protocol does not have ({quoted_names(sorted(names - {wire.METRICS}))})"
+    return None
+
+
 @dataclass(frozen=True)
 class ReplyChecks:
     """What a site's reply must satisfy before the coordinator uses it (``validation``)."""
@@ -150,19 +165,19 @@ class ReplyChecks:
             content.metric_records[wire.METRICS], wire.ALLOWED_TRAIN_METRICS, self.declared.get(site)
         )
 
-    def personal_problem(self, site: str, reply: Message) -> str | None:
-        """A personalise reply: aggregate numbers only (the personal model stays at the site)."""
+    def personal_problem(self, site: str, reply: Message, max_epoch: int) -> str | None:
+        """A personalise reply: one record of aggregate numbers (the personal model stays at
+        the site); ``max_epoch``: the most epochs its fine-tuning could run."""
         if reply.content.array_records:
             return "the reply carries arrays; a personal model never leaves its site"
-        if wire.METRICS not in reply.content.metric_records:
-            return "the reply lacks the metrics record"
-        return metrics_problem(
-            reply.content.metric_records[wire.METRICS], wire.ALLOWED_PERSONAL_METRICS, self.declared.get(site)
+        problem = only_metrics(reply)
+        return problem or personal_metrics_problem(
+            reply.content.metric_records[wire.METRICS], self.declared.get(site), max_epoch
         )
 
     def evaluate_problem(self, site: str, reply: Message) -> str | None:
-        if wire.METRICS not in reply.content.metric_records:
-            return "the reply lacks the metrics record"
+        if problem := only_metrics(reply):
+            return problem
         return metrics_problem(
             reply.content.metric_records[wire.METRICS], wire.ALLOWED_EVAL_METRICS, self.declared.get(site)
         )

@@ -151,16 +151,20 @@ def _simulate_on_superlink(cfg: ExperimentConfig, out: Path, sites: list[SiteSet
 def _own_patients(cfg: ExperimentConfig, out: Path, train: list[SiteSettings]) -> dict[str, Any]:
     """Under ``federation.personalise``: every training site's local-only, global and
     personal model on that site's own test patients (``own_patients_comparison``)."""
+    import json
+
+    from micromil_core.federated.personalise import PersonalStore
     from micromil_core.training.compare import own_patients_comparison
 
+    fed = out / "federated"
+    run_id = json.loads((fed / "metrics.json").read_text())["personalised"]["federation_id"]
     models = {}
-    for site in train:
-        saved = sorted((out / "federated" / "site-state" / site.name / "personal").glob("*/model.pt"),
-                       key=lambda p: p.stat().st_mtime)
-        if not saved:
-            raise SiteDataError(f"site {site.name} made no personal model; see {out / 'federated' / 'flower.log'}")
+    for site in with_local_privacy(train, cfg, fed):  # each site's state folder, as it ran
+        personal = PersonalStore(site.state_dir, run_id, site.name).model_path
+        if not personal.is_file():
+            raise SiteDataError(f"site {site.name} made no personal model in this run; see {fed / 'flower.log'}")
         models[site.name] = {"local": out / "local" / site.name / "model.pt",
-                             "global": out / "federated" / "model.pt", "personalised": saved[-1]}
+                             "global": fed / "model.pt", "personalised": personal}
     return own_patients_comparison({s.name: s.data_path for s in train}, models, out / "own-patients", cfg.data)
 
 

@@ -99,7 +99,8 @@ def audit_replies(entries: list[dict[str, Any]], patient_ids: Iterable[str],
     ids = [p for p in patient_ids if p]
     allowed_metrics = (wire.ALLOWED_TRAIN_METRICS | wire.ALLOWED_EVAL_METRICS | wire.ALLOWED_SITE_METRICS
                        | wire.ALLOWED_PERSONAL_METRICS)
-    description = {wire.SITE_NAME, wire.SITE_ROLE, wire.SITE_CLASSES, wire.SITE_PROBLEMS, wire.SITE_ENCODER}
+    description = {wire.SITE_NAME, wire.SITE_ROLE, wire.SITE_CLASSES, wire.SITE_PROBLEMS, wire.SITE_ENCODER,
+                   wire.SITE_PRIVACY}
     n = 0
     for entry in entries:
         if entry["direction"] != "received":

@@ -22,6 +22,8 @@ folder and only aggregate numbers, withheld below the small-count guard, leave t
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import math
 import re
@@ -30,19 +32,23 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from micromil_core.config import ExperimentConfig, TrainConfig
+from micromil_core.config import PERSONAL_METHODS, ExperimentConfig, TrainConfig
 from micromil_core.data.bag import Bag
 from micromil_core.data.scaler import FeatureScaler
 from micromil_core.errors import ConfigError, SiteDataError
 from micromil_core.federated import wire
-from micromil_core.io import torch_save_atomic
+from micromil_core.io import torch_save_atomic, write_json_atomic
 from micromil_core.models.base import MILModel
 from micromil_core.privacy.disclosure import guard
 from micromil_core.runtime import seed_everything
+
+if TYPE_CHECKING:
+    from micromil_core.federated.messages import RoundSettings
+    from micromil_core.federated.site_task import ModelSpec, SiteRuntime, SiteSettings
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +56,7 @@ log = logging.getLogger(__name__)
 # DP-SGD the site's noise is calibrated for it (``planned_rounds``) and its ledger records it.
 FINE_TUNING = ("finetune", "proximal")
 MODEL_FILE = "model.pt"
+MADE_FROM_FILE = "made-from.json"
 
 
 def planned_rounds(cfg: ExperimentConfig) -> int:
@@ -72,7 +79,8 @@ def head_keys(model: MILModel) -> list[str]:
 
 class PersonalStore:
     """One run's personal state in the site's own folder: ``STATE/personal/<run id>/``
-    (the head of every round under ``local-head``, and the personal model)."""
+    (the head of every round under ``local-head``, the personal model, and what it was made
+    from)."""
 
     def __init__(self, state_dir: Path | None, run_id: str, site: str) -> None:
         if state_dir is None:
@@ -90,23 +98,47 @@ class PersonalStore:
     def _head_path(self, server_round: int) -> Path:
         return self.root / f"head-round-{server_round:04d}.pt"
 
+    def _head_rounds(self) -> list[int]:
+        return sorted(int(p.stem.rsplit("-", 1)[1]) for p in self.root.glob("head-round-*.pt"))
+
     def save_head(self, server_round: int, head: dict[str, torch.Tensor]) -> None:
-        """Keep round ``server_round``'s head (atomically) and the one before it: a resumed
-        coordinator may replay the last round, which then starts from the head before it."""
+        """Keep round ``server_round``'s head (atomically) and the newest one before it: a
+        resumed coordinator may replay the round, which then starts from that one (even if
+        this site sat out the round before)."""
         torch_save_atomic({k: v.detach().cpu() for k, v in head.items()}, self._head_path(server_round))
-        for path in self.root.glob("head-round-*.pt"):
-            if int(path.stem.rsplit("-", 1)[1]) < server_round - 1:
-                path.unlink(missing_ok=True)
+        earlier = [r for r in self._head_rounds() if r < server_round]
+        for r in earlier[:-1]:
+            self._head_path(r).unlink(missing_ok=True)
 
     def head_before(self, server_round: int) -> dict[str, torch.Tensor] | None:
         """The head saved by the latest round before ``server_round``, if any."""
-        rounds = sorted(
-            r for p in self.root.glob("head-round-*.pt")
-            if (r := int(p.stem.rsplit("-", 1)[1])) < server_round
-        )
+        rounds = [r for r in self._head_rounds() if r < server_round]
         if not rounds:
             return None
         return torch.load(self._head_path(rounds[-1]), map_location="cpu", weights_only=True)
+
+    def made_from(self, global_sha: str) -> dict[str, Any] | None:
+        """The reply of a personal model already made here from this global model (a
+        coordinator that restarts during personalisation asks again: DP budget is not
+        spent twice), else None."""
+        path = self.root / MADE_FROM_FILE
+        if not (path.is_file() and self.model_path.is_file()):
+            return None
+        saved = json.loads(path.read_text())
+        return saved["metrics"] if saved.get("global_sha256") == global_sha else None
+
+    def record(self, global_sha: str, metrics: dict[str, Any]) -> None:
+        write_json_atomic(self.root / MADE_FROM_FILE, {"global_sha256": global_sha, "metrics": metrics})
+
+
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """A digest of a model's weights (names, shapes and values)."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
 
 
 @contextmanager
@@ -128,41 +160,61 @@ def with_head(state: dict[str, torch.Tensor], head: dict[str, torch.Tensor] | No
     return {**state, **(head or {})}
 
 
+def last_round_span(cfg: ExperimentConfig) -> tuple[float, float]:
+    """The training progress fine-tuning runs at: the last round's. A model's schedules
+    then weigh its losses as they did at the end of training (at progress 1 exactly,
+    HMIL's curriculum switches its coarse loss off)."""
+    rounds = cfg.federation.rounds
+    return (rounds - 1) / rounds, 1.0
+
+
 def train_local_head(
     model: MILModel, bags: list[Bag], val: list[Bag], cfg: TrainConfig, epochs: int,
-    device: torch.device,
+    device: torch.device, span: tuple[float, float],
 ) -> Any:
     """Train the head alone on ``bags`` (selected on ``val`` when given); returns fit's result."""
     from micromil_core.training.trainer import fit
 
     with only_head_trains(model):
-        return fit(model, bags, val, cfg, device, epochs=epochs, progress_span=(1.0, 1.0))
+        return fit(model, bags, val, cfg, device, epochs=epochs, progress_span=span)
 
 
-def local_head_round(
-    spec: Any, trained: dict[str, torch.Tensor], bags: list[Bag], cfg: TrainConfig,
-    store: PersonalStore, server_round: int, epochs: int, device: torch.device,
+def keep_local_head(
+    runtime: SiteRuntime, spec: ModelSpec, trained: dict[str, torch.Tensor], cfg: ExperimentConfig,
+    scaler: FeatureScaler | None, server_round: int, local_epochs: int, device: torch.device,
+    run_id: str,
 ) -> None:
-    """After round ``server_round``'s local training: the site's own head, from the one it
-    kept last round, trained on the body it has just trained, and kept."""
+    """Under ``local-head``, after round ``server_round``'s local training: the site's own
+    head, from the one it kept before, trained on the body it has just trained, and kept."""
+    from micromil_core.federated.site_task import round_seed
+
+    site = runtime.settings
+    bags = scaler.transform_all(runtime.train) if scaler is not None else runtime.train
+    store = PersonalStore(site.state_dir, run_id, site.name)
     model = spec.build(trained).to(device)
-    previous = store.head_before(server_round)
-    if previous is not None:
-        model.load_state_dict(with_head(model.state_dict(), previous))
-    train_local_head(model, bags, [], cfg, epochs, device)
+    model.load_state_dict(with_head(model.state_dict(), store.head_before(server_round)))
+    rounds = cfg.federation.rounds
+    seed = round_seed(cfg.train.seed, server_round, f"{site.name}/head")
+    train_local_head(model, bags, [], replace(cfg.train, seed=seed), local_epochs, device,
+                     ((server_round - 1) / rounds, server_round / rounds))
     state = model.state_dict()
     store.save_head(server_round, {k: state[k] for k in head_keys(model)})
 
 
-def _score(cfg: TrainConfig, model: MILModel, val: list[Bag], device: torch.device) -> tuple[float, dict]:
-    from micromil_core.training.trainer import evaluate_bags, selection_score
+def _score(cfg: TrainConfig, model: MILModel, train: list[Bag], val: list[Bag],
+           device: torch.device) -> tuple[float, dict]:
+    """The validation score ``fit`` selects by (with its class weights) and the metrics."""
+    from micromil_core.training.trainer import class_weights, evaluate_bags, selection_score
 
-    metrics = evaluate_bags(model, val, device)
+    if not val:
+        return -math.inf, {}
+    cw = class_weights([b.label for b in train], model.n_classes) if cfg.class_weighting else None
+    metrics = evaluate_bags(model, val, device, class_weight=cw)
     return selection_score(cfg, metrics), metrics
 
 
 def personalise_site(
-    runtime: Any, spec: Any, global_state: dict[str, torch.Tensor], cfg: ExperimentConfig,
+    runtime: SiteRuntime, spec: ModelSpec, global_state: dict[str, torch.Tensor], cfg: ExperimentConfig,
     scaler: FeatureScaler | None, device: torch.device, run_id: str, min_patients: int,
     schedule: tuple[int, int] | None = None,
 ) -> tuple[MILModel, int, dict[str, Any]]:
@@ -181,24 +233,26 @@ def personalise_site(
     seed_everything(seed)
     train_cfg = replace(cfg.train, seed=seed)
     model = spec.build(global_state).to(device)
-    if not val:
+    metrics: dict[str, Any] = {}
+    global_score, global_val = _score(train_cfg, model, train, val, device)
+    chosen_epoch, personal_val = 0, global_val
+    if not val:  # nothing to choose with (and, under DP-SGD, no budget spent for nothing)
         log.warning("site %s has no validation patients: it keeps the global model", site.name)
-    global_score, global_val = _score(train_cfg, model, val, device) if val else (-math.inf, {})
-    candidate, epoch, metrics = _candidate(
-        copy.deepcopy(model), runtime, global_state, cfg, train, val, train_cfg, device, run_id, seed,
-        schedule,
-    )
-    personal_score, personal_val = _score(train_cfg, candidate, val, device) if val else (-math.inf, {})
-    chosen_epoch = epoch if personal_score > global_score else 0
-    if chosen_epoch:
-        model = candidate
+    else:
+        candidate, epoch, metrics = _candidate(
+            copy.deepcopy(model), runtime, global_state, cfg, train, val, train_cfg, device, run_id,
+            seed, schedule,
+        )
+        personal_score, candidate_val = _score(train_cfg, candidate, train, val, device)
+        if personal_score > global_score:
+            model, chosen_epoch, personal_val = candidate, epoch, candidate_val
     log.info("site %s: personal model (%s) %s", site.name, cfg.federation.personalise,
              f"from epoch {chosen_epoch}" if chosen_epoch else "= the global model (best on validation)")
     metrics.update({
-        wire.NUM_EXAMPLES: len(runtime.train), "num_val": len(val), "seconds": time.perf_counter() - start,
-        "personal_epoch": chosen_epoch,
+        wire.NUM_EXAMPLES: len(runtime.train), wire.NUM_VAL: len(val), "seconds": time.perf_counter() - start,
+        wire.PERSONAL_EPOCH: chosen_epoch,
         "val_auc_global": global_val.get("auc", math.nan),
-        "val_auc_personal": (personal_val if chosen_epoch else global_val).get("auc", math.nan),
+        "val_auc_personal": personal_val.get("auc", math.nan),
     })
     metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
     labels = [b.label for b in val]
@@ -206,7 +260,7 @@ def personalise_site(
 
 
 def _candidate(
-    candidate: MILModel, runtime: Any, global_state: dict[str, torch.Tensor], cfg: ExperimentConfig,
+    candidate: MILModel, runtime: SiteRuntime, global_state: dict[str, torch.Tensor], cfg: ExperimentConfig,
     train: list[Bag], val: list[Bag], train_cfg: TrainConfig, device: torch.device, run_id: str,
     seed: int, schedule: tuple[int, int],
 ) -> tuple[MILModel, int, dict[str, Any]]:
@@ -215,19 +269,21 @@ def _candidate(
     from micromil_core.training.trainer import fit
 
     site, fed = runtime.settings, cfg.federation
+    span = last_round_span(cfg)
     if fed.personalise == "local-head":
         check_local_head_privacy(site.privacy.enabled, fed.personalise)
         head = PersonalStore(site.state_dir, run_id, site.name).head_before(schedule[0])
         candidate.load_state_dict(with_head(candidate.state_dict(), head))
-        return candidate, train_local_head(candidate, train, val, train_cfg, fed.personal_epochs, device).best_epoch, {}
+        result = train_local_head(candidate, train, val, train_cfg, fed.personal_epochs, device, span)
+        return candidate, result.best_epoch, {}
     proximal = fed.personalise == "proximal"
     if not site.privacy.enabled:
         extra = proximal_term(candidate, global_state, fed.personal_mu) if proximal else None
         result = fit(candidate, train, val, train_cfg, device, extra_loss=extra,
-                     epochs=fed.personal_epochs, progress_span=(1.0, 1.0))
+                     epochs=fed.personal_epochs, progress_span=span)
         return candidate, result.best_epoch, {}
     # DP-SGD: one more round of the site's private training (the noise was calibrated for
-    # it, see ``planned_rounds``), recorded in its ledger as round ``rounds + 1``.
+    # it, see ``planned_rounds``), recorded in its ledger as round ``schedule[0]``.
     from micromil_core.privacy.site_round import private_train_round
 
     state, metrics = private_train_round(
@@ -243,43 +299,51 @@ def _candidate(
 
 
 def make_personal_model(
-    runtime: Any, settings: Any, global_state: dict[str, torch.Tensor], scaler: FeatureScaler | None,
+    runtime: SiteRuntime, settings: RoundSettings, global_state: dict[str, torch.Tensor], scaler: FeatureScaler | None,
     device: torch.device, run_id: str, min_patients: int, path: Path | None = None,
     schedule: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """``personalise_site``, then the personal model saved as a checkpoint at ``path``
-    (default: the site's state folder, ``PersonalStore.model_path``); returns the metrics."""
-    from micromil_core.training.checkpoint import Checkpoint, save_checkpoint
+    (default: the site's state folder, ``PersonalStore.model_path``, where a second request
+    from the same global model returns the first one's numbers); returns the metrics."""
+    from micromil_core.federated.setup import federated_checkpoint
+    from micromil_core.training.checkpoint import save_checkpoint
 
     cfg, spec, site = settings.experiment, settings.spec, runtime.settings
-    path = path or PersonalStore(site.state_dir, run_id, site.name).model_path
+    if site.role != "train":
+        raise SiteDataError(f"site {site.name} is a held-out site: it uses the global model")
+    store = PersonalStore(site.state_dir, run_id, site.name) if path is None else None
+    global_sha = state_sha256(global_state)
+    if store is not None and (done := store.made_from(global_sha)) is not None:
+        log.info("site %s: personal model already made from this global model: %s", site.name, store.model_path)
+        return done
     model, epoch, metrics = personalise_site(runtime, spec, global_state, cfg, scaler, device, run_id,
                                              min_patients, schedule)
-    save_checkpoint(
-        Checkpoint(
-            model_name=spec.name, in_dim=spec.in_dim, n_classes=spec.n_classes, params=spec.params,
-            classes=list(settings.classes), state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
-            scaler=scaler, encoder=cfg.data.encoder, fine_classes=list(cfg.data.fine_classes) or None,
-            config=cfg.to_dict(),
-            provenance={"federated": True, "personalised": cfg.federation.personalise, "site": site.name,
-                        "federation_id": run_id, "personal_epoch": epoch},
-        ),
-        path,
-    )
-    log.info("site %s: personal model saved to %s", site.name, path)
+    # Under ``scaler: site`` the personal model standardises as the global one does at this
+    # site (evaluate fits the statistics there), so the two are compared like for like.
+    save_checkpoint(federated_checkpoint(
+        cfg, spec, settings.classes, model.state_dict(), None if settings.site_scaler else scaler,
+        {"federated": True, "personalised": cfg.federation.personalise, "site": site.name,
+         "federation_id": run_id, "personal_epoch": epoch, "global_sha256": global_sha,
+         "scaler": "site" if settings.site_scaler else "global"},
+    ), path or store.model_path)
+    if store is not None:
+        store.record(global_sha, metrics)
+    log.info("site %s: personal model saved to %s", site.name, path or store.model_path)
     return metrics
 
 
 def personalise_checkpoint(
-    checkpoint: str | Path, site: Any, out: str | Path, method: str = "finetune",
+    checkpoint: str | Path, site: SiteSettings, out: str | Path, method: str = "finetune",
     overrides: Sequence[str] = (), device: str = "auto",
 ) -> dict[str, Any]:
     """A site's personal model from a global model.pt it was given (``flower-client
-    personalise``): the same choice as a federation's last message, run at the site on
-    its own; the model is written to ``out``. Returns the site's numbers (they stay here).
+    personalise``), written to ``out``; returns the site's numbers (they stay here).
 
-    Under DP-SGD the fine-tuning is a run of its own in the site's ledger (one round at the
-    site's budget), composed with the others in the ledger's total."""
+    The choice is made as a federation's last message makes it, with the same seed, except
+    that nothing was kept from the rounds: ``local-head`` starts from the global model's
+    head. Under DP-SGD the fine-tuning is a ledger run of its own (one round at the site's
+    budget), composed with the others in the ledger's total."""
     from micromil_core.config import apply_overrides, build_config
     from micromil_core.federated.messages import RoundSettings
     from micromil_core.federated.site_task import ModelSpec, load_runtime
@@ -289,28 +353,15 @@ def personalise_checkpoint(
     ckpt = load_checkpoint(checkpoint)
     cfg = build_config(apply_overrides(dict(ckpt.config), [f"federation.personalise={method}", *overrides]))
     if cfg.federation.personalise == "none":
-        raise ConfigError(f"--method none makes no personal model; choose one of {FINE_TUNING + ('local-head',)}")
+        raise ConfigError(f"--method none makes no personal model; choose one of {PERSONAL_METHODS}")
     spec = ModelSpec(ckpt.model_name, ckpt.in_dim, ckpt.n_classes, dict(ckpt.params))
     runtime = load_runtime(site, cfg.data, cfg.train, list(ckpt.classes))
     site_scaler = ckpt.provenance.get("scaler") == "site"
     scaler = runtime.own_scaler if site_scaler and cfg.train.standardize else ckpt.scaler
     settings = RoundSettings(cfg, list(ckpt.classes), spec, scaler, site_scaler)
     run_id = f"personalise-{file_sha256(checkpoint)[:16]}"
-    # As the federation's last message would (same seed), but its own DP-SGD run of one
-    # round: the fine-tuning is all this run's noise is calibrated for.
     return make_personal_model(runtime, settings, ckpt.state_dict, scaler, resolve_device(device),
                                run_id, 1, Path(out), schedule=(cfg.federation.rounds + 1, 1))
-
-
-def keep_local_head(
-    runtime: Any, spec: Any, trained: dict[str, torch.Tensor], cfg: ExperimentConfig,
-    scaler: FeatureScaler | None, server_round: int, device: torch.device, run_id: str,
-) -> None:
-    """Under ``local-head``: after the round's training, the site's own head (kept here)."""
-    site = runtime.settings
-    bags = scaler.transform_all(runtime.train) if scaler is not None else runtime.train
-    store = PersonalStore(site.state_dir, run_id, site.name)
-    local_head_round(spec, trained, bags, cfg.train, store, server_round, cfg.federation.local_epochs, device)
 
 
 _DP_HEAD = (
@@ -319,7 +370,7 @@ _DP_HEAD = (
 )
 
 
-def check_local_head_privacy(privacy_enabled: bool, method: str) -> None:
+def check_local_head_privacy(privacy_enabled: bool, method: str, sites: Sequence[str] = ()) -> None:
     """A DP site refuses local-head: its head would see patients without DP-SGD."""
     if privacy_enabled and method == "local-head":
-        raise ConfigError(_DP_HEAD)
+        raise ConfigError(_DP_HEAD + (f" (DP-SGD sites: {', '.join(sites)})" if sites else ""))

@@ -26,9 +26,7 @@ from micromil_core.models.mhim import NAME as MHIM_NAME
 from micromil_core.models.mhim import base_checkpoint_fits, state_from_base
 from micromil_core.models.registry import full_params, params_from_dict
 from micromil_core.runtime import seed_everything
-from micromil_core.training.checkpoint import (
-    load_checkpoint,
-)
+from micromil_core.training.checkpoint import Checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +43,8 @@ class SiteInfo:
     # The encoder identity behind this site's features (``encoders.base.identity_label``:
     # cache id + weights SHA-256), None when the site sends none (precomputed features).
     encoder: str | None = None
-
+    # The site's own DP-SGD (its site.yaml): "dp-sgd" or "none" (older sites say nothing).
+    privacy: str = "none"
 
 
 def check_identities(sites: list[SiteInfo], site_nodes: dict[int, str] | None) -> None:
@@ -305,3 +304,17 @@ def run_info(cfg: ExperimentConfig, sites: list[SiteInfo], started: str) -> RunI
         started=started,
     )
 
+
+
+def federated_checkpoint(
+    cfg: ExperimentConfig, spec: ModelSpec, classes: list[str], state: dict[str, torch.Tensor],
+    scaler: FeatureScaler | None, provenance: dict[str, Any],
+) -> Checkpoint:
+    """A model of this federation as a checkpoint: the global one the coordinator saves, or
+    a site's personal one (``federated.personalise``)."""
+    return Checkpoint(
+        model_name=spec.name, in_dim=spec.in_dim, n_classes=spec.n_classes, params=spec.params,
+        classes=list(classes), state_dict={k: v.detach().cpu() for k, v in state.items()},
+        scaler=scaler, encoder=cfg.data.encoder, fine_classes=list(cfg.data.fine_classes) or None,
+        config=cfg.to_dict(), provenance=provenance,
+    )

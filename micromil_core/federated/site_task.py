@@ -210,6 +210,8 @@ def describe_site(
 
     if fdir is not None and (identity := read_encoder_identity(fdir)):
         description[wire.SITE_ENCODER] = identity_label(identity)
+    if settings.role == "train":
+        description[wire.SITE_PRIVACY] = settings.privacy.mode
     return description, counts
 
 
@@ -296,10 +298,10 @@ def train_round(
 
         new_state, metrics = private_train_round(
             model, bags, settings.name, settings.privacy, settings.state_dir, run_id or "default",
-            server_round, planned_rounds + reserve_rounds, local_epochs, train_cfg.lr, train_cfg.weight_decay,
+            server_round, planned_rounds, local_epochs, train_cfg.lr, train_cfg.weight_decay,
             train_cfg.batch_size, device, seed,
             proximal_gradient(state, proximal_mu) if proximal_mu > 0 else None,
-            optimizer=train_cfg.optimizer, momentum=train_cfg.momentum,
+            optimizer=train_cfg.optimizer, momentum=train_cfg.momentum, reserve_rounds=reserve_rounds,
         )
     else:
         extra = proximal_term(model, state, proximal_mu) if proximal_mu > 0 else None

@@ -24,10 +24,13 @@ from micromil_core.federated import wire
 
 # Metric keys whose values are fractions (AUC, accuracy, ...): anything outside [0, 1] is
 # garbage, and would drag the patient-weighted mean over sites with it.
-_FRACTION_SUFFIXES = (*wire.CORE_METRICS, "auc_ci_low", "auc_ci_high")
+_FRACTION_SUFFIXES = (*wire.CORE_METRICS, "auc_ci_low", "auc_ci_high", "auc_global", "auc_personal")
+# The only metrics that are lists: ROC points on the fixed grid. Any other list could carry
+# per-patient numbers or weights into the coordinator's records.
+_LIST_METRICS = ("roc_fpr", "roc_tpr")
 
 
-def _names(keys: list[str], limit: int = 3) -> str:
+def quoted_names(keys: list[str], limit: int = 3) -> str:
     shown = ", ".join(repr(k) for k in keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
@@ -44,10 +47,10 @@ def update_problem(
     """
     missing = sorted(set(reference) - set(update))
     if missing:
-        return f"missing model arrays {_names(missing)}"
+        return f"missing model arrays {quoted_names(missing)}"
     extra = sorted(set(update) - set(reference))
     if extra:
-        return f"unexpected model arrays {_names(extra)}"
+        return f"unexpected model arrays {quoted_names(extra)}"
     for name, ref in reference.items():
         arr = update[name]
         if arr.shape != ref.shape:
@@ -91,13 +94,15 @@ def metrics_problem(
     """
     unknown = sorted(set(metrics) - allowed)
     if unknown:
-        return f"unexpected metric keys {_names(unknown)}"
+        return f"unexpected metric keys {quoted_names(unknown)}"
     n = metrics.get(wire.NUM_EXAMPLES)
     if not isinstance(n, (int, float)) or not math.isfinite(n) or n < 0 or n != int(n):
         return f"{wire.NUM_EXAMPLES}={n!r} is not a patient count"
     if max_examples is not None and n > max_examples:
         return f"{wire.NUM_EXAMPLES}={int(n)} exceeds the {max_examples} patients the site declared"
     for key, value in metrics.items():
+        if isinstance(value, list) and (key not in _LIST_METRICS or len(value) != len(wire.ROC_GRID)):
+            return f"metric {key!r} is a list of {len(value)}; only ROC points on the fixed grid are"
         values = value if isinstance(value, list) else [value]
         if not all(isinstance(v, (int, float)) for v in values):
             return f"metric {key!r} is not numeric"
@@ -108,4 +113,24 @@ def metrics_problem(
                 return f"metric {key!r}={value!r} is outside [0, 1]"
         elif key.endswith("loss") and any(v < 0 for v in values if not math.isnan(v)):
             return f"metric {key!r}={value!r} is negative"
+    return None
+
+
+def personal_metrics_problem(
+    metrics: Mapping[str, Any], max_examples: int | None, max_epoch: int
+) -> str | None:
+    """Why a personalise reply's numbers must not be used, or None: the wire's keys with
+    sane values, counts that are counts within what the site declared, and a chosen epoch
+    the fine-tuning could have reached (``max_epoch``)."""
+    problem = metrics_problem(metrics, wire.ALLOWED_PERSONAL_METRICS, max_examples)
+    if problem:
+        return problem
+    for key, high in ((wire.PERSONAL_EPOCH, max_epoch), (wire.NUM_VAL, max_examples)):
+        value = metrics.get(key)
+        if value is None:
+            continue
+        if math.isnan(value) or value != int(value) or value < 0 or (high is not None and value > high):
+            return f"metric {key!r}={value!r} is not a count in [0, {high}]"
+    if metrics.get("seconds", 0.0) < 0:
+        return f"metric 'seconds'={metrics['seconds']!r} is negative"
     return None

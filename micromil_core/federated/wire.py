@@ -44,6 +44,9 @@ SITE_PROBLEMS = "problems"  # check-site errors with patient ids and file names 
 # The encoder behind the site's features (encoders.base.identity_label: cache id + weights
 # SHA-256; absent for precomputed features): sites with different ones are refused.
 SITE_ENCODER = "encoder"
+# A training site's own DP-SGD setting ("dp-sgd" or "none"): the coordinator refuses before
+# round 1 what such a site would refuse in every round (federation.personalise: local-head).
+SITE_PRIVACY = "privacy"
 
 NUM_EXAMPLES = "num-examples"  # Flower's weighting key: patients (bags), not instances
 
@@ -83,13 +86,15 @@ FINE_COUNT = "fine_n"
 EVAL_METRIC_KEYS = (*CORE_METRICS, "loss", *AUC_INTERVAL, "roc_fpr", "roc_tpr", *FINE_METRIC_KEYS)
 # Personalisation (federated/personalise.py): each training site's validation AUC of the
 # global and of its personal model, and the fine-tuning epoch chosen (0 = global kept).
-PERSONAL_METRIC_KEYS = ("val_auc_global", "val_auc_personal", "personal_epoch")
+PERSONAL_EPOCH = "personal_epoch"
+NUM_VAL = "num_val"  # a site's validation patients
+PERSONAL_METRIC_KEYS = ("val_auc_global", "val_auc_personal", PERSONAL_EPOCH)
 # append only: indices travel on the wire
 GUARDED_METRICS = (*EVAL_METRIC_KEYS, "train_loss", *PERSONAL_METRIC_KEYS)
 ALLOWED_EVAL_METRICS = frozenset({NUM_EXAMPLES, FINE_COUNT, *EVAL_METRIC_KEYS} | DISCLOSURE_METRICS)
 # A personalise reply: aggregate numbers only; the personal model stays at the site.
 ALLOWED_PERSONAL_METRICS = frozenset(
-    {NUM_EXAMPLES, "num_val", "seconds", *PERSONAL_METRIC_KEYS} | DISCLOSURE_METRICS | DP_METRICS
+    {NUM_EXAMPLES, NUM_VAL, "seconds", *PERSONAL_METRIC_KEYS} | DISCLOSURE_METRICS | DP_METRICS
 )
 ALLOWED_SITE_METRICS = frozenset(
     {NUM_EXAMPLES, "feature_dim", "num_train", "num_val", "num_test", "num_instances",

@@ -86,7 +86,7 @@ class DSMIL(MILModel):
     Shapes: x (B, N, D), mask (B, N) -> logits (B, C); attention (B, N), 0 at padding.
     """
 
-    head_modules = ("bag_head",)
+    head_modules = ("bag_head", "instance_head")  # predict averages both streams' classifiers
 
     def __init__(self, in_dim: int, n_classes: int, params: DSMILParams) -> None:
         super().__init__()

@@ -72,14 +72,18 @@ def private_train_round(
     public_gradient: PublicGradient | None = None,
     optimizer: str = "adam",
     momentum: float = 0.0,
+    reserve_rounds: int = 0,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Train one round with DP-SGD; returns (weights in ``model``'s layout, metrics).
+    ``reserve_rounds``: rounds after the planned ones that the noise is calibrated for too
+    (a personal fine-tuning); the training schedule still spans ``planned_rounds``.
 
     The metrics hold only privacy settings and the spent epsilon (aggregate numbers).
     """
     check_delta(privacy, len(bags), site)
     ledger = PrivacyLedger(state_dir)
-    record = plan_run(ledger, run_id, privacy, len(bags), batch_size, local_epochs, planned_rounds)
+    record = plan_run(ledger, run_id, privacy, len(bags), batch_size, local_epochs,
+                      planned_rounds + reserve_rounds)
     if record.would_exceed():
         raise PrivacyBudgetExhausted(
             f"site {site} has stopped contributing: another round would take its epsilon from "
@@ -89,7 +93,7 @@ def private_train_round(
     plan = DPPlan(record.noise_multiplier, record.sample_rate, record.max_grad_norm)
     trained, mean_loss = train_private(
         model, bags, plan, record.steps_per_round, lr, weight_decay, device, seed, public_gradient,
-        progress=(server_round - 1) / max(planned_rounds, 1), optimizer=optimizer,
+        progress=min(1.0, (server_round - 1) / max(planned_rounds, 1)), optimizer=optimizer,
         momentum=momentum,
     )
     epsilon = ledger.record_round(run_id, server_round, record.steps_per_round)

@@ -49,7 +49,7 @@ from micromil_core.report.tables import (
     table_keys,
     with_auc_interval,
 )
-from micromil_core.training.plots import _pyplot as pyplot
+from micromil_core.training.plots import pyplot
 
 __all__ = [
     "CORE_KEYS",

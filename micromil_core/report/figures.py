@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from micromil_core.report.tables import finite, format_metric, plot_label
-from micromil_core.training.plots import _pyplot as pyplot
+from micromil_core.training.plots import pyplot
 
 _DPI = 100
 

@@ -30,15 +30,14 @@ from micromil_core.report.tables import (
     format_seconds,
     metric_text,
 )
-from micromil_core.training.plots import _pyplot as pyplot
+from micromil_core.training.metrics import OWN_PATIENT_DIFFERENCES, OWN_PATIENT_MODELS
+from micromil_core.training.plots import pyplot
 
 PERSONALISED_KEY = "personalised"
 # The three models judged on a site's own test patients, in display order, with the colour
 # each has in the comparison section (federated C0, local C2) so the two figures agree.
-OWN_KINDS = ("local", "global", "personalised")
 _KIND_LABELS = {"local": "local only", "global": "global (federated)", "personalised": "personalised"}
 _KIND_COLORS = {"local": "C2", "global": "C0", "personalised": "C3"}
-DIFFERENCES = ("personalised_minus_global", "personalised_minus_local")
 _METHODS = {
     "finetune": "the final global model trained further on the site's training patients",
     "proximal": "the final global model trained further on the site's training patients, "
@@ -76,7 +75,7 @@ def _kind(row: Mapping[str, Any], kind: str) -> Mapping[str, Any]:
 
 def _site_n(row: Mapping[str, Any]) -> Any:
     """The site's test patient count: the same patients for all three models."""
-    return next((_kind(row, k)["n"] for k in OWN_KINDS if finite(_kind(row, k).get("n")) is not None),
+    return next((_kind(row, k)["n"] for k in OWN_PATIENT_MODELS if finite(_kind(row, k).get("n")) is not None),
                 None)
 
 
@@ -85,11 +84,11 @@ def own_patients_rows(comparison: Mapping[str, Any] | None, metric: str = "auc")
     model, then personalised - global and personalised - local with their intervals."""
     rows = []
     for site, row in own_patients(comparison).items():
-        diffs = [row.get(key) for key in DIFFERENCES]
+        diffs = [row.get(key) for key in OWN_PATIENT_DIFFERENCES]
         rows.append([
             site,
             format_metric("n", _site_n(row)),
-            *(metric_text(_kind(row, k), metric) for k in OWN_KINDS),
+            *(metric_text(_kind(row, k), metric) for k in OWN_PATIENT_MODELS),
             *(format_interval(d.get(metric) if isinstance(d, Mapping) else None) for d in diffs),
         ])
     return rows
@@ -101,7 +100,7 @@ def mean_lines(comparison: Mapping[str, Any] | None, metric: str = "auc", minus:
     if not isinstance(own, Mapping):
         return []
     lines = []
-    for key in DIFFERENCES:
+    for key in OWN_PATIENT_DIFFERENCES:
         other = key.rsplit("_", 1)[1]
         mean = own.get(f"mean_{key}")
         mean = mean.get(metric) if isinstance(mean, Mapping) else None
@@ -135,8 +134,8 @@ def own_patients_figure(per_site: Mapping[str, Mapping[str, Any]]) -> str | None
     """Grouped bars: per site, the AUC of each model on its test patients; a site whose AUC
     is undefined (its test patients one class) shows "n/a" where its bars would be."""
     sites = list(per_site)
-    auc = {k: [finite_or_nan(_kind(per_site[s], k).get("auc")) for s in sites] for k in OWN_KINDS}
-    kinds = [k for k in OWN_KINDS if has_data(auc[k])]
+    auc = {k: [finite_or_nan(_kind(per_site[s], k).get("auc")) for s in sites] for k in OWN_PATIENT_MODELS}
+    kinds = [k for k in OWN_PATIENT_MODELS if has_data(auc[k])]
     if not kinds:
         return None
     plt = pyplot()

@@ -211,6 +211,54 @@ def paired_bootstrap_difference(
     }
 
 
+# ``compare --personalise``: the models judged on each training site's own test patients,
+# and the paired differences of its table (key -> the model personalised is set against).
+OWN_PATIENT_MODELS = ("local", "global", "personalised")
+OWN_PATIENT_DIFFERENCES = {"personalised_minus_global": "global", "personalised_minus_local": "local"}
+
+
+def mean_paired_difference(
+    groups: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], n_resamples: int = 2000,
+    confidence: float = 0.95, seed: int = 0,
+) -> dict[str, dict[str, float]] | None:
+    """The mean over groups (sites) of model A's metric minus model B's, with an interval
+    from a bootstrap that resamples each group's patients on its own (stratified by class),
+    so every site keeps its weight of one. ``groups``: (labels (n,), probs A, probs B) per
+    site, the probabilities (n, C), or (R, n, C) for R runs (training seeds) on the same
+    patients, whose differences are averaged on every resample of those patients. Only
+    two-class groups with both classes present count (``sites``: how many); None when none
+    does. The sites are taken as given (only patients are resampled): the interval is about
+    these hospitals, not hospitals in general."""
+    usable = []
+    for y, a, b in groups:
+        y, a, b = np.asarray(y, dtype=int), np.asarray(a, float), np.asarray(b, float)
+        a, b = (a[None], b[None]) if a.ndim == 2 else (a, b)
+        if a.ndim != 3 or a.shape != b.shape or a.shape[1] != len(y):
+            raise ValueError(f"a group's predictions differ in shape: {a.shape}, {b.shape}, {len(y)} labels")
+        if a.shape[2] == 2 and set(np.unique(y)) == {0, 1}:
+            usable.append((y, a, b))
+    if not usable:
+        return None
+    rng = np.random.default_rng(seed)
+    draws = {k: np.zeros(n_resamples) for k in METRIC_KEYS}
+    point = dict.fromkeys(METRIC_KEYS, 0.0)
+    for y, runs_a, runs_b in usable:
+        draw, n0, n1 = _stratified_draws(y, n_resamples, rng)
+        weight = 1.0 / (len(usable) * len(runs_a))
+        for a, b in zip(runs_a, runs_b, strict=True):
+            of_a, of_b = _binary_metrics_of_draws(a, draw, n0, n1), _binary_metrics_of_draws(b, draw, n0, n1)
+            on_a, on_b = classification_metrics(y, a), classification_metrics(y, b)
+            for k in METRIC_KEYS:
+                draws[k] += (of_a[k] - of_b[k]) * weight
+                point[k] += (on_a[k] - on_b[k]) * weight
+    tail = 100 * (1 - confidence) / 2
+    return {
+        k: {"difference": float(point[k]), "low": float(np.percentile(draws[k], tail)),
+            "high": float(np.percentile(draws[k], 100 - tail)), "sites": len(usable)}
+        for k in METRIC_KEYS
+    }
+
+
 def operating_points(
     y_true: np.ndarray, probs: np.ndarray, sensitivities: Sequence[float] = (0.90, 0.95)
 ) -> list[dict[str, float]]:

@@ -11,7 +11,7 @@ from micromil_core.io import atomic_path
 from micromil_core.training.metrics import binary_roc, roc_auc
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,7 +23,7 @@ def _pyplot():
 def _save(fig, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return Path(path)
 
 
@@ -31,7 +31,7 @@ def plot_roc(
     curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = "ROC"
 ) -> Path | None:
     """One ROC curve per entry ``name -> (y_true (n,), probs (n, C))``; class 1 vs rest."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     drawn = 0
     for name, (y, probs) in curves.items():
@@ -72,7 +72,7 @@ def curves_figure(
     """
     from matplotlib.ticker import MaxNLocator
 
-    plt = _pyplot()
+    plt = pyplot()
     # A series with no finite value (no validation split) would leave an empty panel.
     series = {n: v for n, v in series.items() if np.isfinite(np.asarray(v, dtype=float)).any()}
     loss = {n: v for n, v in series.items() if "loss" in n.lower()}
@@ -124,7 +124,7 @@ def plot_curves(
 def plot_reliability(bins: Sequence[Mapping[str, float]], path: str | Path, title: str) -> Path:
     """Reliability diagram: observed fraction of class 1 against mean predicted probability
     per bin (marker area ~ patients); the diagonal is perfect calibration."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8, label="perfectly calibrated")
     if bins:

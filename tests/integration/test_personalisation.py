@@ -85,10 +85,16 @@ def test_resume_keeps_the_personal_state(local_head_run, demo_ucsb, tmp_path):
     part = tmp_path / "interrupted"
     cfg = _cfg(demo_ucsb, 2, personalise="local-head", personal_epochs=3)
     simulate(replace(cfg, federation=replace(cfg.federation, rounds=1)), part)
+    # The coordinator "crashed" after the sites had trained round 2 but before it saved it:
+    # each site already holds a round-2 head, and the resumed run replays round 2.
+    for site in TRAIN_SITES:
+        (run_dir,) = (part / "site-state" / site / "personal").iterdir()
+        head = torch.load(run_dir / "head-round-0001.pt", weights_only=True)
+        torch.save({k: torch.zeros_like(v) for k, v in head.items()}, run_dir / "head-round-0002.pt")
     simulate(cfg, part, resume=True)
     for site in TRAIN_SITES:
         (whole, whole_heads), (resumed, resumed_heads) = _personal(out, site), _personal(part, site)
-        # Round 2 started from the head round 1 kept, as in the uninterrupted run.
+        # The replayed round 2 started from the head round 1 kept, as in the uninterrupted run.
         for key, value in whole_heads["head-round-0002.pt"].items():
             assert torch.allclose(value, resumed_heads["head-round-0002.pt"][key], atol=1e-6), (site, key)
         for key, value in whole.state_dict.items():
@@ -130,24 +136,7 @@ def test_compare_judges_each_site_on_its_own_patients(demo_ucsb, tmp_path, capsy
             assert row[kind]["n"] >= 1, (site, kind)  # the site's test patients
         with open(out / "own-patients" / site / "global" / "predictions.csv") as fh:
             assert {r["site"] for r in csv.DictReader(fh)} == {site}
+        # MicroMIL's representatives stay distinct after fine-tuning (the body moved too).
+        assert row["personalised"]["diversity"] >= row["global"]["diversity"] - 1e-9, (site, row)
+        assert row["personalised"]["diversity"] > 0.9
     assert "own_patients" in json.loads((out / "federated" / "compare.json").read_text())
-
-
-def test_personal_micromil_models_keep_distinct_representatives(local_head_run, demo_ucsb):
-    """Personalising must not collapse MicroMIL's representatives: on each site's own
-    (real) bags the personal model picks as many distinct instances as the global one."""
-    from micromil_core.config import DataConfig
-    from micromil_core.training.loading import load_sites
-    from micromil_core.training.mechanism import representative_diversity, representative_picks
-
-    out, _, _ = local_head_run
-    global_model = load_checkpoint(out / "model.pt")
-    for site in TRAIN_SITES:
-        personal, _ = _personal(out, site)
-        (loaded,) = load_sites([demo_ucsb / site], DataConfig(), torch.device("cpu"), classes=global_model.classes)
-        bags = global_model.scaler.transform_all(loaded.bags)
-        cpu = torch.device("cpu")
-        ours = representative_diversity(representative_picks(personal.build_model(), bags, cpu))
-        theirs = representative_diversity(representative_picks(global_model.build_model(), bags, cpu))
-        assert ours["mean"] >= theirs["mean"] - 1e-9 and ours["mean"] > 0.9, (site, ours, theirs)
-        assert ours["single_fraction"] == 0.0

@@ -51,7 +51,7 @@ def _runtime(tmp_path, n=24, privacy=None, seed=0):
 @pytest.mark.parametrize("name, params, heads", [
     ("abmil", {}, {"head.weight", "head.bias"}),
     ("micromil", {"n_clusters": 4, "top_k": 2}, {"head.weight", "head.bias"}),
-    ("dsmil", {}, {"bag_head.weight", "bag_head.bias"}),
+    ("dsmil", {}, {"bag_head.weight", "bag_head.bias", "instance_head.weight", "instance_head.bias"}),
     ("transmil", {}, {"head.weight", "head.bias"}),
     ("clam-sb", {}, {"head.weight", "head.bias"}),
     ("mhim", {"base": "abmil"}, {"student.head.weight", "student.head.bias"}),
@@ -78,7 +78,7 @@ def test_only_the_head_moves(tmp_path):
     runtime = _runtime(tmp_path)
     model = SPEC.build()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    personalise.train_local_head(model, runtime.train, [], TrainConfig(lr=1e-1), 2, torch.device("cpu"))
+    personalise.train_local_head(model, runtime.train, [], TrainConfig(lr=1e-1), 2, torch.device("cpu"), (0.5, 1.0))
     after = model.state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved == set(head_keys(model))
@@ -87,7 +87,24 @@ def test_only_the_head_moves(tmp_path):
         assert {n for n, p in model.named_parameters() if p.requires_grad} == set(head_keys(model))
 
 
-def test_store_keeps_the_last_two_rounds_and_needs_a_folder(tmp_path):
+def test_hmil_learns_its_coarse_head_when_personalised():
+    """Fine-tuning runs at the last round's progress, not at 1.0 where HMIL's curriculum
+    switches the coarse loss off (its coarse scorer would then only decay)."""
+    from micromil_core.data.bag import Bag
+
+    model = build_model("hmil", 6, 2, {"fine_to_coarse": [0, 0, 1, 1], "embed_dims": [8], "fine_dim": 8,
+                                       "attn_dim": 8})
+    gen = torch.Generator().manual_seed(0)
+    bags = [Bag(f"p{i}", torch.randn(5, 6, generator=gen) + (i % 2), i % 2, fine_label=(i % 2) * 2 + (i // 2) % 2)
+            for i in range(12)]
+    before = model.state_dict()["coarse_score.weight"].clone()
+    cfg = _cfg("local-head")
+    personalise.train_local_head(model, bags, [], replace(cfg.train, weight_decay=0.0), 2,
+                                 torch.device("cpu"), personalise.last_round_span(cfg))
+    assert not torch.equal(model.state_dict()["coarse_score.weight"], before)
+
+
+def test_store_keeps_the_newest_head_before_each_round(tmp_path):
     store = PersonalStore(tmp_path, "run/1", "h1")
     assert store.root == tmp_path / "personal" / "run_1"  # the id cannot leave the folder
     assert store.head_before(1) is None
@@ -96,33 +113,28 @@ def test_store_keeps_the_last_two_rounds_and_needs_a_folder(tmp_path):
     assert sorted(p.name for p in store.root.glob("head-*")) == ["head-round-0002.pt", "head-round-0003.pt"]
     assert store.head_before(3)["head.bias"][0] == 2.0  # a replayed round 3 starts from round 2's
     assert store.head_before(9)["head.bias"][0] == 3.0
+    # A site that sat out round 5 keeps round 3's head for a replay of round 6.
+    store.save_head(6, {"head.bias": torch.full((2,), 6.0)})
+    assert store.head_before(6)["head.bias"][0] == 3.0
     with pytest.raises(SiteDataError, match="state_dir"):
         PersonalStore(None, "r", "h1")
 
 
-def test_local_head_round_continues_from_the_kept_head(tmp_path):
+def test_local_head_continues_from_the_kept_head(tmp_path):
     runtime = _runtime(tmp_path)
     cfg = _cfg("local-head")
     trained = SPEC.build().state_dict()
-    keep_local_head(runtime, SPEC, trained, cfg, None, 1, torch.device("cpu"), "run")
+    cpu = torch.device("cpu")
+    keep_local_head(runtime, SPEC, trained, cfg, None, 1, 1, cpu, "run")
     store = PersonalStore(runtime.settings.state_dir, "run", "h1")
     first = store.head_before(2)
     assert set(first) == {"head.weight", "head.bias"}
     assert not torch.equal(first["head.weight"], trained["head.weight"])
-    # Round 2 starts from round 1's head, not from the global one it was sent.
-    spy = []
-    original = personalise.local_head_round
-
-    def recording(spec, state, bags, tcfg, st, rnd, epochs, device):
-        spy.append(st.head_before(rnd))
-        return original(spec, state, bags, tcfg, st, rnd, epochs, device)
-
-    personalise.local_head_round = recording
-    try:
-        keep_local_head(runtime, SPEC, trained, cfg, None, 2, torch.device("cpu"), "run")
-    finally:
-        personalise.local_head_round = original
-    assert torch.equal(spy[0]["head.weight"], first["head.weight"])
+    keep_local_head(runtime, SPEC, trained, cfg, None, 2, 1, cpu, "run")
+    # Round 2 of a site with no kept head (another run) ends elsewhere: the kept one was used.
+    keep_local_head(runtime, SPEC, trained, cfg, None, 2, 1, cpu, "other")
+    kept, fresh = store.head_before(3), PersonalStore(runtime.settings.state_dir, "other", "h1").head_before(3)
+    assert not torch.equal(kept["head.weight"], fresh["head.weight"])
 
 
 def test_selection_reads_validation_patients_only(tmp_path, monkeypatch):
@@ -140,17 +152,19 @@ def test_selection_reads_validation_patients_only(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer, "predict_bags", spying)
     state = SPEC.build().state_dict()
-    for method in ("finetune", "proximal", "local-head"):
-        personalise_site(runtime, SPEC, state, _cfg(method), None, torch.device("cpu"), "run", 2)
+    methods = ("finetune", "proximal", "local-head")
+    clean = [personalise_site(runtime, SPEC, state, _cfg(m), None, torch.device("cpu"), "run", 2) for m in methods]
     assert seen and all(not (ids & test_ids) for ids in seen)
     val_ids = {id(b) for b in runtime.val}
     assert all(ids <= val_ids for ids in seen)
     # Poisoned test patients change nothing: they are never read.
     for b in runtime.test:
         b.features.fill_(float("nan"))
-    a, _, m = personalise_site(runtime, SPEC, state, _cfg(), None, torch.device("cpu"), "run", 2)
-    assert all(torch.isfinite(v).all() for v in a.state_dict().values())
-    assert m["num_val"] == len(runtime.val)
+    for method, (model, epoch, metrics) in zip(methods, clean, strict=True):
+        again, epoch_again, _ = personalise_site(runtime, SPEC, state, _cfg(method), None,
+                                                 torch.device("cpu"), "run", 2)
+        assert epoch_again == epoch and metrics["num_val"] == len(runtime.val)
+        assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items()), method
 
 
 def test_the_global_model_is_kept_when_nothing_beats_it_on_validation(tmp_path, monkeypatch):
@@ -171,7 +185,7 @@ def test_the_global_model_is_kept_when_nothing_beats_it_on_validation(tmp_path, 
     assert metrics["val_auc_personal"] == metrics["val_auc_global"]
     # A learnable task: fine-tuning beats the untrained global model on validation.
     model, epoch, metrics = personalise_site(runtime, SPEC, state, _cfg(lr=5e-2), None,
-                                             torch.device("cpu"), "run", 2)
+                                             torch.device("cpu"), "run", 1)
     assert 1 <= epoch <= 3 and metrics["personal_epoch"] == epoch
 
 
@@ -188,11 +202,26 @@ def test_the_personal_model_is_a_checkpoint_at_the_site(tmp_path):
     runtime = _runtime(tmp_path)
     cfg = _cfg()
     settings = RoundSettings(cfg, CLASSES, SPEC)
-    metrics = make_personal_model(runtime, settings, SPEC.build().state_dict(), None,
-                                  torch.device("cpu"), "run-7", 2)
-    ckpt = load_checkpoint(tmp_path / "state" / "personal" / "run-7" / "model.pt")
+    global_state = SPEC.build().state_dict()
+    metrics = make_personal_model(runtime, settings, global_state, None, torch.device("cpu"), "run-7", 2)
+    ckpt_path = tmp_path / "state" / "personal" / "run-7" / "model.pt"
+    ckpt = load_checkpoint(ckpt_path)
     assert ckpt.provenance["personalised"] == "finetune" and ckpt.provenance["site"] == "h1"
-    assert ckpt.classes == CLASSES and ckpt.provenance["personal_epoch"] == metrics.get("personal_epoch")
+    assert ckpt.classes == CLASSES and isinstance(ckpt.provenance["personal_epoch"], int)
+    assert "personal_epoch" not in metrics  # one validation patient of a class: withheld
+    assert ckpt.provenance["scaler"] == "global"
+    # Asked again with the same global model (a coordinator restarted mid-step), the site
+    # answers with what it made, without training (or spending DP budget) again.
+    stamp = ckpt_path.stat().st_mtime_ns
+    again = make_personal_model(runtime, settings, global_state, None, torch.device("cpu"), "run-7", 2)
+    assert again == metrics and ckpt_path.stat().st_mtime_ns == stamp
+    other = SPEC.build()
+    other.head.bias.data += 1.0
+    make_personal_model(runtime, settings, other.state_dict(), None, torch.device("cpu"), "run-7", 2)
+    assert ckpt_path.stat().st_mtime_ns != stamp  # another global model: made afresh
+    held_out = replace(runtime, settings=replace(runtime.settings, role="holdout"))
+    with pytest.raises(SiteDataError, match="held-out"):
+        make_personal_model(held_out, settings, other.state_dict(), None, torch.device("cpu"), "run-7", 2)
 
 
 def test_dp_fine_tuning_is_one_more_round_in_the_ledger(tmp_path):

@@ -51,10 +51,14 @@ def test_bad_train_metrics_are_refused(metrics, reason):
 
 
 def test_evaluation_metrics_ranges():
-    ok = {wire.NUM_EXAMPLES: 19, "auc": 0.7, "loss": 0.6, "roc_tpr": [0.0, 0.5, 1.0],
+    grid = len(wire.ROC_GRID)
+    ok = {wire.NUM_EXAMPLES: 19, "auc": 0.7, "loss": 0.6, "roc_tpr": [0.5] * grid,
           wire.SUPPRESSED: 16, wire.MIN_PATIENTS: 5}
     assert metrics_problem(ok, wire.ALLOWED_EVAL_METRICS, 19) is None
-    assert "outside [0, 1]" in metrics_problem({**ok, "roc_tpr": [0.0, 2.0]}, wire.ALLOWED_EVAL_METRICS, 19)
+    assert "outside [0, 1]" in metrics_problem({**ok, "roc_tpr": [2.0] * grid}, wire.ALLOWED_EVAL_METRICS, 19)
+    # Only ROC points on the fixed grid may be lists: not another length, not another key.
+    assert "list of 3" in metrics_problem({**ok, "roc_tpr": [0.0, 0.5, 1.0]}, wire.ALLOWED_EVAL_METRICS, 19)
+    assert "list of 21" in metrics_problem({**ok, "auc": [0.5] * grid}, wire.ALLOWED_EVAL_METRICS, 19)
     assert metrics_problem({**ok, "auc": float("nan")}, wire.ALLOWED_EVAL_METRICS, 19) is None
 
 

@@ -187,3 +187,42 @@ def test_calibration_brier_and_reliability():
     assert calibration(y_rare, np.stack([1 - p1, p1], axis=1))["ece"] > 0.3
     three = calibration(np.array([0, 2]), np.array([[1.0, 0, 0], [0.5, 0, 0.5]]))
     assert three == {"brier": pytest.approx((0 + 0.5) / 2)}
+
+
+def _site_predictions(n, seed):
+    rng = np.random.default_rng(seed)
+    y = np.array([0, 1] * (n // 2))
+    p1 = np.clip(0.5 + 0.3 * (y - 0.5) + rng.normal(0, 0.2, n), 0.01, 0.99)
+    a = np.stack([1 - p1, p1], axis=1)
+    q1 = np.clip(p1 + rng.normal(0, 0.2, n), 0.01, 0.99)
+    return y, a, np.stack([1 - q1, q1], axis=1)
+
+
+def test_mean_paired_difference_weighs_sites_equally_and_skips_one_class_sites():
+    from micromil_core.training.metrics import mean_paired_difference, paired_bootstrap_difference
+
+    sites = [_site_predictions(40, 0), _site_predictions(10, 1)]
+    one_class = (np.zeros(6, dtype=int), np.full((6, 2), 0.5), np.full((6, 2), 0.5))
+    out = mean_paired_difference([*sites, one_class])
+    assert out["auc"]["sites"] == 2
+    each = [paired_bootstrap_difference(*s)["auc"]["difference"] for s in sites]
+    assert out["auc"]["difference"] == pytest.approx(np.mean(each))  # not weighted by patients
+    assert out["auc"]["low"] <= out["auc"]["difference"] <= out["auc"]["high"]
+    same = mean_paired_difference([(y, a, a) for y, a, _ in sites])
+    assert same["auc"] == {"difference": 0.0, "low": 0.0, "high": 0.0, "sites": 2}
+    assert mean_paired_difference([one_class]) is None
+    with pytest.raises(ValueError, match="differ in shape"):
+        mean_paired_difference([(sites[0][0], sites[0][1], sites[0][2][:-1])])
+
+
+def test_mean_paired_difference_averages_runs_on_the_same_patients():
+    from micromil_core.training.metrics import mean_paired_difference
+
+    y, a, b = _site_predictions(30, 2)
+    single = mean_paired_difference([(y, a, b)])
+    repeated = mean_paired_difference([(y, np.stack([a, a]), np.stack([b, b]))])
+    assert repeated["auc"] == pytest.approx(single["auc"])  # the same patients' resamples
+    _, a2, b2 = _site_predictions(30, 3)
+    mixed = mean_paired_difference([(y, np.stack([a, a2]), np.stack([b, b2]))])
+    second = mean_paired_difference([(y, a2, b2)])
+    assert mixed["auc"]["difference"] == pytest.approx((single["auc"]["difference"] + second["auc"]["difference"]) / 2)
