@@ -50,10 +50,29 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 f"{m['auc_ci_high']:.3f}, bootstrap over its {m.get('num-examples', '?')} patients)"
             )
     out = Path(args.out)
+    for line in personal_lines(metrics, out):
+        print(line)
     print(f"model: {out / 'model.pt'} (sha256 {metrics.get('model_sha256', '?')})")
     print(f"history: {out / 'history.json'}")
     print(f"report: {out / 'report.html'}")
     return 0
+
+
+def personal_lines(metrics: dict[str, Any], out: Path) -> list[str]:
+    """What each training site reported of its personal model, for the console."""
+    from micromil_core.report import metric_text
+
+    personal = metrics.get("personalised")
+    if not personal:
+        return []
+    lines = [f"personal models ({personal['method']}), kept at each training site in "
+             f"{out / 'site-state' / '<site>' / 'personal'}:"]
+    for site, m in personal["per_site"].items():
+        epoch = m.get("personal_epoch")
+        chosen = "choice withheld" if epoch is None else ("the global model" if epoch == 0 else f"epoch {epoch}")
+        lines.append(f"  {site}: validation AUC global {metric_text(m, 'val_auc_global')} -> personal "
+                     f"{metric_text(m, 'val_auc_personal')} ({chosen})")
+    return lines + [f"  {failure}" for failure in personal.get("failures", [])]
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
