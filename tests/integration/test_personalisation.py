@@ -10,7 +10,6 @@ from dataclasses import replace
 import pytest
 import torch
 
-from micromil_core.cli import main
 from micromil_core.config import PrivacyConfig
 from micromil_core.errors import ConfigError
 from micromil_core.training.checkpoint import load_checkpoint
@@ -18,7 +17,7 @@ from server.personalisation import PERSONALISE_MESSAGE
 from server.simulation import simulate
 from server.wire_log import WIRE_LOG, audit_replies, read_wire_log
 from tests.conftest import patient_ids
-from tests.integration.test_simulation import RecordingGrid, _cfg
+from tests.integration.conftest import RecordingGrid, _cfg
 
 pytestmark = pytest.mark.slow
 
@@ -69,13 +68,12 @@ def test_personal_heads_never_travel(local_head_run, demo_ucsb):
     assert metrics["personalised"]["failures"] == []
 
 
-def test_local_head_leaves_the_global_model_as_plain_fedavg(local_head_run, demo_ucsb, tmp_path):
+def test_local_head_leaves_the_global_model_as_plain_fedavg(local_head_run, full_run):
     """The site's own head is trained beside the generic one: the global model is the one
-    plain FedAvg gives, so held-out hospitals lose nothing."""
+    plain FedAvg gives (the same experiment without personalisation), so held-out hospitals
+    lose nothing."""
     out, _, _ = local_head_run
-    plain = tmp_path / "plain"
-    simulate(_cfg(demo_ucsb, 2), plain)
-    a, b = load_checkpoint(out / "model.pt"), load_checkpoint(plain / "model.pt")
+    a, b = load_checkpoint(out / "model.pt"), load_checkpoint(full_run[0] / "model.pt")
     for key in a.state_dict:
         assert torch.equal(a.state_dict[key], b.state_dict[key]), key
 
@@ -119,18 +117,11 @@ def test_dp_sites_pay_for_fine_tuning_in_their_ledger(demo_ucsb, tmp_path):
     assert not (tmp_path / "no" / "flower.log").exists()
 
 
-def test_compare_judges_each_site_on_its_own_patients(demo_ucsb, tmp_path, capsys):
-    out = tmp_path / "cmp"
-    config = tmp_path / "c.yaml"
-    config.write_text(
-        "model: {name: micromil, params: {n_clusters: 8}}\n"
-        "train: {lr: 5.0e-4, seed: 3, num_threads: 1}\n"
-        f"federation: {{rounds: 1, personal_epochs: 2}}\n"
-        f"simulation: {{data_root: {demo_ucsb}, engine: in-process}}\n"
-    )
-    assert main(["compare", "--config", str(config), "--personalise", "proximal", "--out", str(out)]) == 0
+def assert_own_patient_table(out, sites):
+    """What `compare --personalise` writes for every training site (run by test_simulation's
+    compare test, which passes --personalise)."""
     table = json.loads((out / "metrics.json").read_text())["own_patients"]
-    assert set(table["per_site"]) == set(TRAIN_SITES)
+    assert set(table["per_site"]) == set(sites)
     for site, row in table["per_site"].items():
         for kind in ("local", "global", "personalised"):
             assert row[kind]["n"] >= 1, (site, kind)  # the site's test patients

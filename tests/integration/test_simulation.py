@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from micromil_core.cli import main
-from micromil_core.config import build_config
 from micromil_core.errors import ConfigError, SiteDataError
 from micromil_core.federated import wire
 from micromil_core.training.checkpoint import file_sha256, load_checkpoint
@@ -16,41 +15,10 @@ from micromil_core.training.metrics import METRIC_KEYS
 from server.simulation import simulate
 from server.wire_log import WIRE_LOG, audit_replies, describe, read_wire_log
 from tests.conftest import patient_ids, superlink_pids
+from tests.integration.conftest import RecordingGrid, _cfg
+from tests.integration.test_personalisation import TRAIN_SITES, assert_own_patient_table
 
 pytestmark = pytest.mark.slow
-
-
-class RecordingGrid:
-    """Wraps the Grid and keeps every message the apps exchange."""
-
-    def __init__(self, grid, log):
-        self._grid, self.log = grid, log
-
-    def send_and_receive(self, messages, *, timeout=None):
-        messages = list(messages)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        self.log.append((messages, replies))
-        return replies
-
-    def __getattr__(self, name):
-        return getattr(self._grid, name)
-
-
-def _cfg(root, rounds, engine="in-process", **fed):
-    return build_config({
-        "model": {"name": "micromil", "params": {"n_clusters": 8}},
-        "train": {"lr": 5e-4, "seed": 3, "num_threads": 1},
-        "federation": {"rounds": rounds, "local_epochs": 1, **fed},
-        "simulation": {"data_root": str(root), "engine": engine},
-    })
-
-
-@pytest.fixture(scope="module")
-def full_run(demo_ucsb, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "fed"
-    log = []
-    metrics = simulate(_cfg(demo_ucsb, 2), out, grid_tap=lambda g: RecordingGrid(g, log))
-    return out, metrics, log
 
 
 def test_outputs(full_run):
@@ -186,11 +154,15 @@ def test_local_dp_sites_spend_their_budget_then_stop(demo_ucsb, tmp_path):
 
 def test_compare_judges_every_setup_on_the_held_out_hospital(demo_ucsb, tmp_path, capsys):
     """`micromil compare` (the demo's command): local-only, pooled and federated models on
-    the same held-out patients, with bootstrap intervals and the paired difference."""
+    the same held-out patients, with bootstrap intervals and the paired difference; with
+    --personalise (here on Flower's supported path) also every training site's local,
+    global and personal model on its own test patients (tests/integration/test_personalisation.py)."""
     out = tmp_path / "cmp"
     assert main(["compare", "--data-root", str(demo_ucsb), "--model", "micromil", "--rounds", "2",
-                 "--local-epochs", "1", "--set", "model.params.n_clusters=8",
+                 "--local-epochs", "1", "--set", "model.params.n_clusters=8", "--personalise", "proximal",
+                 "--set", "federation.personal_epochs=2",
                  "--set", "train.num_threads=1", "--out", str(out)]) == 0
+    assert_own_patient_table(out, TRAIN_SITES)
     table = json.loads((out / "metrics.json").read_text())
     assert set(table["local"]) == {"site-0", "site-1", "site-2"}
     n_holdout = len((demo_ucsb / "site-3" / "patients.csv").read_text().split()) - 1
@@ -207,6 +179,7 @@ def test_compare_judges_every_setup_on_the_held_out_hospital(demo_ucsb, tmp_path
     assert "auc_ci95" in printed and "federated minus pooled" in printed
     report = (out / "federated" / "report.html").read_text()
     assert "federated minus pooled" in report
+    assert "own test patients" in report and "own test patients" in printed  # the personal section
 
 
 def test_float16_transport_halves_the_upload(demo_ucsb, tmp_path):
