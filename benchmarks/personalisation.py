@@ -27,9 +27,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from federation import DATASETS, ROOT, micromil, prepared, write_results  # noqa: E402
 
+from micromil_core.config import PERSONAL_METHODS as METHODS  # noqa: E402
 from micromil_core.training.metrics import OWN_PATIENT_DIFFERENCES, OWN_PATIENT_MODELS  # noqa: E402
-
-METHODS = ("finetune", "proximal", "local-head")
 
 
 def personal_models(run: Path, data: Path, method: str) -> dict[str, Path]:

@@ -233,8 +233,8 @@ def build_client_app(resolve: SiteResolver) -> ClientApp:
         """The federation's last message: make this site's personal model from the global
         one and keep it here; only aggregate, guarded numbers go back."""
         work = _SiteWork(msg, resolve(context))
-        metrics = make_personal_model(work.runtime, work.settings, work.state, work.scaler,
-                                      _device(work.settings), work.run_id, work.min_patients)
+        metrics = make_personal_model(work.runtime, work.settings, work.state, _device(work.settings),
+                                      work.run_id, work.min_patients)
         return Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
     return app

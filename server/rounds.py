@@ -73,32 +73,37 @@ def metric_dict(record: MetricRecord) -> dict[str, Any]:
 
 
 
-def evaluate_all(
-    grid: Grid, sites: list[SiteInfo], arrays: ArrayRecord, config: ConfigRecord,
-    server_round: int, timeout: float, checks: ReplyChecks,
+def ask_sites(
+    grid: Grid, sites: list[SiteInfo], content: RecordDict, message_type: str, timeout: float,
+    task: str, problem: Callable[[str, Message], str | None],
 ) -> tuple[dict[str, dict[str, Any]], list[str], int, int, dict[str, str]]:
-    """Send the global model to every site; returns per-site metrics, failures, bytes
-    sent and received, and the sites whose replies failed ``checks`` (with why)."""
+    """Send ``content`` to every connected site of ``sites`` and screen the replies with
+    ``problem``; returns per-site metrics (sorted by site), failures naming sites, bytes sent
+    and received, and the sites whose replies were refused (with why). ``task`` names the
+    exchange in the failures ("evaluation", "personalisation")."""
     live = set(grid.get_node_ids())
     messages = [
-        Message(
-            RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config}),
-            dst_node_id=s.node_id,
-            message_type=MessageType.EVALUATE,
-        )
-        for s in sites
-        if s.node_id in live
+        Message(content, dst_node_id=s.node_id, message_type=message_type) for s in sites if s.node_id in live
     ]
     sent = sum(payload_bytes(m.content) for m in messages)
     failures = [f"{s.name}: not connected" for s in sites if s.node_id not in live]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     names = {s.node_id: s.name for s in sites}
-    answered, lost = match_replies(messages, replies, names, "evaluation", timeout)
+    answered, lost = match_replies(messages, replies, names, task, timeout)
     received = sum(payload_bytes(r.content) for _, r in answered)
-    usable, rejected, refused = screen_replies(answered, checks.evaluate_problem, "evaluation")
+    usable, rejected, refused = screen_replies(answered, problem, task)
     failures += lost + refused
     results = {name: metric_dict(r.content.metric_records[wire.METRICS]) for name, r in usable}
     return dict(sorted(results.items())), failures, sent, received, rejected
+
+
+def evaluate_all(
+    grid: Grid, sites: list[SiteInfo], arrays: ArrayRecord, config: ConfigRecord,
+    server_round: int, timeout: float, checks: ReplyChecks,
+) -> tuple[dict[str, dict[str, Any]], list[str], int, int, dict[str, str]]:
+    """Send the global model to every site for evaluation (``ask_sites``)."""
+    return ask_sites(grid, sites, RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config}),
+                     MessageType.EVALUATE, timeout, "evaluation", checks.evaluate_problem)
 
 
 

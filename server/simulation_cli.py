@@ -60,18 +60,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def personal_lines(metrics: dict[str, Any], out: Path) -> list[str]:
     """What each training site reported of its personal model, for the console."""
-    from micromil_core.report import metric_text
+    from micromil_core.report.personal import choice_line
 
     personal = metrics.get("personalised")
     if not personal:
         return []
     lines = [f"personal models ({personal['method']}), kept at each training site in "
              f"{out / 'site-state' / '<site>' / 'personal'}:"]
-    for site, m in personal["per_site"].items():
-        epoch = m.get("personal_epoch")
-        chosen = "choice withheld" if epoch is None else ("the global model" if epoch == 0 else f"epoch {epoch}")
-        lines.append(f"  {site}: validation AUC global {metric_text(m, 'val_auc_global')} -> personal "
-                     f"{metric_text(m, 'val_auc_personal')} ({chosen})")
+    lines += [f"  {choice_line(site, m)}" for site, m in personal["per_site"].items()]
     return lines + [f"  {failure}" for failure in personal.get("failures", [])]
 
 

@@ -299,13 +299,14 @@ def _candidate(
 
 
 def make_personal_model(
-    runtime: SiteRuntime, settings: RoundSettings, global_state: dict[str, torch.Tensor], scaler: FeatureScaler | None,
+    runtime: SiteRuntime, settings: RoundSettings, global_state: dict[str, torch.Tensor],
     device: torch.device, run_id: str, min_patients: int, path: Path | None = None,
     schedule: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """``personalise_site``, then the personal model saved as a checkpoint at ``path``
-    (default: the site's state folder, ``PersonalStore.model_path``, where a second request
-    from the same global model returns the first one's numbers); returns the metrics."""
+    """``personalise_site`` with the scaler the federation trained with (``settings``), then
+    the personal model saved as a checkpoint at ``path`` (default: the site's state folder,
+    ``PersonalStore.model_path``, where a second request from the same global model returns
+    the first one's numbers); returns the metrics."""
     from micromil_core.federated.setup import federated_checkpoint
     from micromil_core.training.checkpoint import save_checkpoint
 
@@ -317,12 +318,14 @@ def make_personal_model(
     if store is not None and (done := store.made_from(global_sha)) is not None:
         log.info("site %s: personal model already made from this global model: %s", site.name, store.model_path)
         return done
+    scaler = runtime.scaler_for(settings.scaler, settings.site_scaler)
     model, epoch, metrics = personalise_site(runtime, spec, global_state, cfg, scaler, device, run_id,
                                              min_patients, schedule)
-    # Under ``scaler: site`` the personal model standardises as the global one does at this
-    # site (evaluate fits the statistics there), so the two are compared like for like.
+    # The checkpoint carries the global scaler, none under ``scaler: site``: the personal
+    # model then standardises as the global one does at this site (evaluate fits the
+    # statistics there), so the two are compared like for like.
     save_checkpoint(federated_checkpoint(
-        cfg, spec, settings.classes, model.state_dict(), None if settings.site_scaler else scaler,
+        cfg, spec, settings.classes, model.state_dict(), settings.scaler,
         {"federated": True, "personalised": cfg.federation.personalise, "site": site.name,
          "federation_id": run_id, "personal_epoch": epoch, "global_sha256": global_sha,
          "scaler": "site" if settings.site_scaler else "global"},
@@ -356,11 +359,10 @@ def personalise_checkpoint(
         raise ConfigError(f"--method none makes no personal model; choose one of {PERSONAL_METHODS}")
     spec = ModelSpec(ckpt.model_name, ckpt.in_dim, ckpt.n_classes, dict(ckpt.params))
     runtime = load_runtime(site, cfg.data, cfg.train, list(ckpt.classes))
-    site_scaler = ckpt.provenance.get("scaler") == "site"
-    scaler = runtime.own_scaler if site_scaler and cfg.train.standardize else ckpt.scaler
-    settings = RoundSettings(cfg, list(ckpt.classes), spec, scaler, site_scaler)
+    # As the federation ran: its global scaler, or (``scaler: site``, saved as none) the site's own.
+    settings = RoundSettings(cfg, list(ckpt.classes), spec, ckpt.scaler, ckpt.provenance.get("scaler") == "site")
     run_id = f"personalise-{file_sha256(checkpoint)[:16]}"
-    return make_personal_model(runtime, settings, ckpt.state_dict, scaler, resolve_device(device),
+    return make_personal_model(runtime, settings, ckpt.state_dict, resolve_device(device),
                                run_id, 1, Path(out), schedule=(cfg.federation.rounds + 1, 1))
 
 

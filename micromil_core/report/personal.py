@@ -165,6 +165,14 @@ def own_patients_figure(per_site: Mapping[str, Mapping[str, Any]]) -> str | None
     return png_uri(fig)
 
 
+def choice_line(site: str, m: Mapping[str, Any]) -> str:
+    """What a training site reported of its personal model, as one line (console and log)."""
+    epoch = m.get("personal_epoch")
+    chosen = "choice withheld" if epoch is None else ("the global model" if epoch == 0 else f"epoch {epoch}")
+    return (f"{site}: validation AUC global {metric_text(m, 'val_auc_global')} -> personal "
+            f"{metric_text(m, 'val_auc_personal')} ({chosen})")
+
+
 def _epoch_text(site: Mapping[str, Any]) -> str:
     """The fine-tuning epoch a site kept; 0 means it kept the global model."""
     withheld = site.get("suppressed")

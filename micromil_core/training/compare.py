@@ -87,9 +87,6 @@ def add_paired_comparison(
     return metrics
 
 
-
-
-
 def own_patients_comparison(
     sites: dict[str, Path], models: dict[str, dict[str, Path]], out: str | Path,
     data_cfg: Any = None,

@@ -194,21 +194,9 @@ def paired_bootstrap_difference(
     probs_a, probs_b = np.asarray(probs_a, dtype=float), np.asarray(probs_b, dtype=float)
     if probs_a.shape != probs_b.shape or len(probs_a) != len(y_true):
         raise ValueError(f"predictions of different shapes: {probs_a.shape} vs {probs_b.shape}")
-    if probs_a.shape[1] != 2 or set(np.unique(y_true)) != {0, 1}:
-        return None
-    draw, n0, n1 = _stratified_draws(y_true, n_resamples, np.random.default_rng(seed))
-    a = _binary_metrics_of_draws(probs_a, draw, n0, n1)
-    b = _binary_metrics_of_draws(probs_b, draw, n0, n1)
-    point_a, point_b = classification_metrics(y_true, probs_a), classification_metrics(y_true, probs_b)
-    tail = 100 * (1 - confidence) / 2
-    return {
-        key: {
-            "difference": float(point_a[key] - point_b[key]),
-            "low": float(np.percentile(a[key] - b[key], tail)),
-            "high": float(np.percentile(a[key] - b[key], 100 - tail)),
-        }
-        for key in METRIC_KEYS
-    }
+    # One site: the mean over sites is its own difference, drawn the same way.
+    out = mean_paired_difference([(y_true, probs_a, probs_b)], n_resamples, confidence, seed)
+    return None if out is None else {k: {f: v[f] for f in ("difference", "low", "high")} for k, v in out.items()}
 
 
 # ``compare --personalise``: the models judged on each training site's own test patients,

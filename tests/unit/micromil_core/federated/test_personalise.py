@@ -203,7 +203,7 @@ def test_the_personal_model_is_a_checkpoint_at_the_site(tmp_path):
     cfg = _cfg()
     settings = RoundSettings(cfg, CLASSES, SPEC)
     global_state = SPEC.build().state_dict()
-    metrics = make_personal_model(runtime, settings, global_state, None, torch.device("cpu"), "run-7", 2)
+    metrics = make_personal_model(runtime, settings, global_state, torch.device("cpu"), "run-7", 2)
     ckpt_path = tmp_path / "state" / "personal" / "run-7" / "model.pt"
     ckpt = load_checkpoint(ckpt_path)
     assert ckpt.provenance["personalised"] == "finetune" and ckpt.provenance["site"] == "h1"
@@ -213,15 +213,15 @@ def test_the_personal_model_is_a_checkpoint_at_the_site(tmp_path):
     # Asked again with the same global model (a coordinator restarted mid-step), the site
     # answers with what it made, without training (or spending DP budget) again.
     stamp = ckpt_path.stat().st_mtime_ns
-    again = make_personal_model(runtime, settings, global_state, None, torch.device("cpu"), "run-7", 2)
+    again = make_personal_model(runtime, settings, global_state, torch.device("cpu"), "run-7", 2)
     assert again == metrics and ckpt_path.stat().st_mtime_ns == stamp
     other = SPEC.build()
     other.head.bias.data += 1.0
-    make_personal_model(runtime, settings, other.state_dict(), None, torch.device("cpu"), "run-7", 2)
+    make_personal_model(runtime, settings, other.state_dict(), torch.device("cpu"), "run-7", 2)
     assert ckpt_path.stat().st_mtime_ns != stamp  # another global model: made afresh
     held_out = replace(runtime, settings=replace(runtime.settings, role="holdout"))
     with pytest.raises(SiteDataError, match="held-out"):
-        make_personal_model(held_out, settings, other.state_dict(), None, torch.device("cpu"), "run-7", 2)
+        make_personal_model(held_out, settings, other.state_dict(), torch.device("cpu"), "run-7", 2)
 
 
 def test_dp_fine_tuning_is_one_more_round_in_the_ledger(tmp_path):
