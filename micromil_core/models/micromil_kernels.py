@@ -25,6 +25,7 @@ gradients) and for inference; tests check that both give the same values and gra
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +36,46 @@ from torch import Tensor
 # hierarchy between the chunk's operations (measured fastest of 512-8192 on this CPU).
 CHUNK_ROWS = 1024
 LEAKY_SLOPE = 0.01  # F.leaky_relu's default, as MicroMIL.project uses
+
+
+class _Workspace:
+    """One spare (rows, P) buffer for H per device and dtype, reused from step to step.
+
+    A fresh H of 10,000 x 1,024 floats is 40 MB that the C library maps anew each step, and
+    its first write page-faults (~8 ms at 10k rows, a twentieth of the step). H is taken
+    here by the forward pass and given back at the end of the backward pass, when nothing
+    can read it any more; a pass whose backward never runs simply keeps its own buffer.
+    Writing into a buffer some retained graph still holds would be caught by autograd's
+    version check on the saved H, not read silently.
+    """
+
+    def __init__(self) -> None:
+        self._spare: dict[tuple, Tensor] = {}
+        self._lock = threading.Lock()
+
+    def take(self, rows: int, cols: int, like: Tensor) -> Tensor:
+        key = (like.device, like.dtype, cols)
+        with self._lock:
+            spare = self._spare.pop(key, None)
+        if spare is None or spare.shape[0] < rows:
+            return like.new_empty(rows, cols)
+        return spare[:rows]
+
+    def give_back(self, h: Tensor) -> None:
+        base = h if h._base is None else h._base
+        key = (base.device, base.dtype, base.shape[1])
+        with self._lock:
+            kept = self._spare.get(key)
+            if kept is None or kept.shape[0] < base.shape[0]:
+                self._spare[key] = base
+
+    def clear(self) -> None:
+        """Drop the spare buffers (after training, to hand their memory back)."""
+        with self._lock:
+            self._spare.clear()
+
+
+WORKSPACE = _Workspace()
 
 
 @dataclass
@@ -53,13 +94,14 @@ class _ProjectAndScore(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, m, picked: RowGradients, chunk: int):  # noqa: D401
         rows, p = x.shape[0], weight.shape[0]
-        h = x.new_empty(rows, p)
+        h = WORKSPACE.take(rows, p, x)
         c = x.new_empty(rows, m.shape[0])
         hsq = x.new_empty(rows)
         wt, mt = weight.t(), m.t()
         for s in range(0, rows, chunk):
             hc = h[s : s + chunk]
-            torch.addmm(bias, x[s : s + chunk], wt, out=hc)
+            # mm, then the bias in place: addmm(out=) first writes a broadcast copy of it.
+            torch.mm(x[s : s + chunk], wt, out=hc).add_(bias)
             F.leaky_relu_(hc, LEAKY_SLOPE)
             torch.mm(hc, mt, out=c[s : s + chunk])
             # One reduction pass; vecdot would write the (rows, P) product first.
@@ -81,10 +123,12 @@ class _ProjectAndScore(torch.autograd.Function):
         extra_grads = torch.cat(picked.grads) if picked.grads else None
         picked.rows, picked.grads = [], []  # taken: a retained graph's next backward refills
         need_w, need_b, need_m = ctx.needs_input_grad[1:4]
-        dw = torch.zeros_like(weight) if need_w else None
+        # The first chunk writes the sums (beta=0), so no zero-filled start is read back.
+        dw = weight.new_empty(weight.shape) if need_w else None
         db = torch.zeros_like(weight[:, 0]) if need_b else None
-        dm = torch.zeros_like(m) if need_m else None
+        dm = m.new_empty(m.shape) if need_m else None
         g = h.new_empty(min(chunk, rows), h.shape[1])
+        ones = h.new_ones(min(chunk, rows))
         for s in range(0, rows, chunk):
             e = min(rows, s + chunk)
             hc, gc = h[s:e], g[: e - s]
@@ -96,12 +140,16 @@ class _ProjectAndScore(torch.autograd.Function):
             gc.addcmul_(hc, dhsq[s:e].unsqueeze(1), value=2.0)
             # The slope in place: a fresh chunk per call would cost page faults.
             gz = torch.ops.aten.leaky_relu_backward.grad_input(gc, hc, LEAKY_SLOPE, True, grad_input=gc)
+            beta = 0.0 if s == 0 else 1.0
             if dw is not None:
-                dw.addmm_(gz.t(), x[s:e])
-            if db is not None:
-                db += gz.sum(0)
+                dw.addmm_(gz.t(), x[s:e], beta=beta)
+            if db is not None:  # a matrix-vector product: sum(0) reduces across rows slowly
+                db.addmv_(gz.t(), ones[: e - s])
             if dm is not None:  # the centroids' and the score's gradient, H still hot
-                dm.addmm_(dc[s:e].t(), hc)
+                dm.addmm_(dc[s:e].t(), hc, beta=beta)
+        if not ctx.needs_input_grad[0]:  # nothing else reads H after this pass
+            del x, hc, gc, gz
+            WORKSPACE.give_back(h)
         return None, dw, db, dm, None, None
 
 
@@ -144,7 +192,12 @@ class _RepresentativeRows(torch.autograd.Function):
     def backward(ctx, dr):
         h, index = ctx.saved_tensors
         b, n, _ = h.shape
-        d_weights = h @ dr.transpose(1, 2)  # (B, N, K): the gradient of weights^T H
+        # (B, N, K): the gradient of weights^T H. One 2-D product when B = 1 (the usual
+        # one-bag step): bmm's path was slower for this (N, P) x (P, K) shape.
+        if b == 1:
+            d_weights = torch.mm(h[0], dr[0].t()).unsqueeze(0)
+        else:
+            d_weights = h @ dr.transpose(1, 2)
         real = index >= 0
         flat = (index + torch.arange(b, device=h.device).unsqueeze(1) * n)[real]  # (M,)
         ctx.picked.rows.append(flat)
