@@ -10,8 +10,9 @@ the local-only, pooled and federated models and the local-head personal models (
 leaves the global model as plain FedAvg gives it). ``finetune`` and ``proximal`` are then
 made from that same final global model at each site with ``personalise_checkpoint`` (what
 ``flower-client personalise`` runs; the same seed and choice as a federation's last
-message). Every personal model is chosen on the site's validation patients; the test
-patients are read only here, to judge.
+message). Every personal model is chosen without the site's test patients (finetune and
+proximal by k-fold CV over its training and validation patients, ``federation.personal_folds``;
+local-head on its validation patients); the test patients are read only here, to judge.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def run_dataset(key: str, seeds: list[int], work: Path, rounds: int | None) -> l
         for method in METHODS:
             table = judged(run, data, method, data_cfg)
             for site, row in table["per_site"].items():
-                rows.append({"dataset": key, "seed": seed, "method": method, "site": site, **row})
+                rows.append({"dataset": key, "seed": seed, "method": method, "site": site, **row,
+                             "epoch": chosen_epoch(work, key, seed, method, site)})
             rows.append({"dataset": key, "seed": seed, "method": method, "site": "mean",
                          **{f"mean_{d}": table[f"mean_{d}"] for d in OWN_PATIENT_DIFFERENCES}})
     return rows
@@ -181,18 +183,41 @@ def diversity(work: Path, rows: list[dict]) -> list[str]:
     return lines
 
 
+def chosen_epoch(work: Path, key: str, seed: int, method: str, site: str) -> int | None:
+    """The fine-tuning epoch count a site kept (0: the global model), from its personal
+    model's checkpoint."""
+    from micromil_core.training.checkpoint import load_checkpoint
+
+    run = work / f"{key}-seed{seed}"
+    found = ([run / "personal" / method / f"{site}.pt"] if method != "local-head"
+             else sorted(run.glob(f"**/site-state/{site}/personal/*/model.pt")))
+    found = [p for p in found if p.is_file()]
+    return int(load_checkpoint(found[0]).provenance["personal_epoch"]) if found else None
+
+
+def kept_global(work: Path, rows: list[dict]) -> list[str]:
+    """How often each method kept the global model (epoch 0), over sites and seeds."""
+    lines = ["| dataset | method | global model kept (site x seed cells) |", "|---|---|---|"]
+    for key, method in dict.fromkeys((r["dataset"], r["method"]) for r in rows):
+        epochs = [r.get("epoch") for r in rows if r["dataset"] == key and r["method"] == method
+                  and r["site"] != "mean"]
+        lines.append(f"| {key} | {method} | {sum(e == 0 for e in epochs)}/{len(epochs)} |")
+    return lines
+
+
 def per_site(rows: list[dict]) -> list[str]:
     lines = ["| dataset | seed | method | site | n | local AUC | global AUC | personalised AUC | "
-             "personalised - global AUC (95% CI) | accuracy local / global / personalised |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "personalised - global AUC (95% CI) | accuracy local / global / personalised | epoch kept |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["site"] == "mean":
             continue
         acc = " / ".join(f"{r[k]['accuracy']:.3f}" for k in OWN_PATIENT_MODELS)
         aucs = " | ".join("n/a" if np.isnan(_metric(r[k], "auc")) else f"{_metric(r[k], 'auc'):.3f}"
                           for k in OWN_PATIENT_MODELS)
+        epoch = "?" if r.get("epoch") is None else str(r["epoch"])
         lines.append(f"| {r['dataset']} | {r['seed']} | {r['method']} | {r['site']} | {r['global']['n']} | "
-                     f"{aucs} | {_ci(r['personalised_minus_global'])} | {acc} |")
+                     f"{aucs} | {_ci(r['personalised_minus_global'])} | {acc} | {epoch} |")
     return lines
 
 
@@ -215,8 +240,10 @@ def main() -> None:
         "",
         f"Command: `{command}`",
         "",
-        "Every personal model is chosen on the site's validation patients (the global model is one "
-        "of the candidates); the site's test patients are read only to judge. Differences are paired "
+        "Every personal model is chosen without the site's test patients (the global model is one "
+        "of the candidates): finetune and proximal by k-fold CV over the site's training and "
+        "validation patients (`federation.personal_folds`, 5), local-head on its validation "
+        "patients; the site's test patients are read only to judge. Differences are paired "
         "(same patients), 95 % intervals by a bootstrap stratified by class; the mean over sites "
         "resamples each site's patients on its own. Sites whose test patients are all one class "
         "have no AUC and do not count in the AUC means.",
@@ -228,6 +255,10 @@ def main() -> None:
         "## Summary (accuracy)",
         "",
         *summary(rows, "accuracy", pooled),
+        "",
+        "## How often the global model was kept",
+        "",
+        *kept_global(work, rows),
         "",
         "## MicroMIL's representatives (diversity on the sites' test bags)",
         "",

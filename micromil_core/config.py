@@ -273,8 +273,12 @@ class FederationConfig:
     # (personal_mu / 2) ||w - w_global||^2 (Ditto's personal objective), "local-head" a
     # classifier head trained at the site every round that never leaves it.
     personalise: str = "none"
-    personal_epochs: int = 20  # at most; the epoch is chosen on the site's validation patients
+    personal_epochs: int = 20  # at most; the epoch count is chosen at the site, never on test
     personal_mu: float = 0.1
+    # finetune / proximal choose their epoch count by k-fold CV over the site's training and
+    # validation patients (federated/personal_cv.py): one small validation split decided
+    # too little. 0 = choose on the validation split. Fewer folds when a class is smaller.
+    personal_folds: int = 5
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 1, "federation.rounds", self.rounds, "an integer >= 1")
@@ -283,6 +287,8 @@ class FederationConfig:
         _require(self.personal_epochs >= 1, "federation.personal_epochs", self.personal_epochs, ">= 1")
         _require(self.personal_mu >= 0 and math.isfinite(self.personal_mu), "federation.personal_mu",
                  self.personal_mu, ">= 0")
+        _require(self.personal_folds == 0 or self.personal_folds >= 2, "federation.personal_folds",
+                 self.personal_folds, "0 (the validation split) or >= 2")
         _require(self.transport in TRANSPORTS, "federation.transport", self.transport, f"one of {TRANSPORTS}")
         _require(
             self.local_epochs >= 1, "federation.local_epochs", self.local_epochs, ">= 1"

@@ -13,6 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.app.message_type import MessageType
 
 from micromil_core.federated import wire
+from micromil_core.federated.personalise import FINE_TUNING
 from micromil_core.report.personal import choice_line
 from server.rounds import ask_sites
 
@@ -32,8 +33,11 @@ def personalise_sites(fed: _Federation, arrays: ArrayRecord, federation_id: str)
     config = ConfigRecord({**fed.settings.to_config(), wire.ROUND: cfg.rounds + 1,
                            wire.FEDERATION_ID: federation_id})
     log.info("personalisation (%s): the training sites make their own model", cfg.personalise)
-    # Fine-tuning runs up to personal_epochs epochs: a longer wait than one round's, within reason.
-    timeout = cfg.round_timeout * min(MAX_WAIT_ROUNDS, max(1, math.ceil(cfg.personal_epochs / cfg.local_epochs)))
+    # Fine-tuning runs up to personal_epochs epochs, once per CV fold and once more on all the
+    # site's patients: a longer wait than one round's, within reason.
+    runs = 1 + (cfg.personal_folds if cfg.personalise in FINE_TUNING else 0)
+    epochs = cfg.personal_epochs * runs
+    timeout = cfg.round_timeout * min(MAX_WAIT_ROUNDS, max(1, math.ceil(epochs / cfg.local_epochs)))
     max_epoch = max(cfg.personal_epochs, cfg.local_epochs)  # DP sites run local_epochs
     per_site, failures, _, _, _ = ask_sites(
         fed.grid, fed.train_sites, RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config}),

@@ -41,6 +41,7 @@ from micromil_core.data.bag import Bag
 from micromil_core.data.scaler import FeatureScaler
 from micromil_core.errors import ConfigError, SiteDataError
 from micromil_core.federated import wire
+from micromil_core.federated.personal_cv import cv_fine_tuning, score_on, usable_folds
 from micromil_core.io import torch_save_atomic, write_json_atomic
 from micromil_core.models.base import MILModel
 from micromil_core.privacy.disclosure import guard
@@ -201,62 +202,93 @@ def keep_local_head(
     store.save_head(server_round, {k: state[k] for k in head_keys(model)})
 
 
-def _score(cfg: TrainConfig, model: MILModel, train: list[Bag], val: list[Bag],
-           device: torch.device) -> tuple[float, dict]:
-    """The validation score ``fit`` selects by (with its class weights) and the metrics."""
-    from micromil_core.training.trainer import class_weights, evaluate_bags, selection_score
-
-    if not val:
-        return -math.inf, {}
-    cw = class_weights([b.label for b in train], model.n_classes) if cfg.class_weighting else None
-    metrics = evaluate_bags(model, val, device, class_weight=cw)
-    return selection_score(cfg, metrics), metrics
-
-
 def personalise_site(
     runtime: SiteRuntime, spec: ModelSpec, global_state: dict[str, torch.Tensor], cfg: ExperimentConfig,
     scaler: FeatureScaler | None, device: torch.device, run_id: str, min_patients: int,
     schedule: tuple[int, int] | None = None,
 ) -> tuple[MILModel, int, dict[str, Any]]:
-    """The site's personal model from the final global model, chosen on the site's
-    validation patients only; returns (model, its fine-tuning epoch (0: the global model
-    was best), reply metrics: aggregate, guarded). ``schedule``: (the round this step is,
-    rounds its DP-SGD plans for); default the round after the federation's last."""
+    """The site's personal model from the final global model, chosen without its test
+    patients: by k-fold CV over its training and validation patients (``personal_cv``,
+    fine-tuning methods without DP-SGD) or on its validation patients; returns (model, its
+    fine-tuning epoch (0: the global model was best), reply metrics: aggregate, guarded).
+    ``schedule``: (the round this step is, rounds its DP-SGD plans for); default the round
+    after the federation's last."""
     from micromil_core.federated.site_task import round_seed
 
-    site = runtime.settings
+    site, fed = runtime.settings, cfg.federation
     start = time.perf_counter()
     scale = scaler.transform_all if scaler is not None else (lambda b: b)
     train, val = scale(runtime.train), scale(runtime.val)
-    schedule = schedule or (cfg.federation.rounds + 1, planned_rounds(cfg))
+    schedule = schedule or (fed.rounds + 1, planned_rounds(cfg))
     seed = round_seed(cfg.train.seed, schedule[0], site.name)
     seed_everything(seed)
     train_cfg = replace(cfg.train, seed=seed)
-    model = spec.build(global_state).to(device)
+    cv_ready = fed.personalise in FINE_TUNING and not site.privacy.enabled
+    folds = usable_folds([b.label for b in train + val], fed.personal_folds) if cv_ready else 0
+    if cv_ready and fed.personal_folds >= 2 and not folds:
+        log.info("site %s: too few patients of a class for %d-fold CV; the personal model is "
+                 "chosen on the validation patients", site.name, fed.personal_folds)
     metrics: dict[str, Any] = {}
-    global_score, global_val = _score(train_cfg, model, train, val, device)
-    chosen_epoch, personal_val = 0, global_val
+    if folds:
+        judged = train + val
+        model, chosen_epoch, aucs = _chosen_by_cv(spec, global_state, cfg, judged, train_cfg, folds, device)
+        metrics[wire.PERSONAL_FOLDS] = folds
+    else:
+        judged = val
+        model, chosen_epoch, aucs, metrics = _chosen_on_validation(
+            spec.build(global_state).to(device), runtime, global_state, cfg, train, val, train_cfg,
+            device, run_id, seed, schedule)
+    how = f"{folds}-fold CV" if folds else "validation"
+    log.info("site %s: personal model (%s) %s", site.name, fed.personalise,
+             f"from epoch {chosen_epoch}" if chosen_epoch else f"= the global model (best on {how})")
+    metrics.update({
+        wire.NUM_EXAMPLES: len(runtime.train), wire.NUM_VAL: len(judged), "seconds": time.perf_counter() - start,
+        wire.PERSONAL_EPOCH: chosen_epoch, "val_auc_global": aucs[0], "val_auc_personal": aucs[1],
+    })
+    metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
+    labels = [b.label for b in judged]
+    return model, chosen_epoch, guard(metrics, wire.PERSONAL_METRIC_KEYS, min_patients, len(judged), labels,
+                                      spec.n_classes)
+
+
+def _chosen_by_cv(
+    spec: ModelSpec, global_state: dict[str, torch.Tensor], cfg: ExperimentConfig, pool: list[Bag],
+    train_cfg: TrainConfig, folds: int, device: torch.device,
+) -> tuple[MILModel, int, tuple[float, float]]:
+    """``personal_cv.cv_fine_tuning`` for finetune / proximal: (model, epoch, mean fold AUCs
+    of the global and the chosen model)."""
+    from micromil_core.federated.site_task import proximal_term
+
+    fed = cfg.federation
+    extra = (lambda m: proximal_term(m, global_state, fed.personal_mu)) if fed.personalise == "proximal" \
+        else (lambda m: None)
+    choice = cv_fine_tuning(lambda: spec.build(global_state), pool, train_cfg, fed.personal_epochs, folds,
+                            device, last_round_span(cfg), extra)
+    model = choice.model if choice.model is not None else spec.build(global_state).to(device)
+    return model, choice.epoch, (choice.auc_global, choice.auc_personal)
+
+
+def _chosen_on_validation(
+    model: MILModel, runtime: SiteRuntime, global_state: dict[str, torch.Tensor], cfg: ExperimentConfig,
+    train: list[Bag], val: list[Bag], train_cfg: TrainConfig, device: torch.device, run_id: str,
+    seed: int, schedule: tuple[int, int],
+) -> tuple[MILModel, int, tuple[float, float], dict[str, Any]]:
+    """The method's candidate against the global model on the validation patients: (model,
+    epoch, their validation AUCs, the ledger's numbers under DP-SGD)."""
+    global_score, global_val = score_on(train_cfg, model, train, val, device)
+    chosen_epoch, personal_val, metrics = 0, global_val, {}
     if not val:  # nothing to choose with (and, under DP-SGD, no budget spent for nothing)
-        log.warning("site %s has no validation patients: it keeps the global model", site.name)
+        log.warning("site %s has no validation patients: it keeps the global model", runtime.settings.name)
     else:
         candidate, epoch, metrics = _candidate(
             copy.deepcopy(model), runtime, global_state, cfg, train, val, train_cfg, device, run_id,
             seed, schedule,
         )
-        personal_score, candidate_val = _score(train_cfg, candidate, train, val, device)
+        personal_score, candidate_val = score_on(train_cfg, candidate, train, val, device)
         if personal_score > global_score:
             model, chosen_epoch, personal_val = candidate, epoch, candidate_val
-    log.info("site %s: personal model (%s) %s", site.name, cfg.federation.personalise,
-             f"from epoch {chosen_epoch}" if chosen_epoch else "= the global model (best on validation)")
-    metrics.update({
-        wire.NUM_EXAMPLES: len(runtime.train), wire.NUM_VAL: len(val), "seconds": time.perf_counter() - start,
-        wire.PERSONAL_EPOCH: chosen_epoch,
-        "val_auc_global": global_val.get("auc", math.nan),
-        "val_auc_personal": personal_val.get("auc", math.nan),
-    })
-    metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
-    labels = [b.label for b in val]
-    return model, chosen_epoch, guard(metrics, wire.PERSONAL_METRIC_KEYS, min_patients, len(val), labels, spec.n_classes)
+    aucs = (global_val.get("auc", math.nan), personal_val.get("auc", math.nan))
+    return model, chosen_epoch, aucs, metrics
 
 
 def _candidate(

@@ -125,7 +125,8 @@ def personal_metrics_problem(
     problem = metrics_problem(metrics, wire.ALLOWED_PERSONAL_METRICS, max_examples)
     if problem:
         return problem
-    for key, high in ((wire.PERSONAL_EPOCH, max_epoch), (wire.NUM_VAL, max_examples)):
+    for key, high in ((wire.PERSONAL_EPOCH, max_epoch), (wire.NUM_VAL, max_examples),
+                      (wire.PERSONAL_FOLDS, max_examples)):
         value = metrics.get(key)
         if value is None:
             continue

@@ -2,8 +2,9 @@
 
 Two sources, either may be missing:
 
-- metrics.json's ``personalised``: what each training site chose on its VALIDATION patients
-  (validation AUC of the global and the personal model, the epoch kept), as the site sent it,
+- metrics.json's ``personalised``: what each training site chose without its test patients
+  (by k-fold CV over its training and validation patients, or on its validation split: AUC
+  of the global and the personal model there, the epoch kept), as the site sent it,
   with values under the small-count guard withheld;
 - compare.json's ``own_patients`` (``micromil compare --personalise``): each training site's
   local-only, global and personalised model on that site's own TEST patients, with paired
@@ -169,7 +170,9 @@ def choice_line(site: str, m: Mapping[str, Any]) -> str:
     """What a training site reported of its personal model, as one line (console and log)."""
     epoch = m.get("personal_epoch")
     chosen = "choice withheld" if epoch is None else ("the global model" if epoch == 0 else f"epoch {epoch}")
-    return (f"{site}: validation AUC global {metric_text(m, 'val_auc_global')} -> personal "
+    folds = finite(m.get("personal_folds"))
+    judged = f"{int(folds)}-fold CV AUC" if folds else "validation AUC"
+    return (f"{site}: {judged} global {metric_text(m, 'val_auc_global')} -> personal "
             f"{metric_text(m, 'val_auc_personal')} ({chosen})")
 
 
@@ -184,17 +187,24 @@ def _epoch_text(site: Mapping[str, Any]) -> str:
     return "0 (global kept)" if epoch == 0 else str(int(epoch))
 
 
+def _judged_text(site: Mapping[str, Any]) -> str:
+    """What a site chose its personal model on: k-fold CV or its validation split."""
+    folds = finite(site.get("personal_folds"))
+    return f"{int(folds)}-fold CV (train + val)" if folds else "validation split"
+
+
 def _choice_html(personalised: Mapping[str, Any]) -> str:
-    """metrics.json's per-site choice on the validation patients, and any failures."""
+    """metrics.json's per-site choice (k-fold CV over a site's training and validation
+    patients, or its validation patients alone), and any failures."""
     per_site = personalised.get("per_site")
     per_site = per_site if isinstance(per_site, Mapping) else {}
     sites = {str(s): m for s, m in per_site.items() if isinstance(m, Mapping)}
-    parts = ["<h3>Choice of each site's personal model (its validation patients)</h3>"]
+    parts = ["<h3>Choice of each site's personal model (never on its test patients)</h3>"]
     if sites:
-        header = ["site", "train patients", "val patients", "val AUC, global", "val AUC, personal",
-                  "epoch kept", "time"]
+        header = ["site", "train patients", "chosen on", "patients chosen on", "AUC, global",
+                  "AUC, personal", "epoch kept", "time"]
         parts.append(_html_table(header, [
-            [s, format_metric("n", m.get("num-examples")), format_metric("n", m.get("num_val")),
+            [s, format_metric("n", m.get("num-examples")), _judged_text(m), format_metric("n", m.get("num_val")),
              metric_text(m, "val_auc_global"), metric_text(m, "val_auc_personal"),
              _epoch_text(m), format_seconds(m.get("seconds"))]
             for s, m in sites.items()
@@ -248,8 +258,10 @@ def personalisation_section(
     parts.append(
         '<p class="note">Each training site makes a personal model from the global one and keeps '
         "it: the model never leaves the site, only the numbers below do. A site chooses between "
-        "the global model and each epoch of its own training on its validation patients (epoch 0: "
-        "the global model was kept). Its test patients are not used for that choice; in a "
+        "the global model and each epoch count of its own training, by k-fold cross-validation "
+        "over its training and validation patients (fine-tuning methods) or on its validation "
+        "patients (local-head, DP-SGD, or too few patients for CV); epoch 0: the global model "
+        "was kept. Its test patients are not used for that choice; in a "
         "simulation they serve only for the comparison of local, global and personal models.</p>"
     )
     if has_own:

@@ -25,6 +25,9 @@ def _reply(metrics=None, **records):
 
 def test_an_honest_reply_passes():
     assert CHECKS.personal_problem("h1", _reply(), max_epoch=20) is None
+    # Chosen by 5-fold CV over 38 of the site's 40 patients (training + validation).
+    cv = {**GOOD, wire.PERSONAL_FOLDS: 5, wire.NUM_VAL: 38}
+    assert CHECKS.personal_problem("h1", _reply(cv), max_epoch=20) is None
 
 
 @pytest.mark.parametrize("reply, why", [
@@ -38,6 +41,8 @@ def test_an_honest_reply_passes():
     (_reply({**GOOD, wire.PERSONAL_EPOCH: -1}), "not a count"),
     (_reply({**GOOD, wire.PERSONAL_EPOCH: 999}), "not a count in [0, 20]"),
     (_reply({**GOOD, wire.NUM_VAL: 1e9}), "not a count in [0, 40]"),
+    (_reply({**GOOD, wire.PERSONAL_FOLDS: 2.5}), "not a count"),
+    (_reply({**GOOD, wire.PERSONAL_FOLDS: 1e6}), "not a count in [0, 40]"),
     (_reply({**GOOD, "seconds": -4.0}), "negative"),
     (_reply({**GOOD, "per_patient_probs": 0.3}), "unexpected metric keys"),
     (_reply({k: v for k, v in GOOD.items() if k != wire.NUM_EXAMPLES}), "not a patient count"),

@@ -33,11 +33,11 @@ SPEC = ModelSpec("abmil", 6, 2, {})
 CLASSES = ["benign", "malignant"]
 
 
-def _cfg(method="finetune", **train):
+def _cfg(method="finetune", folds=5, **train):
     return build_config({
         "model": {"name": "abmil"},
         "train": {"lr": 1e-2, "seed": 1, "patience": 0, **train},
-        "federation": {"rounds": 2, "personalise": method, "personal_epochs": 3},
+        "federation": {"rounds": 2, "personalise": method, "personal_epochs": 3, "personal_folds": folds},
         "privacy": {"min_patients": 2, "allow_small_counts": True},
     })
 
@@ -137,7 +137,11 @@ def test_local_head_continues_from_the_kept_head(tmp_path):
     assert not torch.equal(kept["head.weight"], fresh["head.weight"])
 
 
-def test_selection_reads_validation_patients_only(tmp_path, monkeypatch):
+@pytest.mark.parametrize("folds", [5, 0])
+def test_selection_never_reads_test_patients(tmp_path, monkeypatch, folds):
+    """The choice reads the site's training + validation patients (k-fold CV, fine-tuning
+    methods) or its validation patients only (``personal_folds: 0``, and local-head always);
+    poisoned test patients change nothing."""
     runtime = _runtime(tmp_path)
     test_ids = {id(b) for b in runtime.test}
     assert test_ids and runtime.val
@@ -153,40 +157,58 @@ def test_selection_reads_validation_patients_only(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "predict_bags", spying)
     state = SPEC.build().state_dict()
     methods = ("finetune", "proximal", "local-head")
-    clean = [personalise_site(runtime, SPEC, state, _cfg(m), None, torch.device("cpu"), "run", 2) for m in methods]
-    assert seen and all(not (ids & test_ids) for ids in seen)
-    val_ids = {id(b) for b in runtime.val}
-    assert all(ids <= val_ids for ids in seen)
-    # Poisoned test patients change nothing: they are never read.
+    val_ids, train_ids = {id(b) for b in runtime.val}, {id(b) for b in runtime.train}
+    clean = []
+    for m in methods:
+        seen.clear()
+        clean.append(personalise_site(runtime, SPEC, state, _cfg(m, folds), None, torch.device("cpu"), "run", 2))
+        assert seen and all(not (ids & test_ids) for ids in seen)
+        cv = folds and m != "local-head"
+        assert all(ids <= (val_ids | train_ids if cv else val_ids) for ids in seen), m
+        if cv:  # every training and validation patient was held out once
+            assert set().union(*seen) == val_ids | train_ids
+            assert clean[-1][2]["personal_folds"] >= 2
+            assert clean[-1][2]["num_val"] == len(runtime.train) + len(runtime.val)
+        else:
+            assert "personal_folds" not in clean[-1][2] and clean[-1][2]["num_val"] == len(runtime.val)
     for b in runtime.test:
         b.features.fill_(float("nan"))
-    for method, (model, epoch, metrics) in zip(methods, clean, strict=True):
-        again, epoch_again, _ = personalise_site(runtime, SPEC, state, _cfg(method), None,
+    for method, (model, epoch, _) in zip(methods, clean, strict=True):
+        again, epoch_again, _ = personalise_site(runtime, SPEC, state, _cfg(method, folds), None,
                                                  torch.device("cpu"), "run", 2)
-        assert epoch_again == epoch and metrics["num_val"] == len(runtime.val)
+        assert epoch_again == epoch
         assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items()), method
 
 
-def test_the_global_model_is_kept_when_nothing_beats_it_on_validation(tmp_path, monkeypatch):
+@pytest.mark.parametrize("folds", [5, 0])
+def test_the_global_model_is_kept_when_nothing_beats_it(tmp_path, monkeypatch, folds):
     from types import SimpleNamespace
 
+    from micromil_core.federated.personal_cv import score_on
     from micromil_core.training import trainer
 
     runtime = _runtime(tmp_path)
     state = SPEC.build().state_dict()
-    # A fine-tuning that leaves the weights as they were (claiming epoch 2): no better on
-    # validation than the global model, which then stays (epoch 0).
+
+    def unchanged(model, train, val, cfg, device, epochs=None, **_):
+        """A fine-tuning that leaves the weights as they were, claiming epoch 2: every epoch
+        scores exactly what the global model scores."""
+        entry = SimpleNamespace(val_metrics=score_on(cfg, model, train, val, device)[1])
+        return SimpleNamespace(best_epoch=2, history=[entry] * (epochs or 1))
+
     with monkeypatch.context() as m:
-        m.setattr(trainer, "fit", lambda *a, **k: SimpleNamespace(best_epoch=2))
-        model, epoch, metrics = personalise_site(runtime, SPEC, state, _cfg(), None,
+        m.setattr(trainer, "fit", unchanged)
+        model, epoch, metrics = personalise_site(runtime, SPEC, state, _cfg(folds=folds), None,
                                                  torch.device("cpu"), "run", 1)
-    assert epoch == 0 and metrics["personal_epoch"] == 0
+    assert epoch == 0 and metrics["personal_epoch"] == 0  # a tie keeps the global model
     assert all(torch.equal(model.state_dict()[k], state[k]) for k in state)
     assert metrics["val_auc_personal"] == metrics["val_auc_global"]
-    # A learnable task: fine-tuning beats the untrained global model on validation.
-    model, epoch, metrics = personalise_site(runtime, SPEC, state, _cfg(lr=5e-2), None,
+    # A learnable task: fine-tuning beats the untrained global model.
+    model, epoch, metrics = personalise_site(runtime, SPEC, state, _cfg(folds=folds, lr=3e-3), None,
                                              torch.device("cpu"), "run", 1)
     assert 1 <= epoch <= 3 and metrics["personal_epoch"] == epoch
+    assert metrics["val_auc_personal"] > metrics["val_auc_global"]
+    assert not all(torch.equal(model.state_dict()[k], state[k]) for k in state)
 
 
 def test_small_validation_sets_withhold_the_personal_numbers(tmp_path):
@@ -200,7 +222,7 @@ def test_small_validation_sets_withhold_the_personal_numbers(tmp_path):
 
 def test_the_personal_model_is_a_checkpoint_at_the_site(tmp_path):
     runtime = _runtime(tmp_path)
-    cfg = _cfg()
+    cfg = _cfg(folds=0)  # chosen on the validation split
     settings = RoundSettings(cfg, CLASSES, SPEC)
     global_state = SPEC.build().state_dict()
     metrics = make_personal_model(runtime, settings, global_state, torch.device("cpu"), "run-7", 2)
@@ -278,3 +300,36 @@ def test_flower_client_personalise_makes_the_sites_model_from_a_released_one(tmp
     assert a.provenance["personalised"] == "finetune" and a.provenance["site"] == "h1"
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)  # reproducible
     assert not list((tmp_path / "global").glob("personal*"))  # the released model is untouched
+
+
+def test_cv_folds_keep_every_class_in_every_held_fold():
+    from micromil_core.federated.personal_cv import usable_folds
+
+    assert usable_folds([0] * 10 + [1] * 10, 5) == 5
+    assert usable_folds([0] * 10 + [1] * 3, 5) == 3  # the smaller class sets the count
+    assert usable_folds([0] * 10 + [1], 5) == 0  # one patient of a class: no CV
+    assert usable_folds([0] * 10, 5) == 0  # one class: no AUC to choose by
+    assert usable_folds([0] * 10 + [1] * 10, 0) == 0  # asked for none
+
+
+def test_cv_never_scores_a_fold_model_on_its_own_training_patients(tmp_path, monkeypatch):
+    """Each fold's model trains on the other folds only; the personal model is then trained
+    on all training + validation patients for the chosen epoch count, with nothing held."""
+    from micromil_core.training import trainer
+
+    runtime = _runtime(tmp_path)
+    calls = []
+    real_fit = trainer.fit
+
+    def spying(model, train, val, cfg, device, **kw):
+        calls.append(({id(b) for b in train}, {id(b) for b in val}, kw.get("epochs")))
+        return real_fit(model, train, val, cfg, device, **kw)
+
+    monkeypatch.setattr(trainer, "fit", spying)
+    _, epoch, metrics = personalise_site(runtime, SPEC, SPEC.build().state_dict(), _cfg(lr=3e-3), None,
+                                         torch.device("cpu"), "run", 1)
+    pool = {id(b) for b in runtime.train + runtime.val}
+    folds = metrics["personal_folds"]
+    assert all(not (train & val) and train | val == pool and n == 3 for train, val, n in calls[:folds])
+    assert set().union(*(val for _, val, _ in calls[:folds])) == pool
+    assert epoch >= 1 and calls[folds:] == [(pool, set(), epoch)]

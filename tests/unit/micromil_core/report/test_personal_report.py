@@ -75,7 +75,7 @@ def _personalised() -> dict:
         "per_site": {
             "site-0": {"num-examples": 3, "num_val": 2, "seconds": 0.24, "min_patients": 5,
                        "suppressed": withheld},
-            "site-2": {"num-examples": 18, "num_val": 9, "seconds": 0.82, "min_patients": 5,
+            "site-2": {"num-examples": 18, "num_val": 27, "seconds": 0.82, "min_patients": 5, "personal_folds": 5,
                        "personal_epoch": 0, "val_auc_global": 0.71, "val_auc_personal": 0.69,
                        "suppressed": []},
             "<site&3>": {"num-examples": 30, "num_val": 10, "seconds": 1.5, "min_patients": 5,
@@ -132,9 +132,9 @@ def test_section_has_the_bars_figure_and_a_row_per_site(section):
 
 def test_validation_choice_shows_withheld_values_as_suppressed(section):
     rows = _rows(section)
-    assert rows["site-0#1"][1:] == ["3", "2", *["suppressed (n &lt; 5)"] * 3, "0.2 s"]
-    assert rows["site-2#1"][3:6] == ["0.710", "0.690", "0 (global kept)"]
-    assert rows["&lt;site&amp;3&gt;#0"][3:6] == ["0.600", "0.750", "2"]
+    assert rows["site-0#1"][1:] == ["3", "validation split", "2", *["suppressed (n &lt; 5)"] * 3, "0.2 s"]
+    assert rows["site-2#1"][2:7] == ["5-fold CV (train + val)", "27", "0.710", "0.690", "0 (global kept)"]
+    assert rows["&lt;site&amp;3&gt;#0"][4:7] == ["0.600", "0.750", "2"]
     assert '<li class="fail">site-1: &lt;no reply&gt; within 600 s</li>' in section
     assert "<site&3>" not in section and "<no reply>" not in section
 

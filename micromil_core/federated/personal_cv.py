@@ -1,0 +1,117 @@
+"""How long a hospital fine-tunes the global model, chosen by cross-validation at the site.
+
+A site's validation split is small: in the Fashion benchmark federation the training sites'
+splits hold 3-15 patients of the smaller class, and a choice made on them mostly kept the
+global model even where the site's own model was far better on its test patients. Here the
+choice rests on every patient the site may train on (its training and validation patients,
+never its test patients): in each of k stratified folds the global model is fine-tuned on
+the other folds and scored on the held fold after every epoch; the epoch count with the best
+mean score over the folds wins, epoch 0 (the global model itself) included, so a site keeps
+the global model unless fine-tuning beats it on average. The personal model is then the
+global model fine-tuned for that many epochs on all those patients (as ``train.refit`` does
+for a local model).
+
+It costs k + 1 fine-tunings at the site instead of one; ``federation.personal_folds: 0``
+chooses on the validation split instead. Not used under DP-SGD (each fold would spend
+privacy on the same patients again) nor for ``local-head`` (its head, kept from the rounds,
+has already seen every training patient).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from micromil_core.config import TrainConfig
+from micromil_core.data.bag import Bag
+from micromil_core.data.splits import stratified_folds
+from micromil_core.models.base import MILModel
+from micromil_core.runtime import seed_everything
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CvChoice:
+    """The chosen epoch count (0: keep the global model), the folds used, the mean fold AUC
+    of the global model and of the chosen count, and the personal model (None at 0)."""
+
+    epoch: int
+    folds: int
+    auc_global: float
+    auc_personal: float
+    model: MILModel | None
+
+
+def score_on(cfg: TrainConfig, model: MILModel, train: list[Bag], val: list[Bag],
+             device: torch.device) -> tuple[float, dict]:
+    """The validation score ``fit`` selects by (with its class weights, from ``train``) and
+    the metrics; -inf without validation patients."""
+    from micromil_core.training.trainer import class_weights, evaluate_bags, selection_score
+
+    if not val:
+        return -math.inf, {}
+    cw = class_weights([b.label for b in train], model.n_classes) if cfg.class_weighting else None
+    metrics = evaluate_bags(model, val, device, class_weight=cw)
+    return selection_score(cfg, metrics), metrics
+
+
+def _finite_mean(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else math.nan
+
+
+def usable_folds(labels: list[int], wanted: int) -> int:
+    """Folds that keep every class in every held fold: at most the smallest class's count;
+    below 2 there is no cross-validation (``wanted`` 0 asks for none)."""
+    if wanted < 2:
+        return 0
+    counts = np.bincount(np.asarray(labels, dtype=int))
+    present = counts[counts > 0]
+    k = min(wanted, int(present.min())) if len(present) >= 2 else 0
+    return k if k >= 2 else 0
+
+
+def cv_fine_tuning(
+    build: Callable[[], MILModel], pool: list[Bag], cfg: TrainConfig, epochs: int, folds: int,
+    device: torch.device, span: tuple[float, float],
+    extra_loss: Callable[[MILModel], Callable | None] = lambda m: None,
+) -> CvChoice:
+    """Choose the fine-tuning epoch count (0..``epochs``) by ``folds``-fold CV over ``pool``
+    and fine-tune on all of ``pool`` for it. ``build`` makes a fresh copy of the global
+    model; ``extra_loss(model)`` its extra loss term (the proximal one), if any."""
+    from micromil_core.training.trainer import fit, selection_score
+
+    labels = [b.label for b in pool]
+    no_stopping = replace(cfg, patience=0)  # every fold's curve runs to ``epochs``
+    scores = np.full((folds, epochs + 1), np.nan)
+    aucs = np.full((folds, epochs + 1), np.nan)
+    for i, held_idx in enumerate(stratified_folds(labels, folds, cfg.seed)):
+        inside = set(held_idx.tolist())
+        held = [pool[j] for j in held_idx]
+        rest = [b for j, b in enumerate(pool) if j not in inside]
+        model = build().to(device)
+        scores[i, 0], first = score_on(cfg, model, rest, held, device)
+        aucs[i, 0] = first.get("auc", np.nan)
+        seed_everything(cfg.seed + i)
+        result = fit(model, rest, held, no_stopping, device, extra_loss=extra_loss(model),
+                     epochs=epochs, progress_span=span)
+        for e, entry in enumerate(result.history, start=1):
+            scores[i, e] = selection_score(cfg, entry.val_metrics)
+            aucs[i, e] = entry.val_metrics.get("auc", np.nan)
+    mean = scores.mean(axis=0)
+    best = int(np.argmax(mean))  # the first maximum: fewer epochs (or the global model) on ties
+    auc = [_finite_mean(aucs[:, e]) for e in range(epochs + 1)]
+    log.info("personal fine-tuning by %d-fold CV over %d patients: mean score by epoch %s; chose %d",
+             folds, len(pool), np.round(mean, 4).tolist(), best)
+    if best == 0:
+        return CvChoice(0, folds, float(auc[0]), float(auc[0]), None)
+    model = build().to(device)
+    seed_everything(cfg.seed)
+    fit(model, pool, [], cfg, device, extra_loss=extra_loss(model), epochs=best, progress_span=span)
+    return CvChoice(best, folds, float(auc[0]), float(auc[best]), model)
