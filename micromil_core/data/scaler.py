@@ -54,3 +54,9 @@ class FeatureScaler:
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor]) -> FeatureScaler:
         return cls(state["mean"].float(), state["std"].float())
+
+
+def scale_bags(bags: list[Bag], scaler: FeatureScaler | None) -> list[Bag]:
+    """``bags`` standardised by ``scaler``, or as they are when there is none
+    (``train.standardize: false``)."""
+    return scaler.transform_all(bags) if scaler is not None else bags

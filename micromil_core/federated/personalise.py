@@ -38,7 +38,7 @@ import torch
 
 from micromil_core.config import PERSONAL_METHODS, ExperimentConfig, TrainConfig
 from micromil_core.data.bag import Bag
-from micromil_core.data.scaler import FeatureScaler
+from micromil_core.data.scaler import FeatureScaler, scale_bags
 from micromil_core.errors import ConfigError, SiteDataError
 from micromil_core.federated import wire
 from micromil_core.federated.personal_cv import cv_fine_tuning, score_on, usable_folds
@@ -190,7 +190,7 @@ def keep_local_head(
     from micromil_core.federated.site_task import round_seed
 
     site = runtime.settings
-    bags = scaler.transform_all(runtime.train) if scaler is not None else runtime.train
+    bags = scale_bags(runtime.train, scaler)
     store = PersonalStore(site.state_dir, run_id, site.name)
     model = spec.build(trained).to(device)
     model.load_state_dict(with_head(model.state_dict(), store.head_before(server_round)))
@@ -217,8 +217,7 @@ def personalise_site(
 
     site, fed = runtime.settings, cfg.federation
     start = time.perf_counter()
-    scale = scaler.transform_all if scaler is not None else (lambda b: b)
-    train, val = scale(runtime.train), scale(runtime.val)
+    train, val = scale_bags(runtime.train, scaler), scale_bags(runtime.val, scaler)
     schedule = schedule or (fed.rounds + 1, planned_rounds(cfg))
     seed = round_seed(cfg.train.seed, schedule[0], site.name)
     seed_everything(seed)

@@ -22,7 +22,7 @@ import torch
 from micromil_core.config import MIN_PATIENTS_FLOOR, DataConfig, LocalPrivacyConfig, TrainConfig
 from micromil_core.data.bag import Bag
 from micromil_core.data.data_root import ROLES
-from micromil_core.data.scaler import FeatureScaler
+from micromil_core.data.scaler import FeatureScaler, scale_bags
 from micromil_core.data.site import load_site
 from micromil_core.data.site_check import check_site
 from micromil_core.errors import ConfigError, SiteDataError
@@ -292,7 +292,7 @@ def train_round(
     seed = round_seed(train_cfg.seed, server_round, settings.name)
     seed_everything(seed)
     model = spec.build(state).to(device)
-    bags = scaler.transform_all(runtime.train) if scaler is not None else runtime.train
+    bags = scale_bags(runtime.train, scaler)
     if settings.privacy.enabled:
         from micromil_core.privacy.site_round import private_train_round
 
@@ -340,8 +340,8 @@ def evaluate_round(
                 **withheld((*wire.CORE_METRICS, "loss") if bags else (), min_patients)}
     device = device or torch.device("cpu")
     model = spec.build(state).to(device)
-    scaled = scaler.transform_all(bags) if scaler is not None else bags
-    y, probs = predict_bags(model, scaled, device)
+    scaled_bags = scale_bags(bags, scaler)
+    y, probs = predict_bags(model, scaled_bags, device)
     metrics = metrics_from_predictions(y, probs)
     out: dict[str, Any] = {k: float(metrics[k]) for k in (*wire.CORE_METRICS, "loss")}
     out[wire.NUM_EXAMPLES] = len(bags)
@@ -355,7 +355,7 @@ def evaluate_round(
         low, high = bootstrap_intervals(y, probs)["auc"]
         if math.isfinite(low) and math.isfinite(high):
             out.update(zip(wire.AUC_INTERVAL, (low, high), strict=True))
-    out.update({k: float(v) for k, v in fine_metrics_of(model, scaled, device).items()})
+    out.update({k: float(v) for k, v in fine_metrics_of(model, scaled_bags, device).items()})
     fine = [-1 if b.fine_label is None else b.fine_label for b in bags]
     return guard(out, wire.EVAL_METRIC_KEYS, min_patients, len(bags), y, spec.n_classes, fine)
 

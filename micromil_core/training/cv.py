@@ -13,6 +13,7 @@ import torch
 
 from micromil_core.config import ExperimentConfig
 from micromil_core.data.bag import Bag, collate_bags
+from micromil_core.data.scaler import scale_bags
 from micromil_core.data.splits import stratified_folds, train_val_split
 from micromil_core.errors import ConfigError
 from micromil_core.io import strict_json, write_json_atomic
@@ -121,7 +122,7 @@ def _run_fold(
 
     def model_inputs(idx: np.ndarray) -> list[Bag]:
         bags = [sb.bags[i] for i in idx]
-        return scaler.transform_all(bags) if scaler else bags
+        return scale_bags(bags, scaler)
 
     test = _predict_fold(model, model_inputs(test_idx), device)
     fold_metrics = classification_metrics(test.y, test.probs)

@@ -15,7 +15,7 @@ import torch
 
 from micromil_core.config import ExperimentConfig
 from micromil_core.data.bag import Bag, collate_bags
-from micromil_core.data.scaler import FeatureScaler
+from micromil_core.data.scaler import FeatureScaler, scale_bags
 from micromil_core.data.site import SiteData
 from micromil_core.errors import ConfigError, SiteDataError
 from micromil_core.io import write_json_atomic
@@ -281,7 +281,7 @@ def train_pooled(
     validation = dict(result.val_metrics)
     roc_curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if val and not cfg.train.refit:  # a refit model was not the one validated
-        scaled_val = scaler.transform_all(val) if scaler else val
+        scaled_val = scale_bags(val, scaler)
         validation.update(fine_metrics_of(model, scaled_val, device))
         roc_curves["validation"] = predict_bags(model, scaled_val, device)
     metrics: dict[str, Any] = {
@@ -291,10 +291,10 @@ def train_pooled(
         "n_val": len(val),
     }
     if test:
-        scaled = scaler.transform_all(test) if scaler else test
-        roc_curves["test"] = predict_bags(model, scaled, device)
+        scaled_test = scale_bags(test, scaler)
+        roc_curves["test"] = predict_bags(model, scaled_test, device)
         metrics["test"] = metrics_from_predictions(*roc_curves["test"])
-        metrics["test"].update(fine_metrics_of(model, scaled, device))
+        metrics["test"].update(fine_metrics_of(model, scaled_test, device))
     ckpt = Checkpoint(
         model_name=cfg.model.name,
         in_dim=int(train[0].features.shape[1]),

@@ -15,7 +15,7 @@ import torch
 
 from micromil_core.config import DataConfig, build_config
 from micromil_core.data.bag import Bag
-from micromil_core.data.scaler import FeatureScaler
+from micromil_core.data.scaler import FeatureScaler, scale_bags
 from micromil_core.errors import ConfigError, SiteDataError
 from micromil_core.io import write_json_atomic, write_text_atomic
 from micromil_core.runtime import resolve_device
@@ -54,7 +54,7 @@ class LoadedCheckpoint:
         scaler = self.ckpt.scaler
         if self.ckpt.provenance.get("scaler") == "site":  # trained with per-site statistics
             scaler = FeatureScaler.fit(sb.bags)
-        return scaler.transform_all(bags) if scaler else bags
+        return scale_bags(bags, scaler)
 
     def predict(self, scaled: list[Bag], calibrated: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Labels (n,) and probabilities (n, C), recalibrated when the checkpoint says so."""
