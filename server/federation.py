@@ -17,13 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
-from flwr.app.message_type import MessageType
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from micromil_core.config import ExperimentConfig
-from micromil_core.errors import SiteDataError
 from micromil_core.federated import wire
 from micromil_core.federated.aggregate import scalar_keys
 from micromil_core.federated.history import RoundRecord, RunHistory
@@ -50,6 +47,11 @@ from micromil_core.training.checkpoint import (
     file_sha256,
     save_checkpoint,
 )
+
+# Discovery lives in server.discovery; site_info and wait_for_nodes stay importable from here.
+from server.discovery import discover_sites
+from server.discovery import site_info as site_info
+from server.discovery import wait_for_nodes as wait_for_nodes
 from server.privacy import central_dp_entry, clipping_norm, fresh_noise
 from server.rounds import NodeSubset, ReplyChecks, TrainStep, evaluate_all, plain_train_step
 from server.strategies import build_strategy, load_strategy_state, save_strategy_state
@@ -57,7 +59,6 @@ from server.strategies import build_strategy, load_strategy_state, save_strategy
 log = logging.getLogger("micromil.server")
 
 STRATEGY_FILE = "strategy-state.npz"  # arrays + JSON manifest, never pickle
-WAIT_POLL_SECONDS = 1.0
 
 
 @dataclass
@@ -67,77 +68,6 @@ class FederationResult:
     metrics: dict[str, Any]
     out: Path
     sites: list[SiteInfo] = field(default_factory=list)
-
-
-# ------------------------------------------------------------------ discovery
-
-
-def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while True:
-        ids = sorted(grid.get_node_ids())
-        if len(ids) >= expected:
-            return ids
-        if time.monotonic() > deadline:
-            raise SiteDataError(
-                f"only {len(ids)} of {expected} sites connected within {timeout:.0f} s; "
-                "check that every site's client is running and can reach the server"
-            )
-        time.sleep(WAIT_POLL_SECONDS)
-
-
-def site_info(
-    node_id: int,
-    description: Any,
-    counts: dict[str, int],
-    moments: tuple[torch.Tensor, torch.Tensor, int] | None = None,
-) -> SiteInfo:
-    """A SiteInfo from a site's description record (see ``describe_site``)."""
-    return SiteInfo(
-        node_id,
-        str(description[wire.SITE_NAME]),
-        str(description[wire.SITE_ROLE]),
-        [str(x) for x in description.get(wire.SITE_CLASSES, [])],
-        counts,
-        [str(x) for x in description.get(wire.SITE_PROBLEMS, [])],
-        moments,
-        encoder=str(description.get(wire.SITE_ENCODER, "")) or None,
-        privacy=str(description.get(wire.SITE_PRIVACY, "none")),
-    )
-
-
-def discover_sites(grid: Grid, settings: RoundSettings, expected: int, timeout: float) -> list[SiteInfo]:
-    """Ask every site to describe itself (aggregate counts only) and send feature moments."""
-    ids = wait_for_nodes(grid, expected, timeout)
-    config = ConfigRecord(settings.to_config())
-    messages = [
-        Message(RecordDict({wire.CONFIG: config}), dst_node_id=nid, message_type=MessageType.QUERY)
-        for nid in ids
-    ]
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
-    sites: list[SiteInfo] = []
-    failed = []
-    for reply in replies:
-        if reply.has_error():
-            failed.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
-            continue
-        c = reply.content
-        counts = {k: int(v) for k, v in c.metric_records[wire.METRICS].items()}
-        moments = None
-        if wire.MOMENTS in c.array_records:
-            arr = c.array_records[wire.MOMENTS]
-            moments = (
-                torch.from_numpy(arr["sum"].numpy()).double(),
-                torch.from_numpy(arr["sum_sq"].numpy()).double(),
-                counts.get("num_instances", 0),
-            )
-        sites.append(site_info(reply.metadata.src_node_id, c.config_records[wire.SITE], counts, moments))
-    if failed:
-        raise SiteDataError("sites failed their pre-flight check: " + "; ".join(failed))
-    if len(sites) < expected:  # e.g. a node the SuperLink still lists that no longer answers
-        log.warning("only %d of the %d expected sites described themselves (%s); the run goes on "
-                    "without the others", len(sites), expected, ", ".join(sorted(s.name for s in sites)))
-    return sorted(sites, key=lambda s: s.name)
 
 
 # ------------------------------------------------------------------ rounds
@@ -195,7 +125,7 @@ def _set_up(
     site_nodes: dict[int, str] | None,
 ) -> _Federation:
     """Discover the sites, check who they are and what they hold, and fix the round settings."""
-    sites = discover_sites(grid, RoundSettings(cfg, classes=[]), expected_sites, connect_timeout)
+    sites = discover_sites(grid, RoundSettings(cfg, classes=[]), expected_sites, connect_timeout, site_nodes)
     check_identities(sites, site_nodes)
     classes, dim = check_sites(sites, cfg)
     train_sites = [s for s in sites if s.role == "train"]

@@ -372,8 +372,9 @@ def test_coordinator_restart_continues_from_last_checkpoint(setup):
         assert metrics["round"] == 4
         # Each training hospital of the last round made its personal model in its own state
         # folder, from the heads it kept through the restart; only numbers came back, and
-        # the coordinator's folder holds no personal model. (A hospital whose reconnection
-        # the restarted coordinator missed sits the last round out: named in its log.)
+        # the coordinator's folder holds no personal model. (The restarted coordinator asks
+        # again any hospital that did not describe itself, so all of them are there before
+        # round 3; one that fails a round would sit it out, named in the log.)
         last = sorted(history[-1]["train"])
         assert len(last) >= 2 and sorted(metrics["personalised"]["per_site"]) == last
         for site in last:
