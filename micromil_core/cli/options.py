@@ -27,6 +27,10 @@ def add_config_args(p: argparse.ArgumentParser, model_flag: bool = True) -> None
     p.add_argument("--seed", type=int, help="shortcut for --set train.seed=N")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="shortcut for train.device")
     p.add_argument("--encoder", help="extract features from images with this encoder")
+    p.add_argument("--stain-normalise", metavar="METHOD:REF",
+                   help="with --encoder: map tiles towards a reference image's stain before "
+                   "encoding, as `extract --stain-normalise` does (shortcut for "
+                   "data.stain_normalise; one reference file at every site)")
     p.add_argument(
         "--classes",
         help="the class names in index order, e.g. negative,positive (shortcut for "
@@ -70,6 +74,7 @@ def experiment_config(args: argparse.Namespace):
         ("seed", "train.seed"),
         ("device", "train.device"),
         ("encoder", "data.encoder"),
+        ("stain_normalise", "data.stain_normalise"),
         ("classes", "data.classes"),
         ("strategy", "federation.strategy"),
         ("rounds", "federation.rounds"),

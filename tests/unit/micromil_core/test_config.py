@@ -82,3 +82,18 @@ def test_dp_config_is_a_private_federation():
     cfg = load_config(Path(__file__).parents[3] / "configs" / "sim-dp.yaml")
     assert cfg.privacy.mode == "dp-sgd" and cfg.privacy.target_epsilon == 8.0
     assert cfg.federation.scaler == "site"
+
+
+def test_stain_normalise_is_a_flag_of_every_command_that_extracts_features():
+    """`extract --stain-normalise` and `train/cv/simulate ... --encoder E --stain-normalise`
+    say it the same way (it used to take --set data.stain_normalise=... beyond extract)."""
+    from micromil_core.cli import build_parser
+    from micromil_core.cli.options import experiment_config
+
+    parser = build_parser()
+    for command in (["train", "--data", "site", "--out", "o"], ["cv", "--data", "site", "--out", "o"]):
+        args = parser.parse_args([*command, "--encoder", "histo-texture", "--stain-normalise", "macenko:ref.png"])
+        assert experiment_config(args).data.stain_normalise == "macenko:ref.png"
+    args = parser.parse_args(["train", "--data", "site", "--out", "o", "--stain-normalise", "sharpen:ref.png"])
+    with pytest.raises(ConfigError, match="data.stain_normalise"):
+        experiment_config(args)
