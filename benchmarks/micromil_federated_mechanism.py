@@ -65,7 +65,7 @@ def cell(rows: list[dict], arm: str, key: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    ap.add_argument("--datasets", nargs="+", default=["ucsb", "fashion"], choices=list(DATASETS))
     ap.add_argument("--variants", nargs="+", default=["micromil/released", "micromil"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--rounds", type=int, default=20)

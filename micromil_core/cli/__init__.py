@@ -58,6 +58,9 @@ def _add_data_commands(sub: Any) -> None:
     p.add_argument("--sites", type=int, default=1, help="training sites")
     p.add_argument("--holdout-sites", type=int, default=0, help="held-out sites (never train)")
     p.add_argument("--partition", default="iid", help="iid | dirichlet:<alpha> | size:<sigma>")
+    p.add_argument("--site-shift", default="none", metavar="SPEC",
+                   help="none | intensity:<sigma>: each site's images get their own intensity "
+                   "curve, as scanners differ (image datasets; e.g. intensity:0.4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--max-bags", type=int, help="subsample (stratified) to at most N bags")

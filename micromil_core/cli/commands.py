@@ -31,6 +31,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         sites=args.sites,
         holdout_sites=args.holdout_sites,
         partition=args.partition,
+        site_shift=args.site_shift,
         seed=args.seed,
         val_fraction=args.val_fraction,
         max_bags=args.max_bags,

@@ -107,6 +107,7 @@ from micromil_core.data.fashion_mnist import (
 from micromil_core.data.layout import FEATURES_DIR, IMAGES_DIR, PATIENTS_CSV
 from micromil_core.data.mil_csv import load_mil_csv
 from micromil_core.data.partition import parse_partition, partition_indices, partition_summary
+from micromil_core.data.site_shift import IntensityShift, parse_site_shift, site_shifts
 from micromil_core.data.splits import train_val_split
 from micromil_core.errors import ConfigError
 from micromil_core.io import atomic_path, write_text_atomic
@@ -173,6 +174,7 @@ def prepare_dataset(
     min_per_site: int = 2,
     fashion_mnist_dir: str | Path | None = None,
     progress: bool = False,
+    site_shift: str = "none",
 ) -> DataRoot:
     """Write a real dataset as a data root: ``out/site-<i>/`` folders plus ``sites.yaml``.
 
@@ -198,6 +200,8 @@ def prepare_dataset(
         fashion_mnist_dir: where the Fashion-MNIST ``*.gz`` files are, default
             ``/usr/share/datasets/fashion-mnist``.
         progress: a progress bar per site while its patients are written (the CLI's).
+        site_shift: ``none`` or ``intensity:<sigma>``: every site's images get their own
+            intensity curve (site_shift.py), image datasets only.
 
     Everything is written into a temporary folder beside ``out`` that is renamed onto
     ``out`` at the end, so an interrupted run never leaves a half-written root.
@@ -214,6 +218,7 @@ def prepare_dataset(
     out = Path(out)
     _check_prepare_arguments(sites, holdout_sites, max_bags, val_fraction)
     spec = parse_partition(partition)
+    parse_site_shift(site_shift)  # a bad spec fails before any data is read
     _check_out(out, overwrite)
 
     rng = np.random.default_rng(seed)
@@ -225,9 +230,13 @@ def prepare_dataset(
     labels = np.array([b.label for b in bags])
     parts = partition_indices(_strata(bags), n_total, spec, seed, min_per_part=min_per_site)
     dim = int(bags[0].features.shape[1]) if bags[0].features is not None else None
+    shifts = site_shifts(site_shift, n_total, seed)
+    if any(shifts) and loaded.modality != "images":
+        raise ConfigError(f"--site-shift changes images; {name} has features only (use an image "
+                          "dataset: fashion-bags, fashion-hier, fashion-sparse)")
 
     _write_data_root(out, name, loaded, parts, labels, sites, spec, seed, val_fraction, max_bags, dim,
-                     progress)
+                     progress, shifts)
     log.info(
         "prepared %s: %d bags in %d site(s) (%d held out) at %s",
         name,
@@ -275,6 +284,7 @@ def _write_data_root(
     max_bags: int | None,
     dim: int | None,
     show_progress: bool = False,
+    shifts: list[IntensityShift | None] | None = None,
 ) -> None:
     """Write the sites and sites.yaml into a temporary folder beside ``out``, then rename it
     onto ``out``: an interrupted run never leaves a half-written root."""
@@ -290,8 +300,9 @@ def _write_data_root(
             site_bags = [bags[j] for j in part]
             splits = _assign_splits(site_bags, n_total, val_fraction, i, seed)
             site_name = f"site-{i}"
+            shift = shifts[i] if shifts else None
             _write_site(tmp_root / site_name, site_bags, splits, loaded.images, loaded.classes,
-                        loaded.fine_classes, show_progress)
+                        loaded.fine_classes, show_progress, shift)
             role = "train" if i < sites else "holdout"
             entries.append(SiteEntry(site_name, role, tmp_root / site_name, len(site_bags)))
         summary = partition_summary(parts, [classes[v] for v in labels])
@@ -323,6 +334,8 @@ def _write_data_root(
                 "site_class_counts": {
                     e.name: s["per_class"] for e, s in zip(entries, summary, strict=True)
                 },
+                **({"site_shift": {e.name: sh.describe() for e, sh in zip(entries, shifts, strict=True)}}
+                   if shifts and any(shifts) else {}),
             },
         )
         write_sites_yaml(tmp_root, info)
@@ -401,6 +414,7 @@ def _write_site(
     classes: tuple[str, ...] = CLASSES,
     fine_classes: tuple[str, ...] | None = None,
     show_progress: bool = False,
+    shift: IntensityShift | None = None,
 ) -> None:
     with_split = any(s is not None for s in splits)
     with_fine = fine_classes is not None
@@ -421,5 +435,6 @@ def _write_site(
         if bag.image_rows is not None:
             pool = images[bag.pool or "train"]
             for k, r in enumerate(bag.image_rows):
-                _write_png(site_dir / IMAGES_DIR / bag.pid / f"{k}.png", pool[r])
+                image = pool[r] if shift is None else shift.apply(pool[r])
+                _write_png(site_dir / IMAGES_DIR / bag.pid / f"{k}.png", image)
     write_text_atomic(site_dir / PATIENTS_CSV, buf.getvalue())

@@ -195,6 +195,31 @@ def test_fashion_bags_splits_and_subsampling(fashion) -> None:
         assert report.stats["has_images"] and not report.stats["has_features"]
 
 
+def test_a_site_shift_gives_each_site_its_own_intensity_curve(fashion, tmp_path) -> None:
+    """Same bags, same partition and splits as without a shift; every image of a site passes
+    through that site's curve (recorded in sites.yaml), and the sites' curves differ."""
+    from micromil_core.data.site_shift import IntensityShift
+
+    shifted = prepare_dataset(f"fashion-bags:{FASHION_TASK}", tmp_path / "root", sites=2, max_bags=60,
+                              seed=0, site_shift="intensity:0.4")
+    curves = shifted.extra["site_shift"]
+    assert set(curves) == {"site-0", "site-1"} and curves["site-0"] != curves["site-1"]
+    for plain, entry in zip(fashion.sites, shifted.sites, strict=True):
+        assert site_rows(plain.path) == site_rows(entry.path)
+        curve = IntensityShift(**curves[entry.name])
+        pngs = sorted((plain.path / "images").rglob("*.png"))[:20]
+        for png in pngs:
+            with Image.open(png) as a, Image.open(entry.path / png.relative_to(plain.path)) as b:
+                original, moved = np.asarray(a), np.asarray(b)
+            assert np.abs(moved.astype(int) - curve.apply(original).astype(int)).max() <= 1
+            assert not np.array_equal(moved, original) or curve.describe() == {"gamma": 1.0, "contrast": 1.0,
+                                                                                "brightness": 0.0}
+    with pytest.raises(ConfigError, match="images"):
+        prepare_dataset("musk1", tmp_path / "musk", sites=2, site_shift="intensity:0.4")
+    with pytest.raises(ConfigError, match="intensity:<sigma>"):
+        prepare_dataset("musk1", tmp_path / "musk", sites=2, site_shift="blur:2")
+
+
 # ------------------------------------------------------------------------------ errors
 
 
