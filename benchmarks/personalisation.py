@@ -189,9 +189,11 @@ def chosen_epoch(work: Path, key: str, seed: int, method: str, site: str) -> int
     from micromil_core.training.checkpoint import load_checkpoint
 
     run = work / f"{key}-seed{seed}"
-    found = ([run / "personal" / method / f"{site}.pt"] if method != "local-head"
-             else sorted(run.glob(f"**/site-state/{site}/personal/*/model.pt")))
-    found = [p for p in found if p.is_file()]
+    if method == "local-head":  # made in the federation: under its own id in the site's state
+        fed_id = json.loads((run / "federated" / "metrics.json").read_text())["personalised"]["federation_id"]
+        found = [p for p in run.glob(f"**/site-state/{site}/personal/*/model.pt") if p.parent.name == fed_id]
+    else:
+        found = [p for p in [run / "personal" / method / f"{site}.pt"] if p.is_file()]
     return int(load_checkpoint(found[0]).provenance["personal_epoch"]) if found else None
 
 

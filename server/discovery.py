@@ -114,13 +114,16 @@ def site_from_reply(node_id: int, reply: Message) -> SiteInfo:
 class _Answers:
     """The descriptions heard so far, by node id, and which attempt brought each.
 
-    Two nodes naming the same site in different attempts is a site that restarted under
-    a new node id (without node authentication each start gets one) while its old id may
-    still be listed: the later answer replaces the earlier one, so the site counts once
-    and ``validate_sites`` does not refuse a duplicate name. Two in the same attempt are
-    two live nodes claiming one name: both are kept for the checks to refuse. Under node
-    authentication (``keep_all``) ids survive restarts, so a second node naming a site is
-    never a restart: both are kept for ``check_identities`` to name the impostor.
+    Two nodes naming the same site in different attempts may be a site that restarted under
+    a new node id (without node authentication each start gets one): when the earlier node
+    is no longer connected, the later answer replaces it, so the site counts once and
+    ``validate_sites`` does not refuse a duplicate name. When both are still connected (or
+    both answered in one attempt) they are two live nodes claiming one name, two hospitals
+    with one site.name or an impostor: both are kept for the checks to refuse the run. (A
+    node killed hard stays listed up to 60 s, so a restart that quick is refused too: start
+    the run again a minute later.) Under node authentication (``keep_all``) ids survive
+    restarts, so a second node naming a site is never a restart: both are kept for
+    ``check_identities`` to name the impostor.
     """
 
     def __init__(self, keep_all: bool) -> None:
@@ -129,15 +132,16 @@ class _Answers:
         self.attempt_of: dict[int, int] = {}
         self.replaced: dict[int, int] = {}  # an old node id -> the node that replaced it
 
-    def add(self, info: SiteInfo, attempt: int) -> None:
-        earlier = [n for n, s in self.sites.items()
-                   if s.name == info.name and self.attempt_of[n] < attempt]
-        if earlier and not self.keep_all:
-            for old in earlier:
+    def add(self, info: SiteInfo, attempt: int, connected: set[int]) -> None:
+        """Record an answer; ``connected``: the node ids listed just after its attempt."""
+        gone = [n for n, s in self.sites.items()
+                if s.name == info.name and self.attempt_of[n] < attempt and n not in connected]
+        if gone and not self.keep_all:
+            for old in gone:
                 log.warning(
-                    "site %s answered from node %d, and now from node %d: a restarted site gets "
-                    "a new node id, so node %d is dropped (if these are two hospitals, give each "
-                    "a unique site.name)", info.name, old, info.node_id, old,
+                    "site %s answered from node %d, and now from node %d: node %d has left, so "
+                    "this is taken as the site restarted under a new node id", info.name, old,
+                    info.node_id, old,
                 )
                 del self.sites[old]
                 self.replaced[old] = info.node_id
@@ -159,10 +163,9 @@ class _Answers:
         return len(self.names()) >= expected or self.conflict()
 
 
-def _ask(grid: Grid, config: ConfigRecord, ids: list[int], timeout: float,
-         answers: _Answers, attempt: int) -> None:
-    """One attempt: query ``ids``, wait up to ``timeout`` s and record the answers. A site
-    whose reply carries an error fails pre-flight; the SuperLink's 'gone' replies do not."""
+def _ask(grid: Grid, config: ConfigRecord, ids: list[int], timeout: float) -> list[SiteInfo]:
+    """One attempt: query ``ids``, wait up to ``timeout`` s; returns the descriptions heard. A
+    site whose reply carries an error fails pre-flight; the SuperLink's 'gone' replies do not."""
     messages = [
         Message(RecordDict({wire.CONFIG: config}), dst_node_id=nid, message_type=MessageType.QUERY)
         for nid in ids
@@ -171,7 +174,7 @@ def _ask(grid: Grid, config: ConfigRecord, ids: list[int], timeout: float,
     # Both Flower Grids set each message's id as they push it; a SuperLink error reply names
     # the SuperLink as its source, so the query it answers says which node it was for.
     node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-    failed = []
+    failed, heard = [], []
     for reply in replies:
         node = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         if reply.has_error() and reply.error.code in GONE_CODES:
@@ -179,13 +182,14 @@ def _ask(grid: Grid, config: ConfigRecord, ids: list[int], timeout: float,
         elif reply.has_error():
             failed.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
         else:
-            answers.add(site_from_reply(reply.metadata.src_node_id, reply), attempt)
+            heard.append(site_from_reply(reply.metadata.src_node_id, reply))
     if failed:
         raise SiteDataError("sites failed their pre-flight check: " + "; ".join(failed))
+    return heard
 
 
 def _missing_error(answers: _Answers, asked: set[int], expected: int,
-                   timeout: float) -> SiteDataError:
+                   waited: float) -> SiteDataError:
     names = sorted(answers.names())
     silent = sorted(asked - answers.settled())
     replaced = "".join(
@@ -195,7 +199,7 @@ def _missing_error(answers: _Answers, asked: set[int], expected: int,
     )
     return SiteDataError(
         f"only {len(names)} of the {expected} expected sites described themselves within "
-        f"{timeout:.0f} s ({', '.join(names) or 'none'}); {len(silent)} connected node id(s) "
+        f"{waited:.0f} s ({', '.join(names) or 'none'}); {len(silent)} connected node id(s) "
         f"never answered ({', '.join(map(str, silent)) or 'none'}){replaced}. Check that every "
         "site's `flower-client run` is up and can reach this coordinator (its log says "
         "whether it is connected), restart the one that is not, then start the run again"
@@ -209,7 +213,8 @@ def discover_sites(grid: Grid, settings: RoundSettings, expected: int, timeout: 
     until ``expected`` distinct sites have answered; sites sorted by name.
 
     ``timeout`` covers waiting for the nodes and their answers; a site that connected just
-    before it still gets one full attempt. ``site_nodes`` (node authentication on) keeps
+    before it still gets one full attempt (so the wait may run up to ``DESCRIBE_ATTEMPT_S``
+    past ``timeout``). ``site_nodes`` (node authentication on) keeps
     every node that names an already named site, for ``check_identities``.
     Raises SiteDataError when a site fails pre-flight or too few answered in time.
     """
@@ -223,20 +228,23 @@ def discover_sites(grid: Grid, settings: RoundSettings, expected: int, timeout: 
     while True:
         ask = sorted(listed - answers.settled())
         began = time.monotonic()
+        heard = []
         if ask:
             length = max(0.0, min(deadline - began, DESCRIBE_ATTEMPT_S * 2**attempt))
-            _ask(grid, config, ask, length, answers, attempt)
+            heard = _ask(grid, config, ask, length)
             asked.update(ask)
             attempt += 1
+        listed = set(grid.get_node_ids())  # who is connected now decides what a repeat name is
+        for info in heard:
+            answers.add(info, attempt, listed)
         if answers.done(expected):
             break
         left = deadline - time.monotonic()
         if left <= 0:
-            raise _missing_error(answers, asked, expected, timeout)
+            raise _missing_error(answers, asked, expected, time.monotonic() - start)
         # Every query answered early (the SuperLink said some nodes are gone) or nobody new
         # to ask: look at the list again in a moment, not in a busy loop.
         time.sleep(max(0.0, min(WAIT_POLL_SECONDS - (time.monotonic() - began), left)))
-        listed = set(grid.get_node_ids())
     if attempt > 1:
         log.info("%d sites described themselves after %d attempts", len(answers.sites), attempt)
     return sorted(answers.sites.values(), key=lambda s: s.name)

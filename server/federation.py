@@ -47,11 +47,7 @@ from micromil_core.training.checkpoint import (
     file_sha256,
     save_checkpoint,
 )
-
-# Discovery lives in server.discovery; site_info and wait_for_nodes stay importable from here.
 from server.discovery import discover_sites
-from server.discovery import site_info as site_info
-from server.discovery import wait_for_nodes as wait_for_nodes
 from server.privacy import central_dp_entry, clipping_norm, fresh_noise
 from server.rounds import NodeSubset, ReplyChecks, TrainStep, evaluate_all, plain_train_step
 from server.strategies import build_strategy, load_strategy_state, save_strategy_state

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("micromil.server")
 
 PERSONALISE_MESSAGE = f"{MessageType.TRAIN}.{wire.PERSONALISE_ACTION}"
-MAX_WAIT_ROUNDS = 5  # the longest wait for personal models, in round timeouts
+MAX_WAIT_ROUNDS = 5  # the longest wait for personal models, in round timeouts per fine-tuning run
 
 
 def personalise_sites(fed: _Federation, arrays: ArrayRecord, federation_id: str) -> dict[str, Any]:
@@ -37,12 +37,12 @@ def personalise_sites(fed: _Federation, arrays: ArrayRecord, federation_id: str)
     # site's patients: a longer wait than one round's, within reason.
     runs = 1 + (cfg.personal_folds if cfg.personalise in FINE_TUNING else 0)
     epochs = cfg.personal_epochs * runs
-    timeout = cfg.round_timeout * min(MAX_WAIT_ROUNDS, max(1, math.ceil(epochs / cfg.local_epochs)))
+    timeout = cfg.round_timeout * min(MAX_WAIT_ROUNDS * runs, max(1, math.ceil(epochs / cfg.local_epochs)))
     max_epoch = max(cfg.personal_epochs, cfg.local_epochs)  # DP sites run local_epochs
     per_site, failures, _, _, _ = ask_sites(
         fed.grid, fed.train_sites, RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config}),
         PERSONALISE_MESSAGE, timeout, "personalisation",
-        lambda site, r: fed.checks.personal_problem(site, r, max_epoch),
+        lambda site, r: fed.checks.personal_problem(site, r, max_epoch, cfg.personal_folds),
     )
     for name, m in per_site.items():
         log.info("personalisation: %s", choice_line(name, m))

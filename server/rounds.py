@@ -170,14 +170,16 @@ class ReplyChecks:
             content.metric_records[wire.METRICS], wire.ALLOWED_TRAIN_METRICS, self.declared.get(site)
         )
 
-    def personal_problem(self, site: str, reply: Message, max_epoch: int) -> str | None:
+    def personal_problem(self, site: str, reply: Message, max_epoch: int,
+                         max_folds: int | None = None) -> str | None:
         """A personalise reply: one record of aggregate numbers (the personal model stays at
-        the site); ``max_epoch``: the most epochs its fine-tuning could run."""
+        the site); ``max_epoch``: the most epochs its fine-tuning could run; ``max_folds``:
+        the CV folds the federation asked for."""
         if reply.content.array_records:
             return "the reply carries arrays; a personal model never leaves its site"
         problem = only_metrics(reply)
         return problem or personal_metrics_problem(
-            reply.content.metric_records[wire.METRICS], self.declared.get(site), max_epoch
+            reply.content.metric_records[wire.METRICS], self.declared.get(site), max_epoch, max_folds
         )
 
     def evaluate_problem(self, site: str, reply: Message) -> str | None:

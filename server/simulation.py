@@ -57,7 +57,8 @@ def preflight(cfg: ExperimentConfig, sites: list[SiteSettings]) -> None:
     (same functions, so a bad site fails in seconds instead of after Ray's start-up)."""
     from micromil_core.federated.setup import experiment_spec, starting_weights
     from micromil_core.federated.site_task import describe_site
-    from server.federation import check_sites, site_info
+    from server.discovery import site_info
+    from server.federation import check_sites
 
     infos = []
     for i, s in enumerate(sites):

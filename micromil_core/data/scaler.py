@@ -57,6 +57,6 @@ class FeatureScaler:
 
 
 def scale_bags(bags: list[Bag], scaler: FeatureScaler | None) -> list[Bag]:
-    """``bags`` standardised by ``scaler``, or as they are when there is none
-    (``train.standardize: false``)."""
+    """``bags`` standardised by ``scaler``, or as they are when there is none (features not
+    standardised, or standardised elsewhere: ``scaler: site`` fits them at evaluation)."""
     return scaler.transform_all(bags) if scaler is not None else bags

@@ -38,6 +38,8 @@ class IntensityShift:
 
     def apply(self, image: np.ndarray) -> np.ndarray:
         """Shapes: uint8 (H, W) or (H, W, C) -> the same, shifted."""
+        if image.dtype != np.uint8:
+            raise ConfigError(f"a site shift works on 8-bit images, got {image.dtype}")
         x = image.astype(np.float32) / 255.0
         x = self.contrast * (np.power(x, self.gamma) - 0.5) + 0.5 + self.brightness
         return np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
@@ -65,7 +67,7 @@ def parse_site_shift(spec: str | None) -> float | None:
 def site_shifts(spec: str | None, n_sites: int, seed: int) -> list[IntensityShift | None]:
     """Each site's shift, reproducible from ``seed`` (all None without a shift)."""
     sigma = parse_site_shift(spec)
-    if sigma is None:
+    if not sigma:  # none, or intensity:0 (every curve the identity)
         return [None] * n_sites
     z = np.random.default_rng(np.random.SeedSequence([seed, 0x5EED])).standard_normal((n_sites, 3))
     return [IntensityShift(float(np.exp(sigma * a)), float(np.exp(sigma * b / 2)), float(sigma * c / 10))

@@ -11,6 +11,11 @@ the global model unless fine-tuning beats it on average. The personal model is t
 global model fine-tuned for that many epochs on all those patients (as ``train.refit`` does
 for a local model).
 
+The global model itself was trained, through the rounds, on the training patients that now
+sit in the held folds; only the validation patients are new to it. Its held-fold scores are
+therefore somewhat optimistic, and the choice leans towards keeping it: a conservative bias
+for a hospital, which should change models only for a clear gain.
+
 It costs k + 1 fine-tunings at the site instead of one; ``federation.personal_folds: 0``
 chooses on the validation split instead. Not used under DP-SGD (each fold would spend
 privacy on the same patients again) nor for ``local-head`` (its head, kept from the rounds,
@@ -38,8 +43,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CvChoice:
-    """The chosen epoch count (0: keep the global model), the folds used, the mean fold AUC
-    of the global model and of the chosen count, and the personal model (None at 0)."""
+    """The chosen epoch count (0: keep the global model), the folds used, the mean held-fold
+    AUC of the global model and of the fold models at the chosen count (not of the model
+    refitted on all patients, and optimistic: the best of ``epochs + 1`` candidates), and
+    the personal model (None at 0)."""
 
     epoch: int
     folds: int
@@ -104,7 +111,8 @@ def cv_fine_tuning(
         for e, entry in enumerate(result.history, start=1):
             scores[i, e] = selection_score(cfg, entry.val_metrics)
             aucs[i, e] = entry.val_metrics.get("auc", np.nan)
-    mean = scores.mean(axis=0)
+    # An epoch whose score is not finite in some fold (a diverged fine-tuning) never wins.
+    mean = np.where(np.isfinite(scores), scores, -np.inf).mean(axis=0)
     best = int(np.argmax(mean))  # the first maximum: fewer epochs (or the global model) on ties
     auc = [_finite_mean(aucs[:, e]) for e in range(epochs + 1)]
     log.info("personal fine-tuning by %d-fold CV over %d patients: mean score by epoch %s; chose %d",
@@ -113,5 +121,9 @@ def cv_fine_tuning(
         return CvChoice(0, folds, float(auc[0]), float(auc[0]), None)
     model = build().to(device)
     seed_everything(cfg.seed)
-    fit(model, pool, [], cfg, device, extra_loss=extra_loss(model), epochs=best, progress_span=span)
+    # The first ``best`` epochs of the folds' runs: the same part of the span, so the model's
+    # schedules (HMIL's curriculum, MRAN's ramp) see the progress the chosen epochs saw.
+    first, last = span
+    fit(model, pool, [], cfg, device, extra_loss=extra_loss(model), epochs=best,
+        progress_span=(first, first + (last - first) * best / epochs))
     return CvChoice(best, folds, float(auc[0]), float(auc[best]), model)

@@ -12,9 +12,11 @@ Methods:
   all sites train together, is what travels. At the end the head is trained on the final
   global body. Held-out sites are served by the global model, as under every method.
 
-Whatever the method, the candidates (each fine-tuning epoch) and the global model itself
-are judged on the site's VALIDATION patients and the best one is kept, so a site whose
-patients the global model already serves best keeps it (``personal_epoch`` 0). The test
+Whatever the method, the candidates (each fine-tuning epoch count) and the global model
+itself are judged without the site's test patients, and the best one is kept, so a site
+whose patients the global model already serves best keeps it (``personal_epoch`` 0):
+``finetune`` and ``proximal`` by k-fold CV over the site's training and validation patients
+(``personal_cv``), ``local-head`` and DP-SGD sites on the validation patients. The test
 split is never read here. The personal model is saved as a checkpoint in the site's own
 folder and only aggregate numbers, withheld below the small-count guard, leave the site.
 """
@@ -118,18 +120,20 @@ class PersonalStore:
             return None
         return torch.load(self._head_path(rounds[-1]), map_location="cpu", weights_only=True)
 
-    def made_from(self, global_sha: str) -> dict[str, Any] | None:
-        """The reply of a personal model already made here from this global model (a
-        coordinator that restarts during personalisation asks again: DP budget is not
-        spent twice), else None."""
+    def made_from(self, global_sha: str, how: dict[str, Any]) -> dict[str, Any] | None:
+        """The reply of a personal model already made here from this global model, the same
+        way (``how``: method and its settings); a coordinator that restarts during
+        personalisation asks again, and DP budget is not spent twice. Else None."""
         path = self.root / MADE_FROM_FILE
         if not (path.is_file() and self.model_path.is_file()):
             return None
         saved = json.loads(path.read_text())
-        return saved["metrics"] if saved.get("global_sha256") == global_sha else None
+        same = saved.get("global_sha256") == global_sha and saved.get("how") == how
+        return saved["metrics"] if same else None
 
-    def record(self, global_sha: str, metrics: dict[str, Any]) -> None:
-        write_json_atomic(self.root / MADE_FROM_FILE, {"global_sha256": global_sha, "metrics": metrics})
+    def record(self, global_sha: str, how: dict[str, Any], metrics: dict[str, Any]) -> None:
+        write_json_atomic(self.root / MADE_FROM_FILE,
+                          {"global_sha256": global_sha, "how": how, "metrics": metrics})
 
 
 def state_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -346,7 +350,10 @@ def make_personal_model(
         raise SiteDataError(f"site {site.name} is a held-out site: it uses the global model")
     store = PersonalStore(site.state_dir, run_id, site.name) if path is None else None
     global_sha = state_sha256(global_state)
-    if store is not None and (done := store.made_from(global_sha)) is not None:
+    fed = cfg.federation
+    how = {"method": fed.personalise, "personal_epochs": fed.personal_epochs,
+           "personal_mu": fed.personal_mu, "personal_folds": fed.personal_folds}
+    if store is not None and (done := store.made_from(global_sha, how)) is not None:
         log.info("site %s: personal model already made from this global model: %s", site.name, store.model_path)
         return done
     scaler = runtime.scaler_for(settings.scaler, settings.site_scaler)
@@ -362,7 +369,7 @@ def make_personal_model(
          "scaler": "site" if settings.site_scaler else "global"},
     ), path or store.model_path)
     if store is not None:
-        store.record(global_sha, metrics)
+        store.record(global_sha, how, metrics)
     log.info("site %s: personal model saved to %s", site.name, path or store.model_path)
     return metrics
 

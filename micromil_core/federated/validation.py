@@ -117,16 +117,17 @@ def metrics_problem(
 
 
 def personal_metrics_problem(
-    metrics: Mapping[str, Any], max_examples: int | None, max_epoch: int
+    metrics: Mapping[str, Any], max_examples: int | None, max_epoch: int, max_folds: int | None = None
 ) -> str | None:
     """Why a personalise reply's numbers must not be used, or None: the wire's keys with
-    sane values, counts that are counts within what the site declared, and a chosen epoch
-    the fine-tuning could have reached (``max_epoch``)."""
+    sane values, counts that are counts within what the site declared, a chosen epoch
+    the fine-tuning could have reached (``max_epoch``) and no more CV folds than asked."""
     problem = metrics_problem(metrics, wire.ALLOWED_PERSONAL_METRICS, max_examples)
     if problem:
         return problem
+    folds_high = max_examples if max_folds is None else max_folds
     for key, high in ((wire.PERSONAL_EPOCH, max_epoch), (wire.NUM_VAL, max_examples),
-                      (wire.PERSONAL_FOLDS, max_examples)):
+                      (wire.PERSONAL_FOLDS, folds_high)):
         value = metrics.get(key)
         if value is None:
             continue

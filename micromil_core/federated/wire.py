@@ -84,18 +84,20 @@ AUC_INTERVAL = ("auc_ci_low", "auc_ci_high")
 FINE_COUNT = "fine_n"
 # Every metric an evaluation reply may carry (each one subject to the small-count guard).
 EVAL_METRIC_KEYS = (*CORE_METRICS, "loss", *AUC_INTERVAL, "roc_fpr", "roc_tpr", *FINE_METRIC_KEYS)
-# Personalisation (federated/personalise.py): each training site's validation AUC of the
-# global and of its personal model, and the fine-tuning epoch chosen (0 = global kept).
+# Personalisation (federated/personalise.py): each training site's AUC of the global and of
+# its personal model on the patients it chose by (mean over held folds under k-fold CV, else
+# its validation patients), the fine-tuning epoch chosen (0 = global kept), and the folds.
 PERSONAL_EPOCH = "personal_epoch"
 NUM_VAL = "num_val"  # the patients a site chose its personal model on
 PERSONAL_FOLDS = "personal_folds"  # k of the k-fold CV that chose it (absent: the validation split)
-PERSONAL_METRIC_KEYS = ("val_auc_global", "val_auc_personal", PERSONAL_EPOCH)
+# The folds are withheld with the rest: fewer than asked is the smaller class's patient count.
+PERSONAL_METRIC_KEYS = ("val_auc_global", "val_auc_personal", PERSONAL_EPOCH, PERSONAL_FOLDS)
 # append only: indices travel on the wire
 GUARDED_METRICS = (*EVAL_METRIC_KEYS, "train_loss", *PERSONAL_METRIC_KEYS)
 ALLOWED_EVAL_METRICS = frozenset({NUM_EXAMPLES, FINE_COUNT, *EVAL_METRIC_KEYS} | DISCLOSURE_METRICS)
 # A personalise reply: aggregate numbers only; the personal model stays at the site.
 ALLOWED_PERSONAL_METRICS = frozenset(
-    {NUM_EXAMPLES, NUM_VAL, PERSONAL_FOLDS, "seconds", *PERSONAL_METRIC_KEYS} | DISCLOSURE_METRICS | DP_METRICS
+    {NUM_EXAMPLES, NUM_VAL, "seconds", *PERSONAL_METRIC_KEYS} | DISCLOSURE_METRICS | DP_METRICS
 )
 ALLOWED_SITE_METRICS = frozenset(
     {NUM_EXAMPLES, "feature_dim", "num_train", "num_val", "num_test", "num_instances",

@@ -175,6 +175,9 @@ class MILModel(nn.Module):
         rounds, so a schedule spans the whole run rather than restarting every round.
         """
 
+    def finish_training(self) -> None:
+        """Called when a ``fit`` call ends (MicroMIL hands back its reused activation buffer)."""
+
     def after_step(self) -> None:
         """Called after every optimiser step (MHIM's EMA teacher update)."""
 

@@ -289,6 +289,9 @@ class MHIM(MILModel):
         received global model), so it never outlives a round; see docs/mhim.md."""
         self.sync_teacher()
 
+    def finish_training(self) -> None:
+        self.student.finish_training()
+
     def set_progress(self, fraction: float) -> None:
         self.progress = min(max(float(fraction), 0.0), 1.0)
 

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from micromil_core.models.base import Encoding, MILModel, Prediction
 from micromil_core.models.clustering import kmeans
 from micromil_core.models.micromil_kernels import (
+    WORKSPACE,
     RowGradients,
     project_and_score,
     representative_rows,
@@ -265,9 +266,10 @@ class MicroMIL(MILModel):
     def _fused(self, x: Tensor) -> bool:
         """Whether a training pass may use ``micromil_kernels`` (same maths, less memory
         traffic): not when anything hooks the modules (Opacus's per-sample gradients need
-        their inputs), nor under autocast, nor without gradients (eval uses the gather)."""
-        if not (self.training and torch.is_grad_enabled()):
-            return False
+        their inputs), nor under autocast, nor without gradients (eval uses the gather), nor
+        when the input itself asks for a gradient."""
+        if not (self.training and torch.is_grad_enabled()) or x.requires_grad:
+            return False  # the fused backward gives the input no gradient
         if torch.is_autocast_enabled(x.device.type):
             return False
         mods = (self.proj, self.dce, self.score)
@@ -310,6 +312,10 @@ class MicroMIL(MILModel):
         w = real.unsqueeze(-1).to(nodes.dtype)  # (B, K, 1)
         bag = (nodes * w).sum(1) / w.sum(1).clamp_min(1.0)  # (B, G)
         return MicroMILOutput(self.head(bag), bag, q, s, index, adj)
+
+    def finish_training(self) -> None:
+        """The fused step's spare H buffer goes back to the allocator once training ends."""
+        WORKSPACE.clear()
 
     def selection_logits(self, h: Tensor, q: Tensor) -> Tensor:
         """Per (instance, cluster) score of the representative draw (``params.selection``).

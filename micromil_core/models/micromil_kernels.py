@@ -46,7 +46,8 @@ class _Workspace:
     here by the forward pass and given back at the end of the backward pass, when nothing
     can read it any more; a pass whose backward never runs simply keeps its own buffer.
     Writing into a buffer some retained graph still holds would be caught by autograd's
-    version check on the saved H, not read silently.
+    version check on the saved H, not read silently: a graph kept with ``retain_graph``
+    cannot be run backward again once the next step has run its forward.
     """
 
     def __init__(self) -> None:
@@ -70,7 +71,8 @@ class _Workspace:
                 self._spare[key] = base
 
     def clear(self) -> None:
-        """Drop the spare buffers (after training, to hand their memory back)."""
+        """Drop the spare buffers: ``MicroMIL.finish_training`` does, at the end of every
+        ``fit``, so an idle site process does not hold its largest H."""
         with self._lock:
             self._spare.clear()
 
@@ -123,7 +125,7 @@ class _ProjectAndScore(torch.autograd.Function):
         extra_grads = torch.cat(picked.grads) if picked.grads else None
         picked.rows, picked.grads = [], []  # taken: a retained graph's next backward refills
         need_w, need_b, need_m = ctx.needs_input_grad[1:4]
-        # The first chunk writes the sums (beta=0), so no zero-filled start is read back.
+        # The first chunk writes dW and dM (beta=0): no zero-filled start to read back.
         dw = weight.new_empty(weight.shape) if need_w else None
         db = torch.zeros_like(weight[:, 0]) if need_b else None
         dm = m.new_empty(m.shape) if need_m else None
@@ -147,9 +149,7 @@ class _ProjectAndScore(torch.autograd.Function):
                 db.addmv_(gz.t(), ones[: e - s])
             if dm is not None:  # the centroids' and the score's gradient, H still hot
                 dm.addmm_(dc[s:e].t(), hc, beta=beta)
-        if not ctx.needs_input_grad[0]:  # nothing else reads H after this pass
-            del x, hc, gc, gz
-            WORKSPACE.give_back(h)
+        WORKSPACE.give_back(h)  # nothing reads H after this pass (see _Workspace)
         return None, dw, db, dm, None, None
 
 

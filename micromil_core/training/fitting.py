@@ -186,8 +186,7 @@ def _fit_fresh(
     epochs: int | None = None,
 ) -> tuple[Any, FeatureScaler | None, TrainResult]:
     scaler = FeatureScaler.fit(train_bags) if cfg.train.standardize else None
-    if scaler is not None:
-        train_bags, val_bags = scaler.transform_all(train_bags), scaler.transform_all(val_bags)
+    train_bags, val_bags = scale_bags(train_bags, scaler), scale_bags(val_bags, scaler)
     in_dim = int(train_bags[0].features.shape[1])
     model = build_model(cfg.model.name, in_dim, n_classes, dict(cfg.model.params))
     if cfg.train.refit and model.needs_baseline_stage:
@@ -208,6 +207,9 @@ def _fit_fresh(
             device,
             progress=update,
             epochs=epochs,
+            # A refit replays the first ``epochs`` of a cfg.train.epochs run: the same part of
+            # the schedules' progress, not all of it squeezed into fewer epochs.
+            progress_span=(0.0, min(1.0, epochs / cfg.train.epochs)) if epochs else (0.0, 1.0),
             baseline_stage=True,
         )
     finally:

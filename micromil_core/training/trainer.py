@@ -287,4 +287,5 @@ def _fit_stage(
             break
     if best_state is not None:
         model.load_state_dict(best_state)
+    model.finish_training()
     return TrainResult(best_epoch, best_metrics, history, stopped)

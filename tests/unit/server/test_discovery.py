@@ -105,7 +105,7 @@ def test_happy_path_asks_each_node_once():
     sites = _discover(grid, expected=3)
     assert grid.asked == [[11, 12, 13]]
     assert grid.timeouts == [discovery.DESCRIBE_ATTEMPT_S]  # an attempt, not the whole timeout
-    assert grid.lists == 1  # no refresh once everyone answered
+    assert grid.lists == 2  # the wait, and one look after the attempt (who is still connected)
     assert [(s.name, s.node_id) for s in sites] == [("a", 12), ("b", 11), ("c", 13)]
     total, total_sq, count = sites[0].moments
     assert total.dtype == torch.float64 and total.shape == (DIM,) and count == 3
@@ -154,15 +154,26 @@ def test_a_node_the_superlink_reports_gone_does_not_fail_preflight():
     assert {s.name: s.node_id for s in sites} == {"a": 11, "b": 12, "c": 23}
 
 
-def test_one_site_under_two_node_ids_counts_once(caplog):
-    # a answered from 11, restarted as 21 while 11 is still listed; c answers late
+def test_a_site_restarted_under_a_new_node_id_counts_once(caplog):
+    # a answered from 11, then restarted as 21; by the time 21 answers, 11 has left the list
     grid = FakeGrid({11: "a", 12: "b", 13: "c", 21: "a"}, silent={13: 1},
-                    listings=[[11, 12, 13], [11, 12, 13, 21]])
+                    listings=[[11, 12, 13], [11, 12, 13, 21], [12, 13, 21]])
     sites = _discover(grid, expected=3)
     assert grid.asked == [[11, 12, 13], [13, 21]]  # 11 answered: never asked again
     assert {s.name: s.node_id for s in sites} == {"a": 21, "b": 12, "c": 13}
-    assert "site a answered from node 11, and now from node 21" in caplog.text
+    assert "site a answered from node 11, and now from node 21: node 11 has left" in caplog.text
     validate_sites(sites, ExperimentConfig())  # no spurious "several sites call themselves a"
+
+
+def test_a_second_live_node_naming_a_site_is_left_for_the_checks():
+    # 21 also calls itself a while 11 is still connected: two hospitals with one name (or
+    # an impostor joining late), not a restart; neither is dropped, and the run is refused
+    grid = FakeGrid({11: "a", 12: "b", 13: "c", 21: "a"}, silent={13: 1},
+                    listings=[[11, 12, 13], [11, 12, 13, 21]])
+    sites = _discover(grid, expected=3)
+    assert sorted(s.node_id for s in sites if s.name == "a") == [11, 21]
+    with pytest.raises(SiteDataError, match="several sites call themselves a"):
+        validate_sites(sites, ExperimentConfig())
 
 
 def test_two_live_nodes_with_one_name_are_left_for_the_checks():

@@ -30,6 +30,12 @@ def test_an_honest_reply_passes():
     assert CHECKS.personal_problem("h1", _reply(cv), max_epoch=20) is None
 
 
+def test_more_folds_than_the_federation_asked_for_are_refused():
+    cv = {**GOOD, wire.PERSONAL_FOLDS: 9, wire.NUM_VAL: 38}
+    problem = CHECKS.personal_problem("h1", _reply(cv), max_epoch=20, max_folds=5)
+    assert problem is not None and "not a count in [0, 5]" in problem
+
+
 @pytest.mark.parametrize("reply, why", [
     (_reply(arrays=ArrayRecord({"head.weight": torch.zeros(2, 3)})), "arrays"),
     (_reply(extra=ConfigRecord({"w": b"\x00" * 4096})), "records the protocol does not have"),
@@ -67,7 +73,8 @@ def test_a_site_with_its_own_dp_refuses_local_head_before_round_one(tmp_path):
     from micromil_core.errors import ConfigError
     from micromil_core.federated.site_task import SiteSettings, describe_site
     from micromil_core.privacy.settings import LocalPrivacyConfig
-    from server.federation import check_sites, site_info
+    from server.discovery import site_info
+    from server.federation import check_sites
     from tests.conftest import write_site
 
     dp = LocalPrivacyConfig(mode="dp-sgd", target_epsilon=8.0, delta=1e-3)

@@ -17,7 +17,7 @@ from micromil_core.errors import SiteDataError
 from micromil_core.federated import wire
 from micromil_core.federated.setup import SiteInfo, check_encoders, validate_sites
 from micromil_core.federated.site_task import SiteSettings, describe_site
-from server.federation import site_info
+from server.discovery import site_info
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")
 

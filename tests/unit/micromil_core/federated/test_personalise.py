@@ -211,13 +211,54 @@ def test_the_global_model_is_kept_when_nothing_beats_it(tmp_path, monkeypatch, f
     assert not all(torch.equal(model.state_dict()[k], state[k]) for k in state)
 
 
-def test_small_validation_sets_withhold_the_personal_numbers(tmp_path):
+def test_too_few_patients_of_a_class_withhold_the_personal_numbers(tmp_path):
     runtime = _runtime(tmp_path)
     _, _, metrics = personalise_site(runtime, SPEC, SPEC.build().state_dict(), _cfg(), None,
                                      torch.device("cpu"), "run", min_patients=50)
     assert set(metrics) <= wire.ALLOWED_PERSONAL_METRICS
-    assert not {"val_auc_global", "val_auc_personal", "personal_epoch"} & set(metrics)
-    assert set(withheld_names(metrics[wire.SUPPRESSED])) >= {"val_auc_global", "personal_epoch"}
+    assert not {"val_auc_global", "val_auc_personal", "personal_epoch", "personal_folds"} & set(metrics)
+    # The folds too: fewer than asked would be the smaller class's patient count.
+    assert set(withheld_names(metrics[wire.SUPPRESSED])) >= {"val_auc_global", "personal_epoch",
+                                                             "personal_folds"}
+
+
+def test_a_diverged_fold_never_wins_the_cv_choice(monkeypatch):
+    """A fine-tuning whose held-fold score is NaN in one fold (a diverged run) never has its
+    epoch count chosen, however good the other folds look; the refit replays the chosen
+    epochs' part of the training span, as the folds ran it."""
+    from types import SimpleNamespace
+
+    from micromil_core.data.bag import Bag
+    from micromil_core.federated import personal_cv
+    from micromil_core.training import trainer
+
+    gen = torch.Generator().manual_seed(0)
+    pool = [Bag(f"p{i}", torch.randn(4, 6, generator=gen), i % 2) for i in range(12)]
+    calls = []
+
+    def scripted(model, train, val, cfg, device, epochs=None, progress_span=None, **_):
+        calls.append((epochs, progress_span))
+        fold = len(calls) - 1
+        # epoch 1: great everywhere but NaN in fold 0; epoch 2: fine everywhere
+        losses = [math.nan if fold == 0 else 0.01, 0.3]
+        return SimpleNamespace(history=[SimpleNamespace(val_metrics={"loss": v, "auc": 0.9})
+                                        for v in losses[:epochs]])
+
+    monkeypatch.setattr(trainer, "fit", scripted)
+    monkeypatch.setattr(personal_cv, "score_on", lambda *a: (-0.5, {"loss": 0.5, "auc": 0.5}))
+    choice = personal_cv.cv_fine_tuning(lambda: SPEC.build(), pool, TrainConfig(), 2, 3,
+                                        torch.device("cpu"), (0.5, 1.0))
+    assert choice.epoch == 2 and choice.model is not None
+    assert calls[:3] == [(2, (0.5, 1.0))] * 3 and calls[3] == (2, (0.5, 1.0))
+    # Chosen at epoch 1 of 2 (the NaN fold removed), the refit covers the span's first half.
+    monkeypatch.setattr(trainer, "fit", lambda *a, epochs=None, progress_span=None, **k: (
+        calls.append((epochs, progress_span)) or SimpleNamespace(history=[
+            SimpleNamespace(val_metrics={"loss": 0.01, "auc": 0.9}),
+            SimpleNamespace(val_metrics={"loss": 0.3, "auc": 0.9})][:epochs])))
+    calls.clear()
+    assert personal_cv.cv_fine_tuning(lambda: SPEC.build(), pool, TrainConfig(), 2, 3,
+                                      torch.device("cpu"), (0.5, 1.0)).epoch == 1
+    assert calls[-1] == (1, (0.5, 0.75))
 
 
 def test_the_personal_model_is_a_checkpoint_at_the_site(tmp_path):
@@ -241,6 +282,10 @@ def test_the_personal_model_is_a_checkpoint_at_the_site(tmp_path):
     other.head.bias.data += 1.0
     make_personal_model(runtime, settings, other.state_dict(), torch.device("cpu"), "run-7", 2)
     assert ckpt_path.stat().st_mtime_ns != stamp  # another global model: made afresh
+    stamp = ckpt_path.stat().st_mtime_ns
+    by_cv = RoundSettings(_cfg(folds=3), CLASSES, SPEC)
+    made = make_personal_model(runtime, by_cv, other.state_dict(), torch.device("cpu"), "run-7", 2)
+    assert ckpt_path.stat().st_mtime_ns != stamp and made["personal_folds"] == 3  # made another way
     held_out = replace(runtime, settings=replace(runtime.settings, role="holdout"))
     with pytest.raises(SiteDataError, match="held-out"):
         make_personal_model(held_out, settings, other.state_dict(), torch.device("cpu"), "run-7", 2)

@@ -103,6 +103,7 @@ def test_fast_pass_respects_a_frozen_projection() -> None:
 def test_fast_pass_only_where_it_is_safe() -> None:
     fast, _, x, mask, _ = _model_pair("distinct")
     assert fast._fused(x)
+    assert not fast._fused(x.clone().requires_grad_(True))  # its backward gives x no gradient
     with torch.no_grad():
         assert not fast._fused(x)
     fast.eval()
@@ -112,6 +113,14 @@ def test_fast_pass_only_where_it_is_safe() -> None:
     assert not fast._fused(x)
     handle.remove()
     assert fast._fused(x)
+
+
+@pytest.fixture(autouse=True)
+def no_spare_buffers():
+    """Every test starts and ends without a spare H buffer (the workspace is process-wide)."""
+    kernels.WORKSPACE.clear()
+    yield
+    kernels.WORKSPACE.clear()
 
 
 def _train_steps(model, x, mask, y, steps: int, fresh_buffers: bool) -> list[int]:
@@ -138,27 +147,29 @@ def test_the_reused_h_buffer_gives_the_same_training(monkeypatch) -> None:
     reused, fresh, x, mask, y = _model_pair("distinct")
     fresh._forward_hooks.clear()
     fresh.proj._forward_hooks.clear()  # both fast: only the buffers differ
-    kernels.WORKSPACE.clear()
     addresses = _train_steps(reused, x, mask, y, 4, fresh_buffers=False)
     assert len(set(addresses)) == 1 and addresses[0] != 0  # one buffer, kept across steps
     _train_steps(fresh, x, mask, y, 4, fresh_buffers=True)
     for (name, a), (_, b) in zip(reused.named_parameters(), fresh.named_parameters(), strict=True):
         assert torch.equal(a, b), name
-    # A shorter bag takes the front rows of the spare buffer.
+    # A shorter bag takes the front rows of the spare buffer, and trains as with a fresh one.
     spare = kernels.WORKSPACE._spare[(x.device, x.dtype, reused.proj.out_features)].data_ptr()
     short_x, short_mask = x[:, :90], mask[:, :90]
     assert _train_steps(reused, short_x, short_mask, y, 1, fresh_buffers=False) == [spare]
-    kernels.WORKSPACE.clear()
+    _train_steps(fresh, short_x, short_mask, y, 1, fresh_buffers=True)
+    for (name, a), (_, b) in zip(reused.named_parameters(), fresh.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+    # The end of a fit hands the buffer back to the allocator.
+    reused.finish_training()
+    assert not kernels.WORKSPACE._spare
 
 
 def test_a_retained_graph_never_reads_a_reused_buffer() -> None:
     """A graph kept for a second backward still holds H; once the next step has written its
     own H into that buffer, the old backward fails loudly instead of using the new values."""
     model, _, x, mask, y = _model_pair("distinct")
-    kernels.WORKSPACE.clear()
     old, _ = model.loss(x, mask, y)
     old.backward(retain_graph=True)  # gives H's buffer back while the graph still holds it
     model.loss(x, mask, y)[0].backward()  # the next step writes into that buffer
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         old.backward()
-    kernels.WORKSPACE.clear()

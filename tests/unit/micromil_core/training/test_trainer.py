@@ -121,12 +121,13 @@ def test_refit_retrains_on_all_patients_for_the_selected_epochs(tmp_path, monkey
     real_fit = fitting.fit
 
     def spy(model, train, val, cfg, device, progress=None, extra_loss=None, epochs=None,
-            baseline_stage=False):
-        calls.append((len(train), len(val), epochs))
+            progress_span=(0.0, 1.0), baseline_stage=False):
+        calls.append((len(train), len(val), epochs, progress_span))
         return real_fit(model, train, val, cfg, device, progress=progress, epochs=epochs,
-                        baseline_stage=baseline_stage)
+                        progress_span=progress_span, baseline_stage=baseline_stage)
 
     monkeypatch.setattr(fitting, "fit", spy)
     cfg = build_config({"model": {"name": "mean-pool"}, "train": {"epochs": 4, "refit": True, "patience": 0}})
     _, _, result = fitting.train_and_select(cfg, bags[:12], bags[12:], 2, CPU)
-    assert calls == [(12, 4, None), (16, 0, result.best_epoch)]
+    # The refit replays the selected epochs at the progress they had (schedules: HMIL, MRAN).
+    assert calls == [(12, 4, None, (0.0, 1.0)), (16, 0, result.best_epoch, (0.0, result.best_epoch / 4))]
