@@ -202,6 +202,11 @@ class DataConfig:
             f"'<method>:<reference image>' with method in {{{', '.join(METHODS)}}}, e.g. "
             "macenko:/data/reference.png ('' = off)",
         )
+        # It changes images before they are encoded: precomputed features cannot be normalised.
+        _require(bool(self.encoder), "data.stain_normalise", self.stain_normalise,
+                 "set together with an encoder (--encoder / data.encoder); precomputed "
+                 "features cannot be stain-normalised, extract them again with "
+                 "`micromil extract --stain-normalise`")
 
     def extraction_options(self) -> dict[str, Any]:
         """Keyword options for ``extract_site_features`` besides the site and encoder."""

@@ -94,6 +94,11 @@ def test_stain_normalise_is_a_flag_of_every_command_that_extracts_features():
     for command in (["train", "--data", "site", "--out", "o"], ["cv", "--data", "site", "--out", "o"]):
         args = parser.parse_args([*command, "--encoder", "histo-texture", "--stain-normalise", "macenko:ref.png"])
         assert experiment_config(args).data.stain_normalise == "macenko:ref.png"
-    args = parser.parse_args(["train", "--data", "site", "--out", "o", "--stain-normalise", "sharpen:ref.png"])
+    args = parser.parse_args(["train", "--data", "site", "--out", "o", "--encoder", "histo-texture",
+                              "--stain-normalise", "sharpen:ref.png"])
     with pytest.raises(ConfigError, match="data.stain_normalise"):
+        experiment_config(args)
+    # Without an encoder there are no images to normalise: said, not silently ignored.
+    args = parser.parse_args(["train", "--data", "site", "--out", "o", "--stain-normalise", "macenko:ref.png"])
+    with pytest.raises(ConfigError, match="set together with an encoder"):
         experiment_config(args)
