@@ -234,17 +234,10 @@ def prepare_dataset(
     if any(shifts) and loaded.modality != "images":
         raise ConfigError(f"--site-shift changes images; {name} has features only (use an image "
                           "dataset: fashion-bags, fashion-hier, fashion-sparse)")
-
     _write_data_root(out, name, loaded, parts, labels, sites, spec, seed, val_fraction, max_bags, dim,
                      progress, shifts)
-    log.info(
-        "prepared %s: %d bags in %d site(s) (%d held out) at %s",
-        name,
-        len(bags),
-        n_total,
-        holdout_sites,
-        out,
-    )
+    log.info("prepared %s: %d bags in %d site(s) (%d held out) at %s", name, len(bags), n_total,
+             holdout_sites, out)
     return read_sites_yaml(out)
 
 
