@@ -45,8 +45,8 @@ def personalise_sites(fed: _Federation, arrays: ArrayRecord, federation_id: str)
         lambda site, r: fed.checks.personal_problem(site, r, max_epoch, cfg.personal_folds),
     )
     for name, m in per_site.items():
-        log.info("personalisation: %s", choice_line(name, m))
+        log.info("personalisation: %s", choice_line(name, m, fed.cfg.train.select_on))
     for f in failures:
         log.warning("personalisation: %s", f)
     return {"method": cfg.personalise, "federation_id": federation_id, "per_site": per_site,
-            "failures": failures}
+            "select_on": fed.cfg.train.select_on, "failures": failures}

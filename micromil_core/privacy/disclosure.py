@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 
 _warned: set[int] = set()  # thresholds already warned about in this process
 _OVER_ALL = ("loss", "accuracy", "train_loss")
+# personal_folds: fewer CV folds than asked is the smaller class's patient count.
 _OVER_EVERY_CLASS = ("auc", "auc_ci_low", "auc_ci_high", "roc_fpr", "roc_tpr", "balanced_accuracy", "f1",
-                     "val_auc_global", "val_auc_personal", "personal_epoch")
+                     "val_auc_global", "val_auc_personal", "personal_epoch", "personal_folds")
 
 
 def effective_min_patients(site: LocalPrivacyConfig, coordinator: LocalPrivacyConfig) -> int:

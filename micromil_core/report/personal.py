@@ -40,8 +40,8 @@ PERSONALISED_KEY = "personalised"
 _KIND_LABELS = {"local": "local only", "global": "global (federated)", "personalised": "personalised"}
 _KIND_COLORS = {"local": "C2", "global": "C0", "personalised": "C3"}
 _METHODS = {
-    "finetune": "the final global model trained further on the site's training patients",
-    "proximal": "the final global model trained further on the site's training patients, "
+    "finetune": "the final global model trained further on the site's own patients",
+    "proximal": "the final global model trained further on the site's own patients, "
                 "held near the global model by a proximal term",
     "local-head": "the global model's body with a classifier head of the site's own, "
                   "trained at the site every round",
@@ -166,12 +166,15 @@ def own_patients_figure(per_site: Mapping[str, Mapping[str, Any]]) -> str | None
     return png_uri(fig)
 
 
-def choice_line(site: str, m: Mapping[str, Any]) -> str:
-    """What a training site reported of its personal model, as one line (console and log)."""
+def choice_line(site: str, m: Mapping[str, Any], select_on: str | None = None) -> str:
+    """What a training site reported of its personal model, as one line (console and log).
+    ``select_on`` (``train.select_on``) names what the choice maximised: with ``loss`` a
+    site may keep a model whose AUC is lower, and the line says so."""
     epoch = m.get("personal_epoch")
     chosen = "choice withheld" if epoch is None else ("the global model" if epoch == 0 else f"epoch {epoch}")
-    folds = finite(m.get("personal_folds"))
-    judged = f"{int(folds)}-fold CV AUC" if folds else "validation AUC"
+    if epoch is not None and select_on:
+        chosen += f", chosen by {'AUC' if select_on == 'auc' else 'class-weighted loss'}"
+    judged = "CV AUC" if _by_cv(m) else "validation AUC"
     return (f"{site}: {judged} global {metric_text(m, 'val_auc_global')} -> personal "
             f"{metric_text(m, 'val_auc_personal')} ({chosen})")
 
@@ -187,10 +190,19 @@ def _epoch_text(site: Mapping[str, Any]) -> str:
     return "0 (global kept)" if epoch == 0 else str(int(epoch))
 
 
+def _by_cv(site: Mapping[str, Any]) -> bool:
+    """Whether the site chose by CV: it sent its fold count, or withheld it."""
+    withheld = site.get("suppressed")
+    hidden = isinstance(withheld, (list, tuple)) and "personal_folds" in withheld
+    return hidden or bool(finite(site.get("personal_folds")))
+
+
 def _judged_text(site: Mapping[str, Any]) -> str:
     """What a site chose its personal model on: k-fold CV or its validation split."""
     folds = finite(site.get("personal_folds"))
-    return f"{int(folds)}-fold CV (train + val)" if folds else "validation split"
+    if folds:
+        return f"{int(folds)}-fold CV (train + val)"
+    return "CV (train + val; folds withheld)" if _by_cv(site) else "validation split"
 
 
 def _choice_html(personalised: Mapping[str, Any]) -> str:
@@ -261,7 +273,8 @@ def personalisation_section(
         "the global model and each epoch count of its own training, by k-fold cross-validation "
         "over its training and validation patients (fine-tuning methods) or on its validation "
         "patients (local-head, DP-SGD, or too few patients for CV); epoch 0: the global model "
-        "was kept. Its test patients are not used for that choice; in a "
+        "was kept. The choice maximises <code>train.select_on</code> (by default the class-weighted loss), "
+        "so a personal model may be kept with a lower AUC. Its test patients are not used for that choice; in a "
         "simulation they serve only for the comparison of local, global and personal models.</p>"
     )
     if has_own:

@@ -93,13 +93,16 @@ def test_a_site_with_its_own_dp_refuses_local_head_before_round_one(tmp_path):
 def test_simulate_says_what_each_site_chose(tmp_path):
     from server.simulation_cli import personal_lines
 
-    metrics = {"personalised": {"method": "finetune", "failures": ["site-9: not connected"], "per_site": {
-        "site-0": {"val_auc_global": 0.7, "val_auc_personal": 0.8, "personal_epoch": 4},
+    metrics = {"personalised": {"method": "finetune", "failures": ["site-9: not connected"], "select_on": "loss",
+                                "per_site": {
+        "site-0": {"val_auc_global": 0.7, "val_auc_personal": 0.6, "personal_epoch": 4, "personal_folds": 5},
         "site-1": {"val_auc_global": 0.9, "val_auc_personal": 0.9, "personal_epoch": 0},
-        "site-2": {"suppressed": ["val_auc_global", "val_auc_personal", "personal_epoch"], "min_patients": 5},
+        "site-2": {"suppressed": ["val_auc_global", "val_auc_personal", "personal_epoch", "personal_folds"],
+                   "min_patients": 5},
     }}}
     text = "\n".join(personal_lines(metrics, tmp_path))
-    assert "site-0: validation AUC global 0.700 -> personal 0.800 (epoch 4)" in text
-    assert "site-1: validation AUC global 0.900 -> personal 0.900 (the global model)" in text
-    assert "site-2: validation AUC global suppressed (n < 5)" in text and "choice withheld" in text
+    # A lower AUC can win under select_on: loss; the line says what the choice maximised.
+    assert "site-0: CV AUC global 0.700 -> personal 0.600 (epoch 4, chosen by class-weighted loss)" in text
+    assert "site-1: validation AUC global 0.900 -> personal 0.900 (the global model, chosen by" in text
+    assert "site-2: CV AUC global suppressed (n < 5)" in text and "(choice withheld)" in text
     assert "site-9: not connected" in text and personal_lines({}, tmp_path) == []
