@@ -197,7 +197,7 @@ def chosen_epoch(work: Path, key: str, seed: int, method: str, site: str) -> int
     return int(load_checkpoint(found[0]).provenance["personal_epoch"]) if found else None
 
 
-def kept_global(work: Path, rows: list[dict]) -> list[str]:
+def kept_global(rows: list[dict]) -> list[str]:
     """How often each method kept the global model (epoch 0), over sites and seeds."""
     lines = ["| dataset | method | global model kept (site x seed cells) |", "|---|---|---|"]
     for key, method in dict.fromkeys((r["dataset"], r["method"]) for r in rows):
@@ -260,7 +260,7 @@ def main() -> None:
         "",
         "## How often the global model was kept",
         "",
-        *kept_global(work, rows),
+        *kept_global(rows),
         "",
         "## MicroMIL's representatives (diversity on the sites' test bags)",
         "",

@@ -107,7 +107,7 @@ from micromil_core.data.fashion_mnist import (
 from micromil_core.data.layout import FEATURES_DIR, IMAGES_DIR, PATIENTS_CSV
 from micromil_core.data.mil_csv import load_mil_csv
 from micromil_core.data.partition import parse_partition, partition_indices, partition_summary
-from micromil_core.data.site_shift import IntensityShift, parse_site_shift, site_shifts
+from micromil_core.data.site_shift import IntensityShift, site_shifts
 from micromil_core.data.splits import train_val_split
 from micromil_core.errors import ConfigError
 from micromil_core.io import atomic_path, write_text_atomic
@@ -218,7 +218,8 @@ def prepare_dataset(
     out = Path(out)
     _check_prepare_arguments(sites, holdout_sites, max_bags, val_fraction)
     spec = parse_partition(partition)
-    parse_site_shift(site_shift)  # a bad spec fails before any data is read
+    n_total = sites + holdout_sites
+    shifts = site_shifts(site_shift, n_total, seed)  # a bad spec fails before any data is read
     _check_out(out, overwrite)
 
     rng = np.random.default_rng(seed)
@@ -226,11 +227,9 @@ def prepare_dataset(
     loaded = _load_source(name, max_bags, rng, data_dir)
     bags = loaded.bags
 
-    n_total = sites + holdout_sites
     labels = np.array([b.label for b in bags])
     parts = partition_indices(_strata(bags), n_total, spec, seed, min_per_part=min_per_site)
     dim = int(bags[0].features.shape[1]) if bags[0].features is not None else None
-    shifts = site_shifts(site_shift, n_total, seed)
     if any(shifts) and loaded.modality != "images":
         raise ConfigError(f"--site-shift changes images; {name} has features only (use an image "
                           "dataset: fashion-bags, fashion-hier, fashion-sparse)")

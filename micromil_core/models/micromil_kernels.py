@@ -125,9 +125,9 @@ class _ProjectAndScore(torch.autograd.Function):
         extra_grads = torch.cat(picked.grads) if picked.grads else None
         picked.rows, picked.grads = [], []  # taken: a retained graph's next backward refills
         need_w, need_b, need_m = ctx.needs_input_grad[1:4]
-        # The first chunk writes dW and dM (beta=0): no zero-filled start to read back.
+        # The first chunk writes dW, db and dM (beta=0): no zero-filled start to read back.
         dw = weight.new_empty(weight.shape) if need_w else None
-        db = torch.zeros_like(weight[:, 0]) if need_b else None
+        db = weight.new_empty(weight.shape[0]) if need_b else None
         dm = m.new_empty(m.shape) if need_m else None
         g = h.new_empty(min(chunk, rows), h.shape[1])
         ones = h.new_ones(min(chunk, rows))
@@ -146,7 +146,7 @@ class _ProjectAndScore(torch.autograd.Function):
             if dw is not None:
                 dw.addmm_(gz.t(), x[s:e], beta=beta)
             if db is not None:  # a matrix-vector product: sum(0) reduces across rows slowly
-                db.addmv_(gz.t(), ones[: e - s])
+                db.addmv_(gz.t(), ones[: e - s], beta=beta)
             if dm is not None:  # the centroids' and the score's gradient, H still hot
                 dm.addmm_(dc[s:e].t(), hc, beta=beta)
         WORKSPACE.give_back(h)  # nothing reads H after this pass (see _Workspace)

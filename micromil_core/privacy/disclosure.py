@@ -31,15 +31,21 @@ from typing import Any
 import numpy as np
 
 from micromil_core.config import MIN_PATIENTS_FLOOR, LocalPrivacyConfig
-from micromil_core.federated.wire import GUARDED_METRICS, MIN_PATIENTS, SUPPRESSED
+from micromil_core.federated.wire import (
+    GUARDED_METRICS,
+    MIN_PATIENTS,
+    PERSONAL_METRIC_KEYS,
+    SUPPRESSED,
+)
 
 log = logging.getLogger(__name__)
 
 _warned: set[int] = set()  # thresholds already warned about in this process
 _OVER_ALL = ("loss", "accuracy", "train_loss")
-# personal_folds: fewer CV folds than asked is the smaller class's patient count.
+# Every personal metric depends on each class (AUCs, the epoch they chose, and the folds:
+# fewer CV folds than asked is the smaller class's patient count).
 _OVER_EVERY_CLASS = ("auc", "auc_ci_low", "auc_ci_high", "roc_fpr", "roc_tpr", "balanced_accuracy", "f1",
-                     "val_auc_global", "val_auc_personal", "personal_epoch", "personal_folds")
+                     *PERSONAL_METRIC_KEYS)
 
 
 def effective_min_patients(site: LocalPrivacyConfig, coordinator: LocalPrivacyConfig) -> int:

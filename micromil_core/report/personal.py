@@ -179,10 +179,15 @@ def choice_line(site: str, m: Mapping[str, Any], select_on: str | None = None) -
             f"{metric_text(m, 'val_auc_personal')} ({chosen})")
 
 
+def _withheld(site: Mapping[str, Any], key: str) -> bool:
+    """Whether the site withheld ``key`` under the small-count guard (metrics.json lists them)."""
+    names = site.get("suppressed")
+    return isinstance(names, (list, tuple)) and key in names
+
+
 def _epoch_text(site: Mapping[str, Any]) -> str:
     """The fine-tuning epoch a site kept; 0 means it kept the global model."""
-    withheld = site.get("suppressed")
-    if isinstance(withheld, (list, tuple)) and "personal_epoch" in withheld:
+    if _withheld(site, "personal_epoch"):
         return metric_text(site, "personal_epoch")
     epoch = finite(site.get("personal_epoch"))
     if epoch is None:
@@ -192,9 +197,7 @@ def _epoch_text(site: Mapping[str, Any]) -> str:
 
 def _by_cv(site: Mapping[str, Any]) -> bool:
     """Whether the site chose by CV: it sent its fold count, or withheld it."""
-    withheld = site.get("suppressed")
-    hidden = isinstance(withheld, (list, tuple)) and "personal_folds" in withheld
-    return hidden or bool(finite(site.get("personal_folds")))
+    return _withheld(site, "personal_folds") or bool(finite(site.get("personal_folds")))
 
 
 def _judged_text(site: Mapping[str, Any]) -> str:
