@@ -10,6 +10,11 @@ and a message's objects that are not at the SuperLink yet retried after 50 ms in
 1 s; TLS, node authentication, the Runtime API and the rest are Flower's code, unchanged.
 An idle hospital then asks the SuperLink 1/pull_interval times a second (Flower: 1/3).
 
+It also mends one Flower 1.41 fault (``fail_messages_of_stopped_runs``): a message whose
+run stops while its objects are being fetched (the coordinator crashed or was restarted
+mid-round) was left behind as a task with an empty message, and the ClientApp that took
+it waited ~250 s for objects that never come, the hospital deaf to the next run meanwhile.
+
     python -m client.supernode --pull-interval 0.5 [flower-supernode options]
 """
 
@@ -18,6 +23,8 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
+
+from flwr.supercore.run import RunNotRunningException
 
 from client.flower_waits import CappedWaits, retry_objects_sooner
 
@@ -36,6 +43,39 @@ def cap_supernode_waits(cap: float) -> None:
         )
     start_client_internal.time = CappedWaits(cap)
     retry_objects_sooner(start_client_internal, "pull_objects")
+    fail_messages_of_stopped_runs(start_client_internal)
+
+
+class RunStoppedWhileReceiving(RuntimeError):
+    """The run of a message stopped before the message's objects had all arrived."""
+
+
+def fail_messages_of_stopped_runs(module) -> None:
+    """Let a message whose run stops mid-fetch fail as a message that could not be fetched.
+
+    Flower 1.41's ``_pull_and_store_message`` creates the task and stores the (still empty)
+    message, then fetches its objects; a failed fetch deletes the message and fails the
+    task. But a run that stops meanwhile raises ``RunNotRunningException``, a
+    BaseException, which passes that ``except Exception`` and is only logged further out
+    ("Ignoring message"): the task stays open with a message that never gets its content,
+    and the ClientApp that takes it retries the missing objects 500 times. Raised as an
+    Exception instead, Flower's own clean-up runs (the message and its objects deleted, the
+    task failed), and the ClientApp's fetch fails at once."""
+    pull = module.pull_objects
+    if getattr(pull, "fails_stopped_runs", False):
+        return
+
+    def pull_objects(*args, **kwargs):
+        try:
+            return pull(*args, **kwargs)
+        except RunNotRunningException as exc:
+            raise RunStoppedWhileReceiving(
+                "its run stopped (the coordinator stopped it, or restarted) before the "
+                "message had arrived; it is dropped"
+            ) from exc
+
+    pull_objects.fails_stopped_runs = True
+    module.pull_objects = pull_objects
 
 
 def main(argv: Sequence[str] | None = None) -> None:

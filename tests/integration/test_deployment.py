@@ -128,6 +128,15 @@ class Federation:
         path = self.root / "server.out"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def diagnosis(self, lines: int = 40) -> str:
+        """The coordinator's output and the tail of every hospital's: what a failing
+        assertion prints, so that a failure on a CI machine can be read without its files."""
+        parts = [f"== coordinator\n{self.server_output()}"]
+        for path in sorted(self.root.glob("site-*.out")):
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"== {path.stem} (last {lines} lines)\n" + "\n".join(tail))
+        return "\n".join(parts)
+
     def server(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([BIN / "flower-server", *args, "--config", str(self.config)],
                               capture_output=True, text=True, timeout=120)
@@ -362,7 +371,7 @@ def test_coordinator_restart_continues_from_last_checkpoint(setup):
         (fed.root / "server-first.out").write_text(fed.server_output())
 
         again = fed.start_server()
-        assert again.wait(timeout=600) == 0, fed.server_output()
+        assert again.wait(timeout=600) == 0, f"{stopped.stdout}\n{fed.diagnosis()}"
         assert "continuing from the last checkpointed round" in fed.server_output()
         history = json.loads((fed.out / "history.json").read_text())["rounds"]
         assert [h["round"] for h in history] == [1, 2, 3, 4]
