@@ -242,6 +242,7 @@ TRANSPORTS = ("float32", "float16")  # federation.transport (federated/transport
 # final global model for its own patients; the personal model never leaves the site.
 PERSONAL_METHODS = ("finetune", "proximal", "local-head")
 PERSONALISE_METHODS = ("none", *PERSONAL_METHODS)
+PERSONAL_RULES = ("one-se", "best")  # federation.personal_rule (federated/personal_cv.py)
 
 
 @dataclass(frozen=True)
@@ -284,6 +285,11 @@ class FederationConfig:
     # validation patients (federated/personal_cv.py): one small validation split decided
     # too little. 0 = choose on the validation split. Fewer folds when a class is smaller.
     personal_folds: int = 5
+    # Which CV epoch count wins: "one-se" the fewest epochs (the global model first) whose
+    # mean fold score is within one standard error of the best one's, the error of their
+    # paired per-fold difference (Breiman's one-standard-error rule): a hospital changes
+    # models only for a gain larger than the folds' noise. "best": the best mean score.
+    personal_rule: str = "one-se"
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 1, "federation.rounds", self.rounds, "an integer >= 1")
@@ -294,6 +300,8 @@ class FederationConfig:
                  self.personal_mu, ">= 0")
         _require(self.personal_folds == 0 or self.personal_folds >= 2, "federation.personal_folds",
                  self.personal_folds, "0 (the validation split) or >= 2")
+        _require(self.personal_rule in PERSONAL_RULES, "federation.personal_rule", self.personal_rule,
+                 f"one of {', '.join(PERSONAL_RULES)}")
         _require(self.transport in TRANSPORTS, "federation.transport", self.transport, f"one of {TRANSPORTS}")
         _require(
             self.local_epochs >= 1, "federation.local_epochs", self.local_epochs, ">= 1"

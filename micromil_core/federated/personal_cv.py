@@ -6,8 +6,12 @@ global model even where the site's own model was far better on its test patients
 choice rests on every patient the site may train on (its training and validation patients,
 never its test patients): in each of k stratified folds the global model is fine-tuned on
 the other folds and scored on the held fold after every epoch; the epoch count with the best
-mean score over the folds wins, epoch 0 (the global model itself) included, so a site keeps
-the global model unless fine-tuning beats it on average. The personal model is then the
+mean score over the folds wins, epoch 0 (the global model itself) included; by default
+(``federation.personal_rule: one-se``) the fewest epochs within one standard error of that
+best, so a site keeps the global model unless fine-tuning beats it by more than the folds'
+noise (on 3-15 patients of a class a held fold's AUC moves a lot: under the "best" rule
+fine-tuning made the image-shifted Fashion federation worse at two site x seed cells,
+benchmarks/results/personalisation_shift_best.md). The personal model is then the
 global model fine-tuned for that many epochs on all those patients (as ``train.refit`` does
 for a local model).
 
@@ -84,14 +88,36 @@ def usable_folds(labels: list[int], wanted: int) -> int:
     return k if k >= 2 else 0
 
 
+def chosen_epoch(scores: np.ndarray, rule: str = "one-se") -> int:
+    """The epoch count that wins, from the (folds, epochs + 1) held-fold scores (column 0:
+    the global model). An epoch whose score is not finite in some fold (a diverged
+    fine-tuning) never wins. ``best``: the best mean, the fewest epochs on ties. ``one-se``:
+    the fewest epochs whose mean is within one standard error of the best's, the error of
+    the paired per-fold difference, so a site keeps the global model (or stops earlier)
+    unless fine-tuning (longer) beats it by more than the folds' noise."""
+    usable = np.isfinite(scores).all(axis=0)
+    mean = np.where(usable, scores.mean(axis=0), -np.inf)
+    best = int(np.argmax(mean))
+    if rule == "best" or scores.shape[0] < 2:
+        return best
+    for e in range(best):
+        if not usable[e]:
+            continue
+        gain = scores[:, best] - scores[:, e]
+        if gain.mean() <= gain.std(ddof=1) / math.sqrt(len(gain)):
+            return e
+    return best
+
+
 def cv_fine_tuning(
     build: Callable[[], MILModel], pool: list[Bag], cfg: TrainConfig, epochs: int, folds: int,
     device: torch.device, span: tuple[float, float],
-    extra_loss: Callable[[MILModel], Callable | None] = lambda m: None,
+    extra_loss: Callable[[MILModel], Callable | None] = lambda m: None, rule: str = "one-se",
 ) -> CvChoice:
     """Choose the fine-tuning epoch count (0..``epochs``) by ``folds``-fold CV over ``pool``
-    and fine-tune on all of ``pool`` for it. ``build`` makes a fresh copy of the global
-    model; ``extra_loss(model)`` its extra loss term (the proximal one), if any."""
+    under ``rule`` (``chosen_epoch``) and fine-tune on all of ``pool`` for it. ``build``
+    makes a fresh copy of the global model; ``extra_loss(model)`` its extra loss term (the
+    proximal one), if any."""
     from micromil_core.training.trainer import fit, selection_score
 
     labels = [b.label for b in pool]
@@ -111,12 +137,11 @@ def cv_fine_tuning(
         for e, entry in enumerate(result.history, start=1):
             scores[i, e] = selection_score(cfg, entry.val_metrics)
             aucs[i, e] = entry.val_metrics.get("auc", np.nan)
-    # An epoch whose score is not finite in some fold (a diverged fine-tuning) never wins.
     mean = np.where(np.isfinite(scores), scores, -np.inf).mean(axis=0)
-    best = int(np.argmax(mean))  # the first maximum: fewer epochs (or the global model) on ties
+    best = chosen_epoch(scores, rule)
     auc = [_finite_mean(aucs[:, e]) for e in range(epochs + 1)]
-    log.info("personal fine-tuning by %d-fold CV over %d patients: mean score by epoch %s; chose %d",
-             folds, len(pool), np.round(mean, 4).tolist(), best)
+    log.info("personal fine-tuning by %d-fold CV over %d patients: mean score by epoch %s; chose "
+             "%d (rule %s)", folds, len(pool), np.round(mean, 4).tolist(), best, rule)
     if best == 0:
         return CvChoice(0, folds, float(auc[0]), float(auc[0]), None)
     model = build().to(device)

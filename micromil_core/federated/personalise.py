@@ -266,7 +266,7 @@ def _chosen_by_cv(
     extra = (lambda m: proximal_term(m, global_state, fed.personal_mu)) if fed.personalise == "proximal" \
         else (lambda m: None)
     choice = cv_fine_tuning(lambda: spec.build(global_state), pool, train_cfg, fed.personal_epochs, folds,
-                            device, last_round_span(cfg), extra)
+                            device, last_round_span(cfg), extra, fed.personal_rule)
     model = choice.model if choice.model is not None else spec.build(global_state).to(device)
     return model, choice.epoch, (choice.auc_global, choice.auc_personal)
 
@@ -352,7 +352,8 @@ def make_personal_model(
     global_sha = state_sha256(global_state)
     fed = cfg.federation
     how = {"method": fed.personalise, "personal_epochs": fed.personal_epochs,
-           "personal_mu": fed.personal_mu, "personal_folds": fed.personal_folds}
+           "personal_mu": fed.personal_mu, "personal_folds": fed.personal_folds,
+           "personal_rule": fed.personal_rule}
     if store is not None and (done := store.made_from(global_sha, how)) is not None:
         log.info("site %s: personal model already made from this global model: %s", site.name, store.model_path)
         return done

@@ -188,6 +188,7 @@ def test_the_global_model_is_kept_when_nothing_beats_it(tmp_path, monkeypatch, f
     from micromil_core.training import trainer
 
     runtime = _runtime(tmp_path)
+    torch.manual_seed(0)  # the global model's weights: the same whatever ran before
     state = SPEC.build().state_dict()
 
     def unchanged(model, train, val, cfg, device, epochs=None, **_):
@@ -262,6 +263,32 @@ def test_a_diverged_fold_never_wins_the_cv_choice(monkeypatch):
     assert personal_cv.cv_fine_tuning(lambda: SPEC.build(), pool, TrainConfig(), 2, 3,
                                       torch.device("cpu"), (0.5, 1.0)).epoch == 1
     assert calls[-1] == (1, (0.5, 0.75))
+
+
+def test_one_se_rule_changes_model_only_for_a_gain_above_the_folds_noise():
+    import numpy as np
+
+    from micromil_core.federated.personal_cv import chosen_epoch
+
+    # Columns: the global model, then fine-tuning epochs 1..3; rows: held folds.
+    noisy = np.array([[0.70, 0.90, 0.60, 0.70],
+                      [0.80, 0.60, 0.95, 0.80],
+                      [0.60, 0.75, 0.72, 0.65]])  # epoch 2 best on average, by less than its noise
+    assert chosen_epoch(noisy, "best") == 2
+    assert chosen_epoch(noisy, "one-se") == 0
+    steady = np.array([[0.70, 0.80, 0.85, 0.86],
+                       [0.60, 0.72, 0.74, 0.73],
+                       [0.65, 0.74, 0.80, 0.81]])  # every fold gains: switch, at the fewest epochs near the best
+    assert chosen_epoch(steady, "best") == 3
+    assert chosen_epoch(steady, "one-se") == 2
+    # A column with a non-finite fold never wins, under either rule.
+    diverged = steady.copy()
+    diverged[0, 2] = np.nan
+    assert chosen_epoch(diverged, "best") == 3 and chosen_epoch(diverged, "one-se") == 3
+    # Ties keep the global model.
+    assert chosen_epoch(np.full((3, 4), 0.7), "one-se") == chosen_epoch(np.full((3, 4), 0.7), "best") == 0
+    with pytest.raises(ConfigError, match="federation.personal_rule"):
+        build_config({"federation": {"personal_rule": "median"}})
 
 
 def test_the_personal_model_is_a_checkpoint_at_the_site(tmp_path):
