@@ -29,11 +29,14 @@ sys.path.insert(0, str(HERE))
 from federation import DATASETS, ROOT, micromil, prepared, write_results  # noqa: E402
 
 from micromil_core.config import PERSONAL_METHODS as METHODS  # noqa: E402
+from micromil_core.config import PERSONAL_RULES  # noqa: E402
 from micromil_core.training.metrics import OWN_PATIENT_DIFFERENCES, OWN_PATIENT_MODELS  # noqa: E402
 
 
-def personal_models(run: Path, data: Path, method: str) -> dict[str, Path]:
-    """Each training site's personal model of ``method`` from the run's global model."""
+def personal_models(run: Path, data: Path, method: str, rule: str) -> dict[str, Path]:
+    """Each training site's personal model of ``method`` from the run's global model, the
+    CV choice made under ``rule`` (``federation.personal_rule``; models are kept under the
+    work folder, so another rule needs another ``--work``)."""
     from micromil_core.data.data_root import read_sites_yaml
     from micromil_core.federated.personalise import personalise_checkpoint
     from micromil_core.federated.site_task import SiteSettings
@@ -44,12 +47,13 @@ def personal_models(run: Path, data: Path, method: str) -> dict[str, Path]:
         out = run / "personal" / method / f"{path.name}.pt"
         if not out.is_file():
             site = SiteSettings(path.name, path, "train", state_dir=run / "personal" / method / "state" / path.name)
-            personalise_checkpoint(run / "federated" / "model.pt", site, out, method)
+            personalise_checkpoint(run / "federated" / "model.pt", site, out, method,
+                                   [f"federation.personal_rule={rule}"])
         models[path.name] = out
     return models
 
 
-def judged(run: Path, data: Path, method: str, data_cfg) -> dict:
+def judged(run: Path, data: Path, method: str, data_cfg, rule: str) -> dict:
     """The own-patient table of ``method`` (local-head: the compare run's own)."""
     from micromil_core.training.compare import own_patients_comparison
 
@@ -58,7 +62,7 @@ def judged(run: Path, data: Path, method: str, data_cfg) -> dict:
     table_file = run / "personal" / method / "own-patients.json"
     if table_file.is_file():
         return json.loads(table_file.read_text())
-    personal = personal_models(run, data, method)
+    personal = personal_models(run, data, method, rule)
     models = {site: {"local": run / "local" / site / "model.pt", "global": run / "federated" / "model.pt",
                      "personalised": path} for site, path in personal.items()}
     from micromil_core.data.data_root import read_sites_yaml
@@ -69,7 +73,7 @@ def judged(run: Path, data: Path, method: str, data_cfg) -> dict:
     return table
 
 
-def run_dataset(key: str, seeds: list[int], work: Path, rounds: int | None) -> list[dict]:
+def run_dataset(key: str, seeds: list[int], work: Path, rounds: int | None, rule: str) -> list[dict]:
     from micromil_core.config import load_config
 
     data = prepared(key, DATASETS, work)
@@ -83,7 +87,7 @@ def run_dataset(key: str, seeds: list[int], work: Path, rounds: int | None) -> l
                     "--personalise", "local-head", "--seed", str(seed), "--out", str(run), "--overwrite"]
             micromil(*args, *(["--rounds", str(rounds)] if rounds else []))
         for method in METHODS:
-            table = judged(run, data, method, data_cfg)
+            table = judged(run, data, method, data_cfg, rule)
             for site, row in table["per_site"].items():
                 rows.append({"dataset": key, "seed": seed, "method": method, "site": site, **row,
                              "epoch": chosen_epoch(work, key, seed, method, site)})
@@ -230,13 +234,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, help="default: the dataset config's (20)")
     ap.add_argument("--work", default="/tmp/personalisation")
     ap.add_argument("--out", default=str(HERE / "results" / "personalisation"))
+    ap.add_argument("--personal-rule", default="one-se", choices=PERSONAL_RULES,
+                    help="federation.personal_rule of finetune and proximal's CV choice")
     args = ap.parse_args()
     work = Path(args.work)
-    rows = [r for key in args.datasets for r in run_dataset(key, args.seeds, work, args.rounds)]
+    rows = [r for key in args.datasets
+            for r in run_dataset(key, args.seeds, work, args.rounds, args.personal_rule)]
     pooled = over_seeds(work, rows)
     command = ("python benchmarks/personalisation.py --datasets " + " ".join(args.datasets)
                + " --seeds " + " ".join(map(str, args.seeds))
-               + (f" --rounds {args.rounds}" if args.rounds else "") + f" --work {args.work} --out {args.out}")
+               + (f" --rounds {args.rounds}" if args.rounds else "")
+               + (f" --personal-rule {args.personal_rule}" if args.personal_rule != "one-se" else "")
+               + f" --work {args.work} --out {args.out}")
     lines = [
         "# Personal models per hospital: each training site's own test patients",
         "",
@@ -244,7 +253,8 @@ def main() -> None:
         "",
         "Every personal model is chosen without the site's test patients (the global model is one "
         "of the candidates): finetune and proximal by k-fold CV over the site's training and "
-        "validation patients (`federation.personal_folds`, 5), local-head on its validation "
+        f"validation patients (`federation.personal_folds`, 5; `personal_rule: {args.personal_rule}`), "
+        "local-head on its validation "
         "patients; the site's test patients are read only to judge. Differences are paired "
         "(same patients), 95 % intervals by a bootstrap stratified by class; the mean over sites "
         "resamples each site's patients on its own. Sites whose test patients are all one class "
