@@ -14,7 +14,7 @@ from flwr.app.message_type import MessageType
 
 from micromil_core.federated import wire
 from micromil_core.federated.personalise import FINE_TUNING
-from micromil_core.report.personal import choice_line
+from micromil_core.report.personal import choice_criterion, choice_line
 from server.rounds import ask_sites
 
 if TYPE_CHECKING:
@@ -44,9 +44,10 @@ def personalise_sites(fed: _Federation, arrays: ArrayRecord, federation_id: str)
         PERSONALISE_MESSAGE, timeout, "personalisation",
         lambda site, r: fed.checks.personal_problem(site, r, max_epoch, cfg.personal_folds),
     )
+    chosen_by = choice_criterion(fed.cfg.train.select_on, fed.cfg.train.class_weighting)
     for name, m in per_site.items():
-        log.info("personalisation: %s", choice_line(name, m, fed.cfg.train.select_on))
+        log.info("personalisation: %s", choice_line(name, m, chosen_by))
     for f in failures:
         log.warning("personalisation: %s", f)
     return {"method": cfg.personalise, "federation_id": federation_id, "per_site": per_site,
-            "select_on": fed.cfg.train.select_on, "failures": failures}
+            "chosen_by": chosen_by, "failures": failures}

@@ -67,7 +67,8 @@ def personal_lines(metrics: dict[str, Any], out: Path) -> list[str]:
         return []
     lines = [f"personal models ({personal['method']}), kept at each training site in "
              f"{out / 'site-state' / '<site>' / 'personal'}:"]
-    lines += [f"  {choice_line(site, m, personal.get('select_on'))}" for site, m in personal["per_site"].items()]
+    chosen_by = personal.get("chosen_by")
+    lines += [f"  {choice_line(site, m, chosen_by)}" for site, m in personal["per_site"].items()]
     return lines + [f"  {failure}" for failure in personal.get("failures", [])]
 
 

@@ -166,14 +166,24 @@ def own_patients_figure(per_site: Mapping[str, Mapping[str, Any]]) -> str | None
     return png_uri(fig)
 
 
-def choice_line(site: str, m: Mapping[str, Any], select_on: str | None = None) -> str:
+def choice_criterion(select_on: str | None, class_weighting: bool = True) -> str | None:
+    """What a personal-model choice maximised, in words: ``train.select_on`` and whether the
+    loss carries the training class weights (``train.class_weighting``)."""
+    if not select_on:
+        return None
+    if select_on == "auc":
+        return "AUC"
+    return "class-weighted loss" if class_weighting else "loss"
+
+
+def choice_line(site: str, m: Mapping[str, Any], chosen_by: str | None = None) -> str:
     """What a training site reported of its personal model, as one line (console and log).
-    ``select_on`` (``train.select_on``) names what the choice maximised: with ``loss`` a
-    site may keep a model whose AUC is lower, and the line says so."""
+    ``chosen_by`` (``choice_criterion``) names what the choice maximised: by a loss a site
+    may keep a model whose AUC is lower, and the line says so."""
     epoch = m.get("personal_epoch")
     chosen = "choice withheld" if epoch is None else ("the global model" if epoch == 0 else f"epoch {epoch}")
-    if epoch is not None and select_on:
-        chosen += f", chosen by {'AUC' if select_on == 'auc' else 'class-weighted loss'}"
+    if epoch is not None and chosen_by:
+        chosen += f", chosen by {chosen_by}"
     judged = "CV AUC" if _by_cv(m) else "validation AUC"
     return (f"{site}: {judged} global {metric_text(m, 'val_auc_global')} -> personal "
             f"{metric_text(m, 'val_auc_personal')} ({chosen})")

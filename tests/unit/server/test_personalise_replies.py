@@ -91,9 +91,11 @@ def test_a_site_with_its_own_dp_refuses_local_head_before_round_one(tmp_path):
 
 
 def test_simulate_says_what_each_site_chose(tmp_path):
+    from micromil_core.report.personal import choice_criterion
     from server.simulation_cli import personal_lines
 
-    metrics = {"personalised": {"method": "finetune", "failures": ["site-9: not connected"], "select_on": "loss",
+    metrics = {"personalised": {"method": "finetune", "failures": ["site-9: not connected"],
+                                "chosen_by": choice_criterion("loss", class_weighting=True),
                                 "per_site": {
         "site-0": {"val_auc_global": 0.7, "val_auc_personal": 0.6, "personal_epoch": 4, "personal_folds": 5},
         "site-1": {"val_auc_global": 0.9, "val_auc_personal": 0.9, "personal_epoch": 0},
@@ -106,3 +108,6 @@ def test_simulate_says_what_each_site_chose(tmp_path):
     assert "site-1: validation AUC global 0.900 -> personal 0.900 (the global model, chosen by" in text
     assert "site-2: CV AUC global suppressed (n < 5)" in text and "(choice withheld)" in text
     assert "site-9: not connected" in text and personal_lines({}, tmp_path) == []
+    # The words follow the settings: an unweighted loss is not called class-weighted.
+    assert [choice_criterion("loss", False), choice_criterion("auc", False), choice_criterion(None)] == \
+        ["loss", "AUC", None]
