@@ -121,7 +121,7 @@ class Federation:
         server = self.procs.get("server")
         while not predicate():
             if time.monotonic() > deadline or (server is not None and server.poll() is not None):
-                pytest.fail(f"timed out waiting for {what}; server said:\n{self.server_output()}")
+                pytest.fail(f"timed out waiting for {what}; {self.diagnosis()}")
             time.sleep(poll)
 
     def server_output(self) -> str:
@@ -228,7 +228,7 @@ def test_tls_node_auth_federation_two_rounds_and_refusals(setup):
         # per message (running the app's code); the others keep one warm worker each.
         flower_default = {"isolation": "subprocess", "pull_interval": 0}
         server = fed.launch(supernode={"site-2": flower_default})
-        assert server.wait(timeout=420) == 0, fed.server_output()
+        assert server.wait(timeout=420) == 0, fed.diagnosis()
 
         out = fed.server_output()
         assert "finished:completed" in out
@@ -404,7 +404,7 @@ def test_impostor_with_a_registered_key_and_another_name_is_refused(setup):
         server = fed.launch(sites=("site-1",))
         fed.start_site("site-0", fed.site_config("site-0", name="site-9", tag="impostor"),
                        tag="-impostor")
-        assert server.wait(timeout=300) != 0, fed.server_output()
+        assert server.wait(timeout=300) != 0, fed.diagnosis()
         out = fed.server_output()
         assert "holds the key registered for 'site-0' but calls itself 'site-9'" in out, out
         assert "round 1/1" not in out
