@@ -90,10 +90,26 @@ def run_dataset(key: str, seeds: list[int], work: Path, rounds: int | None, rule
             table = judged(run, data, method, data_cfg, rule)
             for site, row in table["per_site"].items():
                 rows.append({"dataset": key, "seed": seed, "method": method, "site": site, **row,
-                             "epoch": chosen_epoch(work, key, seed, method, site)})
+                             "epoch": chosen_epoch(work, key, seed, method, site),
+                             "smaller_class": smaller_class(work, key, seed, method, site)})
             rows.append({"dataset": key, "seed": seed, "method": method, "site": "mean",
                          **{f"mean_{d}": table[f"mean_{d}"] for d in OWN_PATIENT_DIFFERENCES}})
     return rows
+
+
+def smaller_class(work: Path, key: str, seed: int, method: str, site: str) -> int:
+    """Test patients of the site's smaller class (0: one class only), from the judged labels."""
+    from micromil_core.training.compare import read_predictions
+
+    _, labels, _ = read_predictions(_judged_dir(work, key, seed, method) / site / "global" / "predictions.csv")
+    counts = np.bincount(np.asarray(labels, dtype=int), minlength=2)
+    return int(counts.min())
+
+
+# A paired AUC interval over fewer test patients of a class says little: the bootstrap,
+# stratified by class, redraws a lone patient of the smaller class every time, so the
+# interval shows only the larger class's spread. As the product's small-count guard, 5.
+JUDGE_MIN_PER_CLASS = 5
 
 
 def _judged_dir(work: Path, key: str, seed: int, method: str) -> Path:
@@ -137,8 +153,9 @@ def summary(rows: list[dict], metric: str, pooled: dict) -> list[str]:
     sites and seeds (and per seed), and the sites below global."""
     lines = [f"| dataset | method | sites x seeds with an {metric} | local | global | personalised | "
              "personalised - global, mean over sites and seeds | per seed | personalised - local, "
-             "over sites and seeds | per seed | sites below global (interval under 0) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "over sites and seeds | per seed | sites below global (interval under 0) | of those, "
+             f"with >= {JUDGE_MIN_PER_CLASS} test patients of each class |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in dict.fromkeys(r["dataset"] for r in rows):
         for method in METHODS:
             sites = [r for r in rows if r["dataset"] == key and r["method"] == method and r["site"] != "mean"]
@@ -146,8 +163,8 @@ def summary(rows: list[dict], metric: str, pooled: dict) -> list[str]:
             ok = [r for r in sites if not np.isnan(_metric(r["personalised"], metric))]
             avg = {k: np.mean([_metric(r[k], metric) for r in ok]) if ok else float("nan")
                    for k in OWN_PATIENT_MODELS}
-            below = [f"{r['site']}/s{r['seed']}" for r in sites
-                     if (r["personalised_minus_global"] or {}).get(metric, {}).get("high", 0) < 0]
+            below = [r for r in sites if (r["personalised_minus_global"] or {}).get(metric, {}).get("high", 0) < 0]
+            judged = [r for r in below if r.get("smaller_class", 0) >= JUDGE_MIN_PER_CLASS]
             both = pooled[(key, method)]
             lines.append(
                 f"| {key} | {method} | {len(ok)}/{len(sites)} | {avg['local']:.3f} | {avg['global']:.3f} | "
@@ -155,9 +172,13 @@ def summary(rows: list[dict], metric: str, pooled: dict) -> list[str]:
                 f"{'; '.join(_ci(m['mean_personalised_minus_global'], metric) for m in means)} | "
                 f"{_ci(both['personalised_minus_local'], metric)} | "
                 f"{'; '.join(_ci(m['mean_personalised_minus_local'], metric) for m in means)} | "
-                f"{', '.join(below) or 'none'} |"
+                f"{_cells(below)} | {_cells(judged)} |"
             )
     return lines
+
+
+def _cells(rows: list[dict]) -> str:
+    return ", ".join(f"{r['site']}/s{r['seed']}" for r in rows) or "none"
 
 
 def _metric(m: dict, key: str) -> float:
@@ -212,9 +233,9 @@ def kept_global(rows: list[dict]) -> list[str]:
 
 
 def per_site(rows: list[dict]) -> list[str]:
-    lines = ["| dataset | seed | method | site | n | local AUC | global AUC | personalised AUC | "
+    lines = ["| dataset | seed | method | site | n | smaller class | local AUC | global AUC | personalised AUC | "
              "personalised - global AUC (95% CI) | accuracy local / global / personalised | epoch kept |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["site"] == "mean":
             continue
@@ -223,6 +244,7 @@ def per_site(rows: list[dict]) -> list[str]:
                           for k in OWN_PATIENT_MODELS)
         epoch = "?" if r.get("epoch") is None else str(r["epoch"])
         lines.append(f"| {r['dataset']} | {r['seed']} | {r['method']} | {r['site']} | {r['global']['n']} | "
+                     f"{r.get('smaller_class', '?')} | "
                      f"{aucs} | {_ci(r['personalised_minus_global'])} | {acc} | {epoch} |")
     return lines
 
