@@ -117,10 +117,11 @@ def _judged_dir(work: Path, key: str, seed: int, method: str) -> Path:
     return run / "own-patients" if method == "local-head" else run / "personal" / method / "judged"
 
 
-def over_seeds(work: Path, rows: list[dict]) -> dict[tuple[str, str], dict]:
+def over_seeds(work: Path, rows: list[dict], min_per_class: int = 0) -> dict[tuple[str, str], dict]:
     """Per (dataset, method): personalised - global and - local averaged over sites AND
     training seeds, each site's test patients (the same in every seed) resampled once per
-    bootstrap draw for all seeds (``mean_paired_difference`` with runs stacked)."""
+    bootstrap draw for all seeds (``mean_paired_difference`` with runs stacked); only the
+    sites with at least ``min_per_class`` test patients of each class."""
     from micromil_core.training.compare import paired_predictions
     from micromil_core.training.metrics import mean_paired_difference
 
@@ -131,7 +132,7 @@ def over_seeds(work: Path, rows: list[dict]) -> dict[tuple[str, str], dict]:
         result = {}
         for diff, other in OWN_PATIENT_DIFFERENCES.items():
             groups = []
-            for site in sorted({r["site"] for r in cells}):
+            for site in sorted({r["site"] for r in cells if r.get("smaller_class", 0) >= min_per_class}):
                 runs = [paired_predictions(_judged_dir(work, key, s, method) / site / "personalised" / "predictions.csv",
                                            _judged_dir(work, key, s, method) / site / other / "predictions.csv")
                         for s in seeds]
@@ -148,14 +149,15 @@ def _ci(d: dict | None, key: str = "auc") -> str:
     return f"{v['difference']:+.3f} ({v['low']:+.3f} to {v['high']:+.3f})"
 
 
-def summary(rows: list[dict], metric: str, pooled: dict) -> list[str]:
+def summary(rows: list[dict], metric: str, pooled: dict, judgeable: dict) -> list[str]:
     """Per dataset and method: mean AUCs over sites and seeds, the mean differences over
     sites and seeds (and per seed), and the sites below global."""
     lines = [f"| dataset | method | sites x seeds with an {metric} | local | global | personalised | "
              "personalised - global, mean over sites and seeds | per seed | personalised - local, "
              "over sites and seeds | per seed | sites below global (interval under 0) | of those, "
-             f"with >= {JUDGE_MIN_PER_CLASS} test patients of each class |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"with >= {JUDGE_MIN_PER_CLASS} test patients of each class | personalised - global, "
+             f"mean over the sites with >= {JUDGE_MIN_PER_CLASS} of each class and seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in dict.fromkeys(r["dataset"] for r in rows):
         for method in METHODS:
             sites = [r for r in rows if r["dataset"] == key and r["method"] == method and r["site"] != "mean"]
@@ -172,7 +174,8 @@ def summary(rows: list[dict], metric: str, pooled: dict) -> list[str]:
                 f"{'; '.join(_ci(m['mean_personalised_minus_global'], metric) for m in means)} | "
                 f"{_ci(both['personalised_minus_local'], metric)} | "
                 f"{'; '.join(_ci(m['mean_personalised_minus_local'], metric) for m in means)} | "
-                f"{_cells(below)} | {_cells(judged)} |"
+                f"{_cells(below)} | {_cells(judged)} | "
+                f"{_ci((judgeable.get((key, method)) or {}).get('personalised_minus_global'), metric)} |"
             )
     return lines
 
@@ -263,6 +266,7 @@ def main() -> None:
     rows = [r for key in args.datasets
             for r in run_dataset(key, args.seeds, work, args.rounds, args.personal_rule)]
     pooled = over_seeds(work, rows)
+    judgeable = over_seeds(work, rows, JUDGE_MIN_PER_CLASS)
     command = ("python benchmarks/personalisation.py --datasets " + " ".join(args.datasets)
                + " --seeds " + " ".join(map(str, args.seeds))
                + (f" --rounds {args.rounds}" if args.rounds else "")
@@ -280,15 +284,19 @@ def main() -> None:
         "patients; the site's test patients are read only to judge. Differences are paired "
         "(same patients), 95 % intervals by a bootstrap stratified by class; the mean over sites "
         "resamples each site's patients on its own. Sites whose test patients are all one class "
-        "have no AUC and do not count in the AUC means.",
+        "have no AUC and do not count in the AUC means. A site with fewer than "
+        f"{JUDGE_MIN_PER_CLASS} test patients of a class (the product's small-count threshold) "
+        "is judged on too few: the bootstrap, stratified by class, redraws a lone patient every "
+        "time, so its interval shows only the other class's spread; the last two columns leave "
+        "such sites out (which sites they are depends on the test labels only).",
         "",
         "## Summary (AUC)",
         "",
-        *summary(rows, "auc", pooled),
+        *summary(rows, "auc", pooled, judgeable),
         "",
         "## Summary (accuracy)",
         "",
-        *summary(rows, "accuracy", pooled),
+        *summary(rows, "accuracy", pooled, judgeable),
         "",
         "## How often the global model was kept",
         "",
