@@ -9,9 +9,8 @@ the other folds and scored on the held fold after every epoch; the epoch count w
 mean score over the folds wins, epoch 0 (the global model itself) included; by default
 (``federation.personal_rule: one-se``) the fewest epochs within one standard error of that
 best, so a site keeps the global model unless fine-tuning beats it by more than the folds'
-noise (on 3-15 patients of a class a held fold's AUC moves a lot: under the "best" rule
-fine-tuning made the image-shifted Fashion federation worse at two site x seed cells,
-benchmarks/results/personalisation_shift_best.md). The personal model is then the
+noise (a held fold holds a few patients of a class, and the best mean of 21 epoch counts
+is an optimistic one; docs/personalisation.md compares the rules). The personal model is then the
 global model fine-tuned for that many epochs on all those patients (as ``train.refit`` does
 for a local model).
 
