@@ -10,16 +10,23 @@ and a message's objects that are not at the SuperLink yet retried after 50 ms in
 1 s; TLS, node authentication, the Runtime API and the rest are Flower's code, unchanged.
 An idle hospital then asks the SuperLink 1/pull_interval times a second (Flower: 1/3).
 
-It also mends one Flower 1.41 fault (``fail_messages_of_stopped_runs``): a message whose
-run stops while its objects are being fetched (the coordinator crashed or was restarted
-mid-round) was left behind as a task with an empty message, and the ClientApp that took
-it waited ~250 s for objects that never come, the hospital deaf to the next run meanwhile.
+It also mends two Flower 1.41 faults that a coordinator stopped or restarted mid-round
+exposes (the hospital missed the restarted run's roll call in both):
+- ``fail_messages_of_stopped_runs``: a message whose run stops while its objects are being
+  fetched was left behind as a task with an empty message, and the ClientApp that took it
+  waited ~250 s for objects that never come;
+- ``keep_replies_in_step``: the loop takes one message, then sends the replies there are
+  and takes the next. A reply nobody waited for (to a message whose run stopped just after
+  it arrived, which the loop dropped but the ClientApp still answered) made it send that
+  one and move on: from then on every reply went out one message late, after the
+  coordinator had stopped waiting for it.
 
     python -m client.supernode --pull-interval 0.5 [flower-supernode options]
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -27,6 +34,8 @@ from collections.abc import Sequence
 from flwr.supercore.run import RunNotRunningException
 
 from client.flower_waits import CappedWaits, retry_objects_sooner
+
+log = logging.getLogger("micromil.supernode")
 
 PULL_INTERVAL_OPTION = "--pull-interval"
 
@@ -44,6 +53,7 @@ def cap_supernode_waits(cap: float) -> None:
     start_client_internal.time = CappedWaits(cap)
     retry_objects_sooner(start_client_internal, "pull_objects")
     fail_messages_of_stopped_runs(start_client_internal)
+    keep_replies_in_step(start_client_internal)
 
 
 class RunStoppedWhileReceiving(RuntimeError):
@@ -76,6 +86,49 @@ def fail_messages_of_stopped_runs(module) -> None:
 
     pull_objects.fails_stopped_runs = True
     module.pull_objects = pull_objects
+
+
+
+def keep_replies_in_step(module) -> None:
+    """Let each push stage of the SuperNode's loop end only once the reply to the message
+    that loop turn took has been sent.
+
+    Flower 1.41's loop (``start_client_internal``) takes a message, then ``_push_messages``
+    waits until there is any reply, sends all there are, and returns. It pairs messages and
+    replies by count: one stray reply (a stopped run's message that the loop dropped after
+    its objects had arrived, but the ClientApp had already taken and answered) is sent in
+    the place of the next message's reply, which then waits in the state for the turn
+    after, and so on: every later reply goes out one message late. Here the loop's message
+    is noted as it is received, and the push stage is run again until its reply has gone;
+    a stray reply is still sent (the SuperLink ignores it), just not in its stead."""
+    pull, push = module._pull_and_store_message, module._push_messages
+    if getattr(push, "keeps_replies_in_step", False):
+        return
+    taken: dict[str, str | None] = {"message": None}
+
+    def pull_and_store_message(*, receive, **kwargs):
+        def receive_and_note():
+            got = receive()
+            taken["message"] = None if got is None else got[0].metadata.message_id
+            return got
+
+        return pull(receive=receive_and_note, **kwargs)
+
+    def push_messages(*, send, **kwargs):
+        target, answered = taken["message"], set()
+
+        def send_and_note(message, *args):
+            answered.add(message.metadata.reply_to_message_id)
+            return send(message, *args)
+
+        push(send=send_and_note, **kwargs)
+        while target is not None and target not in answered:
+            log.warning("a reply to an earlier message went out; still waiting for the reply to %s", target)
+            push(send=send_and_note, **kwargs)
+
+    push_messages.keeps_replies_in_step = True
+    module._pull_and_store_message = pull_and_store_message
+    module._push_messages = push_messages
 
 
 def main(argv: Sequence[str] | None = None) -> None:

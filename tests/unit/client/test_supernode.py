@@ -15,10 +15,12 @@ from client.supernode import CappedWaits, cap_supernode_waits, main
 
 @pytest.fixture
 def restore_flower():
-    pull = start_client_internal.pull_objects
+    names = ("pull_objects", "_pull_and_store_message", "_push_messages")
+    kept = {name: getattr(start_client_internal, name) for name in names}
     yield
     start_client_internal.time = time
-    start_client_internal.pull_objects = pull
+    for name, value in kept.items():
+        setattr(start_client_internal, name, value)
 
 
 def test_the_waits_patched_are_flowers_idle_and_reply_waits():
@@ -90,3 +92,61 @@ def test_a_message_whose_run_stops_mid_fetch_fails_its_task(restore_flower, in_a
     assert (task.status, task.sub_status) == ("finished", "failed")
     assert "its run stopped" in task.details
     assert not state.get_messages_legacy()  # the empty message is gone with it
+
+
+def _loop_turn_with_a_stray_reply(module):
+    """One turn of the SuperNode's loop (Flower's own functions, as ``module`` has them) that
+    takes message B while a reply to an earlier, dropped message A is waiting; B's reply
+    arrives a moment later. Returns the message ids whose replies the turn sent."""
+    import threading
+
+    from flwr.app import Message, RecordDict
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
+    from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
+    from flwr.supercore.run import Run
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    store = InMemoryObjectStore()
+    state = InMemoryNodeState(store)
+    state.set_node_id(7)
+    state.store_run(Run.create_empty(1))
+
+    def message(kind):
+        m = Message(RecordDict(), dst_node_id=7, message_type=kind)
+        m.metadata.__dict__["_message_id"] = m.object_id
+        return m
+
+    stray_to, taken = message("evaluate"), message("query")
+    start_client_internal._insert_message(Message(RecordDict(), reply_to=stray_to), state, store)
+    module._pull_and_store_message(
+        state=state, object_store=store, node_config={}, receive=lambda: (taken, get_object_tree(taken)),
+        get_run=None, get_fab=None,
+        pull_object=lambda run_id, object_id: get_all_nested_objects(taken)[object_id].deflate(),
+        confirm_message_received=lambda run_id, object_id: None, trusted_entities=None,
+    )
+    assert [m.metadata.message_id for m in state.get_messages_legacy(is_reply=False)] == [taken.metadata.message_id]
+    answer = threading.Timer(0.3, start_client_internal._insert_message,
+                             (Message(RecordDict(), reply_to=taken), state, store))
+    answer.start()
+    sent = []
+
+    def send(reply, tree, runtime):
+        sent.append(reply.metadata.reply_to_message_id)
+        return set(), "session"
+
+    module._push_messages(state=state, object_store=store, send=send,
+                          push_object=lambda run_id, session, object_id, content: None)
+    answer.join()
+    return sent, stray_to.metadata.message_id, taken.metadata.message_id
+
+
+def test_a_stray_reply_does_not_put_the_replies_one_message_late(restore_flower, in_a_task):
+    # A stopped run's message, dropped by the loop after its objects arrived, still got an
+    # answer from the ClientApp. Flower 1.41 sends that stray reply in the turn of the next
+    # message and moves on, so the next message's reply goes out a turn late, and so on.
+    sent, stray, taken = _loop_turn_with_a_stray_reply(start_client_internal)
+    assert sent == [stray]  # as shipped: the turn ended without the reply to its message
+
+    cap_supernode_waits(0.05)
+    sent, stray, taken = _loop_turn_with_a_stray_reply(start_client_internal)
+    assert sent == [stray, taken]  # the stray went out too, but the turn waited for its own
