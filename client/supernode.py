@@ -88,7 +88,6 @@ def fail_messages_of_stopped_runs(module) -> None:
     module.pull_objects = pull_objects
 
 
-
 def keep_replies_in_step(module) -> None:
     """Let each push stage of the SuperNode's loop end only once the reply to the message
     that loop turn took has been sent.
