@@ -87,6 +87,11 @@ def usable_folds(labels: list[int], wanted: int) -> int:
     return k if k >= 2 else 0
 
 
+def mean_fold_scores(scores: np.ndarray) -> np.ndarray:
+    """Each epoch count's mean held-fold score, -inf where some fold's is not finite."""
+    return np.where(np.isfinite(scores).all(axis=0), scores.mean(axis=0), -np.inf)
+
+
 def chosen_epoch(scores: np.ndarray, rule: str = "one-se") -> int:
     """The epoch count that wins, from the (folds, epochs + 1) held-fold scores (column 0:
     the global model). An epoch whose score is not finite in some fold (a diverged
@@ -94,13 +99,12 @@ def chosen_epoch(scores: np.ndarray, rule: str = "one-se") -> int:
     the fewest epochs whose mean is within one standard error of the best's, the error of
     the paired per-fold difference, so a site keeps the global model (or stops earlier)
     unless fine-tuning (longer) beats it by more than the folds' noise."""
-    usable = np.isfinite(scores).all(axis=0)
-    mean = np.where(usable, scores.mean(axis=0), -np.inf)
+    mean = mean_fold_scores(scores)
     best = int(np.argmax(mean))
     if rule == "best" or scores.shape[0] < 2:
         return best
     for e in range(best):
-        if not usable[e]:
+        if not np.isfinite(mean[e]):
             continue
         gain = scores[:, best] - scores[:, e]
         if gain.mean() <= gain.std(ddof=1) / math.sqrt(len(gain)):
@@ -136,7 +140,7 @@ def cv_fine_tuning(
         for e, entry in enumerate(result.history, start=1):
             scores[i, e] = selection_score(cfg, entry.val_metrics)
             aucs[i, e] = entry.val_metrics.get("auc", np.nan)
-    mean = np.where(np.isfinite(scores), scores, -np.inf).mean(axis=0)
+    mean = mean_fold_scores(scores)
     best = chosen_epoch(scores, rule)
     auc = [_finite_mean(aucs[:, e]) for e in range(epochs + 1)]
     log.info("personal fine-tuning by %d-fold CV over %d patients: mean score by epoch %s; chose "

@@ -49,19 +49,27 @@ def test_main_needs_the_interval():
         main(["--superlink", "x:1"])
 
 
-def _receive_with_run_stopping(module):
-    """Flower's own ``_pull_and_store_message`` taking one message of a known run whose
-    objects cannot be fetched because the run stops meanwhile; returns the node state."""
-    from flwr.app import ArrayRecord, Message, RecordDict
-    from flwr.supercore.inflatable.inflatable_object import get_object_tree
+def _node_state():
+    """A SuperNode's in-memory state and object store, knowing run 1."""
     from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
-    from flwr.supercore.run import Run, RunNotRunningException
+    from flwr.supercore.run import Run
     from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
 
     store = InMemoryObjectStore()
     state = InMemoryNodeState(store)
     state.set_node_id(7)
     state.store_run(Run.create_empty(1))
+    return state, store
+
+
+def _receive_with_run_stopping(module):
+    """Flower's own ``_pull_and_store_message`` taking one message of a known run whose
+    objects cannot be fetched because the run stops meanwhile; returns the node state."""
+    from flwr.app import ArrayRecord, Message, RecordDict
+    from flwr.supercore.inflatable.inflatable_object import get_object_tree
+    from flwr.supercore.run import RunNotRunningException
+
+    state, store = _node_state()
     message = Message(RecordDict({"model": ArrayRecord([np.zeros(3)])}), dst_node_id=7,
                       message_type="train")
     message.metadata.__dict__["_message_id"] = message.object_id
@@ -102,14 +110,8 @@ def _loop_turn_with_a_stray_reply(module):
 
     from flwr.app import Message, RecordDict
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
-    from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
-    from flwr.supercore.run import Run
-    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
 
-    store = InMemoryObjectStore()
-    state = InMemoryNodeState(store)
-    state.set_node_id(7)
-    state.store_run(Run.create_empty(1))
+    state, store = _node_state()
 
     def message(kind):
         m = Message(RecordDict(), dst_node_id=7, message_type=kind)
