@@ -2,8 +2,9 @@
 
 Each (model, bag size) pair runs in a fresh subprocess so its peak memory is its own:
 peak resident memory on CPU (``ru_maxrss``), ``torch.cuda.max_memory_allocated`` on GPU.
-One training step = forward + backward + Adam update on one bag of N instances of
-D-dim features (one patient per step, as MicroMIL trains). Each model's compute floor is
+One training step = forward + backward + Adam update (built as training builds it: fused
+where torch can) on one bag of N instances of D-dim features (one patient per step, as
+MicroMIL trains). Each model's compute floor is
 timed beside it: the forward and weight gradient of its first layer over all N instances
 (the (N, D) -> (N, P) projection every model starts with; nothing else scales with N x D),
 and the step is reported as a multiple of it (issue 22's target for MicroMIL: <= 1.2x).
@@ -42,12 +43,13 @@ def child(model_name: str, n: int, dim: int, steps: int, device: str, threads: i
     import torch
 
     from micromil_core.models.registry import build_model
+    from micromil_core.training.trainer import build_optimizer
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     dev = torch.device(device)
     model = build_model(model_name, dim, 2, params).to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    opt = build_optimizer(model.parameters(), "adam", 1e-4, 0.0)  # as training builds it
     x = torch.randn(1, n, dim, device=dev)
     mask = torch.ones(1, n, dtype=torch.bool, device=dev)
     y = torch.tensor([1], device=dev)

@@ -59,10 +59,28 @@ def class_weights(labels: list[int], n_classes: int) -> Tensor:
 def build_optimizer(
     params, name: str, lr: float, weight_decay: float, momentum: float = 0.0
 ) -> torch.optim.Optimizer:
-    """``train.optimizer``: Adam, or SGD with (heavy-ball) momentum."""
+    """``train.optimizer``: Adam, or SGD with (heavy-ball) momentum.
+
+    Fused (one kernel over all parameters) where torch has it for the parameters' device:
+    the same update up to rounding, and Adam's step over MicroMIL's 1.2 M parameters takes
+    ~1 ms instead of ~6 on CPU (the per-tensor loop is torch's CPU default)."""
+    params = list(params)
+    fused = {"fused": True} if _fusable(params) else {}
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **fused)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **fused)
+
+
+def _fusable(params: list) -> bool:
+    """Whether torch's fused optimizers take ``params`` (plain tensors or param groups):
+    floating point, all on one CPU or CUDA device."""
+    tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
+    devices = {t.device for t in tensors}
+    return (
+        len(devices) == 1
+        and next(iter(devices)).type in ("cpu", "cuda")
+        and all(t.is_floating_point() for t in tensors)
+    )
 
 
 def iter_batches(

@@ -73,6 +73,42 @@ def test_sgd_with_momentum_trains(tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_fused_optimizer_gives_the_plain_update(name):
+    """build_optimizer fuses on CPU; 30 steps of it equal torch's per-tensor loop up to rounding."""
+    torch.manual_seed(0)
+    shapes = [(64, 32), (32,), (3, 1, 8)]
+    start = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(30)]
+    finals = []
+    for fused in (True, False):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = build_optimizer(params, name, 1e-2, 1e-4, momentum=0.9)
+        if not fused:
+            kind = torch.optim.SGD if name == "sgd" else torch.optim.Adam
+            extra = {"momentum": 0.9} if name == "sgd" else {}
+            opt = kind(params, lr=1e-2, weight_decay=1e-4, foreach=False, **extra)
+        assert bool(opt.defaults.get("fused")) is fused
+        for step in grads:
+            for p, g in zip(params, step, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        finals.append([p.detach() for p in params])
+    for fused_final, plain_final, first in zip(*finals, start, strict=True):
+        assert not torch.equal(fused_final, first)
+        torch.testing.assert_close(fused_final, plain_final, rtol=1e-5, atol=1e-6)
+
+
+def test_optimizer_is_not_fused_across_devices_or_for_integer_tensors():
+    from micromil_core.training.trainer import _fusable
+
+    assert _fusable([torch.zeros(2, requires_grad=True)])
+    assert _fusable([{"params": [torch.zeros(2)]}, {"params": [torch.zeros(3)]}])
+    assert not _fusable([torch.zeros(2, device="meta")])
+    assert not _fusable([torch.zeros(2, dtype=torch.int64)])
+    assert not _fusable([])
+
+
 def test_no_validation_keeps_last_epoch(tmp_path):
     _, bags = _bags(tmp_path)
     model = build_model("abmil", 6, 2)
