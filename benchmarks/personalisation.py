@@ -73,11 +73,60 @@ def judged(run: Path, data: Path, method: str, data_cfg, rule: str) -> dict:
     return table
 
 
+# A positive control (not one of issue 24's datasets): the Fashion federation, with one
+# hospital whose labels mean the opposite of the others' (the same images read under another
+# convention; a concept shift, P(y | x) differs by site). Label skew and the image shift change
+# nothing a site's AUC can see that the global model cannot learn, so there personalisation has
+# nothing to gain; here it has, at the flipped site, and this shows whether each method takes
+# it. Site-1 is flipped because it has >= 5 test patients of each class (judgeable), chosen
+# before any run; the held-out site and the other hospitals keep their labels.
+FLIPPED = {"fashion-flip": ("fashion", "site-1")}
+
+
+def prepared_data(key: str, work: Path) -> Path:
+    """The data root of ``key``: prepared by ``micromil datasets prepare``, or (FLIPPED) a
+    copy of its base root with one site's labels swapped (images hard-linked, not copied)."""
+    if key not in FLIPPED:
+        return prepared(key, DATASETS, work)
+    import os
+    import shutil
+    import tempfile
+
+    import yaml
+
+    base_key, site = FLIPPED[key]
+    out = work / "data" / key
+    if not (out / "sites.yaml").is_file():
+        base = prepared(base_key, DATASETS, work)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=out.parent))
+        shutil.copytree(base, tmp / "root", copy_function=os.link)
+        patients = tmp / "root" / site / "patients.csv"
+        lines = patients.read_text().splitlines()
+        swap = {"negative": "positive", "positive": "negative"}
+        rows = [lines[0]] + [",".join([pid, swap[label], *rest]) for pid, label, *rest
+                             in (line.split(",") for line in lines[1:])]
+        patients.unlink()  # a hard link to the base root's file: write a new one
+        patients.write_text("\n".join(rows) + "\n")
+        info = yaml.safe_load((tmp / "root" / "sites.yaml").read_text())
+        counts = info["site_class_counts"][site]
+        counts["negative"], counts["positive"] = counts["positive"], counts["negative"]
+        info["dataset"] += f" ({site}'s labels swapped)"
+        (tmp / "root" / "sites.yaml").unlink()
+        (tmp / "root" / "sites.yaml").write_text(yaml.safe_dump(info, sort_keys=False))
+        (tmp / "root").rename(out)
+        tmp.rmdir()
+    return out
+
+
+def config_of(key: str) -> str:
+    return DATASETS[FLIPPED[key][0] if key in FLIPPED else key][2]
+
+
 def run_dataset(key: str, seeds: list[int], work: Path, rounds: int | None, rule: str) -> list[dict]:
     from micromil_core.config import load_config
 
-    data = prepared(key, DATASETS, work)
-    config = DATASETS[key][2]
+    data = prepared_data(key, work)
+    config = config_of(key)
     data_cfg = load_config(ROOT / config).data  # as compare judges its own models
     rows = []
     for seed in seeds:
@@ -254,7 +303,7 @@ def per_site(rows: list[dict]) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--datasets", nargs="+", default=["fashion", "ucsb"], choices=sorted(DATASETS))
+    ap.add_argument("--datasets", nargs="+", default=["fashion", "ucsb"], choices=sorted([*DATASETS, *FLIPPED]))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--rounds", type=int, help="default: the dataset config's (20)")
     ap.add_argument("--work", default="/tmp/personalisation")
