@@ -50,4 +50,4 @@ def personalise_sites(fed: _Federation, arrays: ArrayRecord, federation_id: str)
     for f in failures:
         log.warning("personalisation: %s", f)
     return {"method": cfg.personalise, "federation_id": federation_id, "per_site": per_site,
-            "chosen_by": chosen_by, "failures": failures}
+            "chosen_by": chosen_by, "rule": cfg.personal_rule, "failures": failures}

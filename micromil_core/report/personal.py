@@ -265,6 +265,33 @@ def _own_patients_html(comparison: Mapping[str, Any]) -> str:
     return "\n".join(parts)
 
 
+# federation.personal_rule, in words (federated/personal_cv.py).
+_RULES = {
+    "one-se": "the fewest epochs (the global model first) whose mean over the CV folds is within one "
+              "standard error of the best mean, so a site changes models only for a gain larger than "
+              "its folds' noise",
+    "best": "the epoch count with the best mean over the CV folds",
+}
+
+
+def _criterion_html(personalised: Mapping[str, Any] | None) -> str:
+    """What the choice maximised and by which rule, as the run recorded it (``chosen_by``,
+    ``rule``); a run that recorded neither gets the default's words."""
+    chosen_by = personalised.get("chosen_by") if personalised else None
+    rule = personalised.get("rule") if personalised else None
+    if not chosen_by:
+        return ("The choice maximises <code>train.select_on</code> (by default the class-weighted "
+                "loss), so a personal model may be kept with a lower AUC.")
+    text = f"The choice maximises the {escape(str(chosen_by))} (<code>train.select_on</code>)"
+    if rule in _RULES:
+        text += (f"; with CV it takes {_RULES[rule]} (<code>federation.personal_rule: "
+                 f"{escape(str(rule))}</code>)")
+    text += "."
+    if chosen_by != "AUC":
+        text += " A personal model may therefore be kept with a lower AUC."
+    return text
+
+
 def personalisation_section(
     metrics: Mapping[str, Any] | None, comparison: Mapping[str, Any] | None
 ) -> str:
@@ -286,9 +313,8 @@ def personalisation_section(
         "the global model and each epoch count of its own training, by k-fold cross-validation "
         "over its training and validation patients (fine-tuning methods) or on its validation "
         "patients (local-head, DP-SGD, or too few patients for CV); epoch 0: the global model "
-        "was kept. The choice maximises <code>train.select_on</code> (by default the class-weighted loss), "
-        "so a personal model may be kept with a lower AUC. Its test patients are not used for that choice; in a "
-        "simulation they serve only for the comparison of local, global and personal models.</p>"
+        f"was kept. {_criterion_html(personalised)} Its test patients are not used for that choice; "
+        "in a simulation they serve only for the comparison of local, global and personal models.</p>"
     )
     if has_own:
         parts.append(_own_patients_html(comparison))

@@ -82,6 +82,7 @@ def _personalised() -> dict:
                          "personal_epoch": 2, "val_auc_global": 0.6, "val_auc_personal": 0.75},
         },
         "failures": ["site-1: <no reply> within 600 s"],
+        "chosen_by": "class-weighted loss", "rule": "one-se",
     }
 
 
@@ -137,6 +138,22 @@ def test_validation_choice_shows_withheld_values_as_suppressed(section):
     assert rows["&lt;site&amp;3&gt;#0"][4:7] == ["0.600", "0.750", "2"]
     assert '<li class="fail">site-1: &lt;no reply&gt; within 600 s</li>' in section
     assert "<site&3>" not in section and "<no reply>" not in section
+
+
+def test_the_choice_paragraph_names_what_the_run_recorded(section):
+    assert ("The choice maximises the class-weighted loss (<code>train.select_on</code>); with CV it "
+            "takes the fewest epochs (the global model first) whose mean over the CV folds is within "
+            "one standard error of the best mean") in section
+    assert "<code>federation.personal_rule: one-se</code>" in section
+    assert "may therefore be kept with a lower AUC" in section
+    by_auc = personalisation_section({"personalised": {**_personalised(), "chosen_by": "AUC", "rule": "best"}}, None)
+    assert "maximises the AUC" in by_auc and "the epoch count with the best mean" in by_auc
+    assert "lower AUC" not in by_auc
+    # A run from before the rule was recorded gets the default's general words.
+    old = {k: v for k, v in _personalised().items() if k not in ("chosen_by", "rule")}
+    older = personalisation_section({"personalised": old}, None)
+    assert "maximises <code>train.select_on</code> (by default the class-weighted loss)" in older
+    assert "personal_rule" not in older
 
 
 def test_section_is_empty_without_personal_models():
@@ -240,4 +257,5 @@ def test_section_renders_in_a_browser(tmp_path, width):
     assert "site-2\t6\t0.000\t0.400\t0.400" in personal
     assert "suppressed (n < 5)" in personal and "0 (global kept)" in personal
     assert "over 1 site: +0.400 (95% CI +0.000 to +0.800)" in personal
+    assert "federation.personal_rule: one-se" in personal
     assert Path(run / "report.html").read_text().count(PNG) >= 2
