@@ -338,8 +338,8 @@ class SimulationConfig:
     ray_address: str = ""
     # "superlink": Flower's supported path, `flwr run` on a private SuperLink in simulation
     # mode (server/simulation_superlink.py); "in-process": Flower's deprecated run_simulation
-    # in this process, needed for ray_address and for tests that audit every message in
-    # process. Same apps, same weights (tests/integration/test_simulation.py).
+    # in this process, needed by tests that audit every message in process. Same apps, same
+    # weights (tests/integration/test_simulation.py); both join ray_address when it is set.
     engine: str = "superlink"
 
     def __post_init__(self) -> None:

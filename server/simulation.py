@@ -142,7 +142,7 @@ def _simulate_on_superlink(cfg: ExperimentConfig, out: Path, sites: list[SiteSet
         raise ConfigError("a grid_tap needs simulation.engine: in-process (under `superlink` "
                           "the ServerApp runs in Flower's own process)")
     check_engine(cfg)
-    with PrivateSuperLink(out) as link:  # comes up while the sites are checked
+    with PrivateSuperLink(out, cfg.simulation.ray_address) as link:  # up while the sites are checked
         preflight(cfg, sites)
         metrics = link.run(cfg, len(sites), resume)
     log.info("writing the report: %s", write_report(out))

@@ -141,8 +141,9 @@ def in_a_task():
     TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None
 
 
-def superlink_pids(home: Path) -> list[int]:
-    """Pids of the live flower-superlink processes started with FLWR_HOME=``home``."""
+def superlink_pids(home: Path, program: bytes = b"flower-superlink") -> list[int]:
+    """Pids of the live ``program`` processes started with FLWR_HOME=``home`` (``b""``: any
+    process of that environment, e.g. a private Ray head's and its workers)."""
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -152,6 +153,6 @@ def superlink_pids(home: Path) -> list[int]:
             env = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"flower-superlink" in cmdline and f"FLWR_HOME={home}".encode() in env:
+        if program in cmdline and f"FLWR_HOME={home}".encode() in env:
             found.append(int(proc.name))
     return found

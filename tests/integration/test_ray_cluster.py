@@ -36,10 +36,11 @@ def ray_head():
     shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_simulation_runs_on_an_existing_ray_cluster(ray_head, demo_ucsb, tmp_path):
+@pytest.mark.parametrize("engine", ["superlink", "in-process"])
+def test_simulation_runs_on_an_existing_ray_cluster(ray_head, demo_ucsb, tmp_path, engine):
     address, ray_temp = ray_head
     cfg = load_config(None, [f"simulation.data_root={demo_ucsb}", f"simulation.ray_address={address}",
-                             "simulation.engine=in-process",
+                             f"simulation.engine={engine}",
                              "model.name=gated-abmil", "federation.rounds=2", "train.num_threads=1"])
     metrics = simulate(cfg, tmp_path / "run")
     history = json.loads((tmp_path / "run" / "history.json").read_text())
@@ -49,3 +50,5 @@ def test_simulation_runs_on_an_existing_ray_cluster(ray_head, demo_ucsb, tmp_pat
     logs = [p.name for p in (ray_temp / "session_latest" / "logs").iterdir()]
     assert any(n.startswith("python-core-driver-") for n in logs), logs
     assert sum(n.startswith("python-core-worker-") for n in logs) >= 1, logs
+    if engine == "superlink":  # Flower's simulation process joined it; no private head started
+        assert not (tmp_path / "run" / ".flower" / "ray.out").exists()
