@@ -8,11 +8,9 @@ config, echoes the coordinator's round lines from ``OUT/server.log``, and stops 
 SuperLink when the run ends. The ServerApp and ClientApp are the deployed ones: sites and
 privacy settings come from the run config exactly as under ``flwr run . local``.
 
-Ray: Flower's simulation process would start its own Ray only once the run is submitted
-(~4 s on a 2-core machine, on the path to round 1). Here a private Ray head starts at the
-same moment as the SuperLink, beside the pre-flight checks, and Flower's ``ray.init`` joins it
-through ``RAY_ADDRESS`` (the environment Flower's processes inherit). ``simulation.ray_address``
-joins an existing cluster the same way, with no private head.
+``simulation.ray_address``: Flower's federation config cannot name a Ray cluster, but its
+simulation process calls ``ray.init()``, which joins the cluster in ``RAY_ADDRESS``; the
+SuperLink (and so that process) gets it in its environment.
 
 Not here (the in-process engine serves it): a ``grid_tap`` audit hook (the ServerApp runs in
 Flower's own process).
@@ -24,11 +22,9 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -42,8 +38,6 @@ log = logging.getLogger("micromil.simulate")
 
 CONNECTION = "micromil"  # the SuperLink connection's name in OUT/.flower/home/config.toml
 START_TIMEOUT = 60.0  # seconds for the SuperLink to answer its health check
-RAY_START_TIMEOUT = 120.0  # seconds for the private Ray head (a loaded machine is slow)
-RAY_READY = "Ray runtime started"  # what `ray start` prints once the head is up
 FINISHED = re.compile(r"Finished task \d+ of run (\d+)")
 
 # The app as Flower builds it into a FAB: components and run-config keys only (the code is
@@ -105,48 +99,6 @@ def _launch_superlink(work: Path, env: dict[str, str]) -> tuple[subprocess.Popen
     return proc, port
 
 
-class _RayHead:
-    """A private Ray head (``ray start --head --block``) for one run, in its own session.
-
-    ``--block`` ties the head's processes to the ``ray start`` process (Ray's fate sharing),
-    and ``stop`` ends its whole session, so nothing outlives the run. Its ports are free
-    loopback ports (the Ray client server would otherwise take 10001), and its temp folder is
-    its own: ``ray start`` records its address in ``<temp>/ray_current_cluster``, and any
-    ``ray.init()`` on this machine without an address reads ``/tmp/ray``'s copy of that file,
-    so it would join this head while it runs and try its dead address afterwards.
-    """
-
-    def __init__(self, work: Path, env: dict[str, str]) -> None:
-        port, client_port = _free_port(), _free_port()
-        self.address = f"127.0.0.1:{port}"
-        self.out = work / "ray.out"
-        # Short: Ray's socket paths inside it must fit a Unix socket name (107 bytes).
-        self.temp = Path(tempfile.mkdtemp(prefix="micromil-ray-"))
-        cmd = [_bin("ray"), "start", "--head", "--block", "--port", str(port),
-               "--ray-client-server-port", str(client_port), "--temp-dir", str(self.temp),
-               "--include-dashboard", "false", "--disable-usage-stats"]
-        with open(self.out, "wb") as out:  # the child keeps its own copy
-            self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-
-    def wait_ready(self) -> None:
-        """Until ``ray start`` says the head is up; refused with its output if it stops."""
-        deadline = time.monotonic() + RAY_START_TIMEOUT
-        while time.monotonic() < deadline:
-            if RAY_READY in self.out.read_text(errors="replace"):
-                return
-            if self.proc.poll() is not None:
-                raise SiteDataError(f"the private Ray head exited with code {self.proc.returncode}; "
-                                    f"see {self.out}")
-            time.sleep(0.1)
-        raise SiteDataError(f"the private Ray head did not start within {RAY_START_TIMEOUT:.0f} s; "
-                            f"see {self.out}")
-
-    def stop(self) -> None:
-        _stop(self.proc)
-        shutil.rmtree(self.temp, ignore_errors=True)
-
-
 def _wait_healthy(proc: subprocess.Popen, port: int, work: Path) -> None:
     """Until the SuperLink answers its health check."""
     import httpx
@@ -165,13 +117,13 @@ def _wait_healthy(proc: subprocess.Popen, port: int, work: Path) -> None:
     raise SiteDataError(f"flower-superlink did not answer within {START_TIMEOUT:.0f} s; see {work / 'superlink.out'}")
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """``proc`` and everything in its session (the SuperLink's SuperExec and flwr-simulation;
-    the Ray head's GCS, raylet and workers), so an interrupted run leaves nothing behind:
-    SIGTERM, then SIGKILL to whatever of the group is still alive after 15 s."""
+def _stop(proc: subprocess.Popen, term_wait: float = 15.0) -> None:
+    """``proc`` and everything in its session (the SuperLink's SuperExec and flwr-simulation,
+    and the Ray that flwr-simulation started), so an interrupted run leaves nothing behind:
+    SIGTERM, then SIGKILL to whatever of the group is still alive after ``term_wait`` s."""
     import signal
 
-    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+    for sig, wait in ((signal.SIGTERM, term_wait), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
@@ -268,27 +220,18 @@ class PrivateSuperLink:
         self.home = self.work / "home"
         self.home.mkdir(parents=True, exist_ok=True)
         self.env = _environment(self.home)
-        self.ray_address = ray_address
-        self.ray_head: _RayHead | None = None
+        if ray_address:  # the cluster Flower's ray.init() joins (see the module docstring)
+            self.env["RAY_ADDRESS"] = ray_address
         self.proc: subprocess.Popen | None = None
         self.port = 0
 
     def __enter__(self) -> PrivateSuperLink:
-        try:
-            if not self.ray_address:
-                self.ray_head = _RayHead(self.work, self.env)
-            self.env["RAY_ADDRESS"] = self.ray_address or self.ray_head.address
-            self.proc, self.port = _launch_superlink(self.work, self.env)
-        except BaseException:
-            self.__exit__()
-            raise
+        self.proc, self.port = _launch_superlink(self.work, self.env)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:
             _stop(self.proc)
-        if self.ray_head is not None:
-            self.ray_head.stop()
 
     def run(self, cfg: ExperimentConfig, n_sites: int, resume: bool) -> dict[str, Any]:
         """Run the experiment with ``flwr run``; returns the held-out metrics the ServerApp
@@ -300,8 +243,6 @@ class PrivateSuperLink:
         metrics = out / "metrics.json"
         before = metrics.stat().st_mtime_ns if metrics.exists() else None
         _wait_healthy(self.proc, self.port, self.work)
-        if self.ray_head is not None:
-            self.ray_head.wait_ready()
         follower = _Follower(out / "server.log")
         run_id = _submit(
             write_app(self.work / "app"), self.home, self.port, self.env,
