@@ -117,36 +117,43 @@ def _wait_healthy(proc: subprocess.Popen, port: int, work: Path) -> None:
     raise SiteDataError(f"flower-superlink did not answer within {START_TIMEOUT:.0f} s; see {work / 'superlink.out'}")
 
 
-def _stop(proc: subprocess.Popen, term_wait: float = 15.0) -> None:
-    """``proc`` and everything in its session (the SuperLink's SuperExec and flwr-simulation,
-    and the Ray that flwr-simulation started), so an interrupted run leaves nothing behind:
-    SIGTERM, then SIGKILL to whatever of the group is still alive after ``term_wait`` s."""
+def _stop(proc: subprocess.Popen, marker: str = "", term_wait: float = 15.0) -> None:
+    """``proc``, everything in its process group, and every process whose environment holds
+    ``marker`` (``FLWR_HOME=<this run's>``: what the SuperLink started, SuperExec,
+    flwr-simulation and the Ray that flwr-simulation started, which moves to a process group
+    of its own), so an interrupted run leaves nothing behind: SIGTERM, then SIGKILL to
+    whatever is still alive after ``term_wait`` s."""
     import signal
 
     for sig, wait in ((signal.SIGTERM, term_wait), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
+        for pid in {proc.pid, *_left_behind(proc.pid, marker)}:
+            try:
+                os.killpg(pid, sig) if pid == proc.pid else os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             proc.poll()  # reaps the leader
-            if proc.returncode is not None and not _live_members(proc.pid):
+            if proc.returncode is not None and not _left_behind(proc.pid, marker):
                 return
             time.sleep(0.1)
 
 
-def _live_members(group: int) -> int:
-    """Processes of process group ``group`` that are not zombies (Linux /proc; elsewhere 0:
-    the leader's exit is all there is to wait for)."""
-    live = 0
+def _left_behind(group: int, marker: str = "") -> list[int]:
+    """Live (not zombie) processes in process group ``group`` or, given a ``marker``, with it
+    in their environment (Linux /proc; elsewhere none: the leader's exit is all there is to
+    wait for)."""
+    found = []
     for entry in Path("/proc").glob("[0-9]*"):
         try:
             state, _parent, pgrp = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+            if state == "Z":
+                continue
+            if int(pgrp) == group or (marker and marker.encode() in (entry / "environ").read_bytes().split(b"\0")):
+                found.append(int(entry.name))
         except (OSError, ValueError):
             continue
-        live += int(pgrp) == group and state != "Z"
-    return live
+    return found
 
 
 def _submit(app: Path, home: Path, port: int, env: dict[str, str], run_config: dict[str, Any],
@@ -231,7 +238,7 @@ class PrivateSuperLink:
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:
-            _stop(self.proc)
+            _stop(self.proc, f"FLWR_HOME={self.home}")
 
     def run(self, cfg: ExperimentConfig, n_sites: int, resume: bool) -> dict[str, Any]:
         """Run the experiment with ``flwr run``; returns the held-out metrics the ServerApp

@@ -42,7 +42,7 @@ def _superlink_env(monkeypatch, tmp_path, ray_address: str) -> dict[str, str]:
         return object(), 1234
 
     monkeypatch.setattr(sl, "_launch_superlink", launch)
-    monkeypatch.setattr(sl, "_stop", lambda proc: None)
+    monkeypatch.setattr(sl, "_stop", lambda proc, marker: None)
     with sl.PrivateSuperLink(tmp_path, ray_address=ray_address):
         pass
     return seen
@@ -54,15 +54,22 @@ def test_a_configured_ray_cluster_reaches_flowers_ray_init(monkeypatch, tmp_path
     assert "RAY_ADDRESS" not in _superlink_env(monkeypatch, tmp_path, "")  # Flower's private Ray
 
 
-def test_stopping_ends_the_whole_process_group(tmp_path):
-    """A shell that ignores SIGTERM and its three children: all gone after _stop."""
+def test_stopping_ends_the_group_and_every_process_of_the_run(tmp_path):
+    """A shell that ignores SIGTERM, its three children, and a process of the run that left
+    the group (as Ray's processes do): all gone after _stop."""
+    import os
     import subprocess
 
-    script = "sleep 60 & sleep 60 & trap '' TERM; sleep 60"
-    proc = subprocess.Popen(["sh", "-c", script], start_new_session=True)
+    marker = f"FLWR_HOME={tmp_path}"
+    env = {**os.environ, "FLWR_HOME": str(tmp_path)}
+    proc = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60 & trap '' TERM; sleep 60"], start_new_session=True)
+    other = subprocess.Popen(["sleep", "60"], env=env, start_new_session=True)  # its own group
     deadline = time.monotonic() + 10
-    while sl._live_members(proc.pid) < 4 and time.monotonic() < deadline:
+    while len(sl._left_behind(proc.pid, marker)) < 5 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert sl._live_members(proc.pid) == 4
-    sl._stop(proc, term_wait=0.5)
-    assert proc.returncode is not None and sl._live_members(proc.pid) == 0
+    group = sl._left_behind(proc.pid)
+    assert len(group) == 4 and proc.pid in group and other.pid not in group
+    assert sorted(sl._left_behind(proc.pid, marker)) == sorted([*group, other.pid])
+    sl._stop(proc, marker, term_wait=0.5)
+    other.wait(timeout=5)
+    assert proc.returncode is not None and not sl._left_behind(proc.pid, marker)
