@@ -120,9 +120,10 @@ def _wait_healthy(proc: subprocess.Popen, port: int, work: Path) -> None:
 def _stop(proc: subprocess.Popen, marker: str = "", term_wait: float = 15.0) -> None:
     """``proc``, everything in its process group, and every process whose environment holds
     ``marker`` (``FLWR_HOME=<this run's>``: what the SuperLink started, SuperExec,
-    flwr-simulation and the Ray that flwr-simulation started, which moves to a process group
-    of its own), so an interrupted run leaves nothing behind: SIGTERM, then SIGKILL to
-    whatever is still alive after ``term_wait`` s."""
+    flwr-simulation and the Ray that flwr-simulation started, whose processes need not stay
+    in the group: a clean-clone run found one alive after the group had gone), so an
+    interrupted run leaves nothing behind: SIGTERM, then SIGKILL to whatever is still alive
+    after ``term_wait`` s."""
     import signal
 
     for sig, wait in ((signal.SIGTERM, term_wait), (signal.SIGKILL, 5.0)):

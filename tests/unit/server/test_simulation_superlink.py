@@ -55,8 +55,8 @@ def test_a_configured_ray_cluster_reaches_flowers_ray_init(monkeypatch, tmp_path
 
 
 def test_stopping_ends_the_group_and_every_process_of_the_run(tmp_path):
-    """A shell that ignores SIGTERM, its three children, and a process of the run that left
-    the group (as Ray's processes do): all gone after _stop."""
+    """A shell that ignores SIGTERM, its three children, and a process of the run in a group
+    of its own: all gone after _stop."""
     import os
     import subprocess
 
