@@ -4,10 +4,10 @@ Each (model, bag size) pair runs in a fresh subprocess so its peak memory is its
 peak resident memory on CPU (``ru_maxrss``), ``torch.cuda.max_memory_allocated`` on GPU.
 One training step = forward + backward + Adam update (built as training builds it: fused
 where torch can) on one bag of N instances of D-dim features (one patient per step, as
-MicroMIL trains). Each model's compute floor is
-timed beside it: the forward and weight gradient of its first layer over all N instances
-(the (N, D) -> (N, P) projection every model starts with; nothing else scales with N x D),
-and the step is reported as a multiple of it (issue 22's target for MicroMIL: <= 1.2x).
+MicroMIL trains). Each model's compute floor is timed beside it: the forward and weight
+gradient of its first layer over all N instances (the (N, D) -> (N, P) projection every
+model starts with; nothing else scales with N x D), and the step is reported as a multiple
+of it (issue 22's target for MicroMIL: <= 1.2x).
 
     python benchmarks/speed_memory.py                        # full sweep, writes results/
     python benchmarks/speed_memory.py --sizes 100 1000 --steps 3

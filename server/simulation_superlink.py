@@ -129,7 +129,10 @@ def _stop(proc: subprocess.Popen, marker: str = "", term_wait: float = 15.0) -> 
     for sig, wait in ((signal.SIGTERM, term_wait), (signal.SIGKILL, 5.0)):
         for pid in {proc.pid, *_left_behind(proc.pid, marker)}:
             try:
-                os.killpg(pid, sig) if pid == proc.pid else os.kill(pid, sig)
+                if pid == proc.pid:
+                    os.killpg(pid, sig)
+                else:
+                    os.kill(pid, sig)
             except (ProcessLookupError, PermissionError):
                 pass
         deadline = time.monotonic() + wait

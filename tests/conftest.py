@@ -143,7 +143,7 @@ def in_a_task():
 
 def superlink_pids(home: Path, program: bytes = b"flower-superlink") -> list[int]:
     """Pids of the live ``program`` processes started with FLWR_HOME=``home`` (``b""``: any
-    process of that environment, e.g. a private Ray head's and its workers)."""
+    process of that environment: SuperExec, flwr-simulation, the Ray they started)."""
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():

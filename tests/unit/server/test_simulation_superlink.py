@@ -32,6 +32,11 @@ def test_settings_the_supported_path_cannot_honour_are_refused():
     check_engine(build_config({"simulation": {"engine": "superlink", "ray_address": "10.0.0.5:6379"}}))
 
 
+def test_an_unknown_engine_is_named():
+    with pytest.raises(ConfigError, match="simulation.engine"):
+        build_config({"simulation": {"engine": "ray"}})
+
+
 def _superlink_env(monkeypatch, tmp_path, ray_address: str) -> dict[str, str]:
     """The environment PrivateSuperLink starts its SuperLink (and so Flower's simulation
     process) with; no process is started."""
