@@ -6,6 +6,7 @@ command's start to the first console line that says it (pre-flight passed, sites
 discovered = start-up, round 1 and the last round done, exit).
 
     python benchmarks/simulation_startup.py --data-root data/ucsb --rounds 3
+    python benchmarks/simulation_startup.py --data-root data/ucsb --set model.params.gnn_backend=pyg
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def one_run(engine: str, args: argparse.Namespace, out: Path) -> dict[str, float
     cmd = [str(Path(sys.executable).with_name("micromil")), "simulate", "--data-root", args.data_root,
            "--model", args.model, "--set", f"federation.rounds={args.rounds}",
            "--set", "train.num_threads=1", "--set", f"simulation.engine={engine}", "--out", str(out)]
+    for override in args.overrides:
+        cmd += ["--set", override]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     marks: dict[str, float] = {}
@@ -49,6 +52,8 @@ def main() -> None:
     ap.add_argument("--model", default="micromil")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="passed to every run's `micromil simulate` (repeatable)")
     ap.add_argument("--out", default=str(HERE / "results" / "simulation_startup"))
     args = ap.parse_args()
     runs: dict[str, list[dict[str, float]]] = {e: [] for e in ENGINES}
@@ -61,14 +66,16 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     names = [*MARKS.values(), "exit"]
     med = {e: {n: statistics.median(r[n] for r in runs[e]) for n in names} for e in ENGINES}
+    sets = "".join(f" --set {o}" for o in args.overrides)
     lines = [
         "# `micromil simulate` start-up: Flower's supported path vs in-process run_simulation",
         "",
         f"Command: `python benchmarks/simulation_startup.py --data-root {args.data_root} "
-        f"--model {args.model} --rounds {args.rounds} --repeats {args.repeats}`",
+        f"--model {args.model} --rounds {args.rounds} --repeats {args.repeats}{sets} --out {args.out}`",
         "",
         f"Seconds from the command's start, median of {args.repeats} alternating runs each; "
-        f"{args.model}, {args.rounds} rounds, one torch thread per site.",
+        f"{args.model}, {args.rounds} rounds, one torch thread per site"
+        + (f", {', '.join(args.overrides)}." if args.overrides else "."),
         "",
         "| mark | " + " | ".join(ENGINES) + " | superlink - in-process |",
         "|---|" + "---:|" * (len(ENGINES) + 1),

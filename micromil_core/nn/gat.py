@@ -108,8 +108,31 @@ class DenseGATConv(nn.Module):
         eye = torch.eye(k, dtype=torch.bool, device=adj.device)
         edges = (adj.transpose(1, 2) > 0) | eye  # (B, K_dst, K_src)
         alpha = masked_softmax(logits, edges, dim=-1)  # (B, K_dst, K_src)
-        alpha = F.dropout(alpha, self.dropout, self.training)
+        if self.training and self.dropout > 0:
+            alpha = alpha * pyg_order_dropout_mask(adj, self.dropout, alpha.dtype)
         return self.bias(alpha @ h)  # (B, K, C)
+
+
+def pyg_order_dropout_mask(adj: Tensor, p: float, dtype: torch.dtype) -> Tensor:
+    """Attention-dropout mask drawn as PyG's GATConv draws it, laid out densely.
+
+    GATConv drops an (E, 1) tensor of coefficients whose rows are the edges in
+    ``dense_to_sparse``'s order (row-major over bag, source, target) without self-loops,
+    then one self-loop per node. Dropping a tensor of ones of that shape consumes the
+    random stream as GATConv does, so a seed trains the same under either backend.
+
+    Shapes: adj (B, K, K) -> (B, K_dst, K_src): 1/(1-p) where kept, 0 where dropped or no edge
+    """
+    b, k, _ = adj.shape
+    eye = torch.eye(k, dtype=torch.bool, device=adj.device)
+    off_diagonal = (adj != 0) & ~eye  # (B, K_src, K_dst)
+    n_off = int(off_diagonal.sum())
+    ones = torch.ones(n_off + b * k, 1, dtype=dtype, device=adj.device)
+    kept = F.dropout(ones, p, training=True).view(-1)  # (E,)
+    mask = torch.zeros(b, k, k, dtype=dtype, device=adj.device)
+    mask[off_diagonal] = kept[:n_off]  # boolean indexing runs row-major, as dense_to_sparse
+    mask.diagonal(dim1=1, dim2=2).copy_(kept[n_off:].view(b, k))
+    return mask.transpose(1, 2)
 
 
 def _pyg_gatconv(in_channels: int, out_channels: int, dropout: float) -> nn.Module:

@@ -337,6 +337,49 @@ def test_gat_backends_agree_on_the_same_graph() -> None:
         assert torch.equal(back[key], value)
 
 
+def test_gat_backends_drop_the_same_attention_under_a_seed() -> None:
+    # Training mode: the dense backend draws its attention-dropout mask in PyG's edge
+    # order, so the same seed drops the same coefficients (and the same features).
+    torch.manual_seed(0)
+    pyg = GAT(5, 7, n_layers=2, dropout=0.5, backend="pyg").train()
+    dense = GAT(5, 7, n_layers=2, dropout=0.5, backend="dense").train()
+    dense.load_state_dict(convert_gat_state(pyg.state_dict(), "dense"))
+    x = torch.randn(3, 6, 5)
+    adj = ((torch.rand(3, 6, 6) < 0.4) | torch.eye(6, dtype=torch.bool)).float()
+    outs = []
+    for model in (pyg, dense):
+        torch.manual_seed(1)
+        outs.append(model(x, adj))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    torch.manual_seed(2)  # another seed drops other coefficients: the check can fail
+    assert not torch.allclose(dense(x, adj), outs[1], atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["paper", "gumbel-neighbour"])
+def test_micromil_backends_train_the_same_under_a_seed(mode: str) -> None:
+    # Dropout 0.5 on (the default): five seeded steps give the same weights. SGD, because
+    # Adam scales a gradient that is 0 up to rounding (layer 0's att_dst here: every logit
+    # is positive, so the LeakyReLU is linear and a_dst cancels in the softmax) to a full
+    # step whose sign is the rounding's.
+    params = {**SMALL_MICROMIL, "edge_mode": mode, "dropout": 0.5}
+    torch.manual_seed(0)
+    pyg = make_model("micromil", {**params, "gnn_backend": "pyg"})
+    dense = switch_gnn_backend(pyg, "dense")
+    x, mask = ragged_batch([5, 2, 7])
+    y = torch.tensor([0, 1, 1])
+    for model in (pyg, dense):
+        torch.manual_seed(3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        model.train()
+        for _ in range(5):
+            opt.zero_grad()
+            model.loss(x, mask, y)[0].backward()
+            opt.step()
+    trained = convert_gat_state(dense.state_dict(), "pyg")
+    for key, value in pyg.state_dict().items():
+        torch.testing.assert_close(trained[key], value, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("mode", ["paper", "gumbel-neighbour"])
 def test_micromil_backends_agree(mode: str) -> None:
     model = make_model("micromil", {**SMALL_MICROMIL, "edge_mode": mode}).eval()
@@ -444,8 +487,9 @@ def test_micromil_is_registered_class() -> None:
 
 
 def test_load_model_code_imports_the_lazy_layers_and_keeps_the_random_state():
-    # In a fresh process: what MicroMIL imports lazily (PyG) is loaded, and the global RNG
-    # is where it was, so the seeded round 1 trains exactly as without the warm-up.
+    # In a fresh process: what MicroMIL imports lazily (PyG, on the "pyg" backend) is loaded,
+    # and the global RNG is where it was, so the seeded round 1 trains exactly as without
+    # the warm-up. The default "dense" backend needs no PyG at all.
     import subprocess
     import sys
 
@@ -455,6 +499,8 @@ def test_load_model_code_imports_the_lazy_layers_and_keeps_the_random_state():
         "torch.manual_seed(3); before = torch.random.get_rng_state()\n"
         "assert 'torch_geometric.nn' not in sys.modules\n"
         "load_model_code('micromil', 16, 1)\n"  # one class at this site: built with 2
+        "assert 'torch_geometric' not in sys.modules\n"
+        "load_model_code('micromil', 16, 1, {'gnn_backend': 'pyg'})\n"
         "assert torch.equal(before, torch.random.get_rng_state())\n"
         "print('torch_geometric.nn' in sys.modules)\n"
     )

@@ -82,8 +82,8 @@ def test_micromil_inside_a_wrapper_trains_privately_and_keeps_its_layout(tmp_pat
     """MHIM around a PyG-backed MicroMIL: DP-SGD runs on a dense copy and the weights come
     back in the original (PyG) layout, so the global model still loads them."""
     torch.manual_seed(0)
-    model = build_model("mhim", D, 2, {"base": "micromil", "base_params": SMALL_MICROMIL,
-                                       "warmup": 0})
+    base_params = {**SMALL_MICROMIL, "gnn_backend": "pyg"}
+    model = build_model("mhim", D, 2, {"base": "micromil", "base_params": base_params, "warmup": 0})
     assert model.student.params.gnn_backend == "pyg"
     privacy = LocalPrivacyConfig(mode="dp-sgd", target_epsilon=5.0, delta=1e-3)
     state, metrics = private_round(model, bags(12), privacy, tmp_path, 1)
