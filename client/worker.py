@@ -205,11 +205,14 @@ class Worker:
 
 def warm_up() -> None:
     """Import now what the first message would otherwise pay for. What a run's model imports
-    lazily (MicroMIL's PyG layer) is imported when the run describes the site
-    (``load_model_code`` in client.app), the one place that knows the model."""
+    lazily (MicroMIL's PyG layer, on its "pyg" GAT backend) is imported when the run
+    describes the site (``load_model_code`` in client.site_app), the one place that knows
+    the model. The handlers themselves (``client.site_app``) are built here too."""
     started = time.perf_counter()
     import micromil_core.models  # noqa: F401
     import micromil_core.training.metrics  # noqa: F401
+
+    app.site_app  # noqa: B018 (builds the handlers: imports the site code)
 
     log.info("ClientApp worker ready (model imports %.1f s)", time.perf_counter() - started)
 

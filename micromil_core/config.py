@@ -462,3 +462,11 @@ def load_config(
     """YAML file (optional) + ``--set`` overrides -> validated ``ExperimentConfig``."""
     raw = load_yaml(path) if path else {}
     return build_config(apply_overrides(raw, overrides))
+
+
+def check_model_params(cfg: ExperimentConfig) -> None:
+    """Refuse a wrong model name or param (the model registry's check; it imports torch,
+    hence not part of ``load_config``)."""
+    from micromil_core.models.registry import params_from_dict
+
+    params_from_dict(cfg.model.name, dict(cfg.model.params))

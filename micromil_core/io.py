@@ -15,8 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-import torch
-
 
 @contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
@@ -110,4 +108,6 @@ def claim_output_dir(out: str | os.PathLike, markers: tuple[str, ...], overwrite
 
 
 def torch_save_atomic(obj: Any, target: str | os.PathLike) -> Path:
+    import torch  # here, not at the top: the CLI imports this module before it knows it needs torch
+
     return _atomic_write(target, "wb", lambda fh: torch.save(obj, fh))

@@ -97,7 +97,7 @@ def site_info(
 
 
 def site_from_reply(node_id: int, reply: Message) -> SiteInfo:
-    """A SiteInfo from a site's answer to the QUERY (``client.app``'s ``describe``)."""
+    """A SiteInfo from a site's answer to the QUERY (``client.site_app``'s ``describe``)."""
     c = reply.content
     counts = {k: int(v) for k, v in c.metric_records[wire.METRICS].items()}
     moments = None

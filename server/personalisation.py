@@ -1,5 +1,5 @@
 """The federation's last exchange under ``federation.personalise``: every training site
-makes its personal model from the final global model and keeps it (client.app's
+makes its personal model from the final global model and keeps it (client.site_app's
 ``personalise`` handler, ``micromil_core.federated.personalise``). Only aggregate numbers
 come back, screened like every other reply; a reply carrying arrays is refused."""
 

@@ -11,14 +11,17 @@ import os
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from micromil_core.config import ExperimentConfig
-from micromil_core.data.data_root import with_declared_classes
+from micromil_core.config import ExperimentConfig, check_model_params
 from micromil_core.errors import ConfigError, SiteDataError
-from micromil_core.federated.simulated_sites import resolve_sites, with_local_privacy
-from micromil_core.federated.site_task import SiteSettings
-from micromil_core.report import PAIRED_KEY
+
+if TYPE_CHECKING:
+    from micromil_core.federated.site_task import SiteSettings
+
+# What this module imports at its top stays light (no torch): on the supported engine
+# `simulate` starts Flower's SuperLink first, so that it comes up while this process
+# imports torch and checks the sites.
 
 log = logging.getLogger("micromil.simulate")
 
@@ -84,27 +87,19 @@ def simulate(
     """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no usage pings from a hospital run
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # Ray starts a worker per CPU for the driver, which Flower never uses (its sites run in
+    # actors, each a worker of its own): on 2 cores they only competed with the start-up.
+    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     out = Path(out)
-    if cfg.simulation.data_root:
-        cfg = with_declared_classes(cfg, cfg.simulation.data_root)
-    sites = with_local_privacy(resolve_sites(cfg), cfg, out)
-    state_file = out / "federation-state.pt"
-    if overwrite and not resume:
-        from server.federation import STRATEGY_FILE
-
-        for name in (state_file.name, STRATEGY_FILE):
-            (out / name).unlink(missing_ok=True)
-    if not resume and state_file.exists():
-        raise ConfigError(
-            f"{out} already holds a federation run; pass --resume to continue it or choose a new --out"
-        )
     if cfg.simulation.engine == "superlink":
-        return _simulate_on_superlink(cfg, out, sites, resume, grid_tap)
+        return _simulate_on_superlink(cfg, out, resume, overwrite, grid_tap)
+    check_model_params(cfg)
+    cfg, sites = _sites_of_run(cfg, out, resume, overwrite)
     preflight(cfg, sites)
     from flwr.simulation import run_simulation
 
-    from client.app import build_client_app, site_from_partition
+    from client.site_app import build_client_app, site_from_partition
     from server.app import ServerSettings, build_server_app
 
     results: list = []
@@ -132,19 +127,47 @@ def simulate(
     return results[0].metrics
 
 
-def _simulate_on_superlink(cfg: ExperimentConfig, out: Path, sites: list[SiteSettings],
-                           resume: bool, grid_tap: Any) -> dict[str, Any]:
+def _sites_of_run(cfg: ExperimentConfig, out: Path, resume: bool,
+                  overwrite: bool) -> tuple[ExperimentConfig, list[SiteSettings]]:
+    """The run's sites (with the data root's declared classes); a saved run in ``out`` is
+    removed under ``overwrite`` and refused without ``resume``."""
+    from micromil_core.data.data_root import with_declared_classes
+    from micromil_core.federated.simulated_sites import resolve_sites, with_local_privacy
+
+    if cfg.simulation.data_root:
+        cfg = with_declared_classes(cfg, cfg.simulation.data_root)
+    sites = with_local_privacy(resolve_sites(cfg), cfg, out)
+    state_file = out / "federation-state.pt"
+    if overwrite and not resume:
+        from server.federation import STRATEGY_FILE
+
+        for name in (state_file.name, STRATEGY_FILE):
+            (out / name).unlink(missing_ok=True)
+    if not resume and state_file.exists():
+        raise ConfigError(
+            f"{out} already holds a federation run; pass --resume to continue it or choose a new --out"
+        )
+    return cfg, sites
+
+
+def _simulate_on_superlink(cfg: ExperimentConfig, out: Path, resume: bool, overwrite: bool,
+                           grid_tap: Any) -> dict[str, Any]:
     """``simulate`` through ``flwr run`` on a private SuperLink (Flower's supported path)."""
-    from micromil_core.report import write_report
     from server.simulation_superlink import PrivateSuperLink, check_engine
 
     if grid_tap is not None:
         raise ConfigError("a grid_tap needs simulation.engine: in-process (under `superlink` "
                           "the ServerApp runs in Flower's own process)")
     check_engine(cfg)
-    with PrivateSuperLink(out, cfg.simulation.ray_address) as link:  # up while the sites are checked
+    # Started before anything here imports torch: it comes up (~1 s) while the sites are
+    # checked, and a refused run stops it again.
+    with PrivateSuperLink(out, cfg.simulation.ray_address) as link:
+        check_model_params(cfg)
+        cfg, sites = _sites_of_run(cfg, out, resume, overwrite)
         preflight(cfg, sites)
         metrics = link.run(cfg, len(sites), resume)
+    from micromil_core.report import write_report
+
     log.info("writing the report: %s", write_report(out))
     return metrics
 
@@ -155,6 +178,7 @@ def _own_patients(cfg: ExperimentConfig, out: Path, train: list[SiteSettings]) -
     import json
 
     from micromil_core.federated.personalise import PersonalStore
+    from micromil_core.federated.simulated_sites import with_local_privacy
     from micromil_core.training.compare import own_patients_comparison
 
     fed = out / "federated"
@@ -179,8 +203,9 @@ def compare(cfg: ExperimentConfig, out: str | Path, overwrite: bool = False) -> 
     holds ``federated_minus_pooled``: each metric's difference on the same held-out
     patients with its paired bootstrap interval (binary tasks).
     """
+    from micromil_core.federated.simulated_sites import resolve_sites
     from micromil_core.io import write_json_atomic
-    from micromil_core.report import write_report
+    from micromil_core.report import PAIRED_KEY, write_report
     from micromil_core.training.compare import paired_difference
     from micromil_core.training.fitting import train_pooled
     from micromil_core.training.metrics import METRIC_KEYS

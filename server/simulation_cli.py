@@ -33,13 +33,14 @@ def register(sub: Any) -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from micromil_core.report import metric_text
     from server.simulation import simulate
 
-    cfg = experiment_config(args)
+    cfg = experiment_config(args, check_model=False)  # simulate checks the model
     if not args.resume:
         claim_out(args, "history.json", "model.pt", "federation-state.pt")
     metrics = simulate(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    from micromil_core.report import metric_text  # after the run: it imports torch
+
     print(f"held-out sites, round {metrics['round']}: {brief_metrics(metrics)}  (n={metrics['n']})")
     for site, m in metrics.get("per_site", {}).items():
         if m.get("suppressed"):

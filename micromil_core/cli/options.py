@@ -64,8 +64,12 @@ def add_scoring_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, help=THRESHOLD_HELP)
 
 
-def experiment_config(args: argparse.Namespace):
-    from micromil_core.config import load_config
+def experiment_config(args: argparse.Namespace, check_model: bool = True):
+    """The experiment the flags and ``--config`` describe. ``check_model`` refuses a wrong
+    model name or param here, before any data is read; a caller that checks them itself
+    (``simulate``: after it has started Flower's SuperLink, as this imports torch) passes
+    False."""
+    from micromil_core.config import check_model_params, load_config
 
     overrides = list(args.overrides)
     for flag, key in (
@@ -88,10 +92,8 @@ def experiment_config(args: argparse.Namespace):
         if value is not None:
             overrides.append(f"{key}={value}")
     cfg = load_config(args.config, overrides)
-    # Fail on a wrong model name or param before any data is read.
-    from micromil_core.models.registry import params_from_dict
-
-    params_from_dict(cfg.model.name, dict(cfg.model.params))
+    if check_model:
+        check_model_params(cfg)
     root = getattr(args, "data_root", None) or cfg.simulation.data_root
     if root:  # labels are checked against the data root's declared classes
         from micromil_core.data.data_root import with_declared_classes

@@ -59,7 +59,7 @@ def test_the_apps_load_without_the_heavy_libraries_they_use_only_in_some_message
     # A hospital's SuperNode starts a fresh process per Flower message; scikit-learn,
     # matplotlib and PyG (seconds each) are imported where a message needs them.
     code = (
-        "import sys, client.app, server.app; "
+        "import sys, client.app, client.site_app, server.app; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'matplotlib', 'torch_geometric', 'scipy'}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

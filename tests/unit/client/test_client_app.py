@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from client.app import _private_errors
+from client.site_app import _private_errors
 from micromil_core.federated.site_task import SiteSettings
 from tests.conftest import write_site
 
@@ -41,3 +41,36 @@ def test_an_unreadable_site_sends_no_detail_at_all(tmp_path):
 
     with pytest.raises(RuntimeError, match=r"^OSError: see the site's log$"):
         evaluate(None, None)
+
+
+def test_the_entry_point_imports_no_torch_and_builds_the_handlers_on_the_first_message():
+    # Flower's simulation process and every SuperNode load client.app:app before their
+    # first message; the site code (torch and up) is imported when one arrives.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from client.app import app; print('torch' in sys.modules, app._site_app is None); "
+        "inner = app.site_app; print('torch' in sys.modules, app.site_app is inner, "
+        "sorted(inner._registered_funcs))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         timeout=120).stdout.splitlines()
+    assert out[0] == "False True"
+    assert out[1].startswith("True True") and "'query.default'" in out[1] and "'train.personalise'" in out[1]
+
+
+def test_the_entry_point_hands_every_message_to_the_site_handlers(monkeypatch):
+    from client.app import SiteClientApp
+
+    seen = []
+
+    class Handlers:
+        def __call__(self, message, context):
+            seen.append((message, context))
+            return "reply"
+
+    app = SiteClientApp()
+    monkeypatch.setattr(app, "_site_app", Handlers())
+    assert app("msg", "ctx") == "reply" and app("msg2", "ctx2") == "reply"
+    assert seen == [("msg", "ctx"), ("msg2", "ctx2")]

@@ -34,7 +34,7 @@ def short_attempts(monkeypatch):
 
 
 def _description(name: str, query: Message) -> Message:
-    """A site's answer as ``client.app``'s ``describe`` builds it: the site record, the
+    """A site's answer as ``client.site_app``'s ``describe`` builds it: the site record, the
     aggregate counts and, for a training site, its summed feature moments."""
     content = RecordDict({wire.SITE: ConfigRecord({
         wire.SITE_NAME: name, wire.SITE_ROLE: "train", wire.SITE_CLASSES: ["benign", "malignant"],
