@@ -16,19 +16,28 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 
+_BUILDING = threading.Lock()
+
+
 class SiteClientApp(ClientApp):
-    """A ClientApp whose handlers (``client.site_app``) are imported on the first message."""
+    """A ClientApp whose handlers (``client.site_app``) are imported on the first message.
+
+    Flower's simulation pickles the app for its Ray actors: the pickle carries no handlers
+    (nor a lock), and each actor builds its own.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self._site_app: ClientApp | None = None
-        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_site_app": None}
 
     @property
     def site_app(self) -> ClientApp:
         """The app with the handlers, built once."""
         if self._site_app is None:
-            with self._lock:
+            with _BUILDING:
                 if self._site_app is None:
                     from client.site_app import build_client_app, site_from_context
 

@@ -74,3 +74,16 @@ def test_the_entry_point_hands_every_message_to_the_site_handlers(monkeypatch):
     monkeypatch.setattr(app, "_site_app", Handlers())
     assert app("msg", "ctx") == "reply" and app("msg2", "ctx2") == "reply"
     assert seen == [("msg", "ctx"), ("msg2", "ctx2")]
+
+
+def test_the_entry_point_pickles_without_its_handlers():
+    # Flower's simulation pickles the app for each Ray actor; each builds its own handlers.
+    import pickle
+
+    from client.app import SiteClientApp
+
+    app = SiteClientApp()
+    built = app.site_app
+    copy = pickle.loads(pickle.dumps(app))
+    assert isinstance(copy, SiteClientApp) and copy._site_app is None and app.site_app is built
+    assert sorted(copy.site_app._registered_funcs) == sorted(built._registered_funcs)
