@@ -6,6 +6,10 @@ Run config keys (``[tool.flwr.app.config]`` or ``flwr run --run-config``):
 wait for them), ``resume`` (true/false) and, with node authentication, ``site-nodes`` (a
 JSON object: node id -> the site name its registered key is bound to). ``flower-server
 start`` writes these.
+
+The module imports no torch and no round loop (they load when Flower calls ``main``):
+Flower's simulation process loads the ServerApp and the ClientApp under one import lock
+before it starts Ray, so what this module imports delays Ray's start (see client.app).
 """
 
 from __future__ import annotations
@@ -21,10 +25,6 @@ from flwr.serverapp import Grid, ServerApp
 
 from micromil_core.config import ExperimentConfig
 from micromil_core.errors import ConfigError
-from micromil_core.federated.simulated_sites import experiment_from_run_config, resolve_sites
-from server.federation import FederationResult, run_federation
-from server.grid import PromptGrid
-from server.wire_log import WIRE_LOG, WireLogGrid
 
 log = logging.getLogger("micromil.server")
 
@@ -45,6 +45,8 @@ SettingsSource = Callable[[Context], ServerSettings]
 
 
 def settings_from_run_config(context: Context) -> ServerSettings:
+    from micromil_core.federated.simulated_sites import experiment_from_run_config, resolve_sites
+
     rc = context.run_config
     experiment = experiment_from_run_config(rc)
     # Under `flwr run . local` (a data-root in the run config) every site of the root joins.
@@ -99,12 +101,16 @@ def build_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        from server.federation import run_federation
+        from server.grid import PromptGrid
+        from server.wire_log import WIRE_LOG, WireLogGrid
+
         s = source(context)
         grid = PromptGrid(grid)  # replies noticed within 0.5 s, not Flower's 3 s
         grid = WireLogGrid(grid, s.out / WIRE_LOG)  # what left each site, on the coordinator's disk
         if grid_tap is not None:
             grid = grid_tap(grid)
-        result: FederationResult = run_federation(
+        result = run_federation(
             grid, s.experiment, s.out, s.expected_sites, resume=s.resume,
             connect_timeout=s.connect_timeout, site_nodes=s.site_nodes,
         )
