@@ -16,7 +16,6 @@ import threading
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-
 _BUILDING = threading.Lock()
 
 

@@ -86,6 +86,9 @@ def _environment(home: Path) -> dict[str, str]:
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_TELEMETRY_ENABLED": "0",
+        # SuperExec looks for the submitted run every 0.1 s, not Flower's 1 s: a poll is a
+        # loopback HTTP call, and the run is this SuperLink's only one
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1"),
     }
 
 

@@ -18,5 +18,17 @@ def deferred(module_cls: type[M], *args: Any, **kwargs: Any) -> M:
     submodules' constructors used to: a torch seed therefore gives the same weights as
     before the layers had ``reset_parameters`` (checkpoints and seeded runs stay
     reproducible). Lands on torch's default device, as a plain constructor would.
+
+    Built on the meta device, then each tensor allocated afresh: ``nn.utils.skip_init``
+    does the same through ``Module.to_empty``, whose meta-tensor path imports sympy
+    (~0.3 s in every process that builds a model, paid at a federation's start-up).
     """
-    return nn.utils.skip_init(module_cls, *args, device=torch.get_default_device(), **kwargs)
+    module = module_cls(*args, device="meta", **kwargs)
+    device = torch.get_default_device()
+    for sub in module.modules():
+        for name, param in list(sub.named_parameters(recurse=False)):
+            empty = torch.empty(param.shape, dtype=param.dtype, device=device)
+            setattr(sub, name, nn.Parameter(empty, requires_grad=param.requires_grad))
+        for name, buffer in list(sub.named_buffers(recurse=False)):
+            sub._buffers[name] = torch.empty(buffer.shape, dtype=buffer.dtype, device=device)
+    return module

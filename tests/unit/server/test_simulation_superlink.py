@@ -25,6 +25,14 @@ def test_the_generated_app_is_the_projects_flower_app(tmp_path):
     assert tuple(project["config"]) == APP_CONFIG_KEYS
 
 
+def test_the_private_superlink_polls_for_its_run_quickly_unless_told_otherwise(tmp_path, monkeypatch):
+    monkeypatch.delenv("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", raising=False)
+    env = sl._environment(tmp_path)
+    assert env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.1" and env["FLWR_HOME"] == str(tmp_path)
+    monkeypatch.setenv("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "2")
+    assert sl._environment(tmp_path)["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "2"
+
+
 def test_settings_the_supported_path_cannot_honour_are_refused():
     cfg = build_config({"simulation": {"engine": "superlink", "cpus_per_site": 0.5}})
     with pytest.raises(ConfigError, match="takes whole CPUs"):

@@ -240,3 +240,31 @@ def test_nn_never_imports_the_models() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_building_and_training_micromil_imports_neither_pyg_nor_sympy() -> None:
+    # Each costs seconds in every process that builds a model (a federation's pre-flight,
+    # coordinator and site workers): the default dense GAT needs no PyG, and deferred()
+    # allocates without the meta-tensor path that imports sympy.
+    code = (
+        "import sys, torch; from micromil_core.models import build_model; "
+        "m = build_model('micromil', 8, 2, {'n_clusters': 4}).train(); "
+        "x, mask = torch.randn(2, 6, 8), torch.ones(2, 6, dtype=torch.bool); "
+        "m.loss(x, mask, torch.tensor([0, 1]))[0].backward(); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch_geometric', 'sympy'}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_deferred_allocates_on_the_default_device_without_drawing() -> None:
+    from micromil_core.nn._deferred import deferred
+
+    torch.manual_seed(0)
+    before = torch.random.get_rng_state()
+    layer = deferred(nn.Linear, 3, 4)
+    assert torch.equal(torch.random.get_rng_state(), before)  # nothing drawn
+    assert layer.weight.device == torch.get_default_device() and layer.weight.shape == (4, 3)
+    assert isinstance(layer.weight, nn.Parameter) and layer.weight.requires_grad
+    bn = deferred(nn.BatchNorm1d, 5)  # buffers too
+    assert bn.running_mean.device.type != "meta" and "num_batches_tracked" in bn.state_dict()
