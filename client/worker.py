@@ -211,6 +211,7 @@ def warm_up() -> None:
     started = time.perf_counter()
     import micromil_core.models  # noqa: F401
     import micromil_core.training.metrics  # noqa: F401
+    import torch._dynamo  # noqa: F401 (torch.optim imports it on the first optimizer: ~1.3 s)
 
     app.site_app  # noqa: B018 (builds the handlers: imports the site code)
 

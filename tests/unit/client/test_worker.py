@@ -103,3 +103,13 @@ def test_worker_runs_each_task_it_is_given_and_polls_slower_when_idle(monkeypatc
     # before the task, right after it and 100 s after it: quick; 200 s after it: slow
     quick, slow = worker.IDLE_POLL_S, worker.IDLE_SLOW_POLL_S
     assert slept == [quick, quick, quick, slow]
+
+
+def test_warm_up_imports_what_the_first_round_would_pay_for():
+    # The worker lives across rounds: the first train message should find the site's
+    # handlers built and torch's lazily imported parts (torch.optim's dynamo) loaded.
+    code = ("import sys; from client.worker import warm_up, app; warm_up(); "
+            "print('torch._dynamo' in sys.modules, app._site_app is not None)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True"]
