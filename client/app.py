@@ -3,10 +3,9 @@
 This module imports no torch and no site code: Flower's simulation process loads it (and
 the ServerApp, under one import lock) before it starts Ray, and a SuperNode loads it before
 its first message, so what it imports is paid on their start-up path (~1 s for torch alone
-on a 2-core machine). The
-handlers are :mod:`client.site_app`'s; :class:`SiteClientApp` builds them when the first
-message arrives and hands every message to them. Deployed SuperNodes name their site in
-the node config; Flower's simulation numbers its nodes.
+on a 2-core machine). The handlers are :mod:`client.site_app`'s; :class:`SiteClientApp`
+builds them when the first message arrives and hands every message to them. Deployed
+SuperNodes name their site in the node config; Flower's simulation numbers its nodes.
 """
 
 from __future__ import annotations

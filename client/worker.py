@@ -209,9 +209,10 @@ def warm_up() -> None:
     describes the site (``load_model_code`` in client.site_app), the one place that knows
     the model. The handlers themselves (``client.site_app``) are built here too."""
     started = time.perf_counter()
+    import torch._dynamo  # noqa: F401 (torch.optim imports it on the first optimizer: ~1.3 s)
+
     import micromil_core.models  # noqa: F401
     import micromil_core.training.metrics  # noqa: F401
-    import torch._dynamo  # noqa: F401 (torch.optim imports it on the first optimizer: ~1.3 s)
 
     app.site_app  # noqa: B018 (builds the handlers: imports the site code)
 
