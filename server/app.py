@@ -106,7 +106,7 @@ def build_server_app(
         from server.wire_log import WIRE_LOG, WireLogGrid
 
         s = source(context)
-        grid = PromptGrid(grid)  # replies noticed within 0.5 s, not Flower's 3 s
+        grid = PromptGrid(grid)  # replies noticed within 0.5 s (simulation: 50 ms), not Flower's 3 s
         grid = WireLogGrid(grid, s.out / WIRE_LOG)  # what left each site, on the coordinator's disk
         if grid_tap is not None:
             grid = grid_tap(grid)

@@ -4,7 +4,10 @@ Flower 1.41's deployed Grid checks for replies every 3 s (``send_and_receive`` i
 flwr/superlink/grid/http_grid.py), so every exchange of a round waits up to 3 s after the
 last site has answered, and a round is train + evaluate exchanges. This view pushes and
 pulls through the same public Grid calls, checking after 50 ms and backing off to 0.5 s:
-a long training round costs a pull every half second, a short one no idle seconds. A
+a long training round costs a pull every half second, a short one no idle seconds. In
+simulation the Grid is Flower's in-memory one, whose pull is a lookup in this process:
+there it checks every 50 ms throughout (20 UCSB rounds: 13.2-13.8 s instead of 15.6-16.6
+s inside rounds, docs/benchmarks.md). A
 reply's objects that are not at the SuperLink yet are retried after 50 ms, not 1 s
 (client.flower_waits). On a deployed Grid the model's arrays travel packed (one array per
 dtype, micromil_core.federated.transport): a message is then a handful of objects instead
@@ -36,11 +39,14 @@ LONGEST_WAIT_S = 0.5
 class PromptGrid:
     """``grid`` with a ``send_and_receive`` that notices replies within half a second."""
 
-    def __init__(self, grid: Grid, first: float = FIRST_PULL_S, longest: float = LONGEST_WAIT_S,
+    def __init__(self, grid: Grid, first: float = FIRST_PULL_S, longest: float | None = None,
                  pack: bool | None = None) -> None:
+        deployed = isinstance(grid, http_grid.HttpGrid)
+        # In memory (simulation) a pull costs nothing: no back-off there.
+        longest = (LONGEST_WAIT_S if deployed else first) if longest is None else longest
         self._grid, self.first, self.longest = grid, first, longest
         # Simulation passes messages in memory: nothing to gain from packing there.
-        self.pack = isinstance(grid, http_grid.HttpGrid) if pack is None else pack
+        self.pack = deployed if pack is None else pack
         retry_objects_sooner(http_grid, "pull_objects")  # the deployed Grid's reply fetch
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:

@@ -103,6 +103,17 @@ def test_simulated_grid_sends_arrays_as_they_are():
     assert sorted(fake.pushed[0]) == ["b", "n", "w"]  # not an HttpGrid: no packing
 
 
+def test_simulated_grid_polls_at_a_steady_pace_and_a_deployed_one_backs_off():
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    from server.grid import FIRST_PULL_S, LONGEST_WAIT_S
+
+    assert PromptGrid(FakeGrid(lambda c: c)).longest == FIRST_PULL_S  # in memory: pulls are free
+    deployed = PromptGrid(HttpGrid.__new__(HttpGrid))  # type only: no connection is made
+    assert deployed.longest == LONGEST_WAIT_S and deployed.pack
+    assert PromptGrid(FakeGrid(lambda c: c), longest=0.3).longest == 0.3
+
+
 def test_a_reply_that_does_not_unpack_is_left_for_the_checks(caplog):
     def garbage(content):
         packed = pack_arrays(_model())
@@ -117,7 +128,7 @@ def test_a_reply_that_does_not_unpack_is_left_for_the_checks(caplog):
 
 def test_timeout_returns_what_came():
     fake = FakeGrid(lambda c: c, delay_pulls=10**6)
-    assert PromptGrid(fake, first=0.01).send_and_receive(_messages(_model()), timeout=0.2) == []
+    assert PromptGrid(fake, first=0.01, longest=0.1).send_and_receive(_messages(_model()), timeout=0.2) == []
     assert 2 <= fake.pulls <= 20
 
 
