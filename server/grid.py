@@ -6,12 +6,12 @@ last site has answered, and a round is train + evaluate exchanges. This view pus
 pulls through the same public Grid calls, checking after 50 ms and backing off to 0.5 s:
 a long training round costs a pull every half second, a short one no idle seconds. In
 simulation the Grid is Flower's in-memory one, whose pull is a lookup in this process:
-there it checks every 50 ms throughout (20 UCSB rounds: 13.2-13.8 s instead of 15.6-16.6
-s inside rounds, docs/benchmarks.md). A
-reply's objects that are not at the SuperLink yet are retried after 50 ms, not 1 s
-(client.flower_waits). On a deployed Grid the model's arrays travel packed (one array per
-dtype, micromil_core.federated.transport): a message is then a handful of objects instead
-of two per array. Callers, and a ``grid_tap`` around this view, see the arrays unpacked.
+there it checks every 50 ms throughout (20 UCSB rounds: 13.2-13.8 s instead of
+15.6-16.6 s inside rounds, docs/benchmarks.md). A reply's objects that are not at the
+SuperLink yet are retried after 50 ms, not 1 s (client.flower_waits). On a deployed Grid
+the model's arrays travel packed (one array per dtype, micromil_core.federated.transport):
+a message is then a handful of objects instead of two per array. Callers, and a
+``grid_tap`` around this view, see the arrays unpacked.
 """
 
 from __future__ import annotations

@@ -94,7 +94,6 @@ def simulate(
     out = Path(out)
     if cfg.simulation.engine == "superlink":
         return _simulate_on_superlink(cfg, out, resume, overwrite, grid_tap)
-    check_model_params(cfg)
     cfg, sites = _sites_of_run(cfg, out, resume, overwrite)
     preflight(cfg, sites)
     from flwr.simulation import run_simulation
@@ -129,11 +128,13 @@ def simulate(
 
 def _sites_of_run(cfg: ExperimentConfig, out: Path, resume: bool,
                   overwrite: bool) -> tuple[ExperimentConfig, list[SiteSettings]]:
-    """The run's sites (with the data root's declared classes); a saved run in ``out`` is
-    removed under ``overwrite`` and refused without ``resume``."""
+    """The run's sites (with the data root's declared classes), after its model name and
+    params are checked; a saved run in ``out`` is removed under ``overwrite`` and refused
+    without ``resume``."""
     from micromil_core.data.data_root import with_declared_classes
     from micromil_core.federated.simulated_sites import resolve_sites, with_local_privacy
 
+    check_model_params(cfg)  # before any data is read
     if cfg.simulation.data_root:
         cfg = with_declared_classes(cfg, cfg.simulation.data_root)
     sites = with_local_privacy(resolve_sites(cfg), cfg, out)
@@ -162,7 +163,6 @@ def _simulate_on_superlink(cfg: ExperimentConfig, out: Path, resume: bool, overw
     # Started before anything here imports torch: it comes up (~1 s) while the sites are
     # checked, and a refused run stops it again.
     with PrivateSuperLink(out, cfg.simulation.ray_address) as link:
-        check_model_params(cfg)
         cfg, sites = _sites_of_run(cfg, out, resume, overwrite)
         preflight(cfg, sites)
         metrics = link.run(cfg, len(sites), resume)

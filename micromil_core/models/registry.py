@@ -120,8 +120,8 @@ def params_from_dict(name: str, values: Mapping[str, Any] | None = None) -> Any:
 
 def load_model_code(name: str, in_dim: int, n_classes: int, params: Mapping[str, Any] | None = None) -> None:
     """Build model ``name`` once and drop it, so that what its layers import lazily (MicroMIL's
-    PyG graph layer: seconds) is imported now, not in the first round that trains it. The
-    global random state is left as it was."""
+    PyG graph layer under ``gnn_backend: pyg``: seconds) is imported now, not in the first
+    round that trains it. The global random state is left as it was."""
     import torch
 
     with torch.random.fork_rng(devices=[]):
