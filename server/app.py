@@ -23,10 +23,16 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from client.flower_waits import hand_over_sooner
 from micromil_core.config import ExperimentConfig
 from micromil_core.errors import ConfigError
 
 log = logging.getLogger("micromil.server")
+
+# In Flower's simulation process this module is loaded before the engine starts its threads:
+# the engine's hand-over loops become event-driven there (client.flower_waits); elsewhere
+# (a deployed SuperLink's ServerApp) this does nothing.
+hand_over_sooner()
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ last site has answered, and a round is train + evaluate exchanges. This view pus
 pulls through the same public Grid calls, checking after 50 ms and backing off to 0.5 s:
 a long training round costs a pull every half second, a short one no idle seconds. In
 simulation the Grid is Flower's in-memory one, whose pull is a lookup in this process:
-there it checks every 50 ms throughout (20 UCSB rounds: 13.2-13.8 s instead of
-15.6-16.6 s inside rounds, docs/benchmarks.md). A reply's objects that are not at the
+there it checks every 50 ms throughout, and in Flower's simulation process, where the
+engine's loops are ours (client.flower_waits.hand_over_sooner), it tells the engine of
+each push and wakes as soon as a reply is stored (docs/benchmarks.md). A reply's objects that are not at the
 SuperLink yet are retried after 50 ms, not 1 s (client.flower_waits). On a deployed Grid
 the model's arrays travel packed (one array per dtype, micromil_core.federated.transport):
 a message is then a handful of objects instead of two per array. Callers, and a
@@ -25,7 +26,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 from flwr.superlink.grid import http_grid
 
-from client.flower_waits import retry_objects_sooner
+from client.flower_waits import HAND_OVER, retry_objects_sooner
 from client.packing import packed_record, unpacked_record
 from micromil_core.federated import wire
 from micromil_core.federated.transport import is_packed
@@ -41,7 +42,7 @@ class PromptGrid:
 
     def __init__(self, grid: Grid, first: float = FIRST_PULL_S, longest: float | None = None,
                  pack: bool | None = None) -> None:
-        deployed = isinstance(grid, http_grid.HttpGrid)
+        self.deployed = deployed = isinstance(grid, http_grid.HttpGrid)
         # In memory (simulation) a pull costs nothing: no back-off there.
         longest = (LONGEST_WAIT_S if deployed else first) if longest is None else longest
         self._grid, self.first, self.longest = grid, first, longest
@@ -52,18 +53,31 @@ class PromptGrid:
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         """As Flower's: push, then pull until every message is answered or ``timeout`` s
         (None: no limit) have passed; the replies that came."""
-        waiting = set(self._push(list(messages)))
+        # In Flower's simulation process the engine is told of the push and tells of each
+        # reply (client.flower_waits.hand_over_sooner); the timer then only backs it up.
+        hand_over = HAND_OVER if HAND_OVER.active and not self.deployed else None
+        pushed = self._push(list(messages))
+        waiting = set(pushed)
+        if hand_over:
+            hand_over.order = {message_id: i for i, message_id in enumerate(pushed)}
+            hand_over.pushed.set()
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         wait = self.first
         while waiting:
+            if hand_over:
+                hand_over.replied.clear()  # before the pull: a reply during it ends the wait
             got = [_unpacked(m) for m in self._grid.pull_messages(waiting)]
             replies += got
             waiting -= {m.metadata.reply_to_message_id for m in got}
             left = None if deadline is None else deadline - time.monotonic()
             if not waiting or (left is not None and left <= 0):
                 break
-            time.sleep(wait if left is None else min(wait, left))
+            pause = wait if left is None else min(wait, left)
+            if hand_over:
+                hand_over.replied.wait(pause)
+            else:
+                time.sleep(pause)
             wait = min(wait * 1.5, self.longest)
         return replies
 

@@ -83,8 +83,9 @@ def ask_sites(
     exchange in the failures ("evaluation", "personalisation")."""
     live = set(grid.get_node_ids())
     messages = [
-        Message(content, dst_node_id=s.node_id, message_type=message_type) for s in sites if s.node_id in live
-    ]
+        Message(content, dst_node_id=s.node_id, message_type=message_type)
+        for s in sorted(sites, key=lambda s: -s.counts.get(wire.NUM_EXAMPLES, 0)) if s.node_id in live
+    ]  # largest site first: see largest_first
     sent = sum(payload_bytes(m.content) for m in messages)
     failures = [f"{s.name}: not connected" for s in sites if s.node_id not in live]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
@@ -105,6 +106,14 @@ def evaluate_all(
     return ask_sites(grid, sites, RecordDict({wire.ARRAYS: arrays, wire.CONFIG: config}),
                      MessageType.EVALUATE, timeout, "evaluation", checks.evaluate_problem)
 
+
+
+def largest_first(messages: Iterable[Message], name_of: dict[int, str], patients: dict[str, int]) -> list[Message]:
+    """``messages`` ordered by their sites' declared patients, most first. A simulation's
+    engine hands them to its workers in the order they are pushed (client.flower_waits), so
+    the longest job starts first instead of after a small site's (UCSB 3 + 1: a site of 18
+    patients trains ~3x as long as one of 3); deployed sites work in parallel anyway."""
+    return sorted(messages, key=lambda m: -patients.get(name_of.get(m.metadata.dst_node_id, ""), 0))
 
 
 def match_replies(
@@ -252,7 +261,7 @@ def plain_train_step(
 ) -> TrainStep:
     """Send the model to the training sites, then let the strategy aggregate the replies
     that pass ``checks`` (a refused reply is left out of this round and named)."""
-    messages = list(strategy.configure_train(rnd, arrays, config, train_view))
+    messages = largest_first(strategy.configure_train(rnd, arrays, config, train_view), name_of, checks.declared)
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     # Sorted by site name: a fixed aggregation order makes float sums reproducible.
     answered, failures = match_replies(messages, replies, name_of, "training", timeout)

@@ -98,6 +98,7 @@ def simulate(
     preflight(cfg, sites)
     from flwr.simulation import run_simulation
 
+    from client.flower_waits import hand_over_sooner
     from client.site_app import build_client_app, site_from_partition
     from server.app import ServerSettings, build_server_app
 
@@ -107,6 +108,7 @@ def simulate(
     client_app = build_client_app(site_from_partition(sites))
     handler = _quiet_flower(out)
     backend = ray_backend(cfg)
+    hand_over_sooner()  # the engine's loops, woken by the coordinator's pushes
     log.info(
         "starting Flower's simulation engine with %d sites (start-up takes 10-60 s; "
         "Flower's own log: %s)", len(sites), out / "flower.log",

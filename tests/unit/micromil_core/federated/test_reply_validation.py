@@ -7,7 +7,7 @@ import pytest
 from micromil_core.errors import ConfigError, SiteDataError
 from micromil_core.federated import wire
 from micromil_core.federated.setup import SiteInfo, check_identities
-from micromil_core.federated.validation import metrics_problem, update_problem
+from micromil_core.federated.validation import metrics_problem, update_problem, update_ratio
 from server.app import parse_site_nodes
 from tests.hostile import ARRAY_FAULTS, EXPECTED_REASON
 
@@ -21,6 +21,18 @@ def _honest():
 
 def test_an_honest_update_passes():
     assert update_problem(GLOBAL, _honest(), max_update_ratio=10.0) is None
+
+
+def test_the_update_ratio_is_the_float64_norm_ratio():
+    rng = np.random.default_rng(0)
+    reference = {"w": rng.normal(size=(300, 200)).astype(np.float32), "h": rng.normal(size=50).astype(np.float16),
+                 "n": np.array(7, np.int64)}
+    update = {"w": reference["w"] + rng.normal(scale=1e-3, size=(300, 200)).astype(np.float32),
+              "h": (reference["h"] + 0.5).astype(np.float16), "n": np.array(9, np.int64)}
+    floats = [k for k in reference if reference[k].dtype.kind == "f"]  # the counter is not a weight
+    diff = np.concatenate([(update[k].astype(np.float64) - reference[k].astype(np.float64)).ravel() for k in floats])
+    ref = np.concatenate([reference[k].astype(np.float64).ravel() for k in floats])
+    assert update_ratio(reference, update) == pytest.approx(np.linalg.norm(diff) / np.linalg.norm(ref), rel=1e-6)
 
 
 @pytest.mark.parametrize("fault", sorted(ARRAY_FAULTS))

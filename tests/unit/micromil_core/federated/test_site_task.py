@@ -118,6 +118,17 @@ def test_round_settings_round_trip():
     assert torch.equal(back.scaler.mean, scaler.mean)
 
 
+def test_round_settings_parse_a_run_s_text_once_and_hand_out_their_own_params():
+    cfg = build_config({"model": {"name": "micromil", "params": {"n_clusters": 4}}, "train": {"lr": 0.01}})
+    config = RoundSettings(cfg, ["a", "b"], ModelSpec("micromil", 3, 2, {"n_clusters": 4})).to_config()
+    first, second = RoundSettings.from_config(config), RoundSettings.from_config(config)
+    assert first.experiment is second.experiment  # parsed once: frozen, so shared safely
+    first.spec.params["n_clusters"] = 99  # a handler changing its copy changes no other message
+    assert second.spec.params == {"n_clusters": 4} == RoundSettings.from_config(config).spec.params
+    changed = dict(config, **RoundSettings(build_config({"train": {"lr": 0.5}}), ["a", "b"]).to_config())
+    assert RoundSettings.from_config(changed).experiment.train.lr == 0.5  # another text, parsed anew
+
+
 def test_round_seed_differs_by_round_and_site():
     seeds = {round_seed(0, r, s) for r in (1, 2) for s in ("a", "b")}
     assert len(seeds) == 4 and not math.isnan(round_seed(0, 1, "a"))
