@@ -36,6 +36,13 @@ DATASETS = {
         ["--sites", "5", "--holdout-sites", "1", "--max-bags", "1500", "--seed", "0"],
         "configs/sim-fashion.yaml",
     ),
+    # Four times the bags of "fashion" (same partition rule and seed): more test patients
+    # of each class per site, so a per-site AUC is judged on more than one or two patients.
+    "fashion-large": (
+        "fashion-bags:standard/3",
+        ["--sites", "5", "--holdout-sites", "1", "--max-bags", "6000", "--seed", "0"],
+        "configs/sim-fashion.yaml",
+    ),
     # The same bags, partition and splits, and each hospital's images through its own
     # intensity curve (data/site_shift.py): sites that differ in how images look, not only
     # in their label mix.

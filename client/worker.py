@@ -209,6 +209,7 @@ def warm_up() -> None:
     describes the site (``load_model_code`` in client.site_app), the one place that knows
     the model. The handlers themselves (``client.site_app``) are built here too."""
     started = time.perf_counter()
+    import sklearn.metrics  # noqa: F401 (micromil_core.training.metrics's, on the first evaluation: ~0.6 s)
     import torch._dynamo  # noqa: F401 (torch.optim imports it on the first optimizer: ~1.3 s)
 
     import micromil_core.models  # noqa: F401

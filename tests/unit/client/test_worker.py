@@ -107,9 +107,10 @@ def test_worker_runs_each_task_it_is_given_and_polls_slower_when_idle(monkeypatc
 
 def test_warm_up_imports_what_the_first_round_would_pay_for():
     # The worker lives across rounds: the first train message should find the site's
-    # handlers built and torch's lazily imported parts (torch.optim's dynamo) loaded.
+    # handlers built and what is imported lazily (torch.optim's dynamo, the evaluation's
+    # scikit-learn metrics) loaded.
     code = ("import sys; from client.worker import warm_up, app; warm_up(); "
-            "print('torch._dynamo' in sys.modules, app._site_app is not None)")
+            "print('torch._dynamo' in sys.modules, 'sklearn.metrics' in sys.modules, app._site_app is not None)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["True", "True"]
+    assert done.stdout.split() == ["True", "True", "True"]
