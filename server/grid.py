@@ -8,11 +8,11 @@ a long training round costs a pull every half second, a short one no idle second
 simulation the Grid is Flower's in-memory one, whose pull is a lookup in this process:
 there it checks every 50 ms throughout, and in Flower's simulation process, where the
 engine's loops are ours (client.flower_waits.hand_over_sooner), it tells the engine of
-each push and wakes as soon as a reply is stored (docs/benchmarks.md). A reply's objects that are not at the
-SuperLink yet are retried after 50 ms, not 1 s (client.flower_waits). On a deployed Grid
-the model's arrays travel packed (one array per dtype, micromil_core.federated.transport):
-a message is then a handful of objects instead of two per array. Callers, and a
-``grid_tap`` around this view, see the arrays unpacked.
+each push and wakes as soon as a reply is stored (docs/benchmarks.md). A reply's objects
+that are not at the SuperLink yet are retried after 50 ms, not 1 s (client.flower_waits).
+On a deployed Grid the model's arrays travel packed (one array per dtype,
+micromil_core.federated.transport): a message is then a handful of objects instead of two
+per array. Callers, and a ``grid_tap`` around this view, see the arrays unpacked.
 """
 
 from __future__ import annotations

@@ -82,10 +82,10 @@ def ask_sites(
     and received, and the sites whose replies were refused (with why). ``task`` names the
     exchange in the failures ("evaluation", "personalisation")."""
     live = set(grid.get_node_ids())
-    messages = [
-        Message(content, dst_node_id=s.node_id, message_type=message_type)
-        for s in sorted(sites, key=lambda s: -s.counts.get(wire.NUM_EXAMPLES, 0)) if s.node_id in live
-    ]  # largest site first: see largest_first
+    messages = largest_first(
+        [Message(content, dst_node_id=s.node_id, message_type=message_type) for s in sites if s.node_id in live],
+        {s.node_id: s.name for s in sites}, {s.name: int(s.counts.get(wire.NUM_EXAMPLES, 0)) for s in sites},
+    )
     sent = sum(payload_bytes(m.content) for m in messages)
     failures = [f"{s.name}: not connected" for s in sites if s.node_id not in live]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
