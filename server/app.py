@@ -23,7 +23,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from client.flower_waits import hand_over_sooner
+from client.flower_waits import HAND_OVER, hand_over_sooner
 from micromil_core.config import ExperimentConfig
 from micromil_core.errors import ConfigError
 
@@ -112,6 +112,8 @@ def build_server_app(
         from server.wire_log import WIRE_LOG, WireLogGrid
 
         s = source(context)
+        if HAND_OVER.active:  # Flower's simulation process: its engine's loops are ours
+            log.info("simulation engine: messages handed over when pushed, replies when stored")
         grid = PromptGrid(grid)  # replies noticed within 0.5 s (simulation: 50 ms), not Flower's 3 s
         grid = WireLogGrid(grid, s.out / WIRE_LOG)  # what left each site, on the coordinator's disk
         if grid_tap is not None:

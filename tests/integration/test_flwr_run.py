@@ -56,3 +56,6 @@ def test_flwr_run_local_simulates_the_data_roots_sites(demo_ucsb, tmp_path, flwr
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics["per_site"]) == ["site-3"] and metrics["round"] == 2
     assert load_checkpoint(out / "model.pt").model_name == "gated-abmil"
+    # Flower's own simulation process loads the ServerApp before its engine starts: the
+    # engine's loops are event-driven there too (client.flower_waits.hand_over_sooner).
+    assert "messages handed over when pushed" in (out / "server.log").read_text()

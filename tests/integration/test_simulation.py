@@ -210,6 +210,8 @@ def test_flowers_supported_path_gives_the_same_model(full_run, demo_ucsb, tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)
     assert got["auc"] == metrics["auc"] and got["per_site"].keys() == metrics["per_site"].keys()
     assert (other / "report.html").is_file()
+    # Flower's engine took the coordinator's messages when pushed, not on its 0.1 s timer.
+    assert "messages handed over when pushed" in (other / "server.log").read_text()
     # Stopped with the run: the SuperLink and every process it started (Flower's Ray too).
     assert not superlink_pids(other / ".flower" / "home", program=b"")
     # The messages of this path, from the coordinator's wire log: the same audit as in process.
