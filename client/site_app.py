@@ -88,7 +88,7 @@ def site_from_context(context: Context) -> SiteSettings:
     site of the run config's ``data-root``, as ``micromil simulate`` orders them."""
     if NODE_SITE_NAME in context.node_config or "partition-id" not in context.node_config:
         return site_from_node_config(context)
-    sites = _sites_of_run(context)
+    sites = _simulated_sites_of_run(context)
     i = int(context.node_config["partition-id"])
     if i >= len(sites):
         raise ConfigError(
@@ -98,18 +98,18 @@ def site_from_context(context: Context) -> SiteSettings:
     return sites[i]
 
 
-_SITES_OF_RUN: dict[tuple, list[SiteSettings]] = {}
+_SIMULATED_SITES: dict[tuple, list[SiteSettings]] = {}
 
 
-def _sites_of_run(context: Context) -> list[SiteSettings]:
+def _simulated_sites_of_run(context: Context) -> list[SiteSettings]:
     """``simulated_sites`` of the context's run, read once per run in this process: every
     message of a run has the same run config, and reading the config and the data root
     took ~15 ms of each message (a small site's whole evaluation ~20 ms)."""
     key = (context.run_id, tuple(sorted((k, str(v)) for k, v in context.run_config.items())))
-    if key not in _SITES_OF_RUN:
-        _SITES_OF_RUN.clear()  # one run at a time in a simulation's process
-        _SITES_OF_RUN[key] = simulated_sites(context.run_config)
-    return _SITES_OF_RUN[key]
+    if key not in _SIMULATED_SITES:
+        _SIMULATED_SITES.clear()  # one run at a time in a simulation's process
+        _SIMULATED_SITES[key] = simulated_sites(context.run_config)
+    return _SIMULATED_SITES[key]
 
 
 def simulated_sites(run_config: Mapping[str, Any]) -> list[SiteSettings]:

@@ -108,7 +108,9 @@ def simulate(
     client_app = build_client_app(site_from_partition(sites))
     handler = _quiet_flower(out)
     backend = ray_backend(cfg)
-    hand_over_sooner()  # the engine's loops, woken by the coordinator's pushes
+    # The engine's loops, woken by the coordinator's pushes. server.app does this when it is
+    # imported, but only if Flower's engine was loaded first; this process may have imported it earlier.
+    hand_over_sooner()
     log.info(
         "starting Flower's simulation engine with %d sites (start-up takes 10-60 s; "
         "Flower's own log: %s)", len(sites), out / "flower.log",

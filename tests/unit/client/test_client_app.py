@@ -103,7 +103,7 @@ def test_a_simulated_node_reads_its_run_s_sites_once(monkeypatch):
         return [SiteSettings(f"s{i}", site_app.Path(f"/d/s{i}"), "train") for i in range(2)]
 
     monkeypatch.setattr(site_app, "simulated_sites", sites_of)
-    monkeypatch.setattr(site_app, "_SITES_OF_RUN", {})
+    monkeypatch.setattr(site_app, "_SIMULATED_SITES", {})
 
     def context(run_id, node, root="/d"):
         return SimpleNamespace(run_id=run_id, node_config={"partition-id": node},
